@@ -1,0 +1,83 @@
+/*
+ * task.h - the contract between the worker pool (server/) and a job's run
+ * function (loader/). A run function sees only this: what it was asked to do,
+ * where things live, and how to report progress, check for cancellation, save
+ * a resume checkpoint and end. It never sees HTTP or SQL.
+ *
+ * A run function returns 0 after task_succeed() or -1 after task_fail().
+ * Returning without calling either is a bug the pool turns into a failed job
+ * with code "internal".
+ */
+#ifndef MP_UTIL_TASK_H
+#define MP_UTIL_TASK_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+typedef struct mp_task mp_task;
+struct store;
+struct gpu_set;
+struct resident_set;
+struct event_hub;
+
+/* Everything a run function may need to know about where it runs. Owned by
+ * the pool; valid for the duration of the run call. */
+typedef struct mp_task_env {
+    const char *data_dir;     /* --data-dir, absolute */
+    const char *hub_cache;    /* HF_HUB_CACHE / HF_HOME/hub / data_dir/hub */
+    const char *hub_endpoint; /* --hub-endpoint / HF_ENDPOINT / default */
+    const char *hf_token;     /* HF_TOKEN or NULL */
+    const char *const *model_roots; /* NULL-terminated, each realpath'd */
+    struct store *store;
+    struct gpu_set *gpus;
+    struct resident_set *residents;
+    struct event_hub *events;
+} mp_task_env;
+
+typedef struct mp_task_info {
+    const char *id;       /* "j_..." */
+    const char *type;     /* "verify", "download", ... */
+    const char *model;    /* as submitted: repo id or local path */
+    const char *revision; /* default "main" */
+    /* Resolved local directory of the model, or NULL when the model is a hub
+     * repo not (yet) in the cache. For a local model it is realpath'd and lies
+     * under a model root. For a hub model it is the cached snapshot dir. */
+    const char *model_path;
+    bool is_hub_model;
+    json_t *params;       /* validated request params (borrowed) */
+    json_t *checkpoint;   /* state saved by an earlier, interrupted run, or NULL */
+    const mp_task_env *env;
+} mp_task_info;
+
+const mp_task_info *task_info(mp_task *t);
+
+/* Progress: done/total in `unit` ("bytes", "files", "tensors"). The rate is
+ * computed by the pool. Cheap to call often: persisted and broadcast at most
+ * a few times a second. message may be NULL. */
+void task_progress(mp_task *t, uint64_t done, uint64_t total, const char *unit,
+                   const char *message);
+
+/* A log line attached to the job (SSE "log" event and the job's history).
+ * level: "debug" "info" "warn" "error". */
+void task_log(mp_task *t, const char *level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* True once a cancel was requested or the server is draining. Check it
+ * between units of work and stop promptly (then task_fail(t, "cancelled")). */
+bool task_cancelled(mp_task *t);
+/* True only while draining for shutdown: a resumable job should save its
+ * checkpoint and return; it will be re-queued at the next start. */
+bool task_draining(mp_task *t);
+
+/* Persist resume state (steals the reference). A later run after a crash or
+ * a drain gets it back in task_info()->checkpoint. */
+void task_checkpoint(mp_task *t, json_t *state);
+
+/* End the job. task_succeed steals `result`. task_fail always returns -1 so
+ * a run function can `return task_fail(t, "code", "...")`. */
+int task_succeed(mp_task *t, json_t *result);
+int task_fail(mp_task *t, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#endif
