@@ -18,7 +18,7 @@ PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 GIT_REV := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 VERSION := 0.1.0
 
-WARN    := -std=c11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter
+WARN    := -std=c11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wno-format-truncation
 DEFS    := -D_GNU_SOURCE -DMP_VERSION=\"$(VERSION)\" -DMP_GIT=\"$(GIT_REV)\"
 CFLAGS_COMMON := $(WARN) $(DEFS) -I. $(PKG_CFLAGS) -pthread -MMD -MP
 OPT_FLAGS := -O2 -g
@@ -69,11 +69,13 @@ $(REL)/gen/assets.c $(SAN)/gen/assets.c: scripts/embed.sh $(WEB_ASSETS) openapi/
 # --- release -----------------------------------------------------------------
 $(REL)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_COMMON) $(OPT_FLAGS) -c $< -o $@
+	@echo "  CC      $<"
+	@$(CC) $(CFLAGS_COMMON) $(OPT_FLAGS) -c $< -o $@
 
 $(REL)/obj/gen/assets.o: $(REL)/gen/assets.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_COMMON) $(OPT_FLAGS) -c $< -o $@
+	@echo "  CC      $<"
+	@$(CC) $(CFLAGS_COMMON) $(OPT_FLAGS) -c $< -o $@
 
 $(REL_LIB): $(REL_OBJ) $(REL)/obj/gen/assets.o
 	@rm -f $@
@@ -88,11 +90,13 @@ $(REL)/%: $(REL)/obj/tools/%.o $(REL_LIB)
 # --- sanitized ---------------------------------------------------------------
 $(SAN)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_COMMON) $(SAN_FLAGS) -c $< -o $@
+	@echo "  CC/SAN  $<"
+	@$(CC) $(CFLAGS_COMMON) $(SAN_FLAGS) -c $< -o $@
 
 $(SAN)/obj/gen/assets.o: $(SAN)/gen/assets.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_COMMON) $(SAN_FLAGS) -c $< -o $@
+	@echo "  CC/SAN  $<"
+	@$(CC) $(CFLAGS_COMMON) $(SAN_FLAGS) -c $< -o $@
 
 $(SAN_LIB): $(SAN_OBJ) $(SAN)/obj/gen/assets.o
 	@rm -f $@
@@ -151,7 +155,8 @@ $(CUDA_DIR)/obj/%.cu.o: %.cu
 
 $(CUDA_DIR)/obj/gen/assets.o: $(REL)/gen/assets.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_COMMON) $(OPT_FLAGS) -c $< -o $@
+	@echo "  CC      $<"
+	@$(CC) $(CFLAGS_COMMON) $(OPT_FLAGS) -c $< -o $@
 
 $(CUDA_DIR)/libmodelprep.a: $(CUDA_OBJ) $(CUDA_DIR)/obj/gen/assets.o
 	@rm -f $@

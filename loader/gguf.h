@@ -76,7 +76,7 @@ enum {
 };
 
 #define GGUF_DEFAULT_ALIGNMENT 32
-#define GGUF_MAX_NAME 63           /* ggml: GGML_MAX_NAME 64 incl. NUL */
+#define GGUF_MAX_NAME 63 /* ggml: GGML_MAX_NAME 64 incl. NUL */
 #define GGUF_MAX_DIMS 4
 #define GGUF_MAX_STRING (1u << 30) /* ggml: GGUF_MAX_STRING_LENGTH */
 #define GGUF_MAX_ARRAY (1u << 30)  /* ggml: GGUF_MAX_ARRAY_ELEMENTS */
@@ -112,7 +112,7 @@ typedef struct gguf_info {
     uint32_t alignment;
     uint64_t data_start; /* absolute offset of the tensor data section */
     uint64_t n_kv;
-    json_t *types;       /* key -> "UINT32" / "STRING" / "[STRING]" / "[[INT32]]" */
+    json_t *types; /* key -> "UINT32" / "STRING" / "[STRING]" / "[[INT32]]" */
 } gguf_info;
 const gguf_info *gguf_info_of(const mp_weights *w);
 /* GGUF type of a metadata key as above; NULL when absent. */

@@ -1,0 +1,180 @@
+/*
+ * gpu.h - the one interface to the devices weights are placed on. Two
+ * backends sit behind it: CUDA (only in a build with MP_HAVE_CUDA, see
+ * gpu_cuda.c) and "host" (gpu_host.c: arenas are memfd-backed mappings, so a
+ * machine without a GPU, or a test, can run every code path that places
+ * weights). Nothing outside gpu/ includes a CUDA header.
+ *
+ * Model: a gpu_set is the list of devices the process was told to use
+ * (--devices). Devices are addressed by their position in the set, 0..n-1
+ * (as CUDA_VISIBLE_DEVICES renumbers); gpu_device_info.ordinal keeps the CUDA
+ * ordinal. Weights live in arenas: one device allocation per arena, whose
+ * sub-allocation (256-byte aligned offsets) is the caller's job. Every
+ * operation on an arena takes (arena, byte offset) and is bounds-checked.
+ *
+ * Ordering: each device has one copy stream. gpu_copy_h2d, gpu_cast,
+ * gpu_dequant and gpu_fill_dummy are queued on it in call order and may
+ * return before they are done (on the host backend they are done on
+ * return). A fence recorded after them completes when they have; the source
+ * buffer of a copy must stay untouched until then. gpu_read and
+ * gpu_device_sync wait for everything queued before.
+ *
+ * Thread safety: a set may be used from many threads. Calls on distinct
+ * arenas are independent; calls that queue on the same device are ordered
+ * in the order the stream receives them. Accounting is locked.
+ *
+ * Results: 0 on success; -1 with err set on failure; GPU_NOMEM (with err
+ * code "insufficient_memory") when a device or host lacks the memory asked
+ * for, so callers can tell "too big" from "broken".
+ */
+#ifndef MP_GPU_GPU_H
+#define MP_GPU_GPU_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "loader/tensor.h"
+#include "util/error.h"
+
+#define GPU_NOMEM (-2)
+#define GPU_MAX_DEVICES 64
+#define GPU_ARENA_ALIGN 256 /* offsets the caller hands out should be multiples of this */
+
+typedef enum gpu_kind { GPU_KIND_HOST = 0, GPU_KIND_CUDA = 1 } gpu_kind;
+
+typedef struct gpu_set gpu_set;
+typedef struct gpu_arena gpu_arena;
+typedef struct gpu_fence gpu_fence;
+
+typedef struct gpu_device_info {
+    int index;                   /* position in the set: what every call takes */
+    gpu_kind kind;
+    int ordinal;                 /* CUDA device ordinal; host: same as index */
+    char name[256];              /* "NVIDIA H200", "host" */
+    uint64_t total_bytes;        /* cuda: cudaMemGetInfo; host: cap or MemTotal */
+    uint64_t free_bytes;         /* cuda: cudaMemGetInfo; host: cap - resident or MemAvailable */
+    uint64_t resident_bytes;     /* bytes of this set's live arenas on the device */
+    char compute_capability[16]; /* "9.0"; "" for host (null in JSON) */
+    char pci_bus_id[32];         /* "0000:19:00.0"; "" for host (null in JSON) */
+} gpu_device_info;
+
+/* ---- the device set ---- */
+
+/* Opens the devices named by spec:
+ *   NULL, "" or "auto"  CUDA devices if any (a missing driver counts as
+ *                       none), else one host device
+ *   "host"              one host device
+ *   "host:N"            N host devices (1..64), for tensor-parallel tests
+ *   "0,1"               these CUDA ordinals; error "device_unavailable" if
+ *                       one is absent or the build has no CUDA
+ * A host spec may end in "@SIZE" (bytes, or with K/M/G/T suffix, powers of
+ * 1024): a per-host-device memory cap, e.g. "host:2@64M". host_cap_bytes,
+ * when nonzero, sets the same cap (the spec's wins). Caps make
+ * out-of-memory reproducible without a GPU. Errors name field "devices". */
+int gpu_set_open(const char *spec, uint64_t host_cap_bytes, gpu_set **out, mp_error *err);
+/* Frees the set. All its arenas and fences must have been freed first. */
+void gpu_set_close(gpu_set *s);
+int gpu_set_count(const gpu_set *s);
+gpu_kind gpu_set_kind(const gpu_set *s); /* all devices of a set are one kind */
+/* Current info of device `index` (memory figures are queried now). */
+int gpu_device_info_get(gpu_set *s, int index, gpu_device_info *out, mp_error *err);
+/* Resident bytes of device index as accounted by the set (cheap, no query). */
+uint64_t gpu_device_resident(gpu_set *s, int index);
+/* Waits until everything queued on device index's copy stream is done. */
+int gpu_device_sync(gpu_set *s, int index, mp_error *err);
+
+/* CUDA runtime and driver versions as 1000*major + 10*minor (13000 = 13.0).
+ * Returns false (and zeros) when the build has no CUDA; with CUDA but no
+ * driver, returns true with *driver = 0. Either pointer may be NULL. */
+bool gpu_cuda_versions(int *runtime, int *driver);
+
+/* ---- arenas (device memory) ---- */
+
+/* Allocates `bytes` (> 0) on device index. Checks free memory first (and
+ * the host cap) and returns GPU_NOMEM when it cannot fit; memory is
+ * committed on return (host: fallocate'd), so later writes cannot fault.
+ * Contents are unspecified. */
+int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_error *err);
+/* Waits for the device's queued work, then frees. NULL is a no-op. */
+void gpu_arena_free(gpu_arena *a);
+uint64_t gpu_arena_size(const gpu_arena *a);
+int gpu_arena_device(const gpu_arena *a);
+/* Host backend only: the arena's mapping (CPU-addressable); NULL on CUDA. */
+void *gpu_arena_host_ptr(const gpu_arena *a);
+
+/* A handle another process can map the arena with. */
+typedef struct gpu_export {
+    gpu_kind kind;
+    uint64_t size;
+    int fd;                 /* host: the arena's memfd (still owned by the arena;
+                               dup() it or pass it over SCM_RIGHTS); -1 on cuda */
+    char ipc_handle[132];   /* cuda: cudaIpcMemHandle_t as 128 lowercase hex
+                               digits (offsets are from the arena start); "" on host */
+} gpu_export;
+int gpu_arena_export(gpu_arena *a, gpu_export *out, mp_error *err);
+
+/* ---- staging (pinned host memory) ---- */
+
+/* Page-locked host memory (cuda: cudaHostAlloc portable; host backend:
+ * 4096-aligned plain memory) to copy from at full speed. GPU_NOMEM when
+ * the allocation fails. */
+int gpu_staging_alloc(gpu_set *s, size_t bytes, void **out, mp_error *err);
+void gpu_staging_free(gpu_set *s, void *p);
+
+/* ---- transfers ---- */
+
+/* Queues a copy of n bytes from host memory src to arena a at offset off.
+ * src should be staging memory (pageable memory works, without overlap);
+ * it must not be reused before a fence recorded after this completes. */
+int gpu_copy_h2d(gpu_arena *a, uint64_t off, const void *src, size_t n, mp_error *err);
+/* Copies n bytes at offset off of arena a into dst, after all queued work
+ * on the device; synchronous. For digests and tests, not for speed. */
+int gpu_read(gpu_arena *a, uint64_t off, void *dst, size_t n, mp_error *err);
+
+/* Fences mark a point in a device's copy stream (cuda: an event). Create
+ * once, record after a batch of queued work, wait or poll before reusing
+ * that batch's source buffers. */
+int gpu_fence_create(gpu_set *s, int index, gpu_fence **out, mp_error *err);
+int gpu_fence_record(gpu_fence *f, mp_error *err);
+int gpu_fence_wait(gpu_fence *f, mp_error *err);
+/* 1 when reached (or never recorded), 0 when pending, -1 on error. */
+int gpu_fence_query(gpu_fence *f, mp_error *err);
+void gpu_fence_free(gpu_fence *f);
+
+/* ---- compute on the device (queued on the copy stream) ---- */
+
+/* Whether gpu_cast converts from -> to: among F32/F16/BF16 (identity is a
+ * copy) and from F8_E4M3 / F8_E5M2 to F32/F16/BF16. */
+bool gpu_cast_supported(mp_dtype from, mp_dtype to);
+/* Converts n elements of dtype src_dt at (src, src_off) into dst_dt at
+ * (dst, dst_off), rounding to nearest even, NaN stays NaN (quiet, sign and
+ * top payload bits kept), Inf stays Inf. Both arenas on one device. The
+ * ranges may not overlap, except exactly (same offset) when both element
+ * sizes are equal (an in-place cast). */
+int gpu_cast(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena *src,
+             uint64_t src_off, mp_dtype src_dt, uint64_t n, mp_error *err);
+
+/* Whether gpu_dequant handles this ggml type: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
+ * Q4_K Q6_K (ids as in loader/gguf.h). */
+bool gpu_dequant_supported(int ggml_type);
+/* Dequantizes n elements (a multiple of the type's block size) of ggml
+ * blocks at (src, src_off) into dst_dt (F32, F16 or BF16) at (dst,
+ * dst_off), computing in f32 exactly as ggml's dequantize_row_* without FMA
+ * contraction, then rounding to nearest even. Ranges may not overlap. */
+int gpu_dequant(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena *src,
+                uint64_t src_off, int ggml_type, uint64_t n, mp_error *err);
+
+/* Parameters of a dummy fill (see gpu/dummy.h for the exact generator). */
+typedef struct gpu_dummy_params {
+    uint64_t seed;
+    float low, high;     /* values are in [low, high] */
+    uint64_t first;      /* element index of the first element written */
+} gpu_dummy_params;
+/* Fills n elements of dt (F32, F16 or BF16) at (a, off) with the dummy
+ * values of tensor `name`: element k gets value number first + k. The bytes
+ * are identical on both backends and to gpu_dummy_fill_cpu. */
+int gpu_fill_dummy(gpu_arena *a, uint64_t off, mp_dtype dt, uint64_t n, const char *name,
+                   const gpu_dummy_params *p, mp_error *err);
+
+#endif

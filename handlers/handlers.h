@@ -1,0 +1,19 @@
+/* handlers.h - every HTTP handler, one file per resource under handlers/.
+ * Handlers turn HTTP into calls; the work happens in server/, store/, loader/. */
+#ifndef MP_HANDLERS_H
+#define MP_HANDLERS_H
+#include "server/http.h"
+
+void h_healthz(http_req *rq, http_resp *rs);
+void h_readyz(http_req *rq, http_resp *rs);
+void h_version(http_req *rq, http_resp *rs);
+void h_openapi(http_req *rq, http_resp *rs);
+void h_jobs_submit(http_req *rq, http_resp *rs);
+void h_jobs_list(http_req *rq, http_resp *rs);
+void h_jobs_get(http_req *rq, http_resp *rs);
+void h_jobs_cancel(http_req *rq, http_resp *rs);
+void h_jobs_events(http_req *rq, http_resp *rs);
+void h_events(http_req *rq, http_resp *rs);
+void h_devices(http_req *rq, http_resp *rs);
+void h_metrics(http_req *rq, http_resp *rs);
+#endif

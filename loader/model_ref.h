@@ -1,0 +1,33 @@
+/*
+ * model_ref.h - what a request's "model" names, checked before anything
+ * touches the disk: a hub repo id ("org/name") with a revision, or a local
+ * directory that must lie under one of the configured model roots.
+ */
+#ifndef MP_LOADER_MODEL_REF_H
+#define MP_LOADER_MODEL_REF_H
+#include <stdbool.h>
+#include <stddef.h>
+#include "util/error.h"
+
+#define MREF_MAX_LEN 1024
+
+/* True for a syntactically valid hub repo id: "org/name", each part
+ * [A-Za-z0-9._-], 1..96 chars, not starting with '.' or '-', no "..", no "--". */
+bool mref_is_repo_id(const char *s);
+/* True for a valid revision: branch, tag or commit; [A-Za-z0-9._/-], no "..",
+ * 1..255 chars, not starting with '/' or '-'. */
+bool mref_is_revision(const char *s);
+
+/* Confines a local path: absolute, no NUL (len must equal strlen), no ".."
+ * component, at most MREF_MAX_LEN, and its realpath under a root. *out is the
+ * realpath (caller frees). err->code "bad_model"/"not_found". */
+int mref_confine(const char *path, size_t len, const char *const *roots, char **out,
+                 mp_error *err);
+
+/* The HF-cache directory of a repo: <cache>/models--org--name (caller frees). */
+char *mref_repo_cache_dir(const char *hub_cache, const char *repo);
+/* The cached snapshot of repo@revision when present (refs/<revision> → commit,
+ * or the commit itself), else NULL. *commit (41 bytes) gets the commit. */
+char *mref_snapshot_dir(const char *hub_cache, const char *repo, const char *revision,
+                        char *commit);
+#endif

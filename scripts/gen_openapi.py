@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Writes openapi/openapi.yaml (JSON, which is valid YAML) from the tables
+below. Edit here, run `python3 scripts/gen_openapi.py`, commit both.
+The route list must match server/routes.c: tests/unit/test_openapi.c checks."""
+import json, os
+
+def ref(name):
+    return {"$ref": "#/components/schemas/" + name}
+
+def resp(desc, schema=None, ctype="application/json"):
+    r = {"description": desc}
+    if schema is not None:
+        r["content"] = {ctype: {"schema": schema}}
+    return r
+
+PROBLEM = resp("error", ref("Problem"), "application/problem+json")
+ERR = {"400": PROBLEM, "401": PROBLEM}
+
+def op(summary, responses, params=None, body=None, tags=None, security=True):
+    o = {"summary": summary, "responses": responses}
+    if params:
+        o["parameters"] = params
+    if body:
+        o["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if tags:
+        o["tags"] = tags
+    if not security:
+        o["security"] = []
+    return o
+
+def path_param(name):
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+def query(name, schema):
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+schemas = {
+    "Problem": {"type": "object", "required": ["type", "title", "status", "detail"],
+                "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                               "status": {"type": "integer"}, "detail": {"type": "string"},
+                               "errors": {"type": "array", "items": {"type": "object", "properties": {
+                                   "field": {"type": "string"}, "code": {"type": "string"},
+                                   "message": {"type": "string"}}}}}},
+    "JobRequest": {"type": "object", "required": ["type", "model"], "additionalProperties": False,
+                   "properties": {"type": {"type": "string", "enum": ["download", "convert", "inspect", "shard", "warm_load", "verify"]},
+                                  "model": {"type": "string", "description": "hub repo id org/name, or an absolute path under a --model-root"},
+                                  "revision": {"type": "string", "default": "main"},
+                                  "params": {"type": "object"}}},
+    "Progress": {"type": "object", "properties": {"done": {"type": "integer"}, "total": {"type": "integer"},
+                                                  "unit": {"type": "string"}, "rate": {"type": "number"},
+                                                  "message": {"type": "string"}}},
+    "JobError": {"type": "object", "nullable": True, "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+    "Job": {"type": "object", "required": ["id", "type", "model", "revision", "params", "state", "progress", "result", "error", "created_at"],
+            "properties": {"id": {"type": "string"}, "type": {"type": "string"}, "model": {"type": "string"},
+                           "revision": {"type": "string"}, "params": {"type": "object"},
+                           "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+                           "progress": ref("Progress"), "result": {"type": "object", "nullable": True},
+                           "error": ref("JobError"),
+                           "created_at": {"type": "string", "format": "date-time"},
+                           "started_at": {"type": "string", "format": "date-time", "nullable": True},
+                           "finished_at": {"type": "string", "format": "date-time", "nullable": True}}},
+    "JobList": {"type": "object", "properties": {"jobs": {"type": "array", "items": ref("Job")},
+                                                 "next_cursor": {"type": "string", "nullable": True}}},
+    "Device": {"type": "object", "properties": {"index": {"type": "integer"}, "kind": {"type": "string", "enum": ["cuda", "host"]},
+                                                "name": {"type": "string"}, "total_bytes": {"type": "integer"},
+                                                "free_bytes": {"type": "integer"}, "resident_bytes": {"type": "integer"},
+                                                "compute_capability": {"type": "string", "nullable": True},
+                                                "pci_bus_id": {"type": "string", "nullable": True}}},
+    "Version": {"type": "object", "properties": {"version": {"type": "string"}, "git": {"type": "string"},
+                                                 "cuda": {"type": "object", "nullable": True, "properties": {
+                                                     "runtime": {"type": "integer"}, "driver": {"type": "integer"}}}}},
+    "Model": {"type": "object", "properties": {"model": {"type": "string"}, "revision": {"type": "string"},
+                                               "commit": {"type": "string"}, "path": {"type": "string"},
+                                               "size_bytes": {"type": "integer"}, "files": {},
+                                               "formats": {"type": "array", "items": {"type": "string"}},
+                                               "inspection": {"type": "object", "nullable": True}}},
+    "Resident": {"type": "object", "properties": {"id": {"type": "string"}, "model": {"type": "string"},
+                                                  "revision": {"type": "string"}, "state": {"type": "string"},
+                                                  "bytes": {"type": "integer"}, "devices": {"type": "array", "items": {"type": "object"}},
+                                                  "tensors": {"type": "array", "items": {"type": "object", "properties": {
+                                                      "name": {"type": "string"}, "dtype": {"type": "string"},
+                                                      "shape": {"type": "array", "items": {"type": "integer"}},
+                                                      "device": {"type": "integer"}, "offset": {"type": "integer"},
+                                                      "bytes": {"type": "integer"}}}}}},
+}
+
+SSE = resp("event stream", {"type": "string"}, "text/event-stream")
+paths = {
+    "/healthz": {"get": op("liveness", {"200": resp("ok", {"type": "object"})}, security=False)},
+    "/readyz": {"get": op("readiness: store open, workers running", {"200": resp("ready", {"type": "object"}), "503": resp("not ready", {"type": "object"})}, security=False)},
+    "/openapi.json": {"get": op("this document", {"200": resp("OpenAPI 3 document", {"type": "object"})}, security=False)},
+    "/v1/version": {"get": op("build and CUDA versions", {"200": resp("version", ref("Version")), **ERR})},
+    "/v1/jobs": {
+        "post": op("submit a job", {"202": resp("created", ref("Job")), "200": resp("existing job for this Idempotency-Key", ref("Job")),
+                                     "413": PROBLEM, "422": PROBLEM, "503": PROBLEM, **ERR},
+                   params=[{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255}}],
+                   body=ref("JobRequest")),
+        "get": op("list jobs, newest first", {"200": resp("jobs", ref("JobList")), **ERR},
+                  params=[query("state", {"type": "string"}), query("type", {"type": "string"}), query("model", {"type": "string"}),
+                          query("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}), query("cursor", {"type": "string"})]),
+    },
+    "/v1/jobs/{id}": {
+        "get": op("one job", {"200": resp("job", ref("Job")), "404": PROBLEM, **ERR}, params=[path_param("id")]),
+        "delete": op("cancel a queued or running job", {"202": resp("cancelling", ref("Job")), "404": PROBLEM, "409": PROBLEM, **ERR}, params=[path_param("id")]),
+    },
+    "/v1/jobs/{id}/events": {"get": op("progress, log and state events until the job ends", {"200": SSE, "404": PROBLEM, **ERR}, params=[path_param("id")])},
+    "/v1/events": {"get": op("every job and resident change (SSE), resumable with Last-Event-ID", {"200": SSE, **ERR},
+                             params=[{"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}}])},
+    "/v1/devices": {"get": op("devices weights can be placed on", {"200": resp("devices", {"type": "object", "properties": {"devices": {"type": "array", "items": ref("Device")}}}), **ERR})},
+    "/metrics": {"get": op("Prometheus text exposition", {"200": resp("metrics", {"type": "string"}, "text/plain"), "401": PROBLEM})},
+}
+
+def build():
+    p = dict(paths)
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "modelprep", "version": "0.1.0",
+                 "description": "Model-preparation service for GPU nodes. Contract: shared/api.md."},
+        "servers": [{"url": "http://127.0.0.1:8420"}],
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": p,
+    }
+
+if __name__ == "__main__":
+    out = os.path.join(os.path.dirname(__file__), "..", "openapi", "openapi.yaml")
+    with open(out, "w") as f:
+        json.dump(build(), f, indent=1, sort_keys=False)
+        f.write("\n")

@@ -1,0 +1,38 @@
+/* config.h - the process's settings: defaults, then environment variables,
+ * then command-line flags (flags win). Everything is resolved once at start. */
+#ifndef MP_SERVER_CONFIG_H
+#define MP_SERVER_CONFIG_H
+#include <stdbool.h>
+#include <stdint.h>
+#include "util/error.h"
+
+#define MP_MAX_MODEL_ROOTS 16
+
+typedef struct mp_config {
+    char listen_host[256];
+    int listen_port;
+    char data_dir[4096];    /* absolute after config_finish */
+    char hub_cache[4096];   /* HF_HUB_CACHE, HF_HOME/hub, or data_dir/hub */
+    char hub_endpoint[1024];
+    char *token;            /* owned; NULL when auth is off */
+    char *hf_token;         /* owned; HF_TOKEN */
+    char *model_roots[MP_MAX_MODEL_ROOTS + 1]; /* owned, realpath'd, NULL-terminated */
+    int n_model_roots;
+    int workers;
+    int http_threads;
+    int max_connections;
+    int connection_timeout_s;
+    char devices[256];
+    uint64_t host_device_bytes; /* cap for host devices; 0 = system memory */
+    char export_socket[1024];
+    bool insecure_listen;
+    bool log_json;
+    bool access_log;
+} mp_config;
+
+/* Parses argv over defaults and env. Returns 1 when --help/--version was
+ * printed (exit 0), 0 to run, -1 on a bad flag (err set). */
+int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err);
+void config_free(mp_config *cfg);
+bool config_host_is_loopback(const char *host);
+#endif

@@ -1,0 +1,134 @@
+/*
+ * main.c - modelprepd: parse the config, open the store, recover jobs left
+ * by a dead process, open the devices, start workers and HTTP, then wait for
+ * SIGTERM/SIGINT and drain in the reverse order.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+#include <time.h>
+
+#include "gpu/gpu.h"
+#include "server/context.h"
+#include "server/events.h"
+#include "server/http.h"
+#include "server/jobs.h"
+#include "server/metrics.h"
+#include "server/workers.h"
+#include "store/store.h"
+#include "util/fsutil.h"
+#include "util/timeutil.h"
+
+#define KEEPALIVE_TICK_S 5
+
+static int wait_for_signal(mp_server *srv) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    for (;;) {
+        struct timespec ts = {KEEPALIVE_TICK_S, 0};
+        int sig = sigtimedwait(&set, NULL, &ts);
+        if (sig == SIGTERM || sig == SIGINT) return sig;
+        /* Idle SSE streams wake up to send a keep-alive comment. */
+        events_wake_all(srv->events);
+    }
+}
+
+int main(int argc, char **argv) {
+    mp_server srv;
+    memset(&srv, 0, sizeof srv);
+    mp_error err = {0};
+    int rc = config_parse(&srv.cfg, argc, argv, &err);
+    if (rc == 1) {
+        config_free(&srv.cfg);
+        return 0;
+    }
+    if (rc != 0) {
+        fprintf(stderr, "modelprepd: %s\n", err.message);
+        config_free(&srv.cfg);
+        return 2;
+    }
+    srv.log.json = srv.cfg.log_json;
+    srv.started_mono = time_mono();
+    atomic_init(&srv.draining, false);
+
+    /* Block the signals before any thread starts so only main receives them. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    int exit_code = 1;
+    char db_path[4200];
+    snprintf(db_path, sizeof db_path, "%s/modelprep.db", srv.cfg.data_dir);
+    if (fs_mkdirs(srv.cfg.hub_cache, &err) != 0) {
+        mp_log(&srv.log, "error", NULL, "hub cache: %s", err.message);
+        goto out;
+    }
+    if (store_open(db_path, srv.cfg.http_threads + srv.cfg.workers + 2, &srv.store, &err) != 0) {
+        mp_log(&srv.log, "error", NULL, "store: %s", err.message);
+        goto out;
+    }
+    if (jobs_recover(&srv) != 0) {
+        mp_log(&srv.log, "error", NULL, "cannot recover jobs from the store");
+        goto out;
+    }
+    store_resident_mark_all_gone(srv.store);
+    if (gpu_set_open(srv.cfg.devices, srv.cfg.host_device_bytes, &srv.gpus, &err) != 0) {
+        mp_log(&srv.log, "error", NULL, "devices: %s", err.message);
+        goto out;
+    }
+    srv.events = events_new();
+    srv.metrics = metrics_new();
+    if (!srv.events || !srv.metrics) goto out;
+    srv.env = (mp_task_env){
+        .data_dir = srv.cfg.data_dir,
+        .hub_cache = srv.cfg.hub_cache,
+        .hub_endpoint = srv.cfg.hub_endpoint,
+        .hf_token = srv.cfg.hf_token,
+        .model_roots = (const char *const *)srv.cfg.model_roots,
+        .store = srv.store,
+        .gpus = srv.gpus,
+        .residents = srv.residents,
+        .events = srv.events,
+    };
+    if (workers_start(&srv, srv.cfg.workers, &srv.workers) != 0) {
+        mp_log(&srv.log, "error", NULL, "cannot start %d workers", srv.cfg.workers);
+        goto out;
+    }
+    if (http_start(&srv, &err) != 0) {
+        mp_log(&srv.log, "error", NULL, "%s", err.message);
+        goto out;
+    }
+    const char *host = srv.cfg.listen_host;
+    bool v6 = strchr(host, ':') != NULL;
+    printf("listening on http://%s%s%s:%d\n", v6 ? "[" : "", host, v6 ? "]" : "",
+           srv.cfg.listen_port);
+    fflush(stdout);
+    mp_log(&srv.log, "info", NULL, "modelprepd %s ready: data %s, hub cache %s, %d workers, %d devices",
+           MP_VERSION, srv.cfg.data_dir, srv.cfg.hub_cache, srv.cfg.workers,
+           gpu_set_count(srv.gpus));
+
+    int sig = wait_for_signal(&srv);
+    mp_log(&srv.log, "info", NULL, "signal %d: draining", sig);
+    exit_code = 0;
+out:
+    /* Drain: refuse new jobs, let running ones checkpoint and return, end
+     * the event streams, stop HTTP, close the store last. */
+    atomic_store(&srv.draining, true);
+    workers_stop(srv.workers);
+    if (srv.events) events_close(srv.events);
+    http_stop(&srv);
+    gpu_set_close(srv.gpus);
+    events_free(srv.events);
+    metrics_free(srv.metrics);
+    store_close(srv.store);
+    mp_log(&srv.log, "info", NULL, "stopped");
+    config_free(&srv.cfg);
+    return exit_code;
+}

@@ -1,0 +1,20 @@
+/* routes.c - the route table. openapi/openapi.yaml must list exactly these
+ * paths and methods (tests/unit/test_openapi.c checks it). */
+#include "handlers/handlers.h"
+#include "server/router.h"
+
+const route mp_routes[] = {
+    {"GET", "/healthz", h_healthz, "healthz", 1},
+    {"GET", "/readyz", h_readyz, "readyz", 1},
+    {"GET", "/openapi.json", h_openapi, "openapi", 1},
+    {"GET", "/v1/version", h_version, "version", 0},
+    {"POST", "/v1/jobs", h_jobs_submit, "jobs_submit", 0},
+    {"GET", "/v1/jobs", h_jobs_list, "jobs_list", 0},
+    {"GET", "/v1/jobs/{id}", h_jobs_get, "jobs_get", 0},
+    {"DELETE", "/v1/jobs/{id}", h_jobs_cancel, "jobs_cancel", 0},
+    {"GET", "/v1/jobs/{id}/events", h_jobs_events, "jobs_events", 0},
+    {"GET", "/v1/events", h_events, "events", 0},
+    {"GET", "/v1/devices", h_devices, "devices", 0},
+    {"GET", "/metrics", h_metrics, "metrics", 0},
+    {NULL, NULL, NULL, NULL, 0},
+};

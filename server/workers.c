@@ -1,0 +1,398 @@
+/*
+ * workers.c - the worker pool and the mp_task implementation that run
+ * functions report through. Progress is kept in memory and flushed to the
+ * store and the event hub at a bounded rate, so a run function may call
+ * task_progress() per chunk without cost.
+ */
+#include "server/workers.h"
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "loader/model_ref.h"
+#include "server/jobs.h"
+#include "server/metrics.h"
+#include "store/store.h"
+#include "util/timeutil.h"
+
+#define PROGRESS_PUBLISH_S 0.2
+#define PROGRESS_PERSIST_S 1.0
+#define MAX_PENDING_CANCELS 64
+
+struct mp_task {
+    mp_server *srv;
+    const mp_job_type *type;
+    mp_task_info info;
+    json_t *doc;
+    atomic_bool cancel;
+    /* progress */
+    uint64_t done, total;
+    char unit[16];
+    char message[256];
+    double t_start, last_publish, last_persist, rate_t, rate;
+    uint64_t rate_done;
+    /* outcome */
+    int outcome; /* 0 none, 1 succeeded, -1 failed */
+    json_t *result;
+    char err_code[48];
+    char err_msg[1024];
+};
+
+struct worker_pool {
+    mp_server *srv;
+    pthread_t *threads;
+    int n;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool stopping;
+    int busy;
+    uint64_t notify_seq;
+    mp_task **running; /* one slot per worker */
+    char pending_cancel[MAX_PENDING_CANCELS][40];
+    int npending;
+};
+
+/* ---- mp_task ---------------------------------------------------------------- */
+
+const mp_task_info *task_info(mp_task *t) {
+    return &t->info;
+}
+
+bool task_cancelled(mp_task *t) {
+    return atomic_load(&t->cancel) || atomic_load(&t->srv->draining);
+}
+
+bool task_draining(mp_task *t) {
+    return atomic_load(&t->srv->draining);
+}
+
+static json_t *progress_json(mp_task *t) {
+    return json_pack("{s:I,s:I,s:s,s:f,s:s}", "done", (json_int_t)t->done, "total",
+                     (json_int_t)t->total, "unit", t->unit, "rate", t->rate, "message",
+                     t->message);
+}
+
+void task_progress(mp_task *t, uint64_t done, uint64_t total, const char *unit,
+                   const char *message) {
+    double now = time_mono();
+    t->done = done;
+    t->total = total;
+    if (unit) snprintf(t->unit, sizeof t->unit, "%s", unit);
+    if (message) snprintf(t->message, sizeof t->message, "%s", message);
+    /* Rate over windows of at least half a second, smoothed, so a dashboard
+     * shows a steady number rather than per-chunk noise. */
+    if (now - t->rate_t >= 0.5) {
+        double inst = done >= t->rate_done ? (double)(done - t->rate_done) / (now - t->rate_t) : 0;
+        t->rate = t->rate > 0 ? 0.5 * t->rate + 0.5 * inst : inst;
+        t->rate_t = now;
+        t->rate_done = done;
+    }
+    bool persist = now - t->last_persist >= PROGRESS_PERSIST_S;
+    if (!persist && now - t->last_publish < PROGRESS_PUBLISH_S) return;
+    t->last_publish = now;
+    json_t *p = progress_json(t);
+    if (!p) return;
+    json_object_set(t->doc, "progress", p);
+    if (persist) {
+        t->last_persist = now;
+        store_job_update(t->srv->store, t->info.id, t->doc, NULL);
+    }
+    json_object_set_new(p, "id", json_string(t->info.id));
+    jobs_publish(t->srv, t->info.id, "progress", p, persist);
+    json_decref(p);
+}
+
+void task_log(mp_task *t, const char *level, const char *fmt, ...) {
+    char msg[1024], now[40];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    time_rfc3339_now(now, sizeof now);
+    mp_log(&t->srv->log, level, t->info.id, "%s", msg);
+    json_t *ev = json_pack("{s:s,s:s,s:s,s:s}", "id", t->info.id, "level", level, "message", msg,
+                           "at", now);
+    if (ev) jobs_publish(t->srv, t->info.id, "log", ev, true);
+    json_decref(ev);
+}
+
+void task_checkpoint(mp_task *t, json_t *state) {
+    store_job_set_checkpoint(t->srv->store, t->info.id, state);
+    json_decref(state);
+}
+
+int task_succeed(mp_task *t, json_t *result) {
+    json_decref(t->result);
+    t->result = result ? result : json_object();
+    t->outcome = 1;
+    return 0;
+}
+
+int task_fail(mp_task *t, const char *code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t->err_msg, sizeof t->err_msg, fmt, ap);
+    va_end(ap);
+    snprintf(t->err_code, sizeof t->err_code, "%s", code ? code : "failed");
+    t->outcome = -1;
+    return -1;
+}
+
+/* ---- pool ---------------------------------------------------------------- */
+
+static bool take_pending_cancel(worker_pool *p, const char *id) {
+    for (int i = 0; i < p->npending; i++) {
+        if (strcmp(p->pending_cancel[i], id) == 0) {
+            memcpy(p->pending_cancel[i], p->pending_cancel[--p->npending], 40);
+            return true;
+        }
+    }
+    return false;
+}
+
+static void finish(mp_task *t, const char *now) {
+    mp_server *srv = t->srv;
+    json_t *doc = t->doc;
+    const char *state;
+    bool requeue = false;
+    if (t->outcome == 1) {
+        state = "succeeded";
+        json_object_set_new(doc, "result", t->result);
+        json_object_set_new(doc, "error", json_null());
+        t->result = NULL;
+    } else {
+        if (t->outcome == 0) {
+            snprintf(t->err_code, sizeof t->err_code, "internal");
+            snprintf(t->err_msg, sizeof t->err_msg, "the job ended without a result");
+        }
+        if (atomic_load(&srv->draining) && !atomic_load(&t->cancel)) {
+            /* Stopped by a drain, not by a client: resumable jobs go back to
+             * the queue with their checkpoint; others are interrupted. */
+            if (t->type->flags & MP_JOB_RESUMABLE) {
+                requeue = true;
+                state = "queued";
+            } else {
+                state = "failed";
+                snprintf(t->err_code, sizeof t->err_code, "interrupted");
+                snprintf(t->err_msg, sizeof t->err_msg, "the server shut down during the job");
+            }
+        } else if (atomic_load(&t->cancel)) {
+            state = "cancelled";
+            snprintf(t->err_code, sizeof t->err_code, "cancelled");
+            snprintf(t->err_msg, sizeof t->err_msg, "cancelled by request");
+        } else {
+            state = "failed";
+        }
+        if (!requeue)
+            json_object_set_new(doc, "error", json_pack("{s:s,s:s}", "code", t->err_code,
+                                                        "message", t->err_msg));
+    }
+    json_object_set_new(doc, "state", json_string(state));
+    if (requeue) {
+        json_object_set_new(doc, "started_at", json_null());
+    } else {
+        json_object_set_new(doc, "finished_at", json_string(now));
+        json_t *p = progress_json(t);
+        if (p) json_object_set_new(doc, "progress", p);
+    }
+    jobs_publish_state(srv, doc);
+    if (srv->metrics && !requeue)
+        metrics_job_done(srv->metrics, t->type->name, state, time_mono() - t->t_start);
+    mp_log(&srv->log, t->outcome == 1 ? "info" : "warn", t->info.id, "job %s %s%s%s", t->type->name,
+           state, t->outcome == 1 ? "" : ": ", t->outcome == 1 ? "" : t->err_msg);
+}
+
+static void run_one(worker_pool *p, int slot, json_t *doc, json_t *checkpoint) {
+    mp_server *srv = p->srv;
+    mp_task *t = calloc(1, sizeof *t);
+    char now[40];
+    if (!t) {
+        json_decref(doc);
+        json_decref(checkpoint);
+        return;
+    }
+    t->srv = srv;
+    t->doc = doc;
+    const char *type = json_string_value(json_object_get(doc, "type"));
+    t->type = type ? jobs_type_find(type) : NULL;
+    t->info.id = json_string_value(json_object_get(doc, "id"));
+    t->info.type = type;
+    t->info.model = json_string_value(json_object_get(doc, "model"));
+    t->info.revision = json_string_value(json_object_get(doc, "revision"));
+    t->info.params = json_object_get(doc, "params");
+    t->info.checkpoint = checkpoint;
+    t->info.env = &srv->env;
+    snprintf(t->unit, sizeof t->unit, "bytes");
+    t->t_start = t->rate_t = time_mono();
+
+    pthread_mutex_lock(&p->mu);
+    p->running[slot] = t;
+    if (take_pending_cancel(p, t->info.id)) atomic_store(&t->cancel, true);
+    p->busy++;
+    pthread_mutex_unlock(&p->mu);
+    if (srv->metrics) metrics_worker_busy(srv->metrics, 1);
+
+    char *model_path = NULL;
+    mp_error err = {0};
+    if (!t->type || !t->info.id || !t->info.model || !t->info.revision) {
+        task_fail(t, "internal", "corrupt job record");
+    } else {
+        /* Resolve the model again at run time: the cache or the tree may have
+         * changed since submission (a download finished, a file was removed). */
+        if (mref_is_repo_id(t->info.model)) {
+            t->info.is_hub_model = true;
+            if (!(t->type->flags & MP_JOB_HUB_ONLY))
+                model_path = mref_snapshot_dir(srv->cfg.hub_cache, t->info.model,
+                                               t->info.revision, NULL);
+        } else {
+            mref_confine(t->info.model, strlen(t->info.model),
+                         (const char *const *)srv->cfg.model_roots, &model_path, &err);
+        }
+        t->info.model_path = model_path;
+        if ((t->type->flags & MP_JOB_NEEDS_LOCAL) && !model_path) {
+            task_fail(t, err.code[0] ? err.code : "not_found", "%s",
+                      err.message[0] ? err.message : "the model is not available locally");
+        } else {
+            mp_log(&srv->log, "info", t->info.id, "job %s started on %s", type, t->info.model);
+            task_progress(t, 0, 0, NULL, "started");
+            t->type->run(t);
+        }
+    }
+    time_rfc3339_now(now, sizeof now);
+    finish(t, now);
+
+    pthread_mutex_lock(&p->mu);
+    p->running[slot] = NULL;
+    p->busy--;
+    pthread_mutex_unlock(&p->mu);
+    if (srv->metrics) metrics_worker_busy(srv->metrics, -1);
+    free(model_path);
+    json_decref(t->result);
+    json_decref(t->doc);
+    json_decref(checkpoint);
+    free(t);
+}
+
+typedef struct worker_arg {
+    worker_pool *p;
+    int slot;
+} worker_arg;
+
+static void *worker_main(void *arg) {
+    worker_arg *wa = arg;
+    worker_pool *p = wa->p;
+    int slot = wa->slot;
+    free(wa);
+    for (;;) {
+        pthread_mutex_lock(&p->mu);
+        bool stop = p->stopping;
+        uint64_t seen = p->notify_seq;
+        pthread_mutex_unlock(&p->mu);
+        if (stop || atomic_load(&p->srv->draining)) break;
+        char now[40];
+        time_rfc3339_now(now, sizeof now);
+        json_t *checkpoint = NULL;
+        json_t *doc = store_job_claim(p->srv->store, now, &checkpoint);
+        if (doc) {
+            jobs_publish(p->srv, json_string_value(json_object_get(doc, "id")), "state", doc,
+                         true);
+            run_one(p, slot, doc, checkpoint);
+            continue;
+        }
+        /* Nothing queued: sleep until a submit notifies us (or a periodic
+         * re-check, which also covers jobs queued by another process). */
+        pthread_mutex_lock(&p->mu);
+        if (!p->stopping && p->notify_seq == seen) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            pthread_cond_timedwait(&p->cv, &p->mu, &ts);
+        }
+        pthread_mutex_unlock(&p->mu);
+    }
+    return NULL;
+}
+
+int workers_start(mp_server *srv, int n, worker_pool **out) {
+    worker_pool *p = calloc(1, sizeof *p);
+    if (!p) return -1;
+    p->srv = srv;
+    p->n = 0;
+    p->threads = calloc((size_t)n, sizeof *p->threads);
+    p->running = calloc((size_t)n, sizeof *p->running);
+    if (!p->threads || !p->running) {
+        free(p->threads);
+        free(p->running);
+        free(p);
+        return -1;
+    }
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    for (int i = 0; i < n; i++) {
+        worker_arg *wa = malloc(sizeof *wa);
+        if (!wa) break;
+        *wa = (worker_arg){p, i};
+        if (pthread_create(&p->threads[i], NULL, worker_main, wa) != 0) {
+            free(wa);
+            break;
+        }
+        p->n++;
+    }
+    *out = p;
+    if (p->n != n) {
+        workers_stop(p);
+        *out = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+void workers_notify(worker_pool *p) {
+    pthread_mutex_lock(&p->mu);
+    p->notify_seq++;
+    pthread_cond_signal(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+}
+
+void workers_cancel(worker_pool *p, const char *job_id) {
+    pthread_mutex_lock(&p->mu);
+    bool found = false;
+    for (int i = 0; i < p->n; i++) {
+        if (p->running[i] && strcmp(p->running[i]->info.id, job_id) == 0) {
+            atomic_store(&p->running[i]->cancel, true);
+            found = true;
+        }
+    }
+    /* Claimed but not yet registered by its worker: remember the request. */
+    if (!found && p->npending < MAX_PENDING_CANCELS)
+        snprintf(p->pending_cancel[p->npending++], 40, "%s", job_id);
+    pthread_mutex_unlock(&p->mu);
+}
+
+void workers_stop(worker_pool *p) {
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    p->stopping = true;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < p->n; i++) pthread_join(p->threads[i], NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    free(p->threads);
+    free(p->running);
+    free(p);
+}
+
+int workers_busy(worker_pool *p) {
+    pthread_mutex_lock(&p->mu);
+    int b = p->busy;
+    pthread_mutex_unlock(&p->mu);
+    return b;
+}
+
+int workers_count(worker_pool *p) {
+    return p->n;
+}
