@@ -16,4 +16,7 @@ void h_jobs_events(http_req *rq, http_resp *rs);
 void h_events(http_req *rq, http_resp *rs);
 void h_devices(http_req *rq, http_resp *rs);
 void h_metrics(http_req *rq, http_resp *rs);
+void h_models_list(http_req *rq, http_resp *rs);
+void h_models_get(http_req *rq, http_resp *rs);
+void h_models_delete(http_req *rq, http_resp *rs);
 #endif

@@ -137,6 +137,8 @@ typedef struct hub_conn_opts {
 /* GET the listing of repo@revision with retries. */
 int hub_fetch_listing(const hub_conn_opts *c, const char *repo, const char *revision,
                       hub_listing *out, mp_error *err);
+/* Same scheme, host and port (the token only goes to the hub's origin). */
+bool hub_same_origin(const char *a, const char *b);
 /* Percent-encodes s into buf; keep_slash keeps '/'. */
 int hub_url_quote(char *buf, size_t n, const char *s, bool keep_slash);
 
@@ -192,6 +194,8 @@ typedef struct hub_callbacks {
     /* the commit is known: persist it so a resumed run finishes the same one */
     void (*checkpoint)(void *arg, const char *commit, uint64_t done);
     void (*log)(void *arg, const char *level, const char *msg);
+    /* true once the job should stop (cancel or drain) */
+    bool (*cancelled)(void *arg);
     void *arg;
 } hub_callbacks;
 

@@ -29,7 +29,5 @@ int hub_curl_setup(CURL *e, const hub_conn_opts *c, bool with_auth, struct curl_
                    mp_error *err);
 /* Sleeps up to s seconds in small steps; false when cancelled meanwhile. */
 bool hub_sleep_cancellable(double s, const hub_conn_opts *c);
-/* Same scheme, host and port. */
-bool hub_same_origin(const char *a, const char *b);
 
 #endif

@@ -54,7 +54,7 @@ typedef struct xfile {
     double probe_not_before;
     chunk *chunks;
     size_t nchunks, ndone;
-    bool resumed, restarted;
+    bool resumed, restarted, collapse;
     /* hasher output */
     bool hash_ok;
     char hash_msg[200];
@@ -109,7 +109,7 @@ static void hash_file(hasher *hs, xfile *x) {
         ssize_t r = pread(x->fd, buf, want, (off_t)off);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) {
-            snprintf(x->hash_msg, sizeof x->hash_msg, "read %s: %s", x->part,
+            snprintf(x->hash_msg, sizeof x->hash_msg, "read %.100s: %s", x->part,
                      r < 0 ? strerror(errno) : "short file");
             goto out;
         }
@@ -140,7 +140,7 @@ static void hash_file(hasher *hs, xfile *x) {
         memcpy(x->f->sha256, hex, 65);
     }
     if (fdatasync(x->fd) != 0) {
-        snprintf(x->hash_msg, sizeof x->hash_msg, "fsync %s: %s", x->part, strerror(errno));
+        snprintf(x->hash_msg, sizeof x->hash_msg, "fsync %.100s: %s", x->part, strerror(errno));
         goto out;
     }
     x->hash_ok = true;
@@ -316,7 +316,7 @@ static size_t chunk_write(char *d, size_t sz, size_t n, void *arg) {
         ssize_t w = pwrite(x->fd, p, left, (off_t)(ck->off + ck->got));
         if (w < 0 && errno == EINTR) continue;
         if (w <= 0) {
-            snprintf(c->werr, sizeof c->werr, "write %s: %s", x->part,
+            snprintf(c->werr, sizeof c->werr, "write %.100s: %s", x->part,
                      w < 0 ? strerror(errno) : "no space");
             return 0;
         }
@@ -384,7 +384,7 @@ static int schedule_one(xfer *t, conn *c, double now, mp_error *err) {
             if (now < x->probe_not_before) continue;
             return conn_start(t, c, x, NULL, err) == 0 ? 1 : -1;
         }
-        if (x->state != F_READY) continue;
+        if (x->state != F_READY || x->collapse) continue;
         for (size_t k = 0; k < x->nchunks; k++) {
             chunk *ck = &x->chunks[k];
             if (ck->state == C_TODO && now >= ck->not_before)
@@ -459,14 +459,16 @@ static int chunk_done(xfer *t, conn *c, CURLcode cc, mp_error *err) {
     long status = 0;
     curl_easy_getinfo(c->e, CURLINFO_RESPONSE_CODE, &status);
     ck->state = C_TODO;
-    if (c->no_range) {
-        /* the server does not do ranges: one chunk for the whole file */
-        uint64_t size = x->f->size;
+    if (c->no_range) x->collapse = true;
+    if (x->collapse) {
+        /* the server does not do ranges: one chunk for the whole file, once
+         * the other requests on it have ended */
         for (size_t k = 0; k < x->nchunks; k++)
-            if (x->chunks[k].state == C_ACTIVE) return 0; /* wait for the others */
+            if (x->chunks[k].state == C_ACTIVE) return 0;
         x->nchunks = 1;
-        chunks_init(x, size ? size : 1);
+        chunks_init(x, x->f->size);
         unlink(x->ranges);
+        x->collapse = false;
         return 0;
     }
     if (cc == CURLE_OK && (status == 200 || status == 206) && ck->got == ck->len) {

@@ -107,6 +107,13 @@ paths = {
     "/v1/events": {"get": op("every job and resident change (SSE), resumable with Last-Event-ID", {"200": SSE, **ERR},
                              params=[{"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}}])},
     "/v1/devices": {"get": op("devices weights can be placed on", {"200": resp("devices", {"type": "object", "properties": {"devices": {"type": "array", "items": ref("Device")}}}), **ERR})},
+    "/v1/models": {"get": op("what the local hub cache holds", {"200": resp("models", {"type": "object", "properties": {"models": {"type": "array", "items": ref("Model")}}}), **ERR})},
+    "/v1/models/{org}/{name}": {
+        "get": op("one cached model with its files and last inspection", {"200": resp("model", ref("Model")), "404": PROBLEM, **ERR},
+                  params=[path_param("org"), path_param("name"), query("revision", {"type": "string"})]),
+        "delete": op("evict from the cache", {"200": resp("evicted", {"type": "object"}), "404": PROBLEM, "409": PROBLEM, **ERR},
+                     params=[path_param("org"), path_param("name")]),
+    },
     "/metrics": {"get": op("Prometheus text exposition", {"200": resp("metrics", {"type": "string"}, "text/plain"), "401": PROBLEM})},
 }
 

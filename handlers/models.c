@@ -1,0 +1,74 @@
+/* models.c - /v1/models: what the local hub cache holds, one model with its
+ * files and last inspection, and eviction (409 while resident or in use). */
+#include <string.h>
+
+#include "handlers/handlers.h"
+#include "loader/cache.h"
+#include "loader/model_ref.h"
+#include "store/store.h"
+
+static bool repo_from_params(http_req *rq, http_resp *rs, char *repo, size_t len) {
+    snprintf(repo, len, "%s/%s", rq->params[0], rq->params[1]);
+    if (!mref_is_repo_id(repo)) {
+        resp_problem(rs, 400, "not a valid repo id (org/name)",
+                     json_pack("[{s:s,s:s}]", "field", "model", "code", "bad_model"));
+        return false;
+    }
+    return true;
+}
+
+void h_models_list(http_req *rq, http_resp *rs) {
+    resp_json(rs, 200, json_pack("{s:o}", "models", cache_list(rq->srv->cfg.hub_cache)));
+}
+
+void h_models_get(http_req *rq, http_resp *rs) {
+    char repo[256];
+    if (!repo_from_params(rq, rs, repo, sizeof repo)) return;
+    const char *rev = http_query(rq, "revision");
+    if (rev && !mref_is_revision(rev)) {
+        resp_problem(rs, 400, "bad revision", NULL);
+        return;
+    }
+    json_t *m = cache_model(rq->srv->cfg.hub_cache, repo, rev);
+    if (!m) {
+        resp_problem(rs, 404, "this model is not in the local cache", NULL);
+        return;
+    }
+    const char *revision = json_string_value(json_object_get(m, "revision"));
+    json_t *insp = store_inspection_get(rq->srv->store, repo, revision);
+    json_object_set_new(m, "inspection", insp ? insp : json_null());
+    resp_json(rs, 200, m);
+}
+
+static bool is_resident(mp_server *srv, const char *repo) {
+    json_t *list = store_resident_list(srv->store);
+    size_t i;
+    json_t *it;
+    bool found = false;
+    json_array_foreach(list, i, it) {
+        const char *model = json_string_value(json_object_get(it, "model"));
+        const char *state = json_string_value(json_object_get(it, "state"));
+        if (model && state && strcmp(model, repo) == 0 && strcmp(state, "gone") != 0) found = true;
+    }
+    json_decref(list);
+    return found;
+}
+
+void h_models_delete(http_req *rq, http_resp *rs) {
+    char repo[256];
+    if (!repo_from_params(rq, rs, repo, sizeof repo)) return;
+    if (is_resident(rq->srv, repo)) {
+        resp_problem(rs, 409, "the model is resident on a device; unload it first", NULL);
+        return;
+    }
+    if (store_job_active_for_model(rq->srv->store, repo)) {
+        resp_problem(rs, 409, "a queued or running job uses this model", NULL);
+        return;
+    }
+    mp_error err = {0};
+    if (cache_evict(rq->srv->cfg.hub_cache, repo, &err) != 0) {
+        resp_error(rs, strcmp(err.code, "not_found") == 0 ? 404 : 503, &err);
+        return;
+    }
+    resp_json(rs, 200, json_pack("{s:s,s:b}", "model", repo, "evicted", 1));
+}
