@@ -19,4 +19,8 @@ void h_metrics(http_req *rq, http_resp *rs);
 void h_models_list(http_req *rq, http_resp *rs);
 void h_models_get(http_req *rq, http_resp *rs);
 void h_models_delete(http_req *rq, http_resp *rs);
+void h_residents_list(http_req *rq, http_resp *rs);
+void h_residents_get(http_req *rq, http_resp *rs);
+void h_residents_delete(http_req *rq, http_resp *rs);
+void h_residents_digest(http_req *rq, http_resp *rs);
 #endif

@@ -5,6 +5,7 @@
 #include "handlers/handlers.h"
 #include "loader/cache.h"
 #include "loader/model_ref.h"
+#include "loader/residents.h"
 #include "store/store.h"
 
 static bool repo_from_params(http_req *rq, http_resp *rs, char *repo, size_t len) {
@@ -40,24 +41,11 @@ void h_models_get(http_req *rq, http_resp *rs) {
     resp_json(rs, 200, m);
 }
 
-static bool is_resident(mp_server *srv, const char *repo) {
-    json_t *list = store_resident_list(srv->store);
-    size_t i;
-    json_t *it;
-    bool found = false;
-    json_array_foreach(list, i, it) {
-        const char *model = json_string_value(json_object_get(it, "model"));
-        const char *state = json_string_value(json_object_get(it, "state"));
-        if (model && state && strcmp(model, repo) == 0 && strcmp(state, "gone") != 0) found = true;
-    }
-    json_decref(list);
-    return found;
-}
 
 void h_models_delete(http_req *rq, http_resp *rs) {
     char repo[256];
     if (!repo_from_params(rq, rs, repo, sizeof repo)) return;
-    if (is_resident(rq->srv, repo)) {
+    if (rq->srv->residents && res_model_resident(rq->srv->residents, repo)) {
         resp_problem(rs, 409, "the model is resident on a device; unload it first", NULL);
         return;
     }

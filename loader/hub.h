@@ -92,8 +92,10 @@ bool hub_etag_valid(const char *s);
 int hub_repo_dir(char *buf, size_t n, const char *cache, const char *repo, mp_error *err);
 /* The relative link target from snapshots/<commit>/<path> to blobs/<etag>. */
 int hub_link_target(char *buf, size_t n, const char *path, const char *etag, mp_error *err);
-/* SGLang's get_lock(): <dir>/<sha256(name)><name>.lock, name = repo with
- * '/' -> '-'. Blocks (polling cancel) until held; returns the fd. */
+/* SGLang's get_lock() file name, <sha256(name)><name>.lock with name = repo
+ * with '/' -> '-', kept in <cache>/.locks/ (where huggingface_hub keeps its
+ * locks and its cache scanner looks away). Blocks (polling cancel) until the
+ * flock is held; returns the fd. */
 typedef bool (*hub_cancel_fn)(void *arg);
 int hub_lock_repo(const char *cache, const char *repo, hub_cancel_fn cancel, void *arg,
                   mp_error *err);

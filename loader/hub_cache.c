@@ -88,7 +88,7 @@ int hub_lock_path(char *buf, size_t n, const char *cache, const char *repo) {
     if (!EVP_Digest(name, strlen(name), md, &mdlen, EVP_sha256(), NULL)) return -1;
     char hex[65];
     fs_hex(md, mdlen, hex);
-    w = snprintf(buf, n, "%s/%s%s.lock", cache, hex, name);
+    w = snprintf(buf, n, "%s/.locks/%s%s.lock", cache, hex, name);
     return (w < 0 || (size_t)w >= n) ? -1 : 0;
 }
 
@@ -97,6 +97,9 @@ int hub_lock_repo(const char *cache, const char *repo, hub_cancel_fn cancel, voi
     char path[4096];
     if (hub_lock_path(path, sizeof path, cache, repo) != 0)
         return mp_err(err, "bad_path", "lock path too long");
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/.locks", cache);
+    if (fs_mkdirs(dir, err) != 0) return -1;
     /* filelock opens with mode 0o666 so that users can share a cache */
     int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
     if (fd < 0) return mp_err(err, "io_error", "open %s: %s", path, strerror(errno));

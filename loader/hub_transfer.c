@@ -540,6 +540,7 @@ int hub_transfer(const hub_xfer_opts *o, hub_file *files, const size_t *idx, siz
     xfer t = {.o = o, .nfiles = n, .stats = stats};
     t.seed = (uint64_t)time(NULL) * 2654435761u ^ (uint64_t)getpid();
     int rc = -1;
+    uint64_t disk0 = 0;
     memset(stats, 0, sizeof *stats);
     t.files = calloc(n ? n : 1, sizeof *t.files);
     t.nconns = o->connections > 0 ? o->connections : HUB_DEFAULT_CONNECTIONS;
@@ -570,7 +571,7 @@ int hub_transfer(const hub_xfer_opts *o, hub_file *files, const size_t *idx, siz
         if (xfile_open(&t, &t.files[i], err) != 0) goto out_sync;
         if (t.files[i].nchunks == t.files[i].ndone) to_hasher(&t, &t.files[i]);
     }
-    uint64_t disk0 = bytes_on_disk(&t);
+    disk0 = bytes_on_disk(&t);
 
     size_t ndone_files = 0;
     while (ndone_files < n) {

@@ -25,23 +25,26 @@ static const struct {
     const char *descr;
     mp_dtype dt;
 } descr_table[] = {
-    {"<f2", MP_DT_F16}, {"<f4", MP_DT_F32}, {"<f8", MP_DT_F64}, {"|i1", MP_DT_I8},
-    {"|u1", MP_DT_U8},  {"|b1", MP_DT_BOOL}, {"<i2", MP_DT_I16}, {"<u2", MP_DT_U16},
-    {"<i4", MP_DT_I32}, {"<u4", MP_DT_U32}, {"<i8", MP_DT_I64}, {"<u8", MP_DT_U64},
+    {"<f2", MP_DT_F16}, {"<f4", MP_DT_F32},  {"<f8", MP_DT_F64},  {"|i1", MP_DT_I8},
+    {"|u1", MP_DT_U8},  {"|b1", MP_DT_BOOL}, {"<i2", MP_DT_I16},  {"<u2", MP_DT_U16},
+    {"<i4", MP_DT_I32}, {"<u4", MP_DT_U32},  {"<i8", MP_DT_I64},  {"<u8", MP_DT_U64},
     {"<c8", MP_DT_C64}, /* accepted on read only: */
-    {"<i1", MP_DT_I8},  {"<u1", MP_DT_U8},  {"<b1", MP_DT_BOOL},
+    {"<i1", MP_DT_I8},  {"<u1", MP_DT_U8},   {"<b1", MP_DT_BOOL},
 };
 
 /* What a dtype numpy cannot name is stored as. */
 static mp_dtype stored_as(mp_dtype dt) {
     switch (dt) {
-    case MP_DT_BF16: return MP_DT_U16;
+    case MP_DT_BF16:
+        return MP_DT_U16;
     case MP_DT_F8_E5M2:
     case MP_DT_F8_E4M3:
     case MP_DT_F8_E8M0:
     case MP_DT_F8_E4M3FNUZ:
-    case MP_DT_F8_E5M2FNUZ: return MP_DT_U8;
-    default: return dt;
+    case MP_DT_F8_E5M2FNUZ:
+        return MP_DT_U8;
+    default:
+        return dt;
     }
 }
 
@@ -139,12 +142,10 @@ int npy_parse_header(const unsigned char *buf, size_t len, mp_tensor *t, mp_erro
     } else if ((major == 2 || major == 3) && minor == 0) {
         if (len < 12) return mp_err(err, "truncated", "npy: file shorter than its preamble");
         pre = 12;
-        hlen = (size_t)buf[8] | (size_t)buf[9] << 8 | (size_t)buf[10] << 16 |
-               (size_t)buf[11] << 24;
+        hlen = (size_t)buf[8] | (size_t)buf[9] << 8 | (size_t)buf[10] << 16 | (size_t)buf[11] << 24;
     } else
         return mp_err(err, "unsupported_format", "npy: version %u.%u", major, minor);
-    if (hlen > NPY_MAX_HEADER)
-        return mp_err(err, "too_large", "npy: header of %zu bytes", hlen);
+    if (hlen > NPY_MAX_HEADER) return mp_err(err, "too_large", "npy: header of %zu bytes", hlen);
     if (len - pre < hlen) return mp_err(err, "truncated", "npy: header runs past end of file");
     lex l = {(const char *)buf + pre, (const char *)buf + pre + hlen};
     char key[32], descr[32];
@@ -185,8 +186,9 @@ int npy_parse_header(const unsigned char *buf, size_t len, mp_tensor *t, mp_erro
         if (strcmp(descr, descr_table[i].descr) == 0) t->dtype = descr_table[i].dt;
     if (t->dtype == MP_DT_INVALID)
         return mp_err(err, "unsupported_format", "npy: dtype '%s' (%s)", descr,
-                      descr[0] == '>' ? "big-endian" :
-                      strchr(descr, 'O') ? "object arrays are pickles" : "not supported");
+                      descr[0] == '>'      ? "big-endian"
+                      : strchr(descr, 'O') ? "object arrays are pickles"
+                                           : "not supported");
     uint64_t nb;
     if (!mp_tensor_bytes(t->dtype, t->shape, t->ndim, &nb))
         return mp_err(err, "bad_header", "npy: shape overflows");
@@ -217,7 +219,8 @@ static int npy_read_fd(const char *path, int fd, mp_tensor *t, mp_error *err) {
     size_t n = size < 12 ? (size_t)size : 12;
     if (weights_pread(fd, pre, n, 0, err) != 0) return -1;
     size_t need = 12;
-    if (n >= 10 && pre[6] == 1) need = 10 + ((size_t)pre[8] | (size_t)pre[9] << 8);
+    if (n >= 10 && pre[6] == 1)
+        need = 10 + ((size_t)pre[8] | (size_t)pre[9] << 8);
     else if (n >= 12 && (pre[6] == 2 || pre[6] == 3))
         need = 12 + ((size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
                      (size_t)pre[11] << 24);
@@ -237,8 +240,7 @@ static int npy_read_fd(const char *path, int fd, mp_tensor *t, mp_error *err) {
     }
     if (t->data_offset + t->nbytes > size)
         return mp_err(err, "truncated", "%s: %llu data bytes expected, %llu present", path,
-                      (unsigned long long)t->nbytes,
-                      (unsigned long long)(size - t->data_offset));
+                      (unsigned long long)t->nbytes, (unsigned long long)(size - t->data_offset));
     if (t->data_offset + t->nbytes < size)
         return mp_err(err, "bad_header", "%s: %llu bytes after the array data", path,
                       (unsigned long long)(size - t->data_offset - t->nbytes));
@@ -294,7 +296,8 @@ size_t npy_header(mp_dtype dt, const int64_t *shape, int ndim, char *out, size_t
     if (ndim > 0) {
         /* growth room so numpy can rewrite shape[0] in place */
         int digits = snprintf(NULL, 0, "%lld", (long long)shape[0]);
-        for (int i = digits; i < NPY_GROWTH_DIGITS; i++) d[n++] = ' ';
+        for (int i = digits; i < NPY_GROWTH_DIGITS; i++)
+            d[n++] = ' ';
     }
     size_t hlen = (size_t)n + 1; /* + '\n' */
     size_t pre = 10;
@@ -408,7 +411,8 @@ static int check_unique(const char **names, size_t n, const char *code, mp_error
 static int fsync_dir(const char *dir, mp_error *err) {
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     int rc = 0;
-    if (fd < 0 || fsync(fd) != 0) rc = mp_err(err, "io_error", "fsync %s: %s", dir, strerror(errno));
+    if (fd < 0 || fsync(fd) != 0)
+        rc = mp_err(err, "io_error", "fsync %s: %s", dir, strerror(errno));
     if (fd >= 0) close(fd);
     return rc;
 }
@@ -588,8 +592,8 @@ int npcache_open(const char *dir, mp_weights *w, mp_error *err) {
         }
         json_t *real = json_is_object(dts) ? json_object_get(dts, name) : NULL;
         if (real) {
-            mp_dtype dt = json_is_string(real) ? mp_dtype_from_name(json_string_value(real))
-                                               : MP_DT_INVALID;
+            mp_dtype dt =
+                json_is_string(real) ? mp_dtype_from_name(json_string_value(real)) : MP_DT_INVALID;
             if (dt == MP_DT_INVALID || stored_as(dt) != t->dtype) {
                 mp_err(err, "bad_header", "%s: dtype for '%s' does not match its file", dp, name);
                 goto out;

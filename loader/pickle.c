@@ -217,7 +217,7 @@ void pkl_free(pkl_machine *m) {
 /* ---- helpers ----------------------------------------------------------- */
 
 const char *pkl_kind_name(pkl_kind k) {
-    static const char *names[] = {"None", "bool",  "int", "float", "str",    "bytes",
+    static const char *names[] = {"None",  "bool", "int", "float", "str",    "bytes",
                                   "tuple", "list", "set", "dict",  "global", "object"};
     return (unsigned)k < sizeof names / sizeof names[0] ? names[k] : "?";
 }
@@ -357,8 +357,7 @@ static int memo_put(pkl_machine *m, uint64_t idx, mp_error *err) {
 
 static int memo_get(pkl_machine *m, uint64_t idx, mp_error *err) {
     if (idx >= m->memo_len || !m->memo[idx])
-        return mp_err(err, "bad_header", "pickle memo slot %llu is empty",
-                      (unsigned long long)idx);
+        return mp_err(err, "bad_header", "pickle memo slot %llu is empty", (unsigned long long)idx);
     return push(m, m->memo[idx], err);
 }
 
@@ -512,8 +511,7 @@ static int read_line(rd *r, char *out, mp_error *err) {
 }
 
 static int do_global(pkl_machine *m, const char *mod, const char *name, mp_error *err) {
-    if (!m->pol.global)
-        return mp_err(err, "unsafe_pickle", "forbidden global %s.%s", mod, name);
+    if (!m->pol.global) return mp_err(err, "unsafe_pickle", "forbidden global %s.%s", mod, name);
     int id = m->pol.global(m->pol.ctx, mod, name, err);
     if (id < 0) return -1;
     pkl_value *v = pkl_new_value(m, PKL_GLOBAL, err);
@@ -676,8 +674,8 @@ static int step(pkl_machine *m, rd *r, bool *stop, pkl_value **out, mp_error *er
     case OP_APPEND:
         if (!(b = pop(m, err)) || !(a = top(m, err))) return -1;
         if (a->kind != PKL_LIST)
-            return mp_err(err, "unsafe_pickle", "APPEND to a %s at byte %zu", pkl_kind_name(a->kind),
-                          at);
+            return mp_err(err, "unsafe_pickle", "APPEND to a %s at byte %zu",
+                          pkl_kind_name(a->kind), at);
         return seq_append(m, a, b, err);
     case OP_APPENDS:
     case OP_ADDITEMS:
@@ -751,8 +749,7 @@ static int step(pkl_machine *m, rd *r, bool *stop, pkl_value **out, mp_error *er
     case OP_NEWOBJ_EX:
         if (!(c = pop(m, err)) || !(b = pop(m, err)) || !(a = pop(m, err))) return -1;
         if (c->kind != PKL_DICT || c->u.dict.n)
-            return mp_err(err, "unsafe_pickle", "NEWOBJ_EX with keyword arguments at byte %zu",
-                          at);
+            return mp_err(err, "unsafe_pickle", "NEWOBJ_EX with keyword arguments at byte %zu", at);
         return do_reduce(m, a, b, true, "NEWOBJ_EX", err);
     case OP_BUILD:
         if (!(b = pop(m, err)) || !(a = top(m, err))) return -1;

@@ -102,22 +102,14 @@ typedef struct storage_type {
 } storage_type;
 
 static const storage_type storage_tab[] = {
-    {"FloatStorage", MP_DT_F32, 4},
-    {"DoubleStorage", MP_DT_F64, 8},
-    {"HalfStorage", MP_DT_F16, 2},
-    {"BFloat16Storage", MP_DT_BF16, 2},
-    {"LongStorage", MP_DT_I64, 8},
-    {"IntStorage", MP_DT_I32, 4},
-    {"ShortStorage", MP_DT_I16, 2},
-    {"CharStorage", MP_DT_I8, 1},
-    {"ByteStorage", MP_DT_U8, 1},
-    {"BoolStorage", MP_DT_BOOL, 1},
-    {"ComplexFloatStorage", MP_DT_C64, 8},
-    {"ComplexDoubleStorage", MP_DT_INVALID, 16},
-    {"QInt8Storage", MP_DT_INVALID, 1},
-    {"QUInt8Storage", MP_DT_INVALID, 1},
-    {"QInt32Storage", MP_DT_INVALID, 4},
-    {"QUInt4x2Storage", MP_DT_INVALID, 1},
+    {"FloatStorage", MP_DT_F32, 4},        {"DoubleStorage", MP_DT_F64, 8},
+    {"HalfStorage", MP_DT_F16, 2},         {"BFloat16Storage", MP_DT_BF16, 2},
+    {"LongStorage", MP_DT_I64, 8},         {"IntStorage", MP_DT_I32, 4},
+    {"ShortStorage", MP_DT_I16, 2},        {"CharStorage", MP_DT_I8, 1},
+    {"ByteStorage", MP_DT_U8, 1},          {"BoolStorage", MP_DT_BOOL, 1},
+    {"ComplexFloatStorage", MP_DT_C64, 8}, {"ComplexDoubleStorage", MP_DT_INVALID, 16},
+    {"QInt8Storage", MP_DT_INVALID, 1},    {"QUInt8Storage", MP_DT_INVALID, 1},
+    {"QInt32Storage", MP_DT_INVALID, 4},   {"QUInt4x2Storage", MP_DT_INVALID, 1},
     {"QUInt2x4Storage", MP_DT_INVALID, 1},
 };
 
@@ -128,23 +120,40 @@ typedef struct dtype_name {
 } dtype_name;
 
 static const dtype_name dtype_tab[] = {
-    {"float32", MP_DT_F32},       {"float", MP_DT_F32},
-    {"float64", MP_DT_F64},       {"double", MP_DT_F64},
-    {"float16", MP_DT_F16},       {"half", MP_DT_F16},
-    {"bfloat16", MP_DT_BF16},     {"int64", MP_DT_I64},
-    {"long", MP_DT_I64},          {"int32", MP_DT_I32},
-    {"int", MP_DT_I32},           {"int16", MP_DT_I16},
-    {"short", MP_DT_I16},         {"int8", MP_DT_I8},
-    {"uint8", MP_DT_U8},          {"bool", MP_DT_BOOL},
-    {"complex64", MP_DT_C64},     {"cfloat", MP_DT_C64},
-    {"float8_e4m3fn", MP_DT_F8_E4M3}, {"float8_e5m2", MP_DT_F8_E5M2},
-    {"float8_e4m3fnuz", MP_DT_F8_E4M3FNUZ}, {"float8_e5m2fnuz", MP_DT_F8_E5M2FNUZ},
-    {"float8_e8m0fnu", MP_DT_F8_E8M0}, {"uint16", MP_DT_U16},
-    {"uint32", MP_DT_U32},        {"uint64", MP_DT_U64},
-    {"complex128", MP_DT_INVALID}, {"cdouble", MP_DT_INVALID},
-    {"complex32", MP_DT_INVALID}, {"chalf", MP_DT_INVALID},
-    {"qint8", MP_DT_INVALID},     {"quint8", MP_DT_INVALID},
-    {"qint32", MP_DT_INVALID},    {"quint4x2", MP_DT_INVALID},
+    {"float32", MP_DT_F32},
+    {"float", MP_DT_F32},
+    {"float64", MP_DT_F64},
+    {"double", MP_DT_F64},
+    {"float16", MP_DT_F16},
+    {"half", MP_DT_F16},
+    {"bfloat16", MP_DT_BF16},
+    {"int64", MP_DT_I64},
+    {"long", MP_DT_I64},
+    {"int32", MP_DT_I32},
+    {"int", MP_DT_I32},
+    {"int16", MP_DT_I16},
+    {"short", MP_DT_I16},
+    {"int8", MP_DT_I8},
+    {"uint8", MP_DT_U8},
+    {"bool", MP_DT_BOOL},
+    {"complex64", MP_DT_C64},
+    {"cfloat", MP_DT_C64},
+    {"float8_e4m3fn", MP_DT_F8_E4M3},
+    {"float8_e5m2", MP_DT_F8_E5M2},
+    {"float8_e4m3fnuz", MP_DT_F8_E4M3FNUZ},
+    {"float8_e5m2fnuz", MP_DT_F8_E5M2FNUZ},
+    {"float8_e8m0fnu", MP_DT_F8_E8M0},
+    {"uint16", MP_DT_U16},
+    {"uint32", MP_DT_U32},
+    {"uint64", MP_DT_U64},
+    {"complex128", MP_DT_INVALID},
+    {"cdouble", MP_DT_INVALID},
+    {"complex32", MP_DT_INVALID},
+    {"chalf", MP_DT_INVALID},
+    {"qint8", MP_DT_INVALID},
+    {"quint8", MP_DT_INVALID},
+    {"qint32", MP_DT_INVALID},
+    {"quint4x2", MP_DT_INVALID},
     {"quint2x4", MP_DT_INVALID},
 };
 
@@ -155,19 +164,19 @@ static const dtype_name dtype_tab[] = {
 enum { TAG_STORAGE = 1, TAG_TENSOR, TAG_DEVICE, TAG_OTHER };
 
 typedef struct pt_storage {
-    const char *key;     /* arena-owned */
-    int type_id;         /* G_STORAGE + i, or G_UNTYPED */
-    mp_dtype dtype;      /* MP_DT_INVALID for untyped or unsupported */
-    unsigned elem_size;  /* 1 for untyped (numel counts bytes) */
-    uint64_t numel;      /* in elem_size units */
+    const char *key;    /* arena-owned */
+    int type_id;        /* G_STORAGE + i, or G_UNTYPED */
+    mp_dtype dtype;     /* MP_DT_INVALID for untyped or unsupported */
+    unsigned elem_size; /* 1 for untyped (numel counts bytes) */
+    uint64_t numel;     /* in elem_size units */
     uint64_t nbytes;
-    uint64_t data_off;   /* absolute, once located */
+    uint64_t data_off; /* absolute, once located */
     bool located;
 } pt_storage;
 
 typedef struct pt_sref {
     size_t sid;
-    uint64_t view_off;   /* legacy storage views, in storage units */
+    uint64_t view_off; /* legacy storage views, in storage units */
     uint64_t view_numel;
 } pt_sref;
 
@@ -299,8 +308,7 @@ static int get_dims(const pkl_value *v, const char *what, int64_t *out, int *nd,
                           pkl_kind_name(it[i]->kind));
         if (out[i] < 0 && !signed_ok)
             return mp_err(err, "bad_header", "tensor %s has a negative entry", what);
-        if (out[i] < 0)
-            return mp_err(err, "unsupported_format", "tensor with a negative stride");
+        if (out[i] < 0) return mp_err(err, "unsupported_format", "tensor with a negative stride");
     }
     *nd = (int)n;
     return 0;
@@ -331,8 +339,10 @@ static pkl_value *make_tensor(pt_ctx *c, pkl_machine *m, pkl_value **a, mp_dtype
         dt = s->dtype;
     }
     if (dt == MP_DT_INVALID) {
-        mp_err(err, "unsupported_format", "storage '%s' has a dtype with no safetensors "
-               "equivalent (%s)", s->key,
+        mp_err(err, "unsupported_format",
+               "storage '%s' has a dtype with no safetensors "
+               "equivalent (%s)",
+               s->key,
                s->type_id >= G_STORAGE && s->type_id < G_DTYPE
                    ? storage_tab[s->type_id - G_STORAGE].name
                    : "unknown");
@@ -377,16 +387,14 @@ static pkl_value *make_tensor(pt_ctx *c, pkl_machine *m, pkl_value **a, mp_dtype
     if (numel > 0) {
         uint64_t last = (uint64_t)off, ext;
         for (int i = 0; i < t->ndim; i++) {
-            if (__builtin_mul_overflow((uint64_t)(t->shape[i] - 1), (uint64_t)t->stride[i],
-                                       &ext) ||
+            if (__builtin_mul_overflow((uint64_t)(t->shape[i] - 1), (uint64_t)t->stride[i], &ext) ||
                 __builtin_add_overflow(last, ext, &last)) {
                 mp_err(err, "bad_header", "tensor strides overflow");
                 return NULL;
             }
         }
         if (last >= avail) {
-            mp_err(err, "bad_header",
-                   "tensor reaches element %llu of storage '%s', which has %llu",
+            mp_err(err, "bad_header", "tensor reaches element %llu of storage '%s', which has %llu",
                    (unsigned long long)last, s->key, (unsigned long long)avail);
             return NULL;
         }
@@ -406,8 +414,8 @@ static bool is_tensor(const pkl_value *v) {
     return v && v->kind == PKL_OBJ && v->u.obj.tag == TAG_TENSOR;
 }
 
-static pkl_value *pol_reduce(void *ctx, pkl_machine *m, pkl_value *fn, pkl_value *args,
-                             bool is_new, mp_error *err) {
+static pkl_value *pol_reduce(void *ctx, pkl_machine *m, pkl_value *fn, pkl_value *args, bool is_new,
+                             mp_error *err) {
     pt_ctx *c = ctx;
     pkl_value **a = args->u.seq.items;
     size_t n = args->u.seq.n;
@@ -550,8 +558,8 @@ static pkl_value *pol_reduce(void *ctx, pkl_machine *m, pkl_value *fn, pkl_value
         mp_err(err, "unsafe_pickle", "calling %s is not allowed", gname(fn, nb, sizeof nb));
         return NULL;
     }
-    mp_err(err, "bad_header", "%s called with unexpected arguments (%zu)",
-           gname(fn, nb, sizeof nb), n);
+    mp_err(err, "bad_header", "%s called with unexpected arguments (%zu)", gname(fn, nb, sizeof nb),
+           n);
     return NULL;
 }
 
@@ -658,8 +666,8 @@ static pkl_machine *new_machine(pt_ctx *c) {
 
 /* ---- state dict -------------------------------------------------------- */
 
-static const char *const wrapper_keys[] = {"state_dict", "model_state_dict", "model", "module",
-                                           "model_state", "net", "network"};
+static const char *const wrapper_keys[] = {
+    "state_dict", "model_state_dict", "model", "module", "model_state", "net", "network"};
 
 static bool dict_get(const pkl_value *d, const char *key, pkl_value **out) {
     for (size_t i = 0; i < d->u.dict.n; i++)
@@ -775,8 +783,8 @@ static int emit_tensors(const pt_ctx *c, const pkl_value *sd, mp_weights *w, mp_
 
 /* ---- zip --------------------------------------------------------------- */
 
-static int read_small(int fd, const pt_zip *z, const char *rel, char *buf, size_t cap,
-                      bool *found, mp_error *err) {
+static int read_small(int fd, const pt_zip *z, const char *rel, char *buf, size_t cap, bool *found,
+                      mp_error *err) {
     const pt_zip_entry *e = pt_zip_find(z, rel);
     *found = e != NULL;
     if (!e) return 0;
@@ -883,8 +891,7 @@ static int legacy_pickles(const uint8_t *buf, size_t len, pt_ctx *c, pkl_machine
     if (pkl_run(m, buf + pos, len - pos, &used, &v, err)) return -1;
     pos += used;
     if (v->kind != PKL_LIST)
-        return mp_err(err, "bad_header", "legacy storage key list is a %s",
-                      pkl_kind_name(v->kind));
+        return mp_err(err, "bad_header", "legacy storage key list is a %s", pkl_kind_name(v->kind));
     *keys = v;
     *data_start = pos;
     return 0;
@@ -927,8 +934,8 @@ static int open_legacy_try(int fd, uint64_t fsize, const char *path, pt_ctx *c, 
         for (size_t i = 0; !rc && i < keys->u.seq.n; i++) {
             const pkl_value *k = keys->u.seq.items[i];
             size_t sid;
-            pt_storage *s = k->kind == PKL_STR ? storage_find(c, k->u.str.s, k->u.str.len, &sid)
-                                               : NULL;
+            pt_storage *s =
+                k->kind == PKL_STR ? storage_find(c, k->u.str.s, k->u.str.len, &sid) : NULL;
             if (!s) {
                 rc = mp_err(err, "bad_header", "%s: storage key list names an unknown storage",
                             path);
@@ -954,8 +961,7 @@ static int open_legacy_try(int fd, uint64_t fsize, const char *path, pt_ctx *c, 
                 numel = (numel << 8) | nb[b];
             if (numel != s->numel) {
                 rc = mp_err(err, "bad_header", "%s: storage '%s' has %llu elements, expected %llu",
-                            path, s->key, (unsigned long long)numel,
-                            (unsigned long long)s->numel);
+                            path, s->key, (unsigned long long)numel, (unsigned long long)s->numel);
                 break;
             }
             pos += 8;
@@ -970,8 +976,7 @@ static int open_legacy_try(int fd, uint64_t fsize, const char *path, pt_ctx *c, 
         }
         for (size_t i = 0; !rc && i < c->nst; i++)
             if (!c->st[i].located)
-                rc = mp_err(err, "bad_header", "%s: storage '%s' has no data", path,
-                            c->st[i].key);
+                rc = mp_err(err, "bad_header", "%s: storage '%s' has no data", path, c->st[i].key);
         free(seen);
         if (!rc) rc = emit_tensors(c, sd, w, err);
         pkl_free(m);
@@ -1016,12 +1021,12 @@ int pt_open(const char *path, mp_weights *w, mp_error *err) {
         rc = m ? open_zip(fd, path, &c, m, w, err) : mp_err(err, "no_memory", "out of memory");
         pkl_free(m);
     } else if (hn >= 8 && !memcmp(head, "PYTORCH1", 8)) {
-        rc = mp_err(err, "unsupported_format", "%s: PYTORCH1 preview format is not supported",
-                    path);
+        rc =
+            mp_err(err, "unsupported_format", "%s: PYTORCH1 preview format is not supported", path);
     } else if (hn >= 262 && !memcmp(head + 257, "ustar", 5)) {
-        rc = mp_err(err, "unsupported_format",
-                    "%s: ancient tar-format torch checkpoint (torch <= 0.3) is not supported",
-                    path);
+        rc =
+            mp_err(err, "unsupported_format",
+                   "%s: ancient tar-format torch checkpoint (torch <= 0.3) is not supported", path);
     } else {
         w->format = MP_FMT_PT_LEGACY;
         rc = open_legacy(fd, fsize, path, &c, w, err);

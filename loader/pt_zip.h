@@ -13,20 +13,20 @@
 #include "util/error.h"
 
 typedef struct pt_zip_entry {
-    char *name;           /* full name, NUL-terminated, owned */
-    uint16_t method;      /* 0 = stored */
-    uint16_t flags;       /* bit 0 = encrypted */
+    char *name;      /* full name, NUL-terminated, owned */
+    uint16_t method; /* 0 = stored */
+    uint16_t flags;  /* bit 0 = encrypted */
     uint32_t crc32;
-    uint64_t comp_size;   /* bytes in the file */
-    uint64_t size;        /* uncompressed size */
-    uint64_t header_off;  /* local header */
-    uint64_t data_off;    /* first data byte (from the local header) */
+    uint64_t comp_size;  /* bytes in the file */
+    uint64_t size;       /* uncompressed size */
+    uint64_t header_off; /* local header */
+    uint64_t data_off;   /* first data byte (from the local header) */
 } pt_zip_entry;
 
 typedef struct pt_zip {
     pt_zip_entry *entries; /* sorted by name, unique */
     size_t nentries;
-    char *prefix;          /* "archive" (no slash), owned */
+    char *prefix; /* "archive" (no slash), owned */
     uint64_t file_size;
 } pt_zip;
 

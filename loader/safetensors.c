@@ -40,7 +40,8 @@ static int fsync_parent(const char *path, mp_error *err) {
     if (!dir) return mp_err(err, "io_error", "out of memory");
     char *slash = strrchr(dir, '/');
     const char *d = ".";
-    if (slash == dir) d = "/";
+    if (slash == dir)
+        d = "/";
     else if (slash) {
         *slash = 0;
         d = dir;
@@ -270,7 +271,8 @@ int st_open(const char *path, mp_weights *w, mp_error *err) {
         return -1;
     }
     uint64_t n = 0;
-    for (int i = 7; i >= 0; i--) n = (n << 8) | lenbuf[i];
+    for (int i = 7; i >= 0; i--)
+        n = (n << 8) | lenbuf[i];
     if (n > ST_MAX_HEADER) {
         weights_free_fields(w);
         return mp_err(err, "too_large", "%s: header length %llu exceeds 100000000", path,
@@ -353,7 +355,8 @@ static void sb_put(sbuf *b, const char *s, size_t n) {
     if (b->oom) return;
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->len + n + 1) cap *= 2;
+        while (cap < b->len + n + 1)
+            cap *= 2;
         char *q = realloc(b->p, cap);
         if (!q) {
             b->oom = true;
@@ -386,13 +389,27 @@ static void sb_jstr(sbuf *b, const char *s) {
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         unsigned char c = *p;
         switch (c) {
-        case '"': sb_put(b, "\\\"", 2); break;
-        case '\\': sb_put(b, "\\\\", 2); break;
-        case '\b': sb_put(b, "\\b", 2); break;
-        case '\f': sb_put(b, "\\f", 2); break;
-        case '\n': sb_put(b, "\\n", 2); break;
-        case '\r': sb_put(b, "\\r", 2); break;
-        case '\t': sb_put(b, "\\t", 2); break;
+        case '"':
+            sb_put(b, "\\\"", 2);
+            break;
+        case '\\':
+            sb_put(b, "\\\\", 2);
+            break;
+        case '\b':
+            sb_put(b, "\\b", 2);
+            break;
+        case '\f':
+            sb_put(b, "\\f", 2);
+            break;
+        case '\n':
+            sb_put(b, "\\n", 2);
+            break;
+        case '\r':
+            sb_put(b, "\\r", 2);
+            break;
+        case '\t':
+            sb_put(b, "\\t", 2);
+            break;
         default:
             if (c < 0x20) {
                 char u[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
@@ -486,7 +503,8 @@ int st_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_
             mp_err(err, "io_error", "out of memory");
             goto fail;
         }
-        for (size_t i = 0; i < n; i++) names[i] = ts[i].name;
+        for (size_t i = 0; i < n; i++)
+            names[i] = ts[i].name;
         if (n > 1) qsort(names, n, sizeof *names, str_cmp);
         for (size_t i = 1; i < n; i++)
             if (strcmp(names[i - 1], names[i]) == 0) {
@@ -558,7 +576,8 @@ int st_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_
         if (hb.len > ST_MAX_HEADER) break;
     }
     sb_put(&hb, "}", 1);
-    while (!hb.oom && hb.len % 8) sb_put(&hb, " ", 1);
+    while (!hb.oom && hb.len % 8)
+        sb_put(&hb, " ", 1);
     if (hb.oom) {
         mp_err(err, "io_error", "out of memory building the header");
         goto fail;
@@ -581,7 +600,8 @@ int st_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_
         goto fail;
     }
     unsigned char lenbuf[8];
-    for (int i = 0; i < 8; i++) lenbuf[i] = (unsigned char)(w->header_len >> (8 * i));
+    for (int i = 0; i < 8; i++)
+        lenbuf[i] = (unsigned char)(w->header_len >> (8 * i));
     if (write_full(w->fd, lenbuf, 8, err) != 0 || write_full(w->fd, hb.p, hb.len, err) != 0) {
         unlink(w->tmp);
         goto fail;
@@ -628,8 +648,10 @@ int st_writer_finish(st_writer *w, mp_error *err) {
     w->fd = -1;
     if (rc == 0 && rename(w->tmp, w->path) != 0)
         rc = mp_err(err, "io_error", "rename %s: %s", w->tmp, strerror(errno));
-    if (rc != 0) unlink(w->tmp);
-    else rc = fsync_parent(w->path, err);
+    if (rc != 0)
+        unlink(w->tmp);
+    else
+        rc = fsync_parent(w->path, err);
     writer_free(w);
     return rc;
 }
@@ -656,8 +678,10 @@ bool st_plain_file_name(const char *s) {
 
 void st_index_free(st_index *idx) {
     if (!idx) return;
-    for (size_t i = 0; i < idx->nfiles; i++) free(idx->files[i]);
-    for (size_t i = 0; i < idx->nnames; i++) free(idx->names[i]);
+    for (size_t i = 0; i < idx->nfiles; i++)
+        free(idx->files[i]);
+    for (size_t i = 0; i < idx->nnames; i++)
+        free(idx->names[i]);
     free(idx->files);
     free(idx->names);
     free(idx->file_of);
@@ -669,7 +693,8 @@ static int index_parse(json_t *root, st_index *idx, mp_error *err) {
     if (!json_is_object(root)) return mp_err(err, "bad_header", "index is not a JSON object");
     json_t *md = json_object_get(root, "metadata");
     if (md && !json_is_null(md)) {
-        if (!json_is_object(md)) return mp_err(err, "bad_header", "index metadata is not an object");
+        if (!json_is_object(md))
+            return mp_err(err, "bad_header", "index metadata is not an object");
         idx->metadata = json_incref(md);
         json_t *ts = json_object_get(md, "total_size");
         if (ts) {
@@ -711,7 +736,8 @@ static int index_parse(json_t *root, st_index *idx, mp_error *err) {
         idx->nnames = ++k;
     }
     if (n > 1) qsort(idx->names, n, sizeof *idx->names, str_cmp);
-    for (size_t i = 0; i < n; i++) fn[i] = json_string_value(json_object_get(wm, idx->names[i]));
+    for (size_t i = 0; i < n; i++)
+        fn[i] = json_string_value(json_object_get(wm, idx->names[i]));
     /* distinct file names, sorted */
     const char **sf = malloc((n ? n : 1) * sizeof *sf);
     if (!sf) {
@@ -726,8 +752,10 @@ static int index_parse(json_t *root, st_index *idx, mp_error *err) {
     for (size_t i = 0; rc == 0 && i < n; i++) {
         if (i && strcmp(sf[i], sf[i - 1]) == 0) continue;
         idx->files[idx->nfiles] = strdup(sf[i]);
-        if (!idx->files[idx->nfiles]) rc = mp_err(err, "io_error", "out of memory");
-        else idx->nfiles++;
+        if (!idx->files[idx->nfiles])
+            rc = mp_err(err, "io_error", "out of memory");
+        else
+            idx->nfiles++;
     }
     for (size_t i = 0; rc == 0 && i < n; i++) {
         size_t lo = 0, hi = idx->nfiles;
@@ -738,8 +766,10 @@ static int index_parse(json_t *root, st_index *idx, mp_error *err) {
                 lo = mid;
                 break;
             }
-            if (c < 0) lo = mid + 1;
-            else hi = mid;
+            if (c < 0)
+                lo = mid + 1;
+            else
+                hi = mid;
         }
         idx->file_of[i] = (uint32_t)lo;
     }
@@ -805,8 +835,7 @@ int st_index_write(const char *path, const st_index *idx, mp_error *err) {
             mp_err(err, "bad_request", "tensor '%s': bad shard file", idx->names[i]);
             goto out;
         }
-        if (json_object_set_new(wm, idx->names[i], json_string(idx->files[idx->file_of[i]])) !=
-            0) {
+        if (json_object_set_new(wm, idx->names[i], json_string(idx->files[idx->file_of[i]])) != 0) {
             mp_err(err, "bad_request", "tensor name %zu is not UTF-8", i);
             goto out;
         }

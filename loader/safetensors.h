@@ -20,8 +20,7 @@
  * after the length prefix, file_size the whole file's length. Fills w's
  * tensors (file_index 0, absolute data_offset) and metadata; used by st_open
  * and the fuzzer. */
-int st_parse_header(const char *header, size_t n, uint64_t file_size, mp_weights *w,
-                    mp_error *err);
+int st_parse_header(const char *header, size_t n, uint64_t file_size, mp_weights *w, mp_error *err);
 
 /* Like st_open, and also maps the file read-only; st_data() then points at a
  * tensor's bytes in the map and weights_read copies from it (no syscalls). */
@@ -63,14 +62,14 @@ void st_writer_abort(st_writer *w);
 
 /* --- sharded index -------------------------------------------------------- */
 typedef struct st_index {
-    char **files;        /* distinct shard file names, in sorted order */
+    char **files; /* distinct shard file names, in sorted order */
     size_t nfiles;
-    char **names;        /* weight_map keys, sorted */
-    uint32_t *file_of;   /* names[i] lives in files[file_of[i]] */
+    char **names;      /* weight_map keys, sorted */
+    uint32_t *file_of; /* names[i] lives in files[file_of[i]] */
     size_t nnames;
     uint64_t total_size; /* metadata.total_size, 0 when absent */
     bool has_total_size;
-    json_t *metadata;    /* the "metadata" object as read (owned), or NULL */
+    json_t *metadata; /* the "metadata" object as read (owned), or NULL */
 } st_index;
 
 /* Errors: "not_found", "bad_header" (not JSON, weight_map missing, a file

@@ -53,7 +53,8 @@ mp_tensor *weights_add_tensor(mp_weights *w, mp_error *err) {
     size_t cap = w->ntensors;
     /* capacity is implicit: the next power of two >= ntensors (min 16) */
     size_t have = 16;
-    while (have < cap) have *= 2;
+    while (have < cap)
+        have *= 2;
     if (w->ntensors == 0 || w->ntensors == have) {
         size_t want = w->ntensors == 0 ? 16 : have * 2;
         if (want > SIZE_MAX / sizeof(mp_tensor)) {
@@ -82,7 +83,8 @@ void weights_free_fields(mp_weights *w) {
     }
     free(w->files);
     free(w->fds);
-    for (size_t i = 0; i < w->ntensors; i++) mp_tensor_free_fields(&w->tensors[i]);
+    for (size_t i = 0; i < w->ntensors; i++)
+        mp_tensor_free_fields(&w->tensors[i]);
     free(w->tensors);
     json_decref(w->metadata);
     if (w->impl && w->impl_free) w->impl_free(w->impl);
@@ -143,11 +145,10 @@ static mp_format detect_bytes(const unsigned char *b, size_t n, uint64_t size) {
     if (n >= 4 && memcmp(b, "PK\x05\x06", 4) == 0) return MP_FMT_PT_ZIP; /* empty archive */
     if (n >= 4 && memcmp(b, "GGUF", 4) == 0) return MP_FMT_GGUF;
     if (n >= 6 && memcmp(b, "\x93NUMPY", 6) == 0) return MP_FMT_NPY;
-    /* torch.save's legacy stream starts with a protocol-2 pickle of its magic number */
-    if (n >= 2 && b[0] == 0x80 && b[1] >= 2 && b[1] <= 5) return MP_FMT_PT_LEGACY;
     if (n >= 9 && size >= 8) {
         uint64_t hl = 0;
-        for (int i = 7; i >= 0; i--) hl = (hl << 8) | b[i];
+        for (int i = 7; i >= 0; i--)
+            hl = (hl << 8) | b[i];
         if (hl >= 2 && hl <= ST_MAX_HEADER && hl <= size - 8) {
             for (size_t i = 8; i < n; i++) {
                 if (b[i] == '{') return MP_FMT_SAFETENSORS;
@@ -155,6 +156,10 @@ static mp_format detect_bytes(const unsigned char *b, size_t n, uint64_t size) {
             }
         }
     }
+    /* torch.save's legacy stream starts with a protocol-2 pickle of its magic
+     * number. Checked after safetensors: a header length of 640 also starts
+     * with 80 02. */
+    if (n >= 2 && b[0] == 0x80 && b[1] >= 2 && b[1] <= 5) return MP_FMT_PT_LEGACY;
     return MP_FMT_UNKNOWN;
 }
 
@@ -168,7 +173,8 @@ static mp_format detect_file(const char *path, mp_error *err) {
     unsigned char b[64];
     ssize_t n = -1;
     if (fstat(fd, &st) == 0) {
-        do n = pread(fd, b, sizeof b, 0);
+        do
+            n = pread(fd, b, sizeof b, 0);
         while (n < 0 && errno == EINTR);
     }
     int e = errno;
@@ -230,12 +236,16 @@ static mp_format detect_index(const char *path, mp_error *err) {
         char *slash = dir ? strrchr(dir, '/') : NULL;
         char *shard = NULL;
         if (dir) {
-            if (slash) slash[1] = 0;
-            else dir[0] = 0;
+            if (slash)
+                slash[1] = 0;
+            else
+                dir[0] = 0;
             shard = path_join(*dir ? dir : ".", idx.files[0]);
         }
-        if (shard) f = detect_file(shard, err);
-        else mp_err(err, "io_error", "out of memory");
+        if (shard)
+            f = detect_file(shard, err);
+        else
+            mp_err(err, "io_error", "out of memory");
         free(shard);
         free(dir);
     }
@@ -253,10 +263,14 @@ mp_format weights_detect(const char *path, mp_error *err) {
         char kind = 0;
         char *entry = dir_entry_point(path, &kind);
         mp_format f = MP_FMT_UNKNOWN;
-        if (!entry) mp_err(err, "not_found", "%s: no weight files in directory", path);
-        else if (kind == 'i') f = detect_index(entry, err);
-        else if (kind == 'n') f = MP_FMT_NPY;
-        else f = MP_FMT_SAFETENSORS;
+        if (!entry)
+            mp_err(err, "not_found", "%s: no weight files in directory", path);
+        else if (kind == 'i')
+            f = detect_index(entry, err);
+        else if (kind == 'n')
+            f = MP_FMT_NPY;
+        else
+            f = MP_FMT_SAFETENSORS;
         free(entry);
         return f;
     }
@@ -284,8 +298,7 @@ static void multi_free(void *p) {
 
 /* Moves everything src owns into dst (file indexes and storage ids
  * renumbered); src is left zeroed. */
-static int weights_merge(mp_weights *dst, mp_weights *src, int64_t *storage_base,
-                         mp_error *err) {
+static int weights_merge(mp_weights *dst, mp_weights *src, int64_t *storage_base, mp_error *err) {
     uint32_t fbase = dst->nfiles;
     int rc = 0;
     for (uint32_t i = 0; i < src->nfiles && rc == 0; i++) {
@@ -318,7 +331,8 @@ static int weights_merge(mp_weights *dst, mp_weights *src, int64_t *storage_base
         if (ni) m->impls = ni;
         void (**nf)(void *) = realloc(m->frees, (m->n + 1) * sizeof *nf);
         if (nf) m->frees = nf;
-        if (!ni || !nf) rc = mp_err(err, "io_error", "out of memory");
+        if (!ni || !nf)
+            rc = mp_err(err, "io_error", "out of memory");
         else {
             m->impls[m->n] = src->impl;
             m->frees[m->n] = src->impl_free;
@@ -351,7 +365,8 @@ static int open_many(char **paths, size_t n, const st_index *idx, mp_weights *w,
             weights_free_fields(&one);
             return -1;
         }
-        if (i == 0) w->format = one.format;
+        if (i == 0)
+            w->format = one.format;
         else if ((w->format == MP_FMT_SAFETENSORS) != (one.format == MP_FMT_SAFETENSORS)) {
             weights_free_fields(&one);
             return mp_err(err, "unsupported_format", "%s: shards mix formats", paths[i]);
@@ -360,7 +375,8 @@ static int open_many(char **paths, size_t n, const st_index *idx, mp_weights *w,
     }
     mp_tensor **byname = malloc((w->ntensors ? w->ntensors : 1) * sizeof *byname);
     if (!byname) return mp_err(err, "io_error", "out of memory");
-    for (size_t i = 0; i < w->ntensors; i++) byname[i] = &w->tensors[i];
+    for (size_t i = 0; i < w->ntensors; i++)
+        byname[i] = &w->tensors[i];
     if (w->ntensors > 1) qsort(byname, w->ntensors, sizeof *byname, tensor_ptr_name_cmp);
     int rc = 0;
     for (size_t i = 1; i < w->ntensors && rc == 0; i++)
@@ -371,14 +387,14 @@ static int open_many(char **paths, size_t n, const st_index *idx, mp_weights *w,
      * order = paths order, so file_of is the file index. */
     size_t j = 0;
     for (size_t i = 0; idx && rc == 0 && i < idx->nnames; i++) {
-        while (j < w->ntensors && strcmp(byname[j]->name, idx->names[i]) < 0) j++;
+        while (j < w->ntensors && strcmp(byname[j]->name, idx->names[i]) < 0)
+            j++;
         if (j == w->ntensors || strcmp(byname[j]->name, idx->names[i]) != 0)
             rc = mp_err(err, "bad_header", "index maps '%s' to %s, which does not hold it",
                         idx->names[i], idx->files[idx->file_of[i]]);
         else if (byname[j]->file_index != idx->file_of[i])
-            rc = mp_err(err, "bad_header", "index maps '%s' to %s but it is in %s",
-                        idx->names[i], idx->files[idx->file_of[i]],
-                        w->files[byname[j]->file_index]);
+            rc = mp_err(err, "bad_header", "index maps '%s' to %s but it is in %s", idx->names[i],
+                        idx->files[idx->file_of[i]], w->files[byname[j]->file_index]);
     }
     free(byname);
     return rc;
@@ -394,16 +410,20 @@ static int open_index(const char *path, mp_weights *w, mp_error *err) {
     char *dir = strdup(path);
     char **paths = calloc(idx.nfiles, sizeof *paths);
     int rc = 0;
-    if (!dir || !paths) rc = mp_err(err, "io_error", "out of memory");
+    if (!dir || !paths)
+        rc = mp_err(err, "io_error", "out of memory");
     else {
         char *slash = strrchr(dir, '/');
-        if (slash) slash[1] = 0;
-        else strcpy(dir, ".");
+        if (slash)
+            slash[1] = 0;
+        else
+            strcpy(dir, ".");
     }
     for (size_t i = 0; rc == 0 && i < idx.nfiles; i++)
         if (!(paths[i] = path_join(dir, idx.files[i]))) rc = mp_err(err, "io_error", "no memory");
     if (rc == 0) rc = open_many(paths, idx.nfiles, &idx, w, err);
-    for (size_t i = 0; paths && i < idx.nfiles; i++) free(paths[i]);
+    for (size_t i = 0; paths && i < idx.nfiles; i++)
+        free(paths[i]);
     free(paths);
     free(dir);
     st_index_free(&idx);
@@ -440,7 +460,8 @@ static int open_st_dir(const char *dir, mp_weights *w, mp_error *err) {
     closedir(d);
     if (rc == 0 && n > 1) qsort(paths, n, sizeof *paths, str_cmp);
     if (rc == 0) rc = open_many(paths, n, NULL, w, err);
-    for (size_t i = 0; i < n; i++) free(paths[i]);
+    for (size_t i = 0; i < n; i++)
+        free(paths[i]);
     free(paths);
     return rc;
 }
@@ -448,12 +469,17 @@ static int open_st_dir(const char *dir, mp_weights *w, mp_error *err) {
 static int open_single(const char *path, mp_weights *w, mp_error *err) {
     mp_format f = detect_file(path, err);
     switch (f) {
-    case MP_FMT_SAFETENSORS: return st_open(path, w, err);
+    case MP_FMT_SAFETENSORS:
+        return st_open(path, w, err);
     case MP_FMT_PT_ZIP:
-    case MP_FMT_PT_LEGACY: return pt_open(path, w, err);
-    case MP_FMT_GGUF: return gguf_open(path, w, err);
-    case MP_FMT_NPY: return npy_open(path, w, err);
-    default: return -1;
+    case MP_FMT_PT_LEGACY:
+        return pt_open(path, w, err);
+    case MP_FMT_GGUF:
+        return gguf_open(path, w, err);
+    case MP_FMT_NPY:
+        return npy_open(path, w, err);
+    default:
+        return -1;
     }
 }
 
@@ -469,10 +495,14 @@ int weights_open(const char *path, mp_weights **out, mp_error *err) {
     } else if (S_ISDIR(st.st_mode)) {
         char kind = 0;
         char *entry = dir_entry_point(path, &kind);
-        if (!entry) rc = mp_err(err, "not_found", "%s: no weight files in directory", path);
-        else if (kind == 'i') rc = open_index(entry, w, err);
-        else if (kind == 'n') rc = npcache_open(entry, w, err);
-        else rc = open_st_dir(entry, w, err);
+        if (!entry)
+            rc = mp_err(err, "not_found", "%s: no weight files in directory", path);
+        else if (kind == 'i')
+            rc = open_index(entry, w, err);
+        else if (kind == 'n')
+            rc = npcache_open(entry, w, err);
+        else
+            rc = open_st_dir(entry, w, err);
         free(entry);
     } else if (ends_with(path, ".index.json")) {
         rc = open_index(path, w, err);
@@ -555,8 +585,7 @@ static int read_view(const mp_weights *w, const mp_tensor *t, void *dst, mp_erro
     uint64_t end;
     if (lo < 0 || __builtin_add_overflow(hi, 1, &span) ||
         __builtin_mul_overflow((uint64_t)span, (uint64_t)es, &end) || end > t->data_bytes)
-        return mp_err(err, "bad_header", "tensor '%s': view reaches outside its storage",
-                      t->name);
+        return mp_err(err, "bad_header", "tensor '%s': view reaches outside its storage", t->name);
     uint64_t first = (uint64_t)lo * es, bytes = end - first;
     const char *base = st_data(w, t);
     if (base) {
@@ -594,7 +623,8 @@ static int read_view(const mp_weights *w, const mp_tensor *t, void *dst, mp_erro
 int weights_read(const mp_weights *w, const mp_tensor *t, void *dst, mp_error *err) {
     if (!w || !t || t->file_index >= w->nfiles)
         return mp_err(err, "bad_request", "tensor does not belong to these weights");
-    if (t->data_offset > (uint64_t)INT64_MAX || t->data_bytes > (uint64_t)INT64_MAX - t->data_offset)
+    if (t->data_offset > (uint64_t)INT64_MAX ||
+        t->data_bytes > (uint64_t)INT64_MAX - t->data_offset)
         return mp_err(err, "bad_header", "tensor '%s': byte range overflows", t->name);
     uint64_t want;
     if (t->dtype != MP_DT_GGML &&
@@ -610,9 +640,11 @@ int weights_read(const mp_weights *w, const mp_tensor *t, void *dst, mp_error *e
             return mp_err(err, "bad_header", "tensor '%s': bad storage offset", t->name);
     }
     if (start > t->data_bytes || t->nbytes > t->data_bytes - start)
-        return mp_err(err, "bad_header", "tensor '%s': %llu bytes at %llu outside its %llu-byte "
-                      "storage", t->name, (unsigned long long)t->nbytes,
-                      (unsigned long long)start, (unsigned long long)t->data_bytes);
+        return mp_err(err, "bad_header",
+                      "tensor '%s': %llu bytes at %llu outside its %llu-byte "
+                      "storage",
+                      t->name, (unsigned long long)t->nbytes, (unsigned long long)start,
+                      (unsigned long long)t->data_bytes);
     if (t->nbytes == 0) return 0;
     const char *base = st_data(w, t);
     if (base) {

@@ -2,7 +2,8 @@
 # libFuzzer targets for the weight-file readers.
 #
 #   fuzz.sh build     build $BUILD/fuzz/fuzz_<reader> for every tests/fuzz/fuzz_*.c
-#   fuzz.sh smoke     build, then run each target FUZZ_SECONDS (default 10) s
+#   fuzz.sh smoke     build, then run each target FUZZ_SECONDS (default 10, less
+#                     when there are more than 6 targets) seconds
 #                     from its seed corpus (tests/fuzz/corpus/<reader>/, copied);
 #                     called by `make test`
 #   fuzz.sh run NAME [libFuzzer args...]   run one target for as long as you like
@@ -17,7 +18,12 @@ cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 OUT=$BUILD/fuzz
 CC=${FUZZ_CC:-clang}
-SECONDS_EACH=${FUZZ_SECONDS:-10}
+# ~10 s per target, but the whole smoke stays near a minute as targets are added
+ntargets=$(ls tests/fuzz/fuzz_*.c 2>/dev/null | wc -l)
+each=10
+[ "$ntargets" -gt 6 ] && each=$((60 / ntargets))
+[ "$each" -lt 4 ] && each=4
+SECONDS_EACH=${FUZZ_SECONDS:-$each}
 JOBS=${FUZZ_JOBS:-2}
 mode=${1:-build}
 

@@ -114,6 +114,12 @@ paths = {
         "delete": op("evict from the cache", {"200": resp("evicted", {"type": "object"}), "404": PROBLEM, "409": PROBLEM, **ERR},
                      params=[path_param("org"), path_param("name")]),
     },
+    "/v1/residents": {"get": op("warm-loaded weights held by the server", {"200": resp("residents", {"type": "object", "properties": {"residents": {"type": "array", "items": ref("Resident")}}}), **ERR})},
+    "/v1/residents/{id}": {
+        "get": op("one resident with its tensor table", {"200": resp("resident", ref("Resident")), "404": PROBLEM, **ERR}, params=[path_param("id")]),
+        "delete": op("unload: frees its device memory", {"200": resp("unloaded", {"type": "object"}), "404": PROBLEM, "409": PROBLEM, **ERR}, params=[path_param("id")]),
+    },
+    "/v1/residents/{id}/digest": {"get": op("sha256 of every tensor read back from its device", {"200": resp("digests", {"type": "object", "properties": {"tensors": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}, "sha256": {"type": "string"}}}}}}), "404": PROBLEM, **ERR}, params=[path_param("id")])},
     "/metrics": {"get": op("Prometheus text exposition", {"200": resp("metrics", {"type": "string"}, "text/plain"), "401": PROBLEM})},
 }
 

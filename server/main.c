@@ -11,7 +11,9 @@
 #include <time.h>
 
 #include "gpu/gpu.h"
+#include "loader/residents.h"
 #include "server/context.h"
+#include "server/export.h"
 #include "server/events.h"
 #include "server/http.h"
 #include "server/jobs.h"
@@ -22,6 +24,12 @@
 #include "util/timeutil.h"
 
 #define KEEPALIVE_TICK_S 5
+
+/* Resident changes go to dashboards through the event hub. */
+static void on_resident_change(void *arg, const char *event_json) {
+    mp_server *srv = arg;
+    if (srv->events) events_publish(srv->events, NULL, "resident", event_json);
+}
 
 static int wait_for_signal(mp_server *srv) {
     sigset_t set;
@@ -64,6 +72,7 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
 
     int exit_code = 1;
+    export_server *exporter = NULL;
     char db_path[4200];
     snprintf(db_path, sizeof db_path, "%s/modelprep.db", srv.cfg.data_dir);
     if (fs_mkdirs(srv.cfg.hub_cache, &err) != 0) {
@@ -85,7 +94,13 @@ int main(int argc, char **argv) {
     }
     srv.events = events_new();
     srv.metrics = metrics_new();
-    if (!srv.events || !srv.metrics) goto out;
+    srv.residents = res_set_new(srv.store, srv.gpus, on_resident_change, &srv);
+    if (!srv.events || !srv.metrics || !srv.residents) goto out;
+    if (srv.cfg.export_socket[0] &&
+        export_start(&srv, srv.cfg.export_socket, &exporter, &err) != 0) {
+        mp_log(&srv.log, "error", NULL, "%s", err.message);
+        goto out;
+    }
     srv.env = (mp_task_env){
         .data_dir = srv.cfg.data_dir,
         .hub_cache = srv.cfg.hub_cache,
@@ -124,6 +139,8 @@ out:
     workers_stop(srv.workers);
     if (srv.events) events_close(srv.events);
     http_stop(&srv);
+    export_stop(exporter);
+    res_set_free(srv.residents);
     gpu_set_close(srv.gpus);
     events_free(srv.events);
     metrics_free(srv.metrics);

@@ -19,5 +19,9 @@ const route mp_routes[] = {
     {"GET", "/v1/models", h_models_list, "models_list", 0},
     {"GET", "/v1/models/{org}/{name}", h_models_get, "models_get", 0},
     {"DELETE", "/v1/models/{org}/{name}", h_models_delete, "models_delete", 0},
+    {"GET", "/v1/residents", h_residents_list, "residents_list", 0},
+    {"GET", "/v1/residents/{id}", h_residents_get, "residents_get", 0},
+    {"DELETE", "/v1/residents/{id}", h_residents_delete, "residents_delete", 0},
+    {"GET", "/v1/residents/{id}/digest", h_residents_digest, "residents_digest", 0},
     {NULL, NULL, NULL, NULL, 0},
 };

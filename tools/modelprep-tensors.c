@@ -31,12 +31,12 @@ static int sha256_hex(const void *p, size_t n, char out[65]) {
     unsigned char md[32];
     unsigned int mdlen = 0;
     EVP_MD_CTX *c = EVP_MD_CTX_new();
-    int ok = c && EVP_DigestInit_ex(c, EVP_sha256(), NULL) == 1 &&
-             EVP_DigestUpdate(c, p, n) == 1 && EVP_DigestFinal_ex(c, md, &mdlen) == 1 &&
-             mdlen == 32;
+    int ok = c && EVP_DigestInit_ex(c, EVP_sha256(), NULL) == 1 && EVP_DigestUpdate(c, p, n) == 1 &&
+             EVP_DigestFinal_ex(c, md, &mdlen) == 1 && mdlen == 32;
     EVP_MD_CTX_free(c);
     if (!ok) return -1;
-    for (int i = 0; i < 32; i++) snprintf(out + 2 * i, 3, "%02x", md[i]);
+    for (int i = 0; i < 32; i++)
+        snprintf(out + 2 * i, 3, "%02x", md[i]);
     return 0;
 }
 
@@ -82,15 +82,15 @@ static int list_file(const char *path, bool as_json, bool header) {
         }
         if (as_json) {
             json_t *shape = json_array();
-            for (int d = 0; d < t->ndim; d++) json_array_append_new(shape, json_integer(t->shape[d]));
-            json_t *o = json_pack("{s:s, s:s?, s:s, s:o, s:I, s:s}", "file", path, "name",
-                                  t->name, "dtype", dtype_name(t), "shape", shape, "bytes",
+            for (int d = 0; d < t->ndim; d++)
+                json_array_append_new(shape, json_integer(t->shape[d]));
+            json_t *o = json_pack("{s:s, s:s?, s:s, s:o, s:I, s:s}", "file", path, "name", t->name,
+                                  "dtype", dtype_name(t), "shape", shape, "bytes",
                                   (json_int_t)t->nbytes, "sha256", hex);
             char *s = o ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
             json_decref(o);
             if (!s) {
-                fprintf(stderr, "modelprep-tensors: %s: tensor %zu: name is not UTF-8\n", path,
-                        i);
+                fprintf(stderr, "modelprep-tensors: %s: tensor %zu: name is not UTF-8\n", path, i);
                 rc = -1;
                 break;
             }
@@ -98,7 +98,8 @@ static int list_file(const char *path, bool as_json, bool header) {
             free(s);
         } else {
             printf("%s\t%s\t[", t->name, dtype_name(t));
-            for (int d = 0; d < t->ndim; d++) printf("%s%lld", d ? ", " : "", (long long)t->shape[d]);
+            for (int d = 0; d < t->ndim; d++)
+                printf("%s%lld", d ? ", " : "", (long long)t->shape[d]);
             printf("]\t%llu\t%s\n", (unsigned long long)t->nbytes, hex);
         }
     }
@@ -111,7 +112,8 @@ int main(int argc, char **argv) {
     bool as_json = false;
     int first = 1;
     for (; first < argc && argv[first][0] == '-' && argv[first][1]; first++) {
-        if (strcmp(argv[first], "--json") == 0) as_json = true;
+        if (strcmp(argv[first], "--json") == 0)
+            as_json = true;
         else if (strcmp(argv[first], "--") == 0) {
             first++;
             break;

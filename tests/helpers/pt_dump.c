@@ -53,12 +53,12 @@ int main(int argc, char **argv) {
             json_array_append_new(shape, json_integer(t->shape[d]));
             json_array_append_new(strides, json_integer(t->strides[d]));
         }
-        json_array_append_new(
-            arr, json_pack("{s:s,s:s,s:o,s:o,s:I,s:b,s:I,s:I,s:s}", "name", t->name, "dtype",
-                           mp_dtype_name(t->dtype), "shape", shape, "strides", strides,
-                           "storage_offset", (json_int_t)t->storage_offset, "is_view", t->is_view,
-                           "storage_id", (json_int_t)t->storage_id, "nbytes",
-                           (json_int_t)t->nbytes, "sha256", hex));
+        json_array_append_new(arr, json_pack("{s:s,s:s,s:o,s:o,s:I,s:b,s:I,s:I,s:s}", "name",
+                                             t->name, "dtype", mp_dtype_name(t->dtype), "shape",
+                                             shape, "strides", strides, "storage_offset",
+                                             (json_int_t)t->storage_offset, "is_view", t->is_view,
+                                             "storage_id", (json_int_t)t->storage_id, "nbytes",
+                                             (json_int_t)t->nbytes, "sha256", hex));
     }
     if (rc == 0) {
         json_t *doc = json_pack("{s:i,s:o}", "format", (int)w->format, "tensors", arr);

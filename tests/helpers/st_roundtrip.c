@@ -124,7 +124,8 @@ static int cmd_from_npy(int argc, char **argv) {
         if (rc == 0) {
             one.fds[0] = -1;
             mp_tensor *t = weights_add_tensor(&all, &err);
-            if (!t) rc = -1;
+            if (!t)
+                rc = -1;
             else {
                 *t = one.tensors[0];
                 one.tensors[0].name = NULL;
@@ -196,11 +197,16 @@ static int cmd_index(int argc, char **argv) {
 int main(int argc, char **argv) {
     int rc = 2;
     if (argc >= 2) {
-        if (strcmp(argv[1], "copy") == 0) rc = cmd_copy(argc, argv);
-        else if (strcmp(argv[1], "from-npy") == 0) rc = cmd_from_npy(argc, argv);
-        else if (strcmp(argv[1], "npy") == 0) rc = cmd_npy(argc, argv);
-        else if (strcmp(argv[1], "npcache") == 0) rc = cmd_npcache(argc, argv);
-        else if (strcmp(argv[1], "index") == 0) rc = cmd_index(argc, argv);
+        if (strcmp(argv[1], "copy") == 0)
+            rc = cmd_copy(argc, argv);
+        else if (strcmp(argv[1], "from-npy") == 0)
+            rc = cmd_from_npy(argc, argv);
+        else if (strcmp(argv[1], "npy") == 0)
+            rc = cmd_npy(argc, argv);
+        else if (strcmp(argv[1], "npcache") == 0)
+            rc = cmd_npcache(argc, argv);
+        else if (strcmp(argv[1], "index") == 0)
+            rc = cmd_index(argc, argv);
     }
     if (rc == 2) fprintf(stderr, "st_roundtrip: bad usage (see the header of st_roundtrip.c)\n");
     return rc;

@@ -19,28 +19,53 @@ torch = pytest.importorskip("torch")
 from conftest import SAN  # noqa: E402
 
 
-def _tool():
-    for cand in (os.path.join(SAN, "modelprep-tensors"),
-                 os.path.join(SAN, "tests", "helpers", "pt_dump")):
+def _exe(*cands):
+    for cand in cands:
         if os.path.exists(cand):
             return cand
-    pytest.skip("neither modelprep-tensors nor pt_dump is built")
+    return None
 
 
-def run_dump(path):
-    """(returncode, {name: entry}, stderr) where entry has dtype, shape,
-    sha256 and, when the tool reports them, is_view/storage_id."""
-    exe = _tool()
-    cmd = [exe, "--json", str(path)] if exe.endswith("modelprep-tensors") else [exe, str(path)]
+def _run(cmd):
     env = dict(os.environ)
     env.setdefault("ASAN_OPTIONS", "detect_leaks=1:halt_on_error=1")
     p = subprocess.run(cmd, capture_output=True, env=env, timeout=300)
-    err = p.stderr.decode(errors="replace") + p.stdout.decode(errors="replace")
-    if p.returncode != 0:
-        return p.returncode, None, err
-    doc = json.loads(p.stdout)
-    tensors = doc["tensors"] if isinstance(doc, dict) else doc
-    return 0, {t["name"]: t for t in tensors}, err
+    return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+
+
+def run_dump(path):
+    """(returncode, {name: entry}, stderr). Digests come from
+    `modelprep-tensors --json` (JSON lines) when built; the pt_dump helper
+    adds the descriptor fields (is_view, storage_id, strides, offset) and
+    must agree on every digest."""
+    tool = _exe(os.path.join(SAN, "modelprep-tensors"))
+    helper = _exe(os.path.join(SAN, "tests", "helpers", "pt_dump"))
+    if not tool and not helper:
+        pytest.skip("neither modelprep-tensors nor pt_dump is built")
+    got, errs, rcs = None, "", []
+    if helper:
+        rc, out, err = _run([helper, str(path)])
+        rcs.append(rc)
+        errs += err
+        if rc == 0:
+            got = {t["name"]: t for t in json.loads(out)["tensors"]}
+    if tool:
+        rc, out, err = _run([tool, "--json", str(path)])
+        rcs.append(rc)
+        errs += err
+        if rc == 0:
+            lines = [json.loads(l) for l in out.splitlines() if l.strip()]
+            if got is None:
+                got = {t["name"]: t for t in lines}
+            else:
+                assert [t["name"] for t in lines] == list(got)
+                for t in lines:
+                    assert t["sha256"] == got[t["name"]]["sha256"], t["name"]
+    # both tools must agree on success/failure
+    assert len(set(rc == 0 for rc in rcs)) == 1, (rcs, errs)
+    if rcs[0] != 0:
+        return rcs[0], None, errs
+    return 0, got, errs
 
 
 def torch_sha(t):

@@ -115,28 +115,55 @@ static const char *parse_code(const char *dict) {
 
 static void test_header_grammar(void **state) {
     (void)state;
-    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }\n"), "");
-    assert_string_equal(parse_code("{\"shape\":(3L,4L),\"descr\":\"<i8\",\"fortran_order\":True}"), "");
-    assert_string_equal(parse_code("{'descr': '|b1', 'fortran_order': False, 'shape': (0,)}   \n"), "");
-    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (5)}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (-5,)}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': [5]}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (5,,)}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': 0, 'shape': (5,)}"), "bad_header");
+    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }\n"),
+                        "");
+    assert_string_equal(parse_code("{\"shape\":(3L,4L),\"descr\":\"<i8\",\"fortran_order\":True}"),
+                        "");
+    assert_string_equal(parse_code("{'descr': '|b1', 'fortran_order': False, 'shape': (0,)}   \n"),
+                        "");
+    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (5)}"),
+                        "bad_header");
+    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (-5,)}"),
+                        "bad_header");
+    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': [5]}"),
+                        "bad_header");
+    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (5,,)}"),
+                        "bad_header");
+    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': 0, 'shape': (5,)}"),
+                        "bad_header");
     assert_string_equal(parse_code("{'descr': '<f4', 'shape': (5,)}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (5,), 'x': 1}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (5,)}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f4' 'fortran_order': False, 'shape': (5,)}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (5,)} x"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f\\4', 'fortran_order': False, 'shape': (5,)}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f4, 'fortran_order': False, 'shape': (5,)}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (1,2,3,4,5,6,7,8,9)}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999,)}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '<f8', 'fortran_order': False, 'shape': (4611686018427387904, 4)}"), "bad_header");
-    assert_string_equal(parse_code("{'descr': '>f4', 'fortran_order': False, 'shape': (5,)}"), "unsupported_format");
-    assert_string_equal(parse_code("{'descr': '|O', 'fortran_order': False, 'shape': (5,)}"), "unsupported_format");
-    assert_string_equal(parse_code("{'descr': '<c16', 'fortran_order': False, 'shape': (5,)}"), "unsupported_format");
-    assert_string_equal(parse_code("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (5,)}"), "bad_header");
+    assert_string_equal(
+        parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (5,), 'x': 1}"),
+        "bad_header");
+    assert_string_equal(
+        parse_code("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (5,)}"),
+        "bad_header");
+    assert_string_equal(parse_code("{'descr': '<f4' 'fortran_order': False, 'shape': (5,)}"),
+                        "bad_header");
+    assert_string_equal(parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (5,)} x"),
+                        "bad_header");
+    assert_string_equal(parse_code("{'descr': '<f\\4', 'fortran_order': False, 'shape': (5,)}"),
+                        "bad_header");
+    assert_string_equal(parse_code("{'descr': '<f4, 'fortran_order': False, 'shape': (5,)}"),
+                        "bad_header");
+    assert_string_equal(
+        parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (1,2,3,4,5,6,7,8,9)}"),
+        "bad_header");
+    assert_string_equal(
+        parse_code("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999,)}"),
+        "bad_header");
+    assert_string_equal(
+        parse_code("{'descr': '<f8', 'fortran_order': False, 'shape': (4611686018427387904, 4)}"),
+        "bad_header");
+    assert_string_equal(parse_code("{'descr': '>f4', 'fortran_order': False, 'shape': (5,)}"),
+                        "unsupported_format");
+    assert_string_equal(parse_code("{'descr': '|O', 'fortran_order': False, 'shape': (5,)}"),
+                        "unsupported_format");
+    assert_string_equal(parse_code("{'descr': '<c16', 'fortran_order': False, 'shape': (5,)}"),
+                        "unsupported_format");
+    assert_string_equal(
+        parse_code("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (5,)}"),
+        "bad_header");
     assert_string_equal(parse_code(""), "bad_header");
 
     /* preamble */
@@ -144,13 +171,18 @@ static void test_header_grammar(void **state) {
     mp_tensor t = {0};
     assert_int_equal(npy_parse_header((const unsigned char *)"\x93NUMPY\x01", 7, &t, &err), -1);
     assert_string_equal(err.code, "truncated");
-    assert_int_equal(npy_parse_header((const unsigned char *)"\x93NUMPX\x01\x00\x00\x00", 10, &t, &err), -1);
+    assert_int_equal(
+        npy_parse_header((const unsigned char *)"\x93NUMPX\x01\x00\x00\x00", 10, &t, &err), -1);
     assert_string_equal(err.code, "bad_header");
-    assert_int_equal(npy_parse_header((const unsigned char *)"\x93NUMPY\x04\x00\x00\x00", 10, &t, &err), -1);
+    assert_int_equal(
+        npy_parse_header((const unsigned char *)"\x93NUMPY\x04\x00\x00\x00", 10, &t, &err), -1);
     assert_string_equal(err.code, "unsupported_format");
-    assert_int_equal(npy_parse_header((const unsigned char *)"\x93NUMPY\x01\x00\x76\x00{}", 12, &t, &err), -1);
+    assert_int_equal(
+        npy_parse_header((const unsigned char *)"\x93NUMPY\x01\x00\x76\x00{}", 12, &t, &err), -1);
     assert_string_equal(err.code, "truncated");
-    assert_int_equal(npy_parse_header((const unsigned char *)"\x93NUMPY\x02\x00\xff\xff\xff\xff", 12, &t, &err), -1);
+    assert_int_equal(
+        npy_parse_header((const unsigned char *)"\x93NUMPY\x02\x00\xff\xff\xff\xff", 12, &t, &err),
+        -1);
     assert_string_equal(err.code, "too_large");
 }
 
@@ -217,7 +249,8 @@ static void test_files(void **state) {
     assert_true(w->tensors[0].is_view);
     int32_t c[6];
     assert_int_equal(weights_read(w, &w->tensors[0], c, &err), 0);
-    for (int i = 0; i < 6; i++) assert_int_equal(c[i], i);
+    for (int i = 0; i < 6; i++)
+        assert_int_equal(c[i], i);
     weights_close(w);
     /* our writer: same bytes as numpy; and refuses a size mismatch */
     int64_t s34[2] = {3, 4};
@@ -290,8 +323,9 @@ static void test_npcache(void **state) {
     assert_int_equal(weights_open(tpath("np"), &nc, &err), -1);
     assert_string_equal(err.code, "bad_header");
     /* names list: duplicates, paths, non-strings, missing files */
-    const char *bad[] = {"[\"scale\", \"scale\"]", "[\"../src.safetensors\"]", "[\"a/b\"]",
-                         "[1]", "{}", "[\"weight_names.json\"]"};
+    const char *bad[] = {
+        "[\"scale\", \"scale\"]", "[\"../src.safetensors\"]", "[\"a/b\"]", "[1]", "{}",
+        "[\"weight_names.json\"]"};
     unlink(tpath("np/weight_dtypes.json"));
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         write_bytes(tpath("np/weight_names.json"), bad[i], strlen(bad[i]));

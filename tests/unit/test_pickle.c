@@ -174,12 +174,18 @@ static void test_memo_is_reference(void **state) {
     mp_error err = {0};
     /* EMPTY_LIST BINPUT 0, BINGET 0, K 1, APPEND (to the fetched ref), POP via
      * STOP returns the fetched ref; the list under it is the same object */
-    pkl_value *v = run_plain(m, P("]q\x00h\x00K\x01" "a."), &err);
+    pkl_value *v = run_plain(m,
+                             P("]q\x00h\x00K\x01"
+                               "a."),
+                             &err);
     assert_non_null(v);
     assert_int_equal(v->kind, PKL_LIST);
     assert_int_equal(v->u.seq.n, 1);
     /* dict memoized before SETITEMS is filled by it */
-    v = run_plain(m, P("\x80\x02}q\x00(X\x01\x00\x00\x00" "aK\x01X\x01\x00\x00\x00" "bK\x02uh\x00."),
+    v = run_plain(m,
+                  P("\x80\x02}q\x00(X\x01\x00\x00\x00"
+                    "aK\x01X\x01\x00\x00\x00"
+                    "bK\x02uh\x00."),
                   &err);
     assert_non_null(v);
     assert_int_equal(v->kind, PKL_DICT);
@@ -243,32 +249,38 @@ static void test_structural_errors(void **state) {
         const char *code;
     } cases[] = {
         {"", 0, "truncated"},
-        {"\x80\x02}", 3, "truncated"},                  /* no STOP */
-        {".", 1, "bad_header"},                         /* STOP on empty stack */
-        {"R.", 2, "bad_header"},                        /* underflow */
-        {"t.", 2, "bad_header"},                        /* TUPLE without MARK */
-        {"N(\x85.", 4, "bad_header"},                   /* TUPLE1 reaching below MARK */
-        {"\xff", 1, "bad_header"},                      /* no such opcode */
-        {"I1\n.", 4, "bad_header"},                     /* text protocol */
+        {"\x80\x02}", 3, "truncated"}, /* no STOP */
+        {".", 1, "bad_header"},        /* STOP on empty stack */
+        {"R.", 2, "bad_header"},       /* underflow */
+        {"t.", 2, "bad_header"},       /* TUPLE without MARK */
+        {"N(\x85.", 4, "bad_header"},  /* TUPLE1 reaching below MARK */
+        {"\xff", 1, "bad_header"},     /* no such opcode */
+        {"I1\n.", 4, "bad_header"},    /* text protocol */
         {"S'a'\n.", 6, "bad_header"},
-        {"\x80\x09N.", 4, "bad_header"},                /* protocol 9 */
-        {"h\x05.", 3, "bad_header"},                    /* empty memo slot */
+        {"\x80\x09N.", 4, "bad_header"}, /* protocol 9 */
+        {"h\x05.", 3, "bad_header"},     /* empty memo slot */
         {"j\xff\xff\xff\xff.", 6, "bad_header"},
-        {"Nr\xff\xff\xff\xff.", 7, "too_large"},        /* huge memo index */
-        {"Nq\x09.", 4, "too_large"},                    /* index beyond ops seen */
-        {"X\xff\xff\xff\x7f" "abc", 8, "truncated"},    /* 2 GB string, 3 bytes given */
-        {"\x8d\xff\xff\xff\xff\xff\xff\xff\x7f" "a", 10, "truncated"},
+        {"Nr\xff\xff\xff\xff.", 7, "too_large"}, /* huge memo index */
+        {"Nq\x09.", 4, "too_large"},             /* index beyond ops seen */
+        {"X\xff\xff\xff\x7f"
+         "abc",
+         8, "truncated"}, /* 2 GB string, 3 bytes given */
+        {"\x8d\xff\xff\xff\xff\xff\xff\xff\x7f"
+         "a",
+         10, "truncated"},
         {"\x8e\x00\x00\x00\x00\x00\x00\x00\x80", 9, "truncated"},
-        {"\x8b\xff\xff\xff\x7f\x00", 6, "truncated"},   /* LONG4 of 2 GB */
-        {"\x8b\xff\xff\xff\xff", 5, "bad_header"},      /* negative LONG4 */
-        {"X\x02\x00\x00\x00\xc3\x28.", 8, "bad_header"}, /* bad UTF-8 */
+        {"\x8b\xff\xff\xff\x7f\x00", 6, "truncated"},        /* LONG4 of 2 GB */
+        {"\x8b\xff\xff\xff\xff", 5, "bad_header"},           /* negative LONG4 */
+        {"X\x02\x00\x00\x00\xc3\x28.", 8, "bad_header"},     /* bad UTF-8 */
         {"X\x03\x00\x00\x00\xed\xa0\x80.", 9, "bad_header"}, /* surrogate */
         {"cos", 3, "truncated"},
         {"cos\n\n.", 6, "bad_header"},
         {"c\x01x\ny\n.", 7, "bad_header"},
-        {"}(K\x01u.", 6, "bad_header"},                 /* odd SETITEMS */
-        {"(K\x01" "d.", 4, "bad_header"},               /* odd DICT */
-        {"Ne(.", 4, "bad_header"},                      /* APPENDS without mark */
+        {"}(K\x01u.", 6, "bad_header"}, /* odd SETITEMS */
+        {"(K\x01"
+         "d.",
+         4, "bad_header"},         /* odd DICT */
+        {"Ne(.", 4, "bad_header"}, /* APPENDS without mark */
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         memset(&err, 0, sizeof err);
@@ -309,7 +321,10 @@ static void test_deep_nesting_and_limits(void **state) {
     assert_int_equal(pkl_run(m, b, n + 1, NULL, &v, &err), -1);
     assert_string_equal(err.code, "too_large");
     /* a list that contains itself is fine to build and bounded to walk */
-    v = run_plain(m, P("]q\x00h\x00h\x00" "a."), &err);
+    v = run_plain(m,
+                  P("]q\x00h\x00h\x00"
+                    "a."),
+                  &err);
     assert_non_null(v);
     assert_ptr_equal(v->u.seq.items[0], v);
     pkl_free(m);
@@ -365,23 +380,33 @@ static void expect_refused(const uint8_t *b, size_t n, const char *code, const c
 static void test_forbidden_globals(void **state) {
     (void)state;
     /* the canonical exploit: (os.system, ("id",)) REDUCE */
-    expect_refused(P("\x80\x02" "cos\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02R."),
+    expect_refused(P("\x80\x02"
+                     "cos\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02R."),
                    "unsafe_pickle", "forbidden global os.system");
-    expect_refused(P("\x80\x02" "cposix\nsystem\nX\x02\x00\x00\x00id\x85R."), "unsafe_pickle",
-                   "forbidden global posix.system");
-    expect_refused(P("\x80\x02" "cnt\nsystem\nX\x02\x00\x00\x00id\x85R."), "unsafe_pickle",
-                   "forbidden global nt.system");
-    expect_refused(P("\x80\x02" "cbuiltins\neval\nX\x03\x00\x00\x00" "1+1\x85R."),
+    expect_refused(P("\x80\x02"
+                     "cposix\nsystem\nX\x02\x00\x00\x00id\x85R."),
+                   "unsafe_pickle", "forbidden global posix.system");
+    expect_refused(P("\x80\x02"
+                     "cnt\nsystem\nX\x02\x00\x00\x00id\x85R."),
+                   "unsafe_pickle", "forbidden global nt.system");
+    expect_refused(P("\x80\x02"
+                     "cbuiltins\neval\nX\x03\x00\x00\x00"
+                     "1+1\x85R."),
                    "unsafe_pickle", "forbidden global builtins.eval");
-    expect_refused(P("\x80\x02" "c__builtin__\nexec\nX\x01\x00\x00\x00" "1\x85R."),
+    expect_refused(P("\x80\x02"
+                     "c__builtin__\nexec\nX\x01\x00\x00\x00"
+                     "1\x85R."),
                    "unsafe_pickle", "forbidden global __builtin__.exec");
-    expect_refused(P("\x80\x02" "csubprocess\nPopen\n]\x85R."), "unsafe_pickle",
-                   "forbidden global subprocess.Popen");
+    expect_refused(P("\x80\x02"
+                     "csubprocess\nPopen\n]\x85R."),
+                   "unsafe_pickle", "forbidden global subprocess.Popen");
     /* an unknown class, reduced, built and NEWOBJ'd */
-    expect_refused(P("\x80\x02" "cevil.mod\nThing\n)R}b."), "unsafe_pickle",
-                   "forbidden global evil.mod.Thing");
-    expect_refused(P("\x80\x02" "ctorch.nn.modules.linear\nLinear\n)\x81."), "unsafe_pickle",
-                   "forbidden global torch.nn.modules.linear.Linear");
+    expect_refused(P("\x80\x02"
+                     "cevil.mod\nThing\n)R}b."),
+                   "unsafe_pickle", "forbidden global evil.mod.Thing");
+    expect_refused(P("\x80\x02"
+                     "ctorch.nn.modules.linear\nLinear\n)\x81."),
+                   "unsafe_pickle", "forbidden global torch.nn.modules.linear.Linear");
     /* protocol 4 route to a global */
     expect_refused(P("\x80\x04\x8c\x02os\x8c\x06system\x93X\x02\x00\x00\x00id\x85R."),
                    "unsafe_pickle", "forbidden global os.system");
@@ -392,25 +417,32 @@ static void test_forbidden_globals(void **state) {
     expect_refused(P("(cos\nsystem\nX\x02\x00\x00\x00ido."), "unsafe_pickle",
                    "forbidden global os.system");
     /* allowed names used the wrong way */
-    expect_refused(P("\x80\x02" "ctorch\nFloatStorage\n)R."), "unsafe_pickle",
-                   "calling torch.FloatStorage is not allowed");
-    expect_refused(P("\x80\x02" "ctorch._utils\n_rebuild_tensor_v2\n)\x81."), "unsafe_pickle",
-                   "NEWOBJ");
+    expect_refused(P("\x80\x02"
+                     "ctorch\nFloatStorage\n)R."),
+                   "unsafe_pickle", "calling torch.FloatStorage is not allowed");
+    expect_refused(P("\x80\x02"
+                     "ctorch._utils\n_rebuild_tensor_v2\n)\x81."),
+                   "unsafe_pickle", "NEWOBJ");
     expect_refused(P("\x80\x02)K\x01R."), "unsafe_pickle", "REDUCE on a tuple");
     expect_refused(P("\x80\x02)}b."), "unsafe_pickle", "BUILD on a tuple");
-    expect_refused(P("\x80\x02}K\x01" "a."), "unsafe_pickle", "APPEND to a dict");
+    expect_refused(P("\x80\x02}K\x01"
+                     "a."),
+                   "unsafe_pickle", "APPEND to a dict");
     expect_refused(P("\x80\x02]K\x01K\x02s."), "unsafe_pickle", "SETITEM on a list");
     /* persistent ids: only ('storage', ...) tuples */
     expect_refused(P("\x80\x02X\x01\x00\x00\x00xQ."), "unsafe_pickle", "persistent id");
-    expect_refused(P("\x80\x02(X\x04\x00\x00\x00" "evilK\x01tQ."), "unsafe_pickle",
-                   "persistent id");
+    expect_refused(P("\x80\x02(X\x04\x00\x00\x00"
+                     "evilK\x01tQ."),
+                   "unsafe_pickle", "persistent id");
     expect_refused(P("\x80\x02(X\x06\x00\x00\x00moduleK\x01tQ."), "unsupported_format",
                    "nn.Module");
 }
 
 /* storage pid ('storage', torch.FloatStorage, '0', 'cpu', numel) */
-#define PID_F32(numel) "((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x00" \
-                       "0X\x03\x00\x00\x00" "cpu" numel "tQ"
+#define PID_F32(numel)                                                                             \
+    "((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x00"                            \
+    "0X\x03\x00\x00\x00"                                                                           \
+    "cpu" numel "tQ"
 #define REBUILD "ctorch._utils\n_rebuild_tensor_v2\n"
 
 static void test_tensor_args_checked(void **state) {
@@ -419,47 +451,118 @@ static void test_tensor_args_checked(void **state) {
     /* {'w': _rebuild_tensor_v2(storage(6), 0, (2,3), (3,1), False, OrderedDict())} */
     long r = pt_check_pickle(
         P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_F32("K\x06") "K\x00K\x02K\x03\x86K\x03K\x01"
-          "\x86\x89" "ccollections\nOrderedDict\n)Rt" "Rs."),
+                                                                 "\x86\x89"
+                                                                 "ccollections\nOrderedDict\n)Rt"
+                                                                 "Rs."),
         false, &err);
     assert_int_equal(r, 1);
     /* the same tensor reaching past its storage of 5 elements */
     expect_refused(
         P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_F32("K\x05") "K\x00K\x02K\x03\x86K\x03K\x01"
-          "\x86\x89}t" "Rs."),
+                                                                 "\x86\x89}t"
+                                                                 "Rs."),
         "bad_header", "reaches element 5");
     /* absurd size: (2^40, 2^40) with stride (2^40, 1) overflows / exceeds */
-    expect_refused(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_F32("K\x06")
-                     "K\x00\x8a\x06\x00\x00\x00\x00\x00\x01\x8a\x06\x00\x00\x00\x00\x00\x01\x86"
-                     "\x8a\x06\x00\x00\x00\x00\x00\x01K\x01\x86\x89}t" "Rs."),
-                   "bad_header", "");
+    expect_refused(
+        P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_F32(
+            "K\x06") "K\x00\x8a\x06\x00\x00\x00\x00\x00\x01\x8a\x06\x00\x00\x00\x00\x00\x01\x86"
+                     "\x8a\x06\x00\x00\x00\x00\x00\x01K\x01\x86\x89}t"
+                     "Rs."),
+        "bad_header", "");
     /* negative offset, negative size */
-    expect_refused(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_F32("K\x06")
-                     "J\xff\xff\xff\xffK\x02\x85K\x01\x85\x89}t" "Rs."),
+    expect_refused(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_F32(
+                       "K\x06") "J\xff\xff\xff\xffK\x02\x85K\x01\x85\x89}t"
+                                "Rs."),
                    "bad_header", "offset");
-    expect_refused(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_F32("K\x06")
-                     "K\x00J\xff\xff\xff\xff\x85K\x01\x85\x89}t" "Rs."),
+    expect_refused(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_F32(
+                       "K\x06") "K\x00J\xff\xff\xff\xff\x85K\x01\x85\x89}t"
+                                "Rs."),
                    "bad_header", "negative");
     /* 9 dimensions */
-    expect_refused(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_F32("K\x06")
-                     "K\x00(K\x01K\x01K\x01K\x01K\x01K\x01K\x01K\x01K\x01t"
-                     "(K\x01K\x01K\x01K\x01K\x01K\x01K\x01K\x01K\x01t\x89}t" "Rs."),
+    expect_refused(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_F32(
+                       "K\x06") "K\x00(K\x01K\x01K\x01K\x01K\x01K\x01K\x01K\x01K\x01t"
+                                "(K\x01K\x01K\x01K\x01K\x01K\x01K\x01K\x01K\x01t\x89}t"
+                                "Rs."),
                    "unsupported_format", "dimensions");
     /* one key, two storage types */
-    expect_refused(P("\x80\x02}(X\x01\x00\x00\x00w" REBUILD PID_F32("K\x06")
-                     "K\x00K\x01\x85K\x01\x85\x89}t" "RX\x01\x00\x00\x00v" REBUILD
-                     "((X\x07\x00\x00\x00storagectorch\nHalfStorage\nX\x01\x00\x00\x00"
-                     "0X\x03\x00\x00\x00" "cpuK\x06tQ" "K\x00K\x01\x85K\x01\x85\x89}t" "Ru."),
+    expect_refused(P("\x80\x02}(X\x01\x00\x00\x00w" REBUILD PID_F32(
+                       "K\x06") "K\x00K\x01\x85K\x01\x85\x89}t"
+                                "RX\x01\x00\x00\x00v" REBUILD
+                                "((X\x07\x00\x00\x00storagectorch\nHalfStorage\nX\x01\x00\x00\x00"
+                                "0X\x03\x00\x00\x00"
+                                "cpuK\x06tQ"
+                                "K\x00K\x01\x85K\x01\x85\x89}t"
+                                "Ru."),
                    "bad_header", "two different");
     /* duplicate names */
-    expect_refused(P("\x80\x02}(X\x01\x00\x00\x00w" REBUILD PID_F32("K\x06")
-                     "K\x00K\x01\x85K\x01\x85\x89}t" "Rq\x00X\x01\x00\x00\x00wh\x00u."),
+    expect_refused(P("\x80\x02}(X\x01\x00\x00\x00w" REBUILD PID_F32(
+                       "K\x06") "K\x00K\x01\x85K\x01\x85\x89}t"
+                                "Rq\x00X\x01\x00\x00\x00wh\x00u."),
                    "bad_header", "appears twice");
     /* values that are not tensors, and a single tensor at the top */
     expect_refused(P("\x80\x02}X\x01\x00\x00\x00wK\x01s."), "unsupported_format",
                    "is a int, not a tensor");
-    expect_refused(P("\x80\x02" REBUILD PID_F32("K\x06") "K\x00K\x01\x85K\x01\x85\x89}t" "R."),
+    expect_refused(P("\x80\x02" REBUILD PID_F32("K\x06") "K\x00K\x01\x85K\x01\x85\x89}t"
+                                                         "R."),
                    "unsupported_format", "single tensor");
     expect_refused(P("\x80\x02]."), "unsupported_format", "list");
+    /* _rebuild_tensor_v3: UntypedStorage counts bytes, the dtype comes last */
+#define PID_U8(numel)                                                                              \
+    "((X\x07\x00\x00\x00storagectorch\nUntypedStorage\nX\x01\x00\x00\x00"                          \
+    "0X\x03\x00\x00\x00"                                                                           \
+    "cpu" numel "tQ"
+#define REBUILD3 "ctorch._utils\n_rebuild_tensor_v3\n"
+    r = pt_check_pickle(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD3 PID_U8(
+                            "K\x04") "K\x00K\x02\x85K\x01\x85\x89}ctorch\nuint16\nt"
+                                     "Rs."),
+                        false, &err);
+    assert_int_equal(r, 1);
+    r = pt_check_pickle(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD3 PID_U8(
+                            "K\x04") "K\x00K\x04\x85K\x01\x85\x89}ctorch\nfloat8_e4m3fn\nt"
+                                     "Rs."),
+                        false, &err);
+    assert_int_equal(r, 1);
+    expect_refused(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD3 PID_U8(
+                       "K\x04") "K\x00K\x03\x85K\x01\x85\x89}ctorch\nuint16\nt"
+                                "Rs."),
+                   "bad_header", "reaches element 2");
+    expect_refused(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD3 PID_U8(
+                       "K\x04") "K\x00K\x01\x85K\x01\x85\x89}ctorch\ncomplex128\nt"
+                                "Rs."),
+                   "unsupported_format", "complex128");
+    /* v2 on an untyped storage has no dtype */
+    expect_refused(
+        P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_U8("K\x04") "K\x00K\x01\x85K\x01\x85\x89}t"
+                                                                "Rs."),
+        "bad_header", "untyped");
+    /* legacy 6-field ids; a storage view ('v', offset 2, size 3) bounds the tensor */
+#define PID_LEG(view)                                                                              \
+    "((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x00"                            \
+    "9X\x03\x00\x00\x00"                                                                           \
+    "cpuK\x06" view "tQ"
+    r = pt_check_pickle(
+        P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_LEG("N") "K\x00K\x06\x85K\x01\x85\x89}t"
+                                                             "Rs."),
+        true, &err);
+    assert_int_equal(r, 1);
+    r = pt_check_pickle(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_LEG(
+                            "X\x01\x00\x00\x00vK\x02K\x03\x87") "K\x00K\x03\x85K\x01\x85\x89}t"
+                                                                "Rs."),
+                        true, &err);
+    assert_int_equal(r, 1);
+    mp_error e2 = {0};
+    r = pt_check_pickle(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_LEG(
+                            "X\x01\x00\x00\x00vK\x02K\x03\x87") "K\x00K\x04\x85K\x01\x85\x89}t"
+                                                                "Rs."),
+                        true, &e2);
+    assert_int_equal(r, -1);
+    assert_non_null(strstr(e2.message, "reaches element 3"));
+    r = pt_check_pickle(P("\x80\x02}X\x01\x00\x00\x00w" REBUILD PID_LEG(
+                            "X\x01\x00\x00\x00vK\x05K\x03\x87") "K\x00K\x01\x85K\x01\x85\x89}t"
+                                                                "Rs."),
+                        true, &e2);
+    assert_int_equal(r, -1);
+    assert_non_null(strstr(e2.message, "storage view"));
 }
 
 static void test_real_data_pkl(void **state) {
@@ -807,7 +910,8 @@ static void test_zip_reader(void **state) {
     assert_int_equal(open_zip_entries(e, 4, false, &w, &err), -1);
     assert_non_null(strstr(err.message, "TorchScript"));
     /* a hostile data.pkl inside a valid zip */
-    static const char evil[] = "\x80\x02" "cos\nsystem\nX\x02\x00\x00\x00id\x85R.";
+    static const char evil[] = "\x80\x02"
+                               "cos\nsystem\nX\x02\x00\x00\x00id\x85R.";
     e[0].data = evil;
     e[0].len = sizeof evil - 1;
     assert_int_equal(open_zip_entries(e, 3, false, &w, &err), -1);

@@ -72,7 +72,8 @@ static unsigned char *read_all(const char *path, size_t *n) {
 static void make_st(const char *path, const char *header, const void *data, size_t dlen) {
     size_t hl = strlen(header);
     unsigned char *b = malloc(8 + hl + dlen + 1);
-    for (int i = 0; i < 8; i++) b[i] = (unsigned char)((uint64_t)hl >> (8 * i));
+    for (int i = 0; i < 8; i++)
+        b[i] = (unsigned char)((uint64_t)hl >> (8 * i));
     memcpy(b + 8, header, hl);
     if (dlen) memcpy(b + 8 + hl, data, dlen);
     write_bytes(path, b, 8 + hl + dlen);
@@ -89,7 +90,8 @@ static const char *open_code(const char *path) {
         /* a file that opens must also read */
         char buf[4096];
         for (size_t i = 0; i < w.ntensors; i++)
-            if (w.tensors[i].nbytes <= sizeof buf) assert_int_equal(weights_read(&w, &w.tensors[i], buf, &err), 0);
+            if (w.tensors[i].nbytes <= sizeof buf)
+                assert_int_equal(weights_read(&w, &w.tensors[i], buf, &err), 0);
         weights_free_fields(&w);
         return "";
     }
@@ -174,7 +176,8 @@ static void test_hostile_headers(void **state) {
     (void)state;
     const char *ok1 = "{\"t\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";
     assert_string_equal(hdr_code(ok1, 8), "");
-    assert_string_equal(hdr_code(" \n\t{\"t\":{\"dtype\":\"U8\",\"shape\":[],\"data_offsets\":[0,1]}} ", 1), "");
+    assert_string_equal(
+        hdr_code(" \n\t{\"t\":{\"dtype\":\"U8\",\"shape\":[],\"data_offsets\":[0,1]}} ", 1), "");
     assert_string_equal(hdr_code("{\"__metadata__\":null}", 0), "");
     assert_string_equal(hdr_code("{}", 0), "");
     /* structure */
@@ -199,41 +202,91 @@ static void test_hostile_headers(void **state) {
     assert_string_equal(hdr_code("{\"__metadata__\":[\"a\"]}", 0), "bad_header");
     assert_string_equal(hdr_code("{\"__metadata__\":\"x\"}", 0), "bad_header");
     /* dtype / shape / offsets */
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"F128\",\"shape\":[1],\"data_offsets\":[0,16]}}", 16), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"GGML\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"f32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1.0],\"data_offsets\":[0,1]}}", 1), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[-1],\"data_offsets\":[0,1]}}", 1), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[\"1\"],\"data_offsets\":[0,1]}}", 1), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1,2]}}", 1), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[-1,0]}}", 1), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}", 2), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,0]}}", 1), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,1]}}", 1), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,1]}}", 1), "unsupported_format");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"F128\",\"shape\":[1],\"data_offsets\":[0,16]}}", 16),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"GGML\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"f32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1.0],\"data_offsets\":[0,1]}}", 1),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[-1],\"data_offsets\":[0,1]}}", 1),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[\"1\"],\"data_offsets\":[0,1]}}", 1),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1,2]}}", 1),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[-1,0]}}", 1),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}", 2),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,0]}}", 1),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,1]}}", 1),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,1]}}",
+                 1),
+        "unsupported_format");
     /* gaps and overlaps */
     assert_string_equal(hdr_code("{\"a\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,2]},"
-                                 "\"b\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[1,3]}}", 3),
+                                 "\"b\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[1,3]}}",
+                                 3),
                         "bad_header");
     assert_string_equal(hdr_code("{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
-                                 "\"b\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[2,3]}}", 3),
+                                 "\"b\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[2,3]}}",
+                                 3),
                         "bad_header");
     /* sizes: overflowing shapes, F4 halves, file length exactness */
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"F32\",\"shape\":[4611686018427387904,4],\"data_offsets\":[0,0]}}", 0), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U64\",\"shape\":[4611686018427387904],\"data_offsets\":[0,0]}}", 0), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,9223372036854775807]}}", 1), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,99999999999999999999]}}", 1), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"F4\",\"shape\":[3],\"data_offsets\":[0,2]}}", 2), "bad_header");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"F4\",\"shape\":[4],\"data_offsets\":[0,2]}}", 2), "");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"F6_E2M3\",\"shape\":[4],\"data_offsets\":[0,3]}}", 3), "");
-    assert_string_equal(hdr_code("{\"t\":{\"dtype\":\"F6_E3M2\",\"shape\":[2],\"data_offsets\":[0,2]}}", 2), "bad_header");
+    assert_string_equal(
+        hdr_code(
+            "{\"t\":{\"dtype\":\"F32\",\"shape\":[4611686018427387904,4],\"data_offsets\":[0,0]}}",
+            0),
+        "bad_header");
+    assert_string_equal(
+        hdr_code(
+            "{\"t\":{\"dtype\":\"U64\",\"shape\":[4611686018427387904],\"data_offsets\":[0,0]}}",
+            0),
+        "bad_header");
+    assert_string_equal(
+        hdr_code(
+            "{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,9223372036854775807]}}", 1),
+        "bad_header");
+    assert_string_equal(
+        hdr_code(
+            "{\"t\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,99999999999999999999]}}",
+            1),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"F4\",\"shape\":[3],\"data_offsets\":[0,2]}}", 2),
+        "bad_header");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"F4\",\"shape\":[4],\"data_offsets\":[0,2]}}", 2), "");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"F6_E2M3\",\"shape\":[4],\"data_offsets\":[0,3]}}", 3), "");
+    assert_string_equal(
+        hdr_code("{\"t\":{\"dtype\":\"F6_E3M2\",\"shape\":[2],\"data_offsets\":[0,2]}}", 2),
+        "bad_header");
     assert_string_equal(hdr_code(ok1, 7), "truncated");
     assert_string_equal(hdr_code(ok1, 9), "bad_header");
     assert_string_equal(hdr_code("{}", 1), "bad_header");
     /* zero-size and scalar tensors */
-    assert_string_equal(hdr_code("{\"e\":{\"dtype\":\"F32\",\"shape\":[0,3],\"data_offsets\":[0,0]},"
-                                 "\"s\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[0,8]}}", 8),
-                        "");
+    assert_string_equal(
+        hdr_code("{\"e\":{\"dtype\":\"F32\",\"shape\":[0,3],\"data_offsets\":[0,0]},"
+                 "\"s\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[0,8]}}",
+                 8),
+        "");
 }
 
 /* Each bit of a valid file flipped, and each prefix: never a crash, and a
@@ -254,7 +307,7 @@ static void test_flips_and_prefixes(void **state) {
         if (open_code(tpath("g.safetensors"))[0] == 0) opened++;
         orig[bit / 8] ^= (unsigned char)(1u << (bit % 8));
     }
-    assert_true(opened > 0);                  /* data-byte flips are still valid files */
+    assert_true(opened > 0); /* data-byte flips are still valid files */
     for (size_t len = 0; len < n; len++) {
         write_bytes(tpath("g.safetensors"), orig, len);
         assert_string_not_equal(open_code(tpath("g.safetensors")), "");
@@ -302,7 +355,8 @@ static void test_writer_reference_bytes(void **state) {
     b = write_with(&t1, 1, NULL, &n, NULL);
     assert_int_equal(n, 96);
     assert_int_equal(b[0], 0x40);
-    assert_memory_equal(b + 8, "{\"attn.0\":{\"dtype\":\"F32\",\"shape\":[1,2,3],\"data_offsets\":[0,24]}}", 64);
+    assert_memory_equal(
+        b + 8, "{\"attn.0\":{\"dtype\":\"F32\",\"shape\":[1,2,3],\"data_offsets\":[0,24]}}", 64);
     free(b);
     /* metadata alone: 35 bytes padded to 40 */
     json_t *meta = json_pack("{s:s}", "framework", "pt");
@@ -313,15 +367,18 @@ static void test_writer_reference_bytes(void **state) {
     free(b);
     json_decref(meta);
     /* sort: dtype descending (U64 first, BOOL last), then name */
-    st_wtensor ts[5] = {{"z", MP_DT_BOOL, 1, {1}}, {"b", MP_DT_F16, 0, {0}},
-                        {"a", MP_DT_F16, 1, {2}}, {"q\"\n\x01", MP_DT_U64, 0, {0}},
+    st_wtensor ts[5] = {{"z", MP_DT_BOOL, 1, {1}},
+                        {"b", MP_DT_F16, 0, {0}},
+                        {"a", MP_DT_F16, 1, {2}},
+                        {"q\"\n\x01", MP_DT_U64, 0, {0}},
                         {"m", MP_DT_F4, 1, {2}}};
     b = write_with(ts, 5, NULL, &n, NULL);
-    const char *want = "{\"q\\\"\\n\\u0001\":{\"dtype\":\"U64\",\"shape\":[],\"data_offsets\":[0,8]},"
-                       "\"a\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[8,12]},"
-                       "\"b\":{\"dtype\":\"F16\",\"shape\":[],\"data_offsets\":[12,14]},"
-                       "\"m\":{\"dtype\":\"F4\",\"shape\":[2],\"data_offsets\":[14,15]},"
-                       "\"z\":{\"dtype\":\"BOOL\",\"shape\":[1],\"data_offsets\":[15,16]}}";
+    const char *want =
+        "{\"q\\\"\\n\\u0001\":{\"dtype\":\"U64\",\"shape\":[],\"data_offsets\":[0,8]},"
+        "\"a\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[8,12]},"
+        "\"b\":{\"dtype\":\"F16\",\"shape\":[],\"data_offsets\":[12,14]},"
+        "\"m\":{\"dtype\":\"F4\",\"shape\":[2],\"data_offsets\":[14,15]},"
+        "\"z\":{\"dtype\":\"BOOL\",\"shape\":[1],\"data_offsets\":[15,16]}}";
     size_t wl = strlen(want), hl = b[0] | (size_t)b[1] << 8;
     assert_int_equal(hl % 8, 0);
     assert_int_equal(hl, (wl + 7) / 8 * 8);
@@ -359,7 +416,8 @@ static void test_writer_errors(void **state) {
     /* each 2^60 bytes is fine, nine of them overflow the data section */
     st_wtensor big[9];
     const char *bn[9] = {"a", "b", "c", "d", "e", "f", "g", "h", "i"};
-    for (int i = 0; i < 9; i++) big[i] = (st_wtensor){bn[i], MP_DT_U8, 1, {(int64_t)1 << 60}};
+    for (int i = 0; i < 9; i++)
+        big[i] = (st_wtensor){bn[i], MP_DT_U8, 1, {(int64_t)1 << 60}};
     write_with(big, 9, NULL, &n, "too_large");
 
     /* too much, too little, abort: no file, no temp left */
@@ -439,9 +497,10 @@ static void test_index(void **state) {
     st_index_free(&idx);
     size_t n;
     unsigned char *txt = read_all(tpath("out.json"), &n);
-    const char *want = "{\n  \"metadata\": {\n    \"total_parameters\": 4,\n    \"total_size\": 4\n  },\n"
-                       "  \"weight_map\": {\n    \"x.weight\": \"model-00001-of-00002.safetensors\",\n"
-                       "    \"y.weight\": \"model-00002-of-00002.safetensors\"\n  }\n}\n";
+    const char *want =
+        "{\n  \"metadata\": {\n    \"total_parameters\": 4,\n    \"total_size\": 4\n  },\n"
+        "  \"weight_map\": {\n    \"x.weight\": \"model-00001-of-00002.safetensors\",\n"
+        "    \"y.weight\": \"model-00002-of-00002.safetensors\"\n  }\n}\n";
     assert_int_equal(n, strlen(want));
     assert_memory_equal(txt, want, n);
     free(txt);
@@ -501,6 +560,15 @@ static void test_detect(void **state) {
     assert_int_equal(weights_detect(tpath("d4"), &err), MP_FMT_PT_LEGACY);
     write_bytes(tpath("d5"), "\x08\0\0\0\0\0\0\0{}      ", 16);
     assert_int_equal(weights_detect(tpath("d5"), &err), MP_FMT_SAFETENSORS);
+    /* header length 640 = bytes 80 02 ..., which also opens a pickle */
+    char h640[8 + 640];
+    memset(h640, ' ', sizeof h640);
+    memcpy(h640, "\x80\x02\0\0\0\0\0\0{}", 10);
+    write_bytes(tpath("d7"), h640, sizeof h640);
+    assert_int_equal(weights_detect(tpath("d7"), &err), MP_FMT_SAFETENSORS);
+    mp_weights *w7;
+    assert_int_equal(weights_open(tpath("d7"), &w7, &err), 0);
+    weights_close(w7);
     write_bytes(tpath("d6"), "hello world, not weights", 24);
     assert_int_equal(weights_detect(tpath("d6"), &err), MP_FMT_UNKNOWN);
     assert_string_equal(err.code, "unsupported_format");
@@ -517,7 +585,8 @@ static void test_view_gather(void **state) {
     /* storage: 4 bytes junk, then int32 storage of 12 elements 0..11, then junk */
     unsigned char file[4 + 48 + 4];
     memset(file, 0xee, sizeof file);
-    for (int32_t i = 0; i < 12; i++) memcpy(file + 4 + 4 * i, &i, 4);
+    for (int32_t i = 0; i < 12; i++)
+        memcpy(file + 4 + 4 * i, &i, 4);
     write_bytes(tpath("storage.bin"), file, sizeof file);
     mp_weights w = {0};
     mp_error err = {0};
@@ -542,7 +611,8 @@ static void test_view_gather(void **state) {
     int32_t out[12];
     assert_int_equal(weights_read(&w, t, out, &err), 0);
     for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 3; j++) assert_int_equal(out[i * 3 + j], j * 4 + i);
+        for (int j = 0; j < 3; j++)
+            assert_int_equal(out[i * 3 + j], j * 4 + i);
     /* a row slice with offset: rows 1..2 of the 3x4 matrix, columns 1..2 */
     t->shape[0] = 2;
     t->shape[1] = 2;
@@ -632,7 +702,8 @@ static void test_dtype_table(void **state) {
     assert_int_equal(n, 0);
     assert_false(mp_tensor_bytes(MP_DT_F4, s + 1, 0, &n)); /* one F4 = half a byte */
     int64_t s2[1] = {INT64_MAX};
-    assert_false(mp_tensor_bytes(MP_DT_U8, s2, 1, &n)); /* bit count overflows, as in the reference */
+    assert_false(
+        mp_tensor_bytes(MP_DT_U8, s2, 1, &n)); /* bit count overflows, as in the reference */
     s2[0] = (int64_t)1 << 60;
     assert_true(mp_tensor_bytes(MP_DT_U8, s2, 1, &n));
     assert_false(mp_tensor_bytes(MP_DT_F32, s2, 1, &n));

@@ -1,0 +1,43 @@
+/* residents.c - /v1/residents: warm-loaded weights held by the server: list,
+ * one with its tensor table, unload, and a read-back digest of every tensor. */
+#include <string.h>
+
+#include "handlers/handlers.h"
+#include "loader/residents.h"
+
+void h_residents_list(http_req *rq, http_resp *rs) {
+    resp_json(rs, 200, json_pack("{s:o}", "residents", res_list(rq->srv->residents)));
+}
+
+void h_residents_get(http_req *rq, http_resp *rs) {
+    json_t *doc = res_get(rq->srv->residents, rq->params[0]);
+    if (!doc) {
+        resp_problem(rs, 404, "no such resident", NULL);
+        return;
+    }
+    resp_json(rs, 200, doc);
+}
+
+void h_residents_delete(http_req *rq, http_resp *rs) {
+    if (res_remove(rq->srv->residents, rq->params[0]) != 0) {
+        json_t *doc = res_get(rq->srv->residents, rq->params[0]);
+        if (doc) {
+            json_decref(doc);
+            resp_problem(rs, 409, "this resident is not loaded (gone or already unloaded)", NULL);
+        } else {
+            resp_problem(rs, 404, "no such resident", NULL);
+        }
+        return;
+    }
+    resp_json(rs, 200, json_pack("{s:s,s:s}", "id", rq->params[0], "state", "unloaded"));
+}
+
+void h_residents_digest(http_req *rq, http_resp *rs) {
+    json_t *out = NULL;
+    mp_error err = {0};
+    if (res_digest(rq->srv->residents, rq->params[0], &out, &err) != 0) {
+        resp_error(rs, err.code[0] && !strcmp(err.code, "not_found") ? 404 : 503, &err);
+        return;
+    }
+    resp_json(rs, 200, out);
+}
