@@ -170,7 +170,7 @@ static int cmp_file(const void *a, const void *b) {
 int hub_parse_listing(const char *text, size_t len, hub_listing *out, mp_error *err) {
     memset(out, 0, sizeof *out);
     json_error_t jerr;
-    json_t *doc = json_loadb(text, len, 0, &jerr);
+    json_t *doc = json_loadb(text, len, JSON_ALLOW_NUL, &jerr);
     if (!json_is_object(doc)) {
         json_decref(doc);
         return mp_err(err, "bad_response", "hub listing is not a JSON object");

@@ -38,7 +38,7 @@ enum { C_TODO, C_ACTIVE, C_DONE };
 enum { F_NEED_PROBE, F_PROBING, F_READY, F_HASHING, F_DONE };
 
 typedef struct chunk {
-    uint64_t off, len, got;
+    uint64_t off, len, got, got_at_start;
     int state, attempts;
     double not_before;
 } chunk;
@@ -61,6 +61,7 @@ typedef struct xfile {
 } xfile;
 
 typedef struct conn {
+    CURLM *multi; /* its worker's */
     CURL *e;
     struct curl_slist *hl;
     hub_hdrs h;
@@ -176,13 +177,17 @@ static void ranges_load(xfile *x) {
     while (fgets(line, sizeof line, fp)) {
         if (!strchr(line, '\n')) break; /* a torn last line */
         if (sscanf(line, "%llu %llu", &off, &len) != 2) continue;
+        if (off > x->f->size || len > x->f->size - off) continue;
         for (size_t i = 0; i < x->nchunks; i++) {
             chunk *c = &x->chunks[i];
-            if (c->state != C_DONE && off <= c->off && c->off + c->len <= off + len &&
-                off + len <= x->f->size) {
+            if (c->state == C_DONE) continue;
+            if (off <= c->off && c->off + c->len <= off + len) {
                 c->state = C_DONE;
                 c->got = c->len;
                 x->ndone++;
+                x->resumed = true;
+            } else if (off == c->off && len > c->got && len < c->len) {
+                c->got = len; /* the head of a chunk an earlier run was fetching */
                 x->resumed = true;
             }
         }
@@ -193,7 +198,7 @@ static void ranges_load(xfile *x) {
 static void ranges_append(xfile *x, const chunk *c) {
     char line[64];
     int n = snprintf(line, sizeof line, "%llu %llu\n", (unsigned long long)c->off,
-                     (unsigned long long)c->len);
+                     (unsigned long long)c->got);
     int fd = open(x->ranges, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) return; /* only costs a re-download after a restart */
     if (write(fd, line, (size_t)n) != n) {
@@ -204,17 +209,32 @@ static void ranges_append(xfile *x, const chunk *c) {
 
 /* ---- the transfer state ------------------------------------------------------ */
 
+/* Shared by the worker threads (each runs its own multi handle over its
+ * share of the connections, so receiving and writing use several cores)
+ * and the coordinating thread. mu guards files, chunks and the error; a
+ * chunk's `got` is also advanced by the worker that owns the chunk's
+ * transfer, with atomics, so progress can be read at any time. */
 typedef struct xfer {
     const hub_xfer_opts *o;
     xfile *files;
     size_t nfiles;
-    conn *conns;
-    int nconns;
-    CURLM *multi;
+    pthread_mutex_t mu;
     hasher hs;
     uint64_t seed;
     hub_xfer_stats *stats;
+    atomic_bool stop;
+    bool failed;
+    mp_error err;
 } xfer;
+
+typedef struct worker {
+    xfer *t;
+    CURLM *multi;
+    conn *conns;
+    int nconns;
+    pthread_t th;
+    bool started;
+} worker;
 
 static void chunks_init(xfile *x, uint64_t chunk_bytes) {
     for (size_t i = 0; i < x->nchunks; i++) {
@@ -260,7 +280,7 @@ static int xfile_open(xfer *t, xfile *x, mp_error *err) {
         if (ftruncate(x->fd, 0) != 0) return mp_err(err, "io_error", "truncate %s", x->part);
     }
     for (size_t i = 0; i < x->nchunks; i++)
-        if (x->chunks[i].state == C_DONE) t->stats->resumed += x->chunks[i].len;
+        t->stats->resumed += x->chunks[i].got;
     x->state = x->nchunks > 1 ? F_NEED_PROBE : F_READY;
     return 0;
 }
@@ -322,7 +342,7 @@ static size_t chunk_write(char *d, size_t sz, size_t n, void *arg) {
         }
         p += w;
         left -= (size_t)w;
-        ck->got += (uint64_t)w;
+        __atomic_fetch_add(&ck->got, (uint64_t)w, __ATOMIC_RELAXED);
     }
     return len;
 }
@@ -368,8 +388,9 @@ static int conn_start(xfer *t, conn *c, xfile *x, chunk *ck, mp_error *err) {
         curl_easy_setopt(c->e, CURLOPT_WRITEDATA, c);
         curl_easy_setopt(c->e, CURLOPT_BUFFERSIZE, 512L * 1024);
         ck->state = C_ACTIVE;
+        ck->got_at_start = ck->got;
     }
-    if (curl_multi_add_handle(t->multi, c->e) != CURLM_OK)
+    if (curl_multi_add_handle(c->multi, c->e) != CURLM_OK)
         return mp_err(err, "internal", "curl_multi_add_handle failed");
     c->busy = true;
     return 0;
@@ -493,7 +514,9 @@ static int chunk_done(xfer *t, conn *c, CURLcode cc, mp_error *err) {
         if (code)
             return mp_err(err, code, "%s: HTTP %ld %s", x->f->name, status, c->h.x_error_code);
     }
-    /* a cut connection, a timeout, a 5xx or 429: retry the rest of the chunk */
+    /* a cut connection, a timeout, a 5xx or 429: retry the rest of the chunk.
+     * An attempt that moved the chunk forward does not count against it. */
+    if (ck->got > ck->got_at_start) ck->attempts = 0;
     return retry_or_fail(t, &ck->attempts, &ck->not_before, status, cc, &c->h, x->f->name, err);
 }
 
@@ -530,9 +553,76 @@ static uint64_t bytes_on_disk(const xfer *t) {
     uint64_t s = 0;
     for (size_t i = 0; i < t->nfiles; i++) {
         const xfile *x = &t->files[i];
-        for (size_t k = 0; k < x->nchunks; k++) s += x->chunks[k].got;
+        for (size_t k = 0; k < x->nchunks; k++) s += __atomic_load_n(&x->chunks[k].got, __ATOMIC_RELAXED);
     }
     return s;
+}
+
+/* Records the first failure and stops everyone. Called with t->mu held. */
+static void fail_locked(xfer *t, const mp_error *e) {
+    if (!t->failed) {
+        t->failed = true;
+        t->err = *e;
+    }
+    atomic_store(&t->stop, true);
+}
+
+static void *worker_main(void *arg) {
+    worker *w = arg;
+    xfer *t = w->t;
+    mp_error e;
+    while (!atomic_load(&t->stop)) {
+        pthread_mutex_lock(&t->mu);
+        double now = time_mono();
+        for (int i = 0; i < w->nconns && !t->failed; i++) {
+            if (w->conns[i].busy) continue;
+            int r = schedule_one(t, &w->conns[i], now, &e);
+            if (r < 0) fail_locked(t, &e);
+            if (r <= 0) break;
+        }
+        pthread_mutex_unlock(&t->mu);
+        int running = 0;
+        if (curl_multi_perform(w->multi, &running) != CURLM_OK) {
+            mp_err(&e, "internal", "curl_multi_perform failed");
+            pthread_mutex_lock(&t->mu);
+            fail_locked(t, &e);
+            pthread_mutex_unlock(&t->mu);
+            break;
+        }
+        CURLMsg *m;
+        int left;
+        while ((m = curl_multi_info_read(w->multi, &left))) {
+            if (m->msg != CURLMSG_DONE) continue;
+            conn *c = NULL;
+            curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&c);
+            CURLcode cc = m->data.result;
+            curl_multi_remove_handle(w->multi, c->e);
+            c->busy = false;
+            pthread_mutex_lock(&t->mu);
+            int r = c->ck ? chunk_done(t, c, cc, &e) : probe_done(t, c, cc, &e);
+            if (r != 0) fail_locked(t, &e);
+            pthread_mutex_unlock(&t->mu);
+        }
+        curl_multi_poll(w->multi, NULL, 0, 20, NULL);
+    }
+    /* abandon what is in flight; chunk_done never runs for these */
+    pthread_mutex_lock(&t->mu);
+    for (int i = 0; i < w->nconns; i++) {
+        conn *c = &w->conns[i];
+        if (!c->busy) continue;
+        curl_multi_remove_handle(w->multi, c->e);
+        c->busy = false;
+        if (c->ck) c->ck->state = C_TODO;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return NULL;
+}
+
+static int worker_count(int connections) {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int n = cpus > 0 ? (int)cpus : 1;
+    if (n > 8) n = 8;
+    return n < connections ? n : connections;
 }
 
 int hub_transfer(const hub_xfer_opts *o, hub_file *files, const size_t *idx, size_t n,
@@ -542,83 +632,93 @@ int hub_transfer(const hub_xfer_opts *o, hub_file *files, const size_t *idx, siz
     int rc = -1;
     uint64_t disk0 = 0;
     memset(stats, 0, sizeof *stats);
+    int nconns = o->connections > 0 ? o->connections : HUB_DEFAULT_CONNECTIONS;
+    int nworkers = worker_count(nconns);
+    worker *ws = calloc((size_t)nworkers, sizeof *ws);
+    conn *conns = calloc((size_t)nconns, sizeof *conns);
     t.files = calloc(n ? n : 1, sizeof *t.files);
-    t.nconns = o->connections > 0 ? o->connections : HUB_DEFAULT_CONNECTIONS;
-    t.conns = calloc((size_t)t.nconns, sizeof *t.conns);
     t.hs.queue = calloc(n ? n * 2 : 1, sizeof *t.hs.queue);
     t.hs.done = calloc(n ? n * 2 : 1, sizeof *t.hs.done);
     t.hs.qcap = n * 2;
-    t.multi = curl_multi_init();
-    if (!t.files || !t.conns || !t.hs.queue || !t.hs.done || !t.multi) {
+    pthread_mutex_init(&t.mu, NULL);
+    pthread_mutex_init(&t.hs.mu, NULL);
+    pthread_cond_init(&t.hs.cv, NULL);
+    if (!ws || !conns || !t.files || !t.hs.queue || !t.hs.done) {
         mp_err(err, "internal", "out of memory");
         goto out;
     }
     for (size_t i = 0; i < n; i++) t.files[i].fd = -1;
-    for (int i = 0; i < t.nconns; i++)
-        if (!(t.conns[i].e = curl_easy_init())) {
-            mp_err(err, "internal", "curl_easy_init failed");
+    for (int i = 0, next = 0; i < nworkers; i++) {
+        worker *w = &ws[i];
+        w->t = &t;
+        w->conns = conns + next;
+        w->nconns = nconns / nworkers + (i < nconns % nworkers);
+        next += w->nconns;
+        if (!(w->multi = curl_multi_init())) {
+            mp_err(err, "internal", "curl_multi_init failed");
             goto out;
         }
-    pthread_mutex_init(&t.hs.mu, NULL);
-    pthread_cond_init(&t.hs.cv, NULL);
+        for (int k = 0; k < w->nconns; k++) {
+            w->conns[k].multi = w->multi;
+            if (!(w->conns[k].e = curl_easy_init())) {
+                mp_err(err, "internal", "curl_easy_init failed");
+                goto out;
+            }
+        }
+    }
     if (pthread_create(&t.hs.th, NULL, hasher_main, &t.hs) != 0) {
         mp_err(err, "internal", "cannot start the hash thread");
-        goto out_sync;
+        goto out;
     }
     t.hs.started = true;
     for (size_t i = 0; i < n; i++) {
         t.files[i].f = &files[idx[i]];
-        if (xfile_open(&t, &t.files[i], err) != 0) goto out_sync;
+        if (xfile_open(&t, &t.files[i], err) != 0) goto out;
         if (t.files[i].nchunks == t.files[i].ndone) to_hasher(&t, &t.files[i]);
     }
     disk0 = bytes_on_disk(&t);
+    for (int i = 0; i < nworkers; i++) {
+        if (pthread_create(&ws[i].th, NULL, worker_main, &ws[i]) != 0) {
+            mp_err(err, "internal", "cannot start a download thread");
+            atomic_store(&t.stop, true);
+            goto out;
+        }
+        ws[i].started = true;
+    }
 
+    /* coordinate: progress, cancel, verified files */
     size_t ndone_files = 0;
     while (ndone_files < n) {
         if (o->progress && o->progress(o->progress_arg, bytes_on_disk(&t)) != 0) {
             mp_err(err, "cancelled", "cancelled");
-            goto out_sync;
+            goto out;
         }
-        double now = time_mono();
-        for (int i = 0; i < t.nconns; i++) {
-            if (t.conns[i].busy) continue;
-            int s = schedule_one(&t, &t.conns[i], now, err);
-            if (s < 0) goto out_sync;
-            if (s == 0) break;
-        }
-        int running = 0;
-        if (curl_multi_perform(t.multi, &running) != CURLM_OK) {
-            mp_err(err, "internal", "curl_multi_perform failed");
-            goto out_sync;
-        }
-        CURLMsg *m;
-        int left;
-        while ((m = curl_multi_info_read(t.multi, &left))) {
-            if (m->msg != CURLMSG_DONE) continue;
-            conn *c = NULL;
-            curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&c);
-            CURLcode cc = m->data.result;
-            curl_multi_remove_handle(t.multi, c->e);
-            c->busy = false;
-            int r = c->ck ? chunk_done(&t, c, cc, err) : probe_done(&t, c, cc, err);
-            if (r != 0) goto out_sync;
-        }
-        /* collect hashed files */
-        pthread_mutex_lock(&t.hs.mu);
         xfile *got[64];
         size_t ng = 0;
+        pthread_mutex_lock(&t.hs.mu);
         while (t.hs.ndone > 0 && ng < 64) got[ng++] = t.hs.done[--t.hs.ndone];
         pthread_mutex_unlock(&t.hs.mu);
-        for (size_t i = 0; i < ng; i++) {
-            if (hashed(&t, got[i], err) != 0) goto out_sync;
-            if (got[i]->state == F_DONE) ndone_files++;
+        pthread_mutex_lock(&t.mu);
+        for (size_t i = 0; i < ng && !t.failed; i++) {
+            mp_error e;
+            if (hashed(&t, got[i], &e) != 0) fail_locked(&t, &e);
+            else if (got[i]->state == F_DONE) ndone_files++;
         }
-        if (ndone_files < n) curl_multi_poll(t.multi, NULL, 0, 20, NULL);
+        bool failed = t.failed;
+        if (failed) *err = t.err;
+        pthread_mutex_unlock(&t.mu);
+        if (failed) goto out;
+        if (ndone_files < n) {
+            struct timespec ts = {0, 10 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
     }
     if (o->progress) o->progress(o->progress_arg, bytes_on_disk(&t));
     rc = 0;
-out_sync:
-    stats->downloaded = bytes_on_disk(&t) > disk0 ? bytes_on_disk(&t) - disk0 : 0;
+out:
+    atomic_store(&t.stop, true);
+    for (int i = 0; ws && i < nworkers; i++)
+        if (ws[i].started) pthread_join(ws[i].th, NULL);
     if (t.hs.started) {
         pthread_mutex_lock(&t.hs.mu);
         atomic_store(&t.hs.stop, true);
@@ -626,22 +726,32 @@ out_sync:
         pthread_mutex_unlock(&t.hs.mu);
         pthread_join(t.hs.th, NULL);
     }
-    pthread_mutex_destroy(&t.hs.mu);
-    pthread_cond_destroy(&t.hs.cv);
-out:
-    for (int i = 0; t.conns && i < t.nconns; i++) {
-        if (t.conns[i].busy) curl_multi_remove_handle(t.multi, t.conns[i].e);
-        if (t.conns[i].e) curl_easy_cleanup(t.conns[i].e);
-        curl_slist_free_all(t.conns[i].hl);
+    stats->downloaded = bytes_on_disk(&t) > disk0 ? bytes_on_disk(&t) - disk0 : 0;
+    /* keep what partial chunks hold for the next run (cancel, drain, error) */
+    for (size_t i = 0; rc != 0 && t.files && i < n; i++) {
+        xfile *x = &t.files[i];
+        if (x->fd < 0 || x->state == F_DONE || x->state == F_HASHING) continue;
+        for (size_t k = 0; k < x->nchunks; k++)
+            if (x->chunks[k].state != C_DONE && x->chunks[k].got > x->chunks[k].got_at_start)
+                ranges_append(x, &x->chunks[k]);
     }
-    if (t.multi) curl_multi_cleanup(t.multi);
+    for (int i = 0; conns && i < nconns; i++) {
+        if (conns[i].e) curl_easy_cleanup(conns[i].e);
+        curl_slist_free_all(conns[i].hl);
+    }
+    for (int i = 0; ws && i < nworkers; i++)
+        if (ws[i].multi) curl_multi_cleanup(ws[i].multi);
     for (size_t i = 0; t.files && i < n; i++) {
         if (t.files[i].fd >= 0) close(t.files[i].fd);
         free(t.files[i].chunks);
         free(t.files[i].data_url);
     }
+    pthread_mutex_destroy(&t.mu);
+    pthread_mutex_destroy(&t.hs.mu);
+    pthread_cond_destroy(&t.hs.cv);
     free(t.files);
-    free(t.conns);
+    free(conns);
+    free(ws);
     free(t.hs.queue);
     free(t.hs.done);
     return rc;

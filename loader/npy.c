@@ -214,6 +214,8 @@ static int npy_read_fd(const char *path, int fd, mp_tensor *t, mp_error *err) {
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
         return mp_err(err, "unsupported_format", "%s: not a regular file", path);
+    /* O_NONBLOCK only kept open() from hanging on a FIFO; the kept fd is plain */
+    (void)fcntl(fd, F_SETFL, 0);
     uint64_t size = (uint64_t)st.st_size;
     unsigned char pre[12];
     size_t n = size < 12 ? (size_t)size : 12;
@@ -248,7 +250,7 @@ static int npy_read_fd(const char *path, int fd, mp_tensor *t, mp_error *err) {
 }
 
 int npy_open(const char *path, mp_weights *w, mp_error *err) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return mp_err(err, errno == ENOENT ? "not_found" : "io_error", "%s: %s", path,
                       strerror(errno));
@@ -495,7 +497,7 @@ out:
 }
 
 static json_t *load_json(const char *path, bool optional, mp_error *err) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         if (optional && errno == ENOENT) return json_null();
         mp_err(err, errno == ENOENT ? "not_found" : "io_error", "%s: %s", path, strerror(errno));
@@ -561,14 +563,14 @@ int npcache_open(const char *dir, mp_weights *w, mp_error *err) {
             mp_err(err, "io_error", "out of memory");
             goto out;
         }
-        int fd = open(p, O_RDONLY | O_CLOEXEC);
+        int fd = open(p, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
         if (fd < 0 && errno == ENOENT) {
             free(p);
             if (!(p = join(dir, name, ".npy"))) {
                 mp_err(err, "io_error", "out of memory");
                 goto out;
             }
-            fd = open(p, O_RDONLY | O_CLOEXEC);
+            fd = open(p, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
         }
         if (fd < 0) {
             mp_err(err, errno == ENOENT ? "not_found" : "io_error", "%s: %s", p, strerror(errno));

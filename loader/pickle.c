@@ -553,7 +553,7 @@ static int step(pkl_machine *m, rd *r, bool *stop, pkl_value **out, mp_error *er
     uint8_t op = r->p[r->pos++];
     m->ops++;
     pkl_value *a, *b, *c;
-    size_t first;
+    size_t first = 0;
     switch (op) {
     case OP_PROTO:
         if (need(r, 1, err)) return -1;

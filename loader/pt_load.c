@@ -763,18 +763,22 @@ static int emit_tensors(const pt_ctx *c, const pkl_value *sd, mp_weights *w, mp_
         if (!mp_tensor_bytes(t->dtype, t->shape, t->ndim, &t->nbytes))
             return mp_err(err, "bad_header", "tensor '%s' size overflows", t->name);
         /* contiguous iff each stride matches the row-major one (size-1 dims
-         * do not matter); then the canonical strides are stored */
-        bool contig = true;
+         * do not matter); then the canonical strides are stored. An empty
+         * tensor is contiguous, and its other dims may multiply past int64:
+         * strides past an overflow are 0 (nothing is ever read). */
+        bool contig = true, ovf = false;
         int64_t want = 1;
         for (int d = r->ndim - 1; d >= 0; d--) {
             if (r->shape[d] != 1 && r->stride[d] != want) contig = false;
-            want *= r->shape[d] ? r->shape[d] : 1; /* cannot overflow: numel checked */
+            if (__builtin_mul_overflow(want, r->shape[d], &want)) break;
         }
         if (t->nbytes == 0) contig = true;
         want = 1;
         for (int d = r->ndim - 1; d >= 0; d--) {
-            t->strides[d] = contig ? want : r->stride[d];
-            want *= r->shape[d] ? r->shape[d] : 1;
+            t->strides[d] = !contig ? r->stride[d] : ovf ? 0 : want;
+            /* torch's contiguous strides treat a 0-size dim as 1 */
+            if (!ovf && __builtin_mul_overflow(want, r->shape[d] ? r->shape[d] : 1, &want))
+                ovf = true;
         }
         t->is_view = !contig || r->offset != 0 || t->nbytes != s->nbytes;
     }

@@ -184,7 +184,7 @@ int pt_zip_open(int fd, pt_zip *z, mp_error *err) {
     if (fstat(fd, &st)) return mp_err(err, "io_error", "stat failed: %s", strerror(errno));
     uint64_t fsize = (uint64_t)st.st_size;
     z->file_size = fsize;
-    uint64_t n, cd_size, cd_off, cd_limit;
+    uint64_t n = 0, cd_size = 0, cd_off = 0, cd_limit = 0;
     if (find_cd(fd, fsize, &n, &cd_size, &cd_off, &cd_limit, err)) return -1;
     uint8_t *cd = malloc(cd_size ? (size_t)cd_size : 1);
     if (!cd) return mp_err(err, "no_memory", "out of memory");

@@ -245,7 +245,7 @@ out:
 }
 
 int st_open(const char *path, mp_weights *w, mp_error *err) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return mp_err(err, errno == ENOENT ? "not_found" : "io_error", "%s: %s", path,
                       strerror(errno));
@@ -254,6 +254,8 @@ int st_open(const char *path, mp_weights *w, mp_error *err) {
         close(fd);
         return mp_err(err, "unsupported_format", "%s: not a regular file", path);
     }
+    /* O_NONBLOCK only kept open() from hanging on a FIFO; the kept fd is plain */
+    (void)fcntl(fd, F_SETFL, 0);
     w->format = MP_FMT_SAFETENSORS;
     if (weights_add_file(w, path, fd, err) != 0) {
         close(fd);
@@ -780,7 +782,7 @@ static int index_parse(json_t *root, st_index *idx, mp_error *err) {
 
 int st_index_read(const char *path, st_index *idx, mp_error *err) {
     memset(idx, 0, sizeof *idx);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return mp_err(err, errno == ENOENT ? "not_found" : "io_error", "%s: %s", path,
                       strerror(errno));

@@ -164,7 +164,7 @@ static mp_format detect_bytes(const unsigned char *b, size_t n, uint64_t size) {
 }
 
 static mp_format detect_file(const char *path, mp_error *err) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         mp_err(err, errno == ENOENT ? "not_found" : "io_error", "%s: %s", path, strerror(errno));
         return MP_FMT_UNKNOWN;
@@ -172,11 +172,14 @@ static mp_format detect_file(const char *path, mp_error *err) {
     struct stat st;
     unsigned char b[64];
     ssize_t n = -1;
-    if (fstat(fd, &st) == 0) {
-        do
-            n = pread(fd, b, sizeof b, 0);
-        while (n < 0 && errno == EINTR);
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        mp_err(err, "unsupported_format", "%s: not a regular file", path);
+        return MP_FMT_UNKNOWN;
     }
+    do
+        n = pread(fd, b, sizeof b, 0);
+    while (n < 0 && errno == EINTR);
     int e = errno;
     close(fd);
     if (n < 0) {

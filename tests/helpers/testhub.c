@@ -9,7 +9,7 @@
  *   GET  /api/models/{repo}[/revision/{rev}][?blobs=true]
  *   GET  /api/models/{repo}/tree/{rev}[?recursive=true]
  *   HEAD|GET /{repo}/resolve/{rev}/{path}   LFS files: 302 to /cdn/{sha256}
- *   HEAD|GET /cdn/{sha256}                  with Range
+ *   HEAD|GET /cdn/{sha256}                  with Range, on a second port
  *   GET  /_stats                            counters as JSON
  * Weight files (and anything >= 1 MiB) are LFS files: ETag/X-Linked-Etag is
  * their sha256; other files' ETag is their git blob sha1, as on the hub.
@@ -64,7 +64,7 @@ typedef struct trepo {
 typedef struct hub {
     trepo *repos;
     size_t nrepos;
-    int port;
+    int port, cdn_port;
     const char *token, *gated, *corrupt, *cdn_host;
     bool evil;
     long slow_bps;
@@ -511,7 +511,7 @@ static enum MHD_Result route(hub *h, struct MHD_Connection *c, const char *url, 
         /* LFS: redirect to the "CDN" with the linked etag and size */
         struct MHD_Response *resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
         char loc[512], etag[80], size[32];
-        snprintf(loc, sizeof loc, "http://%s:%d/cdn/%s", h->cdn_host, h->port, f->sha256);
+        snprintf(loc, sizeof loc, "http://%s:%d/cdn/%s", h->cdn_host, h->cdn_port, f->sha256);
         snprintf(etag, sizeof etag, "\"%s\"", f->sha256);
         snprintf(size, sizeof size, "%llu", (unsigned long long)f->size);
         MHD_add_response_header(resp, "Location", loc);
@@ -610,10 +610,25 @@ int main(int argc, char **argv) {
     }
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
     h.port = info ? info->port : port;
+    /* The "CDN" is another origin (its own port), as on the real hub, so
+     * clients must neither follow it on HEAD nor send it the token. */
+    sa.sin_port = 0;
+    struct MHD_Daemon *cdn = MHD_start_daemon(
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG, 0,
+        NULL, NULL, handler, &h, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
+        MHD_OPTION_NOTIFY_COMPLETED, completed, &h, MHD_OPTION_CONNECTION_TIMEOUT, 120u,
+        MHD_OPTION_END);
+    info = cdn ? MHD_get_daemon_info(cdn, MHD_DAEMON_INFO_BIND_PORT) : NULL;
+    if (!info) {
+        fprintf(stderr, "testhub: cannot start the cdn listener\n");
+        return 1;
+    }
+    h.cdn_port = info->port;
     printf("listening on http://127.0.0.1:%d\n", h.port);
     fflush(stdout);
     int sig;
     sigwait(&set, &sig);
+    MHD_stop_daemon(cdn);
     MHD_stop_daemon(d);
     for (size_t i = 0; i < h.nrepos; i++) {
         for (size_t k = 0; k < h.repos[i].n; k++) {

@@ -909,6 +909,23 @@ static void test_zip_reader(void **state) {
     e[3].name = "m/constants.pkl";
     assert_int_equal(open_zip_entries(e, 4, false, &w, &err), -1);
     assert_non_null(strstr(err.message, "TorchScript"));
+    /* an empty tensor whose other dims multiply past int64, on an empty storage */
+    static const char empty_pkl[] =
+        "\x80\x02}X\x01\x00\x00\x00"
+        "e" REBUILD "((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x00"
+        "0X\x03\x00\x00\x00"
+        "cpuK\x00tQ"
+        "K\x00(K\x02K\x00\x8a\x06\x00\x00\x00\x00\x00\x01\x8a\x06\x00\x00\x00\x00\x00\x01t"
+        "(K\x01K\x01K\x01K\x01t\x89}tRs.";
+    zent ez[2] = {{"m/data.pkl", empty_pkl, sizeof empty_pkl - 1, 0}, {"m/data/0", "", 0, 0}};
+    assert_int_equal(open_zip_entries(ez, 2, false, &w, &err), 0);
+    assert_int_equal(w.ntensors, 1);
+    assert_int_equal(w.tensors[0].nbytes, 0);
+    assert_false(w.tensors[0].is_view);
+    assert_int_equal(w.tensors[0].strides[3], 1);
+    assert_int_equal(w.tensors[0].strides[2], 1LL << 40);
+    assert_int_equal(w.tensors[0].strides[1], 0); /* 2^80: past int64 */
+    weights_free_fields(&w);
     /* a hostile data.pkl inside a valid zip */
     static const char evil[] = "\x80\x02"
                                "cos\nsystem\nX\x02\x00\x00\x00id\x85R.";

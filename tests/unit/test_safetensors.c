@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "loader/npy.h"
 #include "loader/safetensors.h"
 #include "loader/weights.h"
 
@@ -575,6 +576,15 @@ static void test_detect(void **state) {
     mp_weights *w;
     assert_int_equal(weights_open(tpath("d6"), &w, &err), -1);
     assert_string_equal(err.code, "unsupported_format");
+    /* a FIFO must not hang any opener */
+    assert_int_equal(mkfifo(tpath("fifo"), 0600), 0);
+    assert_int_equal(weights_detect(tpath("fifo"), &err), MP_FMT_UNKNOWN);
+    assert_string_equal(err.code, "unsupported_format");
+    assert_int_equal(weights_open(tpath("fifo"), &w, &err), -1);
+    mp_weights z = {0};
+    assert_int_equal(st_open(tpath("fifo"), &z, &err), -1);
+    assert_string_equal(err.code, "unsupported_format");
+    assert_int_equal(npy_open(tpath("fifo"), &z, &err), -1);
     assert_int_equal(weights_detect(tpath("nothing"), &err), MP_FMT_UNKNOWN);
     assert_string_equal(err.code, "not_found");
 }

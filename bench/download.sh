@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Hub download throughput over loopback from our C test hub (release build of
+# tests/helpers/testhub: LFS redirects to /cdn, Range, sendfile): a repo of
+# 4 safetensors files (BENCH_GB total, default 2) fetched into a fresh cache
+#   - by our downloader (hub_download() via tests/helpers/hub_fetch, release
+#     build; parallel ranged GETs, sha256-verified, HF cache layout),
+#   - by huggingface_hub.snapshot_download (.venv) into a fresh cache,
+#   - by curl -L -o of the same files one after another.
+# Goals: >= 2x huggingface_hub, >= 1x curl. Best of BENCH_REPS (default 2).
+# BENCH_CONN / BENCH_CHUNK set our connections and chunk size.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GB=${BENCH_GB:-2}
+REPS=${BENCH_REPS:-2}
+CONN=${BENCH_CONN:-8}
+CHUNK=${BENCH_CHUNK:-33554432}
+PY=${PY:-.venv/bin/python}
+work=$(mktemp -d "${BENCH_DIR:-/tmp}/download.XXXXXX")
+hub_pid=
+cleanup() {
+  [ -n "$hub_pid" ] && kill "$hub_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+PKGS="libmicrohttpd jansson libcurl openssl"
+CF="-std=c11 -O2 -D_GNU_SOURCE -DMP_VERSION=\"bench\" -I. $(pkg-config --cflags $PKGS)"
+LIBS="$(pkg-config --libs $PKGS) -lm -pthread"
+# Built from sources here so the bench needs nothing else of the tree.
+cc $CF tests/helpers/testhub.c util/fsutil.c util/error.c $LIBS -o "$work/testhub"
+cc $CF tests/helpers/hub_fetch.c loader/hub_select.c loader/hub_cache.c loader/hub_http.c \
+  loader/hub_transfer.c loader/hub_download.c util/fsutil.c util/error.c util/timeutil.c \
+  $LIBS -o "$work/hub_fetch"
+
+repo="$work/repos/bench/model"
+mkdir -p "$repo"
+per_mb=$(( GB * 1024 / 4 ))
+for i in 1 2 3 4; do
+  # incompressible bytes; openssl's CSPRNG is much faster than /dev/urandom
+  openssl rand -out "$repo/model-0000$i-of-00004.safetensors" $(( per_mb * 1024 * 1024 ))
+done
+total=$(cat "$repo"/*.safetensors | wc -c)
+
+"$work/testhub" "$work/repos" > "$work/hub.out" 2> "$work/hub.err" &
+hub_pid=$!
+for _ in $(seq 100); do [ -s "$work/hub.out" ] && break; sleep 0.1; done
+url=$(head -1 "$work/hub.out" | sed 's/^listening on //')
+[ -n "$url" ] || { echo "testhub did not start"; cat "$work/hub.err"; exit 1; }
+cat "$repo"/* > /dev/null  # the hub reads from the page cache in every run
+
+now() { date +%s.%N; }
+best_ours=999999; best_hf=999999; best_curl=999999
+min() { awk -v a="$1" -v b="$2" 'BEGIN{print (a<b)?a:b}'; }
+
+for rep in $(seq "$REPS"); do
+  # curl, one file after another (the same redirect to /cdn as the others)
+  rm -rf "$work/curl"; mkdir -p "$work/curl"; sync
+  t0=$(now)
+  for i in 1 2 3 4; do
+    f="model-0000$i-of-00004.safetensors"
+    curl -sfL -o "$work/curl/$f" "$url/bench/model/resolve/main/$f"
+  done
+  t1=$(now)
+  best_curl=$(min "$best_curl" "$(echo "$t1 - $t0" | bc -l)")
+  rm -rf "$work/curl"
+
+  # huggingface_hub, timed inside Python so interpreter start-up is not counted
+  rm -rf "$work/hf"; sync
+  s=$(HF_HUB_DISABLE_TELEMETRY=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_XET=1 \
+      "$PY" - "$url" "$work/hf" <<'PYEOF'
+import sys, time
+from huggingface_hub import snapshot_download
+t = time.perf_counter()
+snapshot_download("bench/model", cache_dir=sys.argv[2], endpoint=sys.argv[1])
+print(time.perf_counter() - t)
+PYEOF
+)
+  best_hf=$(min "$best_hf" "$s")
+  rm -rf "$work/hf"
+
+  # ours
+  rm -rf "$work/ours"; sync
+  t0=$(now)
+  "$work/hub_fetch" --endpoint "$url" --cache "$work/ours" --connections "$CONN" \
+    --chunk-bytes "$CHUNK" bench/model > "$work/ours.json"
+  t1=$(now)
+  best_ours=$(min "$best_ours" "$(echo "$t1 - $t0" | bc -l)")
+  grep -q '"commit"' "$work/ours.json" || { cat "$work/ours.json"; exit 1; }
+  rm -rf "$work/ours"
+done
+
+"$PY" - "$total" "$best_ours" "$best_hf" "$best_curl" "$CONN" "$CHUNK" <<'PYEOF'
+import sys
+total, ours, hf, curl = int(sys.argv[1]), *map(float, sys.argv[2:5])
+conn, chunk = sys.argv[5], int(sys.argv[6])
+mb = lambda s: total / s / 1e6
+print("download %.2f GB in 4 files over loopback (best of runs)" % (total / 1e9))
+print("  ours (%s connections, %d MiB chunks, sha256 verified): %7.3f s  %8.1f MB/s" % (conn, chunk >> 20, ours, mb(ours)))
+print("  huggingface_hub snapshot_download:              %7.3f s  %8.1f MB/s" % (hf, mb(hf)))
+print("  curl -L -o, files in sequence:                   %7.3f s  %8.1f MB/s" % (curl, mb(curl)))
+print("  ratio vs huggingface_hub: %.2fx (goal >= 2x)" % (hf / ours))
+print("  ratio vs curl:            %.2fx (goal >= 1x)" % (curl / ours))
+PYEOF
