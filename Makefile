@@ -52,6 +52,9 @@ HELPER_BIN := $(patsubst tests/helpers/%.c,$(SAN)/tests/helpers/%,$(HELPER_SRC))
 VENV := .venv
 PY := $(VENV)/bin/python
 
+# Keep intermediate objects (tests, tools) so relinking needs no recompiling.
+.SECONDARY:
+
 .PHONY: all run test test-build unit integration pytest bench cuda fuzz deps clean format cuda-check
 all: $(REL)/modelprepd $(REL_TOOLS)
 
@@ -79,13 +82,15 @@ $(REL)/obj/gen/assets.o: $(REL)/gen/assets.c
 
 $(REL_LIB): $(REL_OBJ) $(REL)/obj/gen/assets.o
 	@rm -f $@
-	ar rcs $@ $^
+	@ar rcs $@ $^
 
 $(REL)/modelprepd: $(REL)/obj/server/main.o $(REL_LIB)
-	$(CC) $(OPT_FLAGS) -o $@ $^ $(LDLIBS_ALL)
+	@echo "  LD      $@"
+	@$(CC) $(OPT_FLAGS) -o $@ $^ $(LDLIBS_ALL)
 
 $(REL)/%: $(REL)/obj/tools/%.o $(REL_LIB)
-	$(CC) $(OPT_FLAGS) -o $@ $^ $(LDLIBS_ALL)
+	@echo "  LD      $@"
+	@$(CC) $(OPT_FLAGS) -o $@ $^ $(LDLIBS_ALL)
 
 # --- sanitized ---------------------------------------------------------------
 $(SAN)/obj/%.o: %.c
@@ -100,25 +105,30 @@ $(SAN)/obj/gen/assets.o: $(SAN)/gen/assets.c
 
 $(SAN_LIB): $(SAN_OBJ) $(SAN)/obj/gen/assets.o
 	@rm -f $@
-	ar rcs $@ $^
+	@ar rcs $@ $^
 
 $(SAN)/modelprepd: $(SAN)/obj/server/main.o $(SAN_LIB)
-	$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL)
+	@echo "  LD      $@"
+	@$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL)
 
 $(SAN)/modelprep-%: $(SAN)/obj/tools/modelprep-%.o $(SAN_LIB)
-	$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL)
+	@echo "  LD      $@"
+	@$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL)
 
 $(SAN)/tests/unit/%: $(SAN)/obj/tests/unit/%.o $(SAN_LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL) -lcmocka
+	@echo "  LD      $@"
+	@$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL) -lcmocka
 
 $(SAN)/tests/integration/%: $(SAN)/obj/tests/integration/%.o $(patsubst %.c,$(SAN)/obj/%.o,$(INTEG_LIB)) $(SAN_LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL) -lcmocka
+	@echo "  LD      $@"
+	@$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL) -lcmocka
 
 $(SAN)/tests/helpers/%: $(SAN)/obj/tests/helpers/%.o $(SAN_LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL)
+	@echo "  LD      $@"
+	@$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL)
 
 test-build: $(SAN)/modelprepd $(SAN_TOOLS) $(UNIT_BIN) $(INTEG_BIN) $(HELPER_BIN) $(REL)/modelprepd $(REL_TOOLS)
 
@@ -160,14 +170,16 @@ $(CUDA_DIR)/obj/gen/assets.o: $(REL)/gen/assets.c
 
 $(CUDA_DIR)/libmodelprep.a: $(CUDA_OBJ) $(CUDA_DIR)/obj/gen/assets.o
 	@rm -f $@
-	ar rcs $@ $^
+	@ar rcs $@ $^
 
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart -lstdc++
 $(CUDA_DIR)/modelprepd: $(CUDA_DIR)/obj/server/main.o $(CUDA_DIR)/libmodelprep.a
-	$(CC) -o $@ $^ $(LDLIBS_ALL) $(CUDA_LIBS)
+	@echo "  LD      $@"
+	@$(CC) -o $@ $^ $(LDLIBS_ALL) $(CUDA_LIBS)
 
 $(CUDA_DIR)/%: $(CUDA_DIR)/obj/tools/%.o $(CUDA_DIR)/libmodelprep.a
-	$(CC) -o $@ $^ $(LDLIBS_ALL) $(CUDA_LIBS)
+	@echo "  LD      $@"
+	@$(CC) -o $@ $^ $(LDLIBS_ALL) $(CUDA_LIBS)
 
 cuda: $(CUDA_DIR)/modelprepd $(patsubst tools/%.c,$(CUDA_DIR)/%,$(TOOL_SRC))
 

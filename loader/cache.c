@@ -43,7 +43,7 @@ json_t *cache_formats_of(json_t *names) {
     return out;
 }
 
-static bool lfs_sha(const char *path, char *out) {
+bool cache_blob_sha256(const char *path, char *out) {
     char target[PATH_MAX];
     ssize_t n = readlink(path, target, sizeof target - 1);
     if (n <= 0) return false;
@@ -81,7 +81,7 @@ static int walk_snapshot(const char *root, const char *rel, int depth, json_t *n
         if (files) {
             char sha[65];
             json_t *jsha = json_null();
-            if (lfs_sha(abs, sha))
+            if (cache_blob_sha256(abs, sha))
                 jsha = json_string(sha);
             else if ((uint64_t)st.st_size <= CACHE_HASH_SMALL &&
                      fs_sha256_file(abs, sha, NULL, NULL, NULL) == 0)

@@ -6,6 +6,7 @@
 #ifndef MP_LOADER_CACHE_H
 #define MP_LOADER_CACHE_H
 #include <jansson.h>
+#include <stdbool.h>
 #include "util/error.h"
 
 /* Every cached (repo, revision): [{"model","revision","commit","path",
@@ -20,4 +21,8 @@ int cache_evict(const char *hub_cache, const char *repo, mp_error *err);
 /* Weight formats present among a snapshot's file names ("safetensors",
  * "pt", "gguf", "npy"). */
 json_t *cache_formats_of(json_t *names);
+/* For a snapshot symlink into blobs/ named by 64 hex digits (an LFS blob,
+ * named by its sha256 as the hub advertised it): that sha256 into out (65
+ * bytes). False for anything else. */
+bool cache_blob_sha256(const char *path, char *out);
 #endif

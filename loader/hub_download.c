@@ -62,14 +62,14 @@ static int dl_progress(void *arg, uint64_t bytes) {
 }
 
 static bool blob_present(const char *blobs, const hub_file *f) {
-    char path[PATH_MAX];
+    char path[PATH_MAX + 128];
     struct stat st;
     snprintf(path, sizeof path, "%s/%s", blobs, f->etag);
     return stat(path, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_size == f->size;
 }
 
 static uint64_t partial_bytes(const char *blobs, const hub_file *f) {
-    char path[PATH_MAX];
+    char path[PATH_MAX + 128];
     struct stat st;
     snprintf(path, sizeof path, "%s/%s.incomplete", blobs, f->etag);
     return stat(path, &st) == 0 && (uint64_t)st.st_size <= f->size ? (uint64_t)st.st_size : 0;
@@ -171,7 +171,7 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
             if (fetch_batch(&d, &xo, &l, &k, 1, &stats, err) != 0) goto out;
             fetched[k] = true;
         }
-        char path[PATH_MAX + 80];
+        char path[PATH_MAX + 128];
         size_t len;
         snprintf(path, sizeof path, "%s/%s", blobs, l.files[k].etag);
         if (fs_read_all(path, 64u << 20, &index_text, &len, err) != 0) goto out;
@@ -195,7 +195,7 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
         if (blob_present(blobs, f)) {
             reused += f->size;
             if (!f->lfs) {
-                char path[PATH_MAX + 80];
+                char path[PATH_MAX + 128];
                 snprintf(path, sizeof path, "%s/%s", blobs, f->etag);
                 if (fs_sha256_file(path, f->sha256, NULL, NULL, err) != 0) goto out;
             }

@@ -598,6 +598,13 @@ static void *worker_main(void *arg) {
             CURLcode cc = m->data.result;
             curl_multi_remove_handle(w->multi, c->e);
             c->busy = false;
+            if (c->ck && cc == CURLE_OK && c->ck->got > c->ck->got_at_start) {
+                /* start writing the chunk back now, so that the fsync before
+                 * the blob's rename finds little left to do */
+                sync_file_range(c->xf->fd, (off64_t)(c->ck->off + c->ck->got_at_start),
+                                (off64_t)(c->ck->got - c->ck->got_at_start),
+                                SYNC_FILE_RANGE_WRITE);
+            }
             pthread_mutex_lock(&t->mu);
             int r = c->ck ? chunk_done(t, c, cc, &e) : probe_done(t, c, cc, &e);
             if (r != 0) fail_locked(t, &e);

@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "loader/cache.h"
 #include "store/store.h"
 #include "util/fsutil.h"
 #include "util/jobtype.h"
@@ -102,22 +103,6 @@ static int walk(const char *root, const char *rel, vlist *l, int depth, mp_error
     return rc;
 }
 
-/* For a hub snapshot symlink ".../blobs/<64 hex>" the blob name is the LFS
- * sha256 the hub advertised. */
-static bool blob_sha256(const char *abs, char *out) {
-    char target[PATH_MAX];
-    ssize_t n = readlink(abs, target, sizeof target - 1);
-    if (n <= 0) return false;
-    target[n] = 0;
-    const char *base = strrchr(target, '/');
-    base = base ? base + 1 : target;
-    if (strlen(base) != 64) return false;
-    for (int i = 0; i < 64; i++)
-        if (!strchr("0123456789abcdef", base[i])) return false;
-    memcpy(out, base, 65);
-    return true;
-}
-
 typedef struct vprog {
     mp_task *t;
     uint64_t base, total;
@@ -164,7 +149,7 @@ static int verify_run(mp_task *t) {
         const char *rec_sha = json_string_value(json_object_get(rec, "sha256"));
         if (rec_sha)
             snprintf(expected, sizeof expected, "%s", rec_sha);
-        else if (!blob_sha256(l.v[i].abs, expected))
+        else if (!cache_blob_sha256(l.v[i].abs, expected))
             expected[0] = 0;
         bool ok;
         if (expected[0]) {

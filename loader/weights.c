@@ -534,6 +534,40 @@ static bool strides_contiguous(const mp_tensor *t) {
 
 /* Copies the view out of src, where src points at storage element `base`
  * (so element e of the storage is at src + (e - base) * es). */
+/* One element of es bytes; a switch on the size lets the compiler emit a
+ * plain load/store instead of a memcpy call per element. */
+static inline void copy_elem(char *d, const char *s, size_t es) {
+    switch (es) {
+    case 1: *d = *s; break;
+    case 2: memcpy(d, s, 2); break;
+    case 4: memcpy(d, s, 4); break;
+    case 8: memcpy(d, s, 8); break;
+    default: memcpy(d, s, es);
+    }
+}
+
+/* The two innermost dims of a view whose last stride is not 1 (a saved
+ * transpose): copied in square tiles so that both the reads and the writes
+ * stay within a few cache lines per row. */
+#define GATHER_TILE 64
+static void gather_2d(char *dst, const char *src, int64_t off, int64_t rows, int64_t cols,
+                      int64_t rs, int64_t cs, size_t es) {
+    for (int64_t i0 = 0; i0 < rows; i0 += GATHER_TILE) {
+        int64_t i1 = i0 + GATHER_TILE < rows ? i0 + GATHER_TILE : rows;
+        for (int64_t j0 = 0; j0 < cols; j0 += GATHER_TILE) {
+            int64_t j1 = j0 + GATHER_TILE < cols ? j0 + GATHER_TILE : cols;
+            for (int64_t i = i0; i < i1; i++) {
+                const char *s = src + (off + i * rs + j0 * cs) * (int64_t)es;
+                char *d = dst + (size_t)(i * cols + j0) * es;
+                for (int64_t j = j0; j < j1; j++, s += cs * (int64_t)es, d += es)
+                    copy_elem(d, s, es);
+            }
+        }
+    }
+}
+
+/* Copies the view out of src, where src points at storage element `base`
+ * (so element e of the storage is at src + (e - base) * es). */
 static void gather(char *dst, const char *src, int64_t base, const mp_tensor *t, size_t es) {
     int nd = t->ndim;
     int64_t off = t->storage_offset - base;
@@ -542,18 +576,25 @@ static void gather(char *dst, const char *src, int64_t base, const mp_tensor *t,
         return;
     }
     int64_t inner = t->shape[nd - 1], istr = t->strides[nd - 1];
+    /* strided innermost dim: walk the two innermost dims as tiles */
+    int tiled = istr != 1 && nd >= 2;
+    int last_outer = tiled ? nd - 3 : nd - 2;
     int64_t idx[MP_MAX_DIMS] = {0};
     for (;;) {
-        if (istr == 1) {
+        if (tiled) {
+            int64_t rows = t->shape[nd - 2];
+            gather_2d(dst, src, off, rows, inner, t->strides[nd - 2], istr, es);
+            dst += (size_t)(rows * inner) * es;
+        } else if (istr == 1) {
             memcpy(dst, src + off * (int64_t)es, (size_t)inner * es);
             dst += (size_t)inner * es;
         } else {
             for (int64_t j = 0; j < inner; j++) {
-                memcpy(dst, src + (off + j * istr) * (int64_t)es, es);
+                copy_elem(dst, src + (off + j * istr) * (int64_t)es, es);
                 dst += es;
             }
         }
-        int d = nd - 2;
+        int d = last_outer;
         for (; d >= 0; d--) {
             off += t->strides[d];
             if (++idx[d] < t->shape[d]) break;
