@@ -148,20 +148,29 @@ pytest: test-build
 	@BUILD=$(BUILD) bash scripts/run-tests.sh py
 
 # --- CUDA backend --------------------------------------------------------------
-NVCC ?= nvcc
+# Core C sources again with -DMP_HAVE_CUDA=1, gpu/*.cu with nvcc, cudart linked
+# statically so the binary needs only the driver (libcuda, dlopen'ed by cudart;
+# without one it runs on the host backend). tests/cuda/* are built here only
+# and run only on a GPU machine (scripts/gpu-check.sh).
 CUDA_HOME ?= /usr/local/cuda
+NVCC ?= $(shell command -v nvcc 2>/dev/null || echo $(CUDA_HOME)/bin/nvcc)
 CU_SRC := $(wildcard gpu/*.cu)
 CUDA_DIR := $(BUILD)/cuda
 CUDA_OBJ := $(patsubst %.c,$(CUDA_DIR)/obj/%.o,$(CORE_SRC)) $(patsubst %.cu,$(CUDA_DIR)/obj/%.cu.o,$(CU_SRC))
-NVCC_FLAGS ?= -O2 -std=c++17 -Xcompiler -fPIC -I. -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80
+CUDA_ARCHS ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
+NVCC_FLAGS ?= -O2 -std=c++17 -Xcompiler -fPIC,-Wall -I. $(CUDA_ARCHS)
+CUDA_TEST_SRC := $(wildcard tests/cuda/*.c)
+CUDA_TEST_BIN := $(patsubst tests/cuda/%.c,$(CUDA_DIR)/tests/cuda/%,$(CUDA_TEST_SRC))
 
 $(CUDA_DIR)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_COMMON) $(OPT_FLAGS) -DMP_HAVE_CUDA=1 -I$(CUDA_HOME)/include -c $< -o $@
+	@echo "  CC/CUDA $<"
+	@$(CC) $(CFLAGS_COMMON) $(OPT_FLAGS) -DMP_HAVE_CUDA=1 -isystem $(CUDA_HOME)/include -c $< -o $@
 
 $(CUDA_DIR)/obj/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCC_FLAGS) -DMP_HAVE_CUDA=1 -c $< -o $@
+	@echo "  NVCC    $<"
+	@$(NVCC) $(NVCC_FLAGS) -DMP_HAVE_CUDA=1 -MMD -MP -MF $(@:.o=.d) -c $< -o $@
 
 $(CUDA_DIR)/obj/gen/assets.o: $(REL)/gen/assets.c
 	@mkdir -p $(dir $@)
@@ -172,21 +181,26 @@ $(CUDA_DIR)/libmodelprep.a: $(CUDA_OBJ) $(CUDA_DIR)/obj/gen/assets.o
 	@rm -f $@
 	@ar rcs $@ $^
 
-CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart -lstdc++
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -lrt -ldl -lpthread -lstdc++
 $(CUDA_DIR)/modelprepd: $(CUDA_DIR)/obj/server/main.o $(CUDA_DIR)/libmodelprep.a
 	@echo "  LD      $@"
 	@$(CC) -o $@ $^ $(LDLIBS_ALL) $(CUDA_LIBS)
+
+$(CUDA_DIR)/tests/cuda/%: $(CUDA_DIR)/obj/tests/cuda/%.o $(CUDA_DIR)/libmodelprep.a
+	@mkdir -p $(dir $@)
+	@echo "  LD      $@"
+	@$(CC) -o $@ $^ $(LDLIBS_ALL) $(CUDA_LIBS) -lcmocka
 
 $(CUDA_DIR)/%: $(CUDA_DIR)/obj/tools/%.o $(CUDA_DIR)/libmodelprep.a
 	@echo "  LD      $@"
 	@$(CC) -o $@ $^ $(LDLIBS_ALL) $(CUDA_LIBS)
 
-cuda: $(CUDA_DIR)/modelprepd $(patsubst tools/%.c,$(CUDA_DIR)/%,$(TOOL_SRC))
+cuda: $(CUDA_DIR)/modelprepd $(patsubst tools/%.c,$(CUDA_DIR)/%,$(TOOL_SRC)) $(CUDA_TEST_BIN)
 
 # Builds and links the CUDA backend when nvcc exists (no GPU needed to link).
 cuda-check:
-	@if command -v $(NVCC) >/dev/null 2>&1 || [ -x $(CUDA_HOME)/bin/nvcc ]; then \
-	  PATH=$$PATH:$(CUDA_HOME)/bin $(MAKE) --no-print-directory cuda && echo "cuda build: ok"; \
+	@if command -v nvcc >/dev/null 2>&1 || [ -x $(CUDA_HOME)/bin/nvcc ]; then \
+	  $(MAKE) --no-print-directory cuda && echo "cuda build: ok"; \
 	else echo "cuda build: skipped (no nvcc)"; fi
 
 bench: deps all

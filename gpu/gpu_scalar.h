@@ -15,9 +15,7 @@
 #define MP_GPU_GPU_SCALAR_H
 
 #include <stdint.h>
-#ifndef __CUDACC__
 #include <string.h>
-#endif
 
 #ifdef __CUDACC__
 #define GPU_HD static inline __host__ __device__

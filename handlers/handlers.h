@@ -23,4 +23,6 @@ void h_residents_list(http_req *rq, http_resp *rs);
 void h_residents_get(http_req *rq, http_resp *rs);
 void h_residents_delete(http_req *rq, http_resp *rs);
 void h_residents_digest(http_req *rq, http_resp *rs);
+void h_dashboard(http_req *rq, http_resp *rs);
+void h_ui_asset(http_req *rq, http_resp *rs);
 #endif

@@ -42,10 +42,10 @@ typedef enum hub_load_format {
 
 /* One entry of the hub's file listing (siblings of ?blobs=true). */
 typedef struct hub_file {
-    char *name;         /* path in the repo, checked by hub_path_safe() */
+    char *name; /* path in the repo, checked by hub_path_safe() */
     uint64_t size;
-    char etag[65];      /* blob name in the cache: lfs sha256 or git blob sha1 */
-    char sha256[65];    /* known sha256 (LFS), else "" until hashed */
+    char etag[65];   /* blob name in the cache: lfs sha256 or git blob sha1 */
+    char sha256[65]; /* known sha256 (LFS), else "" until hashed */
     bool lfs;
     bool selected;
 } hub_file;
@@ -78,9 +78,9 @@ bool hub_is_training_artifact(const char *path);
  * the repo has one (NULL otherwise). *needs_index is set when the caller
  * must fetch that index and call again. Fails "file_not_found" when the
  * format finds no weights or nothing is left after the patterns. */
-int hub_select_files(hub_listing *l, hub_load_format fmt, const char *const *allow,
-                     size_t nallow, const char *const *ignore, size_t nignore,
-                     const char *index_json, bool *needs_index, mp_error *err);
+int hub_select_files(hub_listing *l, hub_load_format fmt, const char *const *allow, size_t nallow,
+                     const char *const *ignore, size_t nignore, const char *index_json,
+                     bool *needs_index, mp_error *err);
 #define HUB_SAFE_INDEX "model.safetensors.index.json"
 
 /* ---- hub_cache.c --------------------------------------------------------- */
@@ -103,8 +103,8 @@ int hub_lock_path(char *buf, size_t n, const char *cache, const char *repo);
 /* refs/<revision> := commit (tmp + rename); revision must be path-safe. */
 int hub_write_ref(const char *repo_dir, const char *revision, const char *commit, mp_error *err);
 /* snapshots/<commit>/<path> -> blob, replacing what is there atomically. */
-int hub_publish_link(const char *repo_dir, const char *commit, const char *path,
-                     const char *etag, mp_error *err);
+int hub_publish_link(const char *repo_dir, const char *commit, const char *path, const char *etag,
+                     mp_error *err);
 /* Free bytes on the file system holding path. */
 int hub_free_bytes(const char *path, uint64_t *out, mp_error *err);
 
@@ -153,6 +153,7 @@ typedef struct hub_xfer_opts {
     const char *blobs_dir;
     int connections;
     uint64_t chunk_bytes;
+    bool no_fsync; /* see hub_download_opts */
     /* Called often from the transfer loop with the bytes of this batch that
      * are on disk; non-zero cancels. */
     int (*progress)(void *arg, uint64_t done_bytes);
@@ -177,16 +178,20 @@ typedef struct hub_download_opts {
     const char *token;
     const char *cache_dir;
     const char *repo;
-    const char *revision; /* NULL: "main" */
+    const char *revision;   /* NULL: "main" */
     const char *pin_commit; /* from a checkpoint: finish this commit */
     hub_load_format load_format;
     const char *const *allow;
     size_t nallow; /* allow == NULL: no allow list */
     const char *const *ignore;
     size_t nignore;
-    int connections;     /* 0: default */
+    int connections;      /* 0: default */
     uint64_t chunk_bytes; /* 0: default */
-    int max_retries;     /* < 0: default */
+    /* Blobs are fsync'ed before they are renamed into place, so a power cut
+     * cannot leave a wrong blob under a sha256 name. Only benchmarks comparing
+     * with tools that do not sync turn this off. */
+    bool no_fsync;
+    int max_retries;       /* < 0: default */
     double backoff_base_s; /* 0: 0.3 */
 } hub_download_opts;
 

@@ -67,11 +67,13 @@ int hub_link_target(char *buf, size_t n, const char *path, const char *etag, mp_
         return mp_err(err, "unsafe_path", "refusing path %s", path);
     /* snapshots/<commit>/<dirs...>/file: up once per dir, then commit, then snapshots */
     size_t ups = 2;
-    for (const char *c = path; *c; c++) ups += (*c == '/');
+    for (const char *c = path; *c; c++)
+        ups += (*c == '/');
     size_t need = ups * 3 + strlen("blobs/") + strlen(etag) + 1;
     if (need > n) return mp_err(err, "bad_path", "path too deep");
     buf[0] = 0;
-    for (size_t i = 0; i < ups; i++) strcat(buf, "../");
+    for (size_t i = 0; i < ups; i++)
+        strcat(buf, "../");
     strcat(buf, "blobs/");
     strcat(buf, etag);
     return 0;
@@ -133,8 +135,8 @@ int hub_write_ref(const char *repo_dir, const char *revision, const char *commit
     return fs_write_atomic(path, commit, 40, err);
 }
 
-int hub_publish_link(const char *repo_dir, const char *commit, const char *path,
-                     const char *etag, mp_error *err) {
+int hub_publish_link(const char *repo_dir, const char *commit, const char *path, const char *etag,
+                     mp_error *err) {
     char target[4096], link[4096], tmp[4200];
     if (!hub_is_commit(commit)) return mp_err(err, "bad_response", "invalid commit");
     if (hub_link_target(target, sizeof target, path, etag, err) != 0) return -1;
@@ -164,7 +166,8 @@ int hub_publish_link(const char *repo_dir, const char *commit, const char *path,
 
 int hub_free_bytes(const char *path, uint64_t *out, mp_error *err) {
     struct statvfs sv;
-    if (statvfs(path, &sv) != 0) return mp_err(err, "io_error", "statvfs %s: %s", path, strerror(errno));
+    if (statvfs(path, &sv) != 0)
+        return mp_err(err, "io_error", "statvfs %s: %s", path, strerror(errno));
     uint64_t v;
     if (__builtin_mul_overflow((uint64_t)sv.f_bavail, (uint64_t)sv.f_frsize, &v)) v = UINT64_MAX;
     *out = v;

@@ -75,6 +75,22 @@ static uint64_t partial_bytes(const char *blobs, const hub_file *f) {
     return stat(path, &st) == 0 && (uint64_t)st.st_size <= f->size ? (uint64_t)st.st_size : 0;
 }
 
+typedef struct ekey {
+    const char *etag;
+    size_t i;
+} ekey;
+
+static int cmp_ekey(const void *a, const void *b) {
+    const ekey *x = a, *y = b;
+    int c = strcmp(x->etag, y->etag);
+    return c ? c : (x->i > y->i) - (x->i < y->i);
+}
+
+static int cmp_size(const void *a, const void *b) {
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    return (x > y) - (x < y);
+}
+
 static int fetch_batch(dl *d, hub_xfer_opts *xo, hub_listing *l, const size_t *idx, size_t n,
                        hub_xfer_stats *acc, mp_error *err) {
     if (n == 0) return 0;
@@ -101,11 +117,13 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
 
     char endpoint[2048];
     const char *ep = o->endpoint && *o->endpoint ? o->endpoint : HUB_DEFAULT_ENDPOINT;
-    if (strlen(ep) >= sizeof endpoint) return mp_err_field(err, "endpoint", "bad_request", "endpoint too long");
+    if (strlen(ep) >= sizeof endpoint)
+        return mp_err_field(err, "endpoint", "bad_request", "endpoint too long");
     if (strncmp(ep, "http://", 7) != 0 && strncmp(ep, "https://", 8) != 0)
         return mp_err_field(err, "endpoint", "bad_request", "endpoint must be an http(s) URL");
     strcpy(endpoint, ep);
-    for (size_t n = strlen(endpoint); n > 0 && endpoint[n - 1] == '/'; n--) endpoint[n - 1] = 0;
+    for (size_t n = strlen(endpoint); n > 0 && endpoint[n - 1] == '/'; n--)
+        endpoint[n - 1] = 0;
 
     hub_conn_opts conn = {
         .endpoint = endpoint,
@@ -127,7 +145,7 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
 
     char repo_dir[PATH_MAX], blobs[PATH_MAX + 8], snap[PATH_MAX + 64];
     int rc = -1, lock_fd = -1;
-    size_t *idx = NULL;
+    size_t *idx = NULL, *primary = NULL; /* primary[i]: 1 + the file whose blob i shares */
     char *index_text = NULL;
     bool *fetched = NULL;
     json_t *files = NULL;
@@ -142,7 +160,8 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
 
     idx = calloc(l.nfiles ? l.nfiles : 1, sizeof *idx);
     fetched = calloc(l.nfiles ? l.nfiles : 1, sizeof *fetched);
-    if (!idx || !fetched) {
+    primary = calloc(l.nfiles ? l.nfiles : 1, sizeof *primary);
+    if (!idx || !fetched || !primary) {
         mp_err(err, "internal", "out of memory");
         goto out;
     }
@@ -150,8 +169,10 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
                         .repo = o->repo,
                         .commit = l.commit,
                         .blobs_dir = blobs,
-                        .connections = o->connections > 0 ? o->connections : HUB_DEFAULT_CONNECTIONS,
-                        .chunk_bytes = chunk};
+                        .connections =
+                            o->connections > 0 ? o->connections : HUB_DEFAULT_CONNECTIONS,
+                        .chunk_bytes = chunk,
+                        .no_fsync = o->no_fsync};
     hub_xfer_stats stats = {0};
 
     bool needs_index = false;
@@ -161,7 +182,8 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
     if (needs_index) {
         /* SGLang reads the index to drop shards it does not name: fetch it first */
         size_t k = 0;
-        while (k < l.nfiles && strcmp(l.files[k].name, HUB_SAFE_INDEX) != 0) k++;
+        while (k < l.nfiles && strcmp(l.files[k].name, HUB_SAFE_INDEX) != 0)
+            k++;
         if (l.files[k].size > (64u << 20)) {
             mp_err(err, "bad_response", "%s is implausibly large", HUB_SAFE_INDEX);
             goto out;
@@ -181,7 +203,7 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
     }
 
     /* what the cache already has, what must come over the network */
-    uint64_t reused = 0, need = 0;
+    uint64_t reused = 0, need = 0, dups = 0;
     size_t n = 0;
     d.total = 0;
     for (size_t i = 0; i < l.nfiles; i++) {
@@ -201,9 +223,36 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
             }
             continue;
         }
-        need += f->size - partial_bytes(blobs, f);
         idx[n++] = i;
     }
+    /* Files with the same bytes (empty files, copies) share one blob: fetch
+     * it once and copy its sha256 to the others afterwards. */
+    if (n > 1) {
+        ekey *keys = calloc(n, sizeof *keys);
+        if (!keys) {
+            mp_err(err, "internal", "out of memory");
+            goto out;
+        }
+        for (size_t k = 0; k < n; k++)
+            keys[k] = (ekey){l.files[idx[k]].etag, idx[k]};
+        qsort(keys, n, sizeof *keys, cmp_ekey);
+        size_t m = 0;
+        for (size_t k = 0; k < n; k++) {
+            if (k > 0 && strcmp(keys[k].etag, keys[m - 1].etag) == 0) {
+                primary[keys[k].i] = keys[m - 1].i + 1;
+                dups += l.files[keys[k].i].size;
+                continue;
+            }
+            keys[m++] = keys[k];
+        }
+        for (size_t k = 0; k < m; k++)
+            idx[k] = keys[k].i;
+        n = m;
+        free(keys);
+        qsort(idx, n, sizeof *idx, cmp_size);
+    }
+    for (size_t k = 0; k < n; k++)
+        need += l.files[idx[k]].size - partial_bytes(blobs, &l.files[idx[k]]);
     uint64_t free_b = 0;
     if (hub_free_bytes(blobs, &free_b, err) != 0) goto out;
     if (need + SPACE_MARGIN > free_b) {
@@ -213,12 +262,18 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
     }
     logf_(&d, "info", "%zu files to fetch (%llu bytes), %llu bytes already cached", n,
           (unsigned long long)need, (unsigned long long)reused);
-    d.base_done = reused;
+    d.base_done = reused + dups;
     for (size_t i = 0; i < l.nfiles; i++)
         if (fetched[i] && l.files[i].selected) d.base_done += l.files[i].size;
     if (fetch_batch(&d, &xo, &l, idx, n, &stats, err) != 0) goto out;
-    if (stats.resumed) logf_(&d, "info", "resumed %llu bytes from an earlier run",
-                             (unsigned long long)stats.resumed);
+    if (stats.resumed)
+        logf_(&d, "info", "resumed %llu bytes from an earlier run",
+              (unsigned long long)stats.resumed);
+
+    for (size_t i = 0; i < l.nfiles; i++)
+        if (primary[i])
+            memcpy(l.files[i].sha256, l.files[primary[i] - 1].sha256, sizeof l.files[i].sha256);
+    reused += dups;
 
     /* publish: every blob is verified and in place */
     files = json_array();
@@ -236,10 +291,10 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
     if (strcmp(revision, l.commit) != 0 && hub_write_ref(repo_dir, revision, l.commit, err) != 0)
         goto out;
     fs_sync_parent(snap);
-    *result = json_pack("{s:s,s:s,s:s,s:o,s:I,s:I,s:I,s:f}", "commit", l.commit, "revision", revision,
-                        "path", snap, "files", files, "bytes_downloaded",
-                        (json_int_t)stats.downloaded, "bytes_reused", (json_int_t)reused, "bytes_resumed", (json_int_t)stats.resumed,
-                        "seconds", time_mono() - t0);
+    *result = json_pack("{s:s,s:s,s:s,s:o,s:I,s:I,s:I,s:f}", "commit", l.commit, "revision",
+                        revision, "path", snap, "files", files, "bytes_downloaded",
+                        (json_int_t)stats.downloaded, "bytes_reused", (json_int_t)reused,
+                        "bytes_resumed", (json_int_t)stats.resumed, "seconds", time_mono() - t0);
     files = NULL;
     if (!*result) {
         mp_err(err, "internal", "out of memory");
@@ -252,6 +307,7 @@ out:
     if (lock_fd >= 0) close(lock_fd);
     free(index_text);
     free(idx);
+    free(primary);
     free(fetched);
     hub_listing_free(&l);
     return rc;

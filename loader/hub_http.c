@@ -21,7 +21,8 @@
 
 void hub_listing_free(hub_listing *l) {
     if (!l) return;
-    for (size_t i = 0; i < l->nfiles; i++) free(l->files[i].name);
+    for (size_t i = 0; i < l->nfiles; i++)
+        free(l->files[i].name);
     free(l->files);
     l->files = NULL;
     l->nfiles = 0;
@@ -31,13 +32,15 @@ void hub_listing_free(hub_listing *l) {
 
 double hub_parse_retry_after(const char *value, time_t now) {
     if (!value) return -1;
-    while (*value == ' ' || *value == '\t') value++;
+    while (*value == ' ' || *value == '\t')
+        value++;
     if (!*value) return -1;
     if (isdigit((unsigned char)*value)) {
         char *end;
         errno = 0;
         unsigned long long v = strtoull(value, &end, 10);
-        while (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n') end++;
+        while (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n')
+            end++;
         if (*end || errno) return -1;
         return v > 600 ? 600 : (double)v;
     }
@@ -63,10 +66,12 @@ const char *hub_error_code(long status, const char *x, bool api) {
 
 bool hub_normalize_etag(const char *in, char *out, size_t n) {
     if (!in || n < 65) return false;
-    while (*in == ' ') in++;
+    while (*in == ' ')
+        in++;
     if (strncmp(in, "W/", 2) == 0) in += 2;
     size_t len = strlen(in);
-    while (len > 0 && (in[len - 1] == ' ' || in[len - 1] == '\r' || in[len - 1] == '\n')) len--;
+    while (len > 0 && (in[len - 1] == ' ' || in[len - 1] == '\r' || in[len - 1] == '\n'))
+        len--;
     if (len >= 2 && in[0] == '"' && in[len - 1] == '"') {
         in++;
         len -= 2;
@@ -222,7 +227,8 @@ void hub_hdrs_reset(hub_hdrs *h) {
 }
 
 static void copy_value(char *dst, size_t n, const char *v, size_t len) {
-    while (len > 0 && (v[len - 1] == '\r' || v[len - 1] == '\n' || v[len - 1] == ' ')) len--;
+    while (len > 0 && (v[len - 1] == '\r' || v[len - 1] == '\n' || v[len - 1] == ' '))
+        len--;
     if (len >= n) len = n - 1;
     memcpy(dst, v, len);
     dst[len] = 0;
@@ -239,15 +245,22 @@ size_t hub_header_cb(char *buf, size_t size, size_t n, void *arg) {
     if (!colon) return len;
     size_t klen = (size_t)(colon - buf);
     const char *v = colon + 1;
-    while (v < buf + len && (*v == ' ' || *v == '\t')) v++;
+    while (v < buf + len && (*v == ' ' || *v == '\t'))
+        v++;
     size_t vlen = (size_t)(buf + len - v);
 #define IS(name) (klen == sizeof(name) - 1 && strncasecmp(buf, name, klen) == 0)
-    if (IS("X-Error-Code")) copy_value(h->x_error_code, sizeof h->x_error_code, v, vlen);
-    else if (IS("Retry-After")) copy_value(h->retry_after, sizeof h->retry_after, v, vlen);
-    else if (IS("X-Linked-Etag")) copy_value(h->linked_etag, sizeof h->linked_etag, v, vlen);
-    else if (IS("ETag")) copy_value(h->etag, sizeof h->etag, v, vlen);
-    else if (IS("X-Repo-Commit")) copy_value(h->repo_commit, sizeof h->repo_commit, v, vlen);
-    else if (IS("Content-Range")) copy_value(h->content_range, sizeof h->content_range, v, vlen);
+    if (IS("X-Error-Code"))
+        copy_value(h->x_error_code, sizeof h->x_error_code, v, vlen);
+    else if (IS("Retry-After"))
+        copy_value(h->retry_after, sizeof h->retry_after, v, vlen);
+    else if (IS("X-Linked-Etag"))
+        copy_value(h->linked_etag, sizeof h->linked_etag, v, vlen);
+    else if (IS("ETag"))
+        copy_value(h->etag, sizeof h->etag, v, vlen);
+    else if (IS("X-Repo-Commit"))
+        copy_value(h->repo_commit, sizeof h->repo_commit, v, vlen);
+    else if (IS("Content-Range"))
+        copy_value(h->content_range, sizeof h->content_range, v, vlen);
     else if (IS("X-Linked-Size")) {
         char tmp[32];
         copy_value(tmp, sizeof tmp, v, vlen);
@@ -348,7 +361,8 @@ static size_t body_cb(char *data, size_t size, size_t n, void *arg) {
     }
     if (b->len + len + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 65536;
-        while (cap < b->len + len + 1) cap *= 2;
+        while (cap < b->len + len + 1)
+            cap *= 2;
         char *p = realloc(b->p, cap);
         if (!p) return 0;
         b->p = p;
@@ -366,8 +380,8 @@ int hub_fetch_listing(const hub_conn_opts *c, const char *repo, const char *revi
     if (!hub_repo_id_valid(repo)) return mp_err(err, "bad_request", "invalid repo id");
     if (hub_url_quote(qrev, sizeof qrev, revision, false) != 0)
         return mp_err(err, "bad_request", "revision too long");
-    int w = snprintf(url, sizeof url, "%s/api/models/%s/revision/%s?blobs=true", c->endpoint,
-                     repo, qrev);
+    int w = snprintf(url, sizeof url, "%s/api/models/%s/revision/%s?blobs=true", c->endpoint, repo,
+                     qrev);
     if (w < 0 || (size_t)w >= sizeof url) return mp_err(err, "bad_request", "endpoint too long");
     uint64_t seed = (uint64_t)time(NULL) ^ ((uint64_t)(uintptr_t)out << 16);
     for (int attempt = 0;; attempt++) {
@@ -402,7 +416,8 @@ int hub_fetch_listing(const hub_conn_opts *c, const char *repo, const char *revi
             return rc;
         }
         free(body.p);
-        if (body.too_big) return mp_err(err, "bad_response", "hub listing over %u bytes", LISTING_MAX_BYTES);
+        if (body.too_big)
+            return mp_err(err, "bad_response", "hub listing over %u bytes", LISTING_MAX_BYTES);
         if (cc == CURLE_OK) {
             const char *code = hub_error_code(status, h.x_error_code, true);
             if (code)

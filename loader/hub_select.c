@@ -29,14 +29,16 @@ static size_t class_match(const char *p, char c, bool *hit) {
     }
     size_t first = i;
     if (p[i] == ']') i++;
-    while (p[i] && p[i] != ']') i++;
+    while (p[i] && p[i] != ']')
+        i++;
     if (!p[i]) return 0;
     size_t last = i; /* contents are p[first, last) */
     bool in = false;
     for (size_t k = first; k < last;) {
         if (k + 2 < last && p[k + 1] == '-') {
             /* Python drops reversed ranges: they match nothing. */
-            if ((unsigned char)p[k] <= (unsigned char)c && (unsigned char)c <= (unsigned char)p[k + 2])
+            if ((unsigned char)p[k] <= (unsigned char)c &&
+                (unsigned char)c <= (unsigned char)p[k + 2])
                 in = true;
             k += 3;
         } else {
@@ -53,7 +55,8 @@ bool hub_fnmatch(const char *pattern, const char *name) {
     const char *star_p = NULL, *star_s = NULL;
     while (*s) {
         if (*p == '*') {
-            while (*p == '*') p++;
+            while (*p == '*')
+                p++;
             star_p = p;
             star_s = s;
             continue;
@@ -83,7 +86,8 @@ bool hub_fnmatch(const char *pattern, const char *name) {
         p = star_p;
         s = ++star_s;
     }
-    while (*p == '*') p++;
+    while (*p == '*')
+        p++;
     return *p == 0;
 }
 
@@ -93,7 +97,8 @@ static bool pattern_hit(const char *pat, const char *path) {
     char buf[2 * HUB_MAX_PATH];
     size_t n = strlen(pat);
     if (n + 2 > sizeof buf) return false;
-    for (size_t i = 0; i < n; i++) buf[i] = pat[i] == '\\' ? '/' : pat[i];
+    for (size_t i = 0; i < n; i++)
+        buf[i] = pat[i] == '\\' ? '/' : pat[i];
     if (n > 0 && buf[n - 1] == '/') buf[n++] = '*';
     buf[n] = 0;
     return hub_fnmatch(buf, path);
@@ -104,10 +109,12 @@ bool hub_pattern_filter(const char *path, const char *const *allow, size_t nallo
     char norm[HUB_MAX_PATH + 1];
     size_t n = strlen(path);
     if (n > HUB_MAX_PATH) return false;
-    for (size_t i = 0; i <= n; i++) norm[i] = path[i] == '\\' ? '/' : path[i];
+    for (size_t i = 0; i <= n; i++)
+        norm[i] = path[i] == '\\' ? '/' : path[i];
     if (allow) {
         bool any = false;
-        for (size_t i = 0; i < nallow && !any; i++) any = pattern_hit(allow[i], norm);
+        for (size_t i = 0; i < nallow && !any; i++)
+            any = pattern_hit(allow[i], norm);
         if (!any) return false;
     }
     for (size_t i = 0; ignore && i < nignore; i++)
@@ -168,7 +175,7 @@ bool hub_is_training_artifact(const char *path) {
 /* Files a loader reads as weights. Anything else at the top level is
  * configuration, tokenizer or code and is always fetched. */
 static bool is_weight_file(const char *name) {
-    static const char *const ext[] = {".safetensors", ".bin", ".pt",  ".pth", ".gguf",
+    static const char *const ext[] = {".safetensors", ".bin", ".pt",      ".pth",  ".gguf",
                                       ".ckpt",        ".h5",  ".msgpack", ".onnx", ".ot",
                                       ".tflite",      ".npz", ".mlmodel"};
     for (size_t i = 0; i < sizeof ext / sizeof ext[0]; i++)
@@ -209,20 +216,26 @@ static void filter_by_index(hub_listing *l, const char *index_json) {
 
 static const char *fmt_name(hub_load_format f) {
     switch (f) {
-    case HUB_FMT_AUTO: return "auto";
-    case HUB_FMT_SAFETENSORS: return "safetensors";
-    case HUB_FMT_PT: return "pt";
-    case HUB_FMT_GGUF: return "gguf";
-    case HUB_FMT_ALL: return "all";
+    case HUB_FMT_AUTO:
+        return "auto";
+    case HUB_FMT_SAFETENSORS:
+        return "safetensors";
+    case HUB_FMT_PT:
+        return "pt";
+    case HUB_FMT_GGUF:
+        return "gguf";
+    case HUB_FMT_ALL:
+        return "all";
     }
     return "?";
 }
 
-int hub_select_files(hub_listing *l, hub_load_format fmt, const char *const *allow,
-                     size_t nallow, const char *const *ignore, size_t nignore,
-                     const char *index_json, bool *needs_index, mp_error *err) {
+int hub_select_files(hub_listing *l, hub_load_format fmt, const char *const *allow, size_t nallow,
+                     const char *const *ignore, size_t nignore, const char *index_json,
+                     bool *needs_index, mp_error *err) {
     *needs_index = false;
-    for (size_t i = 0; i < l->nfiles; i++) l->files[i].selected = (fmt == HUB_FMT_ALL);
+    for (size_t i = 0; i < l->nfiles; i++)
+        l->files[i].selected = (fmt == HUB_FMT_ALL);
 
     if (fmt != HUB_FMT_ALL) {
         static const char *const auto_g[] = {".safetensors", ".bin", ".pt", NULL};
@@ -252,7 +265,8 @@ int hub_select_files(hub_listing *l, hub_load_format fmt, const char *const *all
             if (!is_weight_file(f->name)) {
                 f->selected = true;
             } else if (ends_with(f->name, chosen)) {
-                f->selected = strcmp(chosen, ".safetensors") == 0 || !hub_is_training_artifact(f->name);
+                f->selected =
+                    strcmp(chosen, ".safetensors") == 0 || !hub_is_training_artifact(f->name);
                 nweights += f->selected;
             }
         }
@@ -285,7 +299,9 @@ int hub_select_files(hub_listing *l, hub_load_format fmt, const char *const *all
         n += f->selected;
     }
     if (n == 0)
-        return mp_err(err, "file_not_found", "no file of the repo matches load_format %s and the "
-                      "allow/ignore patterns", fmt_name(fmt));
+        return mp_err(err, "file_not_found",
+                      "no file of the repo matches load_format %s and the "
+                      "allow/ignore patterns",
+                      fmt_name(fmt));
     return 0;
 }

@@ -82,7 +82,7 @@ typedef struct hasher {
     xfile **done;
     size_t ndone;
     atomic_bool stop;
-    bool started;
+    bool started, no_fsync;
 } hasher;
 
 static void hash_file(hasher *hs, xfile *x) {
@@ -125,8 +125,8 @@ static void hash_file(hasher *hs, xfile *x) {
     fs_hex(md, mdlen, hex);
     if (x->f->lfs) {
         if (strcmp(hex, x->f->sha256) != 0) {
-            snprintf(x->hash_msg, sizeof x->hash_msg, "sha256 %.16s... != advertised %.16s...",
-                     hex, x->f->sha256);
+            snprintf(x->hash_msg, sizeof x->hash_msg, "sha256 %.16s... != advertised %.16s...", hex,
+                     x->f->sha256);
             goto out;
         }
     } else {
@@ -140,7 +140,7 @@ static void hash_file(hasher *hs, xfile *x) {
         }
         memcpy(x->f->sha256, hex, 65);
     }
-    if (fdatasync(x->fd) != 0) {
+    if (!hs->no_fsync && fdatasync(x->fd) != 0) {
         snprintf(x->hash_msg, sizeof x->hash_msg, "fsync %.100s: %s", x->part, strerror(errno));
         goto out;
     }
@@ -155,7 +155,8 @@ static void *hasher_main(void *arg) {
     hasher *hs = arg;
     pthread_mutex_lock(&hs->mu);
     for (;;) {
-        while (hs->qhead == hs->qtail && !atomic_load(&hs->stop)) pthread_cond_wait(&hs->cv, &hs->mu);
+        while (hs->qhead == hs->qtail && !atomic_load(&hs->stop))
+            pthread_cond_wait(&hs->cv, &hs->mu);
         if (atomic_load(&hs->stop)) break;
         xfile *x = hs->queue[hs->qhead++];
         pthread_mutex_unlock(&hs->mu);
@@ -255,8 +256,8 @@ static int xfile_open(xfer *t, xfile *x, mp_error *err) {
     if (hub_url_quote(qpath, sizeof qpath, x->f->name, true) != 0)
         return mp_err(err, "unsafe_path", "path too long");
     int w1 = snprintf(x->part, sizeof x->part, "%s/%s.incomplete", o->blobs_dir, x->f->etag);
-    int w2 = snprintf(x->ranges, sizeof x->ranges, "%s/%s.incomplete.ranges", o->blobs_dir,
-                      x->f->etag);
+    int w2 =
+        snprintf(x->ranges, sizeof x->ranges, "%s/%s.incomplete.ranges", o->blobs_dir, x->f->etag);
     int w3 = snprintf(x->blob, sizeof x->blob, "%s/%s", o->blobs_dir, x->f->etag);
     int w4 = snprintf(x->url, sizeof x->url, "%s/%s/resolve/%s/%s", o->conn.endpoint, o->repo,
                       o->commit, qpath);
@@ -314,7 +315,7 @@ static size_t chunk_write(char *d, size_t sz, size_t n, void *arg) {
                 return 0;
             }
         } else if (status == 200) {
-            if (ck->off + ck->got != 0) {
+            if (ck->off + ck->got != 0 || ck->len != x->f->size) {
                 /* the server ignored Range: fall back to one whole-file stream */
                 c->no_range = true;
                 return 0;
@@ -383,7 +384,9 @@ static int conn_start(xfer *t, conn *c, xfile *x, chunk *ck, mp_error *err) {
         snprintf(range, sizeof range, "%llu-%llu", (unsigned long long)(ck->off + ck->got),
                  (unsigned long long)(ck->off + ck->len - 1));
         curl_easy_setopt(c->e, CURLOPT_RANGE, range);
-        curl_easy_setopt(c->e, CURLOPT_FOLLOWLOCATION, x->data_url ? 0L : 1L);
+        /* also from the CDN URL, which may redirect again; libcurl drops
+         * the Authorization header when a redirect leaves the origin */
+        curl_easy_setopt(c->e, CURLOPT_FOLLOWLOCATION, 1L);
         curl_easy_setopt(c->e, CURLOPT_WRITEFUNCTION, chunk_write);
         curl_easy_setopt(c->e, CURLOPT_WRITEDATA, c);
         curl_easy_setopt(c->e, CURLOPT_BUFFERSIZE, 512L * 1024);
@@ -426,9 +429,9 @@ static int retry_or_fail(xfer *t, int *attempts, double *not_before, long status
         return mp_err(err, "hub_unavailable", "%s: HTTP %ld (after %d attempts)", what, status,
                       *attempts);
     }
-    double wait = cc == CURLE_OK ? hub_parse_retry_after(h->retry_after[0] ? h->retry_after : NULL,
-                                                         time(NULL))
-                                 : -1;
+    double wait = cc == CURLE_OK
+                      ? hub_parse_retry_after(h->retry_after[0] ? h->retry_after : NULL, time(NULL))
+                      : -1;
     if (wait < 0) wait = hub_backoff_s(*attempts - 1, t->o->conn.backoff_base_s, &t->seed);
     *not_before = time_mono() + wait;
     return 0;
@@ -456,7 +459,8 @@ static int probe_done(xfer *t, conn *c, CURLcode cc, mp_error *err) {
         } else {
             char *loc = NULL;
             curl_easy_getinfo(c->e, CURLINFO_REDIRECT_URL, &loc);
-            if (!loc) return mp_err(err, "bad_response", "%s: redirect without Location", x->f->name);
+            if (!loc)
+                return mp_err(err, "bad_response", "%s: redirect without Location", x->f->name);
             x->data_url = strdup(loc);
             x->data_auth = hub_same_origin(x->url, loc);
         }
@@ -470,8 +474,8 @@ static int probe_done(xfer *t, conn *c, CURLcode cc, mp_error *err) {
             return mp_err(err, code, "%s: hub answered HTTP %ld %s", x->f->name, status,
                           c->h.x_error_code);
     }
-    return retry_or_fail(t, &x->probe_attempts, &x->probe_not_before, status, cc, &c->h,
-                         x->f->name, err);
+    return retry_or_fail(t, &x->probe_attempts, &x->probe_not_before, status, cc, &c->h, x->f->name,
+                         err);
 }
 
 static int chunk_done(xfer *t, conn *c, CURLcode cc, mp_error *err) {
@@ -505,7 +509,8 @@ static int chunk_done(xfer *t, conn *c, CURLcode cc, mp_error *err) {
     }
     if (cc == CURLE_OK && status != 200 && status != 206) {
         const char *code = hub_error_code(status, c->h.x_error_code, false);
-        if (code && x->data_url && x->reprobes < 2 && (status == 401 || status == 403 || status == 404)) {
+        if (code && x->data_url && x->reprobes < 2 &&
+            (status == 401 || status == 403 || status == 404)) {
             /* a signed CDN URL may have expired: ask the hub again */
             x->reprobes++;
             x->state = F_NEED_PROBE;
@@ -553,7 +558,8 @@ static uint64_t bytes_on_disk(const xfer *t) {
     uint64_t s = 0;
     for (size_t i = 0; i < t->nfiles; i++) {
         const xfile *x = &t->files[i];
-        for (size_t k = 0; k < x->nchunks; k++) s += __atomic_load_n(&x->chunks[k].got, __ATOMIC_RELAXED);
+        for (size_t k = 0; k < x->nchunks; k++)
+            s += __atomic_load_n(&x->chunks[k].got, __ATOMIC_RELAXED);
     }
     return s;
 }
@@ -598,12 +604,11 @@ static void *worker_main(void *arg) {
             CURLcode cc = m->data.result;
             curl_multi_remove_handle(w->multi, c->e);
             c->busy = false;
-            if (c->ck && cc == CURLE_OK && c->ck->got > c->ck->got_at_start) {
+            if (c->ck && cc == CURLE_OK && c->ck->got > c->ck->got_at_start && !t->o->no_fsync) {
                 /* start writing the chunk back now, so that the fsync before
                  * the blob's rename finds little left to do */
                 sync_file_range(c->xf->fd, (off64_t)(c->ck->off + c->ck->got_at_start),
-                                (off64_t)(c->ck->got - c->ck->got_at_start),
-                                SYNC_FILE_RANGE_WRITE);
+                                (off64_t)(c->ck->got - c->ck->got_at_start), SYNC_FILE_RANGE_WRITE);
             }
             pthread_mutex_lock(&t->mu);
             int r = c->ck ? chunk_done(t, c, cc, &e) : probe_done(t, c, cc, &e);
@@ -647,6 +652,7 @@ int hub_transfer(const hub_xfer_opts *o, hub_file *files, const size_t *idx, siz
     t.hs.queue = calloc(n ? n * 2 : 1, sizeof *t.hs.queue);
     t.hs.done = calloc(n ? n * 2 : 1, sizeof *t.hs.done);
     t.hs.qcap = n * 2;
+    t.hs.no_fsync = o->no_fsync;
     pthread_mutex_init(&t.mu, NULL);
     pthread_mutex_init(&t.hs.mu, NULL);
     pthread_cond_init(&t.hs.cv, NULL);
@@ -654,7 +660,8 @@ int hub_transfer(const hub_xfer_opts *o, hub_file *files, const size_t *idx, siz
         mp_err(err, "internal", "out of memory");
         goto out;
     }
-    for (size_t i = 0; i < n; i++) t.files[i].fd = -1;
+    for (size_t i = 0; i < n; i++)
+        t.files[i].fd = -1;
     for (int i = 0, next = 0; i < nworkers; i++) {
         worker *w = &ws[i];
         w->t = &t;
@@ -703,13 +710,16 @@ int hub_transfer(const hub_xfer_opts *o, hub_file *files, const size_t *idx, siz
         xfile *got[64];
         size_t ng = 0;
         pthread_mutex_lock(&t.hs.mu);
-        while (t.hs.ndone > 0 && ng < 64) got[ng++] = t.hs.done[--t.hs.ndone];
+        while (t.hs.ndone > 0 && ng < 64)
+            got[ng++] = t.hs.done[--t.hs.ndone];
         pthread_mutex_unlock(&t.hs.mu);
         pthread_mutex_lock(&t.mu);
         for (size_t i = 0; i < ng && !t.failed; i++) {
             mp_error e;
-            if (hashed(&t, got[i], &e) != 0) fail_locked(&t, &e);
-            else if (got[i]->state == F_DONE) ndone_files++;
+            if (hashed(&t, got[i], &e) != 0)
+                fail_locked(&t, &e);
+            else if (got[i]->state == F_DONE)
+                ndone_files++;
         }
         bool failed = t.failed;
         if (failed) *err = t.err;

@@ -33,9 +33,10 @@ static int check_patterns(json_t *arr, const char *field, mp_error *err) {
     json_t *v;
     json_array_foreach(arr, i, v) {
         if (!json_is_string(v) || json_string_length(v) == 0 ||
-            json_string_length(v) > HUB_MAX_PATH || strlen(json_string_value(v)) != json_string_length(v))
-            return mp_err_field(err, field, "bad_param", "patterns are non-empty strings of at most %d bytes",
-                                HUB_MAX_PATH);
+            json_string_length(v) > HUB_MAX_PATH ||
+            strlen(json_string_value(v)) != json_string_length(v))
+            return mp_err_field(err, field, "bad_param",
+                                "patterns are non-empty strings of at most %d bytes", HUB_MAX_PATH);
     }
     return 0;
 }
@@ -105,8 +106,8 @@ static int download_run(mp_task *t) {
     o.repo = info->model;
     o.revision = info->revision;
     o.max_retries = -1;
-    const char *server_ep = env->hub_endpoint && *env->hub_endpoint ? env->hub_endpoint
-                                                                   : HUB_DEFAULT_ENDPOINT;
+    const char *server_ep =
+        env->hub_endpoint && *env->hub_endpoint ? env->hub_endpoint : HUB_DEFAULT_ENDPOINT;
     const char *job_ep = json_string_value(json_object_get(p, "endpoint"));
     o.endpoint = job_ep ? job_ep : server_ep;
     /* the server's HF token is for the server's hub only, never for a
@@ -141,7 +142,8 @@ static int download_run(mp_task *t) {
     mp_error err;
     mp_error_clear(&err);
     if (hub_download(&o, &cb, &result, &err) != 0) {
-        if (task_cancelled(t)) return task_fail(t, "cancelled", "download stopped: %s", err.message);
+        if (task_cancelled(t))
+            return task_fail(t, "cancelled", "download stopped: %s", err.message);
         return task_fail(t, err.code[0] ? err.code : "internal", "%s", err.message);
     }
     return task_succeed(t, result);

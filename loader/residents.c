@@ -242,7 +242,8 @@ int res_digest(resident_set *s, const char *id, json_t **out, mp_error *err) {
         char hex[65];
         EVP_DigestFinal_ex(ctx, md, &mdlen);
         fs_hex(md, 32, hex);
-        json_array_append_new(list, json_pack("{s:s,s:s}", "name", t->name, "sha256", hex));
+        json_array_append_new(list, json_pack("{s:s,s:i,s:i,s:s}", "name", t->name, "device",
+                                               t->device, "rank", t->rank, "sha256", hex));
     }
 out:
     EVP_MD_CTX_free(ctx);

@@ -121,6 +121,8 @@ paths = {
     },
     "/v1/residents/{id}/digest": {"get": op("sha256 of every tensor read back from its device", {"200": resp("digests", {"type": "object", "properties": {"tensors": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}, "sha256": {"type": "string"}}}}}}), "404": PROBLEM, **ERR}, params=[path_param("id")])},
     "/metrics": {"get": op("Prometheus text exposition", {"200": resp("metrics", {"type": "string"}, "text/plain"), "401": PROBLEM})},
+    "/": {"get": op("the web dashboard (HTML); it asks for the token itself", {"200": resp("page", {"type": "string"}, "text/html")}, tags=["dashboard"], security=False)},
+    "/ui/{file}": {"get": op("a static file of the dashboard (app.js, style.css)", {"200": resp("file", {"type": "string"}, "text/plain"), "404": PROBLEM}, params=[path_param("file")], tags=["dashboard"], security=False)},
 }
 
 def build():

@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "util/timeutil.h"
+
 typedef struct waiter {
     event_waker fn;
     void *arg;
@@ -16,6 +18,7 @@ struct event_hub {
     pthread_mutex_t mu;
     hub_event ring[EVENTS_RING];
     uint64_t last_id;
+    uint64_t first_id; /* the first id this process hands out */
     bool closed;
     waiter *waiters;
     size_t nwaiters, capwaiters;
@@ -25,6 +28,12 @@ event_hub *events_new(void) {
     event_hub *h = calloc(1, sizeof *h);
     if (!h) return NULL;
     pthread_mutex_init(&h->mu, NULL);
+    /* Ids start from the wall clock (microseconds, well within a JSON
+     * number's exact range) rather than 1, so that a client's Last-Event-ID
+     * from an earlier process is older than anything this one has, and is
+     * answered as "skipped" instead of silently skipping new events. */
+    h->last_id = time_wall_ms() * 1000;
+    h->first_id = h->last_id + 1;
     return h;
 }
 
@@ -92,6 +101,7 @@ int events_next(event_hub *h, uint64_t after, const char *job_filter, hub_event 
         return -1;
     }
     uint64_t oldest = h->last_id > EVENTS_RING ? h->last_id - EVENTS_RING + 1 : 1;
+    if (oldest < h->first_id) oldest = h->first_id;
     if (skipped) *skipped = after + 1 < oldest;
     if (after + 1 < oldest) after = oldest - 1;
     for (uint64_t id = after + 1; id <= h->last_id; id++) {

@@ -26,6 +26,8 @@ typedef struct req_state {
     int status;
     const char *route_name;
     double t0;
+    char method[16];
+    char path[256]; /* for the access log; truncated */
 } req_state;
 
 const char *http_query(const http_req *rq, const char *key) {
@@ -151,6 +153,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         if (!st) return MHD_NO;
         st->t0 = time_mono();
         st->route_name = "unmatched";
+        snprintf(st->method, sizeof st->method, "%s", method);
+        snprintf(st->path, sizeof st->path, "%s", url);
         *con_cls = st;
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > HTTP_MAX_BODY) st->too_big = 1;
@@ -213,8 +217,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         if (ci && ci->client_addr && ci->client_addr->sa_family == AF_INET)
             inet_ntop(AF_INET, &((struct sockaddr_in *)ci->client_addr)->sin_addr, addr,
                       sizeof addr);
-        mp_log(&srv->log, "info", NULL, "http %s route=%s status=%d ms=%.2f%s", addr,
-               st->route_name, st->status, dt * 1000.0,
+        mp_log(&srv->log, "info", NULL, "http %s %s %s route=%s status=%d ms=%.2f%s", addr,
+               st->method, st->path, st->route_name, st->status, dt * 1000.0,
                toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (aborted)");
     }
     sb_free(&st->body);

@@ -5,9 +5,15 @@
 #include "server/jobs.h"
 
 extern const mp_job_type mp_job_verify;
+extern const mp_job_type mp_job_convert;
+extern const mp_job_type mp_job_inspect;
+extern const mp_job_type mp_job_warm_load;
 
 static const mp_job_type *const TYPES[] = {
     &mp_job_verify,
+    &mp_job_convert,
+    &mp_job_inspect,
+    &mp_job_warm_load,
     NULL,
 };
 

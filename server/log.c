@@ -26,6 +26,10 @@ void mp_log(const mp_logger *lg, const char *level, const char *job_id, const ch
         fprintf(stderr, "%s\n", line);
         free(line);
     } else {
+        /* One event, one line: control characters (a newline in an error
+         * text, a decoded %0A in a logged path) must not start another. */
+        for (char *c = msg; *c; c++)
+            if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = ' ';
         char line[2400];
         snprintf(line, sizeof line, "%s %-5s %s%s%s\n", ts, level, job_id ? job_id : "",
                  job_id ? " " : "", msg);

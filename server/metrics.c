@@ -1,33 +1,45 @@
 /*
  * metrics.c - the process's counters and histograms, rendered in the
  * Prometheus text exposition format. Labels are bounded sets (route names
- * from the route table, job types from the registry, states), so fixed
- * tables with a mutex are enough; nothing here allocates per request.
+ * from the route table, job types from the registry, final states), so
+ * fixed tables under one mutex are enough; nothing here allocates per
+ * request. Values that live elsewhere (jobs in the store, device memory,
+ * residents, busy workers) are asked for at render time, so /metrics never
+ * disagrees with the API.
  */
 #include "server/metrics.h"
 
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "gpu/gpu.h"
+#include "loader/residents.h"
 #include "server/context.h"
 #include "server/jobs.h"
 #include "server/workers.h"
 #include "store/store.h"
+#include "util/timeutil.h"
 
 #define MAX_ROUTES 64
 #define MAX_STATUS 12
 #define MAX_TYPES 16
 #define N_BUCKETS 12
+#define MAX_RESIDENT_MODELS 256
 
 static const double HTTP_BUCKETS[N_BUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                                                0.05,   0.1,   0.25,   0.5,   1.0,  5.0};
 static const double JOB_BUCKETS[N_BUCKETS] = {0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800,
                                               7200};
 
+/* The states a job can be in; the last three are final. */
+static const char *const STATES[] = {"queued", "running", "succeeded", "failed", "cancelled"};
+#define N_STATES 5
+#define FIRST_FINAL 2
+
 typedef struct histo {
-    uint64_t buckets[N_BUCKETS];
+    uint64_t buckets[N_BUCKETS]; /* non-cumulative; summed when rendered */
     uint64_t count;
     double sum;
 } histo;
@@ -41,8 +53,9 @@ typedef struct route_stats {
 } route_stats;
 
 typedef struct type_stats {
-    const char *name;
+    const char *name; /* the registry's static string */
     histo duration;
+    uint64_t finished[N_STATES];
 } type_stats;
 
 struct mp_metrics {
@@ -54,12 +67,14 @@ struct mp_metrics {
     uint64_t bytes_downloaded, bytes_read, bytes_copied;
     double load_throughput;
     int workers_busy;
+    double start_time; /* seconds since the epoch */
 };
 
 mp_metrics *metrics_new(void) {
     mp_metrics *m = calloc(1, sizeof *m);
     if (!m) return NULL;
     pthread_mutex_init(&m->mu, NULL);
+    m->start_time = (double)time_wall_ms() / 1000.0;
     return m;
 }
 
@@ -70,16 +85,22 @@ void metrics_free(mp_metrics *m) {
 }
 
 static void histo_add(histo *h, const double *bounds, double v) {
-    for (int i = 0; i < N_BUCKETS; i++)
-        if (v <= bounds[i]) h->buckets[i]++;
+    if (!(v >= 0)) v = 0; /* NaN or a clock step: count it, in the first bucket */
+    for (int i = 0; i < N_BUCKETS; i++) {
+        if (v <= bounds[i]) {
+            h->buckets[i]++;
+            break;
+        }
+    }
     h->count++;
     h->sum += v;
 }
 
 void metrics_http(mp_metrics *m, const char *route, int status, double seconds) {
+    if (!m || !route) return;
     pthread_mutex_lock(&m->mu);
     route_stats *r = NULL;
-    for (int i = 0; i < m->nroutes; i++)
+    for (int i = 0; i < m->nroutes && !r; i++)
         if (m->routes[i].name == route || strcmp(m->routes[i].name, route) == 0) r = &m->routes[i];
     if (!r && m->nroutes < MAX_ROUTES) {
         r = &m->routes[m->nroutes++];
@@ -99,23 +120,80 @@ void metrics_http(mp_metrics *m, const char *route, int status, double seconds) 
     pthread_mutex_unlock(&m->mu);
 }
 
-void metrics_job_done(mp_metrics *m, const char *type, const char *state, double seconds) {
-    (void)state;
-    const mp_job_type *jt = jobs_type_find(type);
-    if (!jt) return;
-    pthread_mutex_lock(&m->mu);
-    type_stats *t = NULL;
+/* The stats of a registered type; NULL for unknown names. Called locked. */
+static type_stats *type_slot(mp_metrics *m, const char *type) {
+    const mp_job_type *jt = type ? jobs_type_find(type) : NULL;
+    if (!jt) return NULL;
     for (int i = 0; i < m->ntypes; i++)
-        if (m->types[i].name == jt->name) t = &m->types[i];
-    if (!t && m->ntypes < MAX_TYPES) {
-        t = &m->types[m->ntypes++];
-        t->name = jt->name;
+        if (m->types[i].name == jt->name) return &m->types[i];
+    if (m->ntypes >= MAX_TYPES) return NULL;
+    type_stats *t = &m->types[m->ntypes++];
+    t->name = jt->name;
+    return t;
+}
+
+static uint64_t json_u64(const json_t *v) {
+    if (json_is_integer(v)) {
+        json_int_t i = json_integer_value(v);
+        return i > 0 ? (uint64_t)i : 0;
     }
-    if (t) histo_add(&t->duration, JOB_BUCKETS, seconds);
+    if (json_is_real(v)) {
+        double d = json_real_value(v);
+        return d > 0 && d < 1.8e19 ? (uint64_t)d : 0;
+    }
+    return 0;
+}
+
+/* Which bytes a job moved, from the result fields api.md promises. An
+ * explicit bytes_read / bytes_copied in a result wins over the defaults. */
+static void result_bytes(const char *type, const json_t *r, uint64_t *down, uint64_t *rd,
+                         uint64_t *cp, double *tput) {
+    *down = *rd = *cp = 0;
+    *tput = -1;
+    if (!json_is_object(r)) return;
+    const json_t *br = json_object_get(r, "bytes_read"), *bc = json_object_get(r, "bytes_copied");
+    if (strcmp(type, "download") == 0) {
+        *down = json_u64(json_object_get(r, "bytes_downloaded"));
+    } else if (strcmp(type, "verify") == 0 || strcmp(type, "convert") == 0) {
+        *rd = json_u64(json_object_get(r, "bytes"));
+    } else if (strcmp(type, "shard") == 0) {
+        size_t i;
+        const json_t *rank;
+        json_array_foreach(json_object_get(r, "ranks"), i, rank)
+            *rd += json_u64(json_object_get(rank, "bytes"));
+    } else if (strcmp(type, "warm_load") == 0) {
+        *rd = *cp = json_u64(json_object_get(r, "bytes"));
+        const json_t *t = json_object_get(r, "throughput_bytes_per_s");
+        if (json_is_number(t)) *tput = json_number_value(t);
+    }
+    if (br) *rd = json_u64(br);
+    if (bc) *cp = json_u64(bc);
+}
+
+void metrics_job_done(mp_metrics *m, const char *type, const char *state, double seconds,
+                      const json_t *result) {
+    if (!m || !type) return;
+    int s = -1;
+    for (int i = FIRST_FINAL; i < N_STATES; i++)
+        if (state && strcmp(STATES[i], state) == 0) s = i;
+    uint64_t down = 0, rd = 0, cp = 0;
+    double tput = -1;
+    if (s == FIRST_FINAL) result_bytes(type, result, &down, &rd, &cp, &tput);
+    pthread_mutex_lock(&m->mu);
+    type_stats *t = type_slot(m, type);
+    if (t) {
+        histo_add(&t->duration, JOB_BUCKETS, seconds);
+        if (s >= 0) t->finished[s]++;
+    }
+    m->bytes_downloaded += down;
+    m->bytes_read += rd;
+    m->bytes_copied += cp;
+    if (tput >= 0) m->load_throughput = tput;
     pthread_mutex_unlock(&m->mu);
 }
 
 void metrics_bytes(mp_metrics *m, const char *kind, uint64_t n) {
+    if (!m || !kind) return;
     pthread_mutex_lock(&m->mu);
     if (strcmp(kind, "downloaded") == 0) m->bytes_downloaded += n;
     else if (strcmp(kind, "read") == 0) m->bytes_read += n;
@@ -124,104 +202,278 @@ void metrics_bytes(mp_metrics *m, const char *kind, uint64_t n) {
 }
 
 void metrics_worker_busy(mp_metrics *m, int delta) {
+    if (!m) return;
     pthread_mutex_lock(&m->mu);
     m->workers_busy += delta;
     pthread_mutex_unlock(&m->mu);
 }
 
 void metrics_load_throughput(mp_metrics *m, double bytes_per_s) {
+    if (!m) return;
     pthread_mutex_lock(&m->mu);
     m->load_throughput = bytes_per_s;
     pthread_mutex_unlock(&m->mu);
 }
 
-static void render_histo(sbuf *out, const char *name, const char *label, const char *value,
-                         const histo *h, const double *bounds) {
-    for (int i = 0; i < N_BUCKETS; i++)
-        sb_printf(out, "%s_bucket{%s=\"%s\",le=\"%g\"} %llu\n", name, label, value, bounds[i],
-                  (unsigned long long)h->buckets[i]);
-    sb_printf(out, "%s_bucket{%s=\"%s\",le=\"+Inf\"} %llu\n", name, label, value,
-              (unsigned long long)h->count);
-    sb_printf(out, "%s_sum{%s=\"%s\"} %.6f\n", name, label, value, h->sum);
-    sb_printf(out, "%s_count{%s=\"%s\"} %llu\n", name, label, value, (unsigned long long)h->count);
+/* ---- rendering ------------------------------------------------------------ */
+
+void metrics_label_escape(sbuf *out, const char *s) {
+    const char *run = s;
+    for (; *s; s++) {
+        const char *rep = *s == '\\' ? "\\\\" : *s == '"' ? "\\\"" : *s == '\n' ? "\\n" : NULL;
+        if (!rep) continue;
+        sb_append(out, run, (size_t)(s - run));
+        sb_puts(out, rep);
+        run = s + 1;
+    }
+    sb_append(out, run, (size_t)(s - run));
 }
 
-typedef struct count_ctx {
-    sbuf *out;
-} count_ctx;
+static void family(sbuf *out, const char *name, const char *type, const char *help) {
+    sb_printf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* name{k1="v1",...,extra} where kv holds n key/value pairs (values escaped)
+ * and extra is an already well-formed label (the histogram's le) or NULL. */
+static void series(sbuf *out, const char *name, const char *const *kv, int n, const char *extra) {
+    sb_puts(out, name);
+    if (n == 0 && !extra) return;
+    sb_puts(out, "{");
+    for (int i = 0; i < n; i++) {
+        sb_printf(out, "%s%s=\"", i ? "," : "", kv[2 * i]);
+        metrics_label_escape(out, kv[2 * i + 1] ? kv[2 * i + 1] : "");
+        sb_puts(out, "\"");
+    }
+    if (extra) sb_printf(out, "%s%s", n ? "," : "", extra);
+    sb_puts(out, "}");
+}
+
+static void sample_u(sbuf *out, const char *name, const char *const *kv, int n, uint64_t v) {
+    series(out, name, kv, n, NULL);
+    sb_printf(out, " %llu\n", (unsigned long long)v);
+}
+
+static void sample_f(sbuf *out, const char *name, const char *const *kv, int n, double v) {
+    series(out, name, kv, n, NULL);
+    sb_printf(out, " %.17g\n", v);
+}
+
+static void render_histo(sbuf *out, const char *name, const char *const *kv, int n,
+                         const histo *h, const double *bounds) {
+    char key[160], le[48];
+    snprintf(key, sizeof key, "%s_bucket", name);
+    uint64_t cum = 0;
+    for (int i = 0; i < N_BUCKETS; i++) {
+        cum += h->buckets[i];
+        snprintf(le, sizeof le, "le=\"%g\"", bounds[i]);
+        series(out, key, kv, n, le);
+        sb_printf(out, " %llu\n", (unsigned long long)cum);
+    }
+    series(out, key, kv, n, "le=\"+Inf\"");
+    sb_printf(out, " %llu\n", (unsigned long long)h->count);
+    snprintf(key, sizeof key, "%s_sum", name);
+    sample_f(out, key, kv, n, h->sum);
+    snprintf(key, sizeof key, "%s_count", name);
+    sample_u(out, key, kv, n, h->count);
+}
+
+/* Jobs in the store: every registered type x state is rendered (0 where
+ * the store has none) so that series do not appear and vanish; rows of
+ * types no longer registered are rendered as they come. */
+typedef struct job_counts {
+    const mp_job_type *const *types;
+    int64_t counts[MAX_TYPES][N_STATES];
+    sbuf *extra;
+} job_counts;
 
 static void on_count(void *arg, const char *type, const char *state, int64_t n) {
-    count_ctx *c = arg;
-    sb_printf(c->out, "modelprep_jobs{type=\"%s\",state=\"%s\"} %lld\n", type, state,
-              (long long)n);
+    job_counts *c = arg;
+    for (int i = 0; c->types[i] && i < MAX_TYPES; i++) {
+        if (strcmp(c->types[i]->name, type) != 0) continue;
+        for (int s = 0; s < N_STATES; s++) {
+            if (strcmp(STATES[s], state) == 0) {
+                c->counts[i][s] += n;
+                return;
+            }
+        }
+    }
+    const char *kv[] = {"type", type, "state", state};
+    sample_u(c->extra, "modelprep_jobs", kv, 2, n > 0 ? (uint64_t)n : 0);
+}
+
+static void render_jobs(mp_server *srv, sbuf *out) {
+    family(out, "modelprep_jobs", "gauge", "Jobs in the store by type and state.");
+    sbuf extra = {0};
+    job_counts c = {.types = jobs_types(), .extra = &extra};
+    if (srv->store) store_job_counts(srv->store, on_count, &c);
+    for (int i = 0; c.types[i] && i < MAX_TYPES; i++) {
+        for (int s = 0; s < N_STATES; s++) {
+            const char *kv[] = {"type", c.types[i]->name, "state", STATES[s]};
+            sample_u(out, "modelprep_jobs", kv, 2, c.counts[i][s] > 0 ? (uint64_t)c.counts[i][s] : 0);
+        }
+    }
+    if (extra.oom) out->oom = true;
+    else if (extra.len) sb_append(out, extra.buf, extra.len);
+    sb_free(&extra);
+}
+
+static void render_process(mp_server *srv, sbuf *out) {
+    family(out, "modelprep_build_info", "gauge", "Version and git revision of this build.");
+    const char *kv[] = {"version", MP_VERSION, "git", MP_GIT};
+    sample_u(out, "modelprep_build_info", kv, 2, 1);
+    family(out, "modelprep_process_start_time_seconds", "gauge",
+           "Start time of the process since the Unix epoch.");
+    sample_f(out, "modelprep_process_start_time_seconds", NULL, 0, srv->metrics->start_time);
+}
+
+static void render_counters(mp_metrics *m, sbuf *out) {
+    const mp_job_type *const *types = jobs_types();
+    pthread_mutex_lock(&m->mu);
+    /* Registered types that have not finished a job yet still get their
+     * (zero) series. */
+    for (int i = 0; types[i]; i++) type_slot(m, types[i]->name);
+
+    family(out, "modelprep_jobs_finished_total", "counter",
+           "Jobs that reached a final state since the process started.");
+    for (int i = 0; i < m->ntypes; i++)
+        for (int s = FIRST_FINAL; s < N_STATES; s++) {
+            const char *kv[] = {"type", m->types[i].name, "state", STATES[s]};
+            sample_u(out, "modelprep_jobs_finished_total", kv, 2, m->types[i].finished[s]);
+        }
+    family(out, "modelprep_job_duration_seconds", "histogram",
+           "Run time of finished jobs by type.");
+    for (int i = 0; i < m->ntypes; i++) {
+        const char *kv[] = {"type", m->types[i].name};
+        render_histo(out, "modelprep_job_duration_seconds", kv, 1, &m->types[i].duration,
+                     JOB_BUCKETS);
+    }
+    family(out, "modelprep_http_requests_total", "counter",
+           "HTTP requests by route and status code.");
+    for (int i = 0; i < m->nroutes; i++)
+        for (int k = 0; k < m->routes[i].nstatus; k++) {
+            char code[16];
+            snprintf(code, sizeof code, "%d", m->routes[i].statuses[k]);
+            const char *kv[] = {"route", m->routes[i].name, "status", code};
+            sample_u(out, "modelprep_http_requests_total", kv, 2, m->routes[i].counts[k]);
+        }
+    family(out, "modelprep_http_request_duration_seconds", "histogram",
+           "HTTP request latency by route (event streams: their whole life).");
+    for (int i = 0; i < m->nroutes; i++) {
+        const char *kv[] = {"route", m->routes[i].name};
+        render_histo(out, "modelprep_http_request_duration_seconds", kv, 1,
+                     &m->routes[i].latency, HTTP_BUCKETS);
+    }
+    family(out, "modelprep_downloaded_bytes_total", "counter", "Bytes fetched from the hub.");
+    sample_u(out, "modelprep_downloaded_bytes_total", NULL, 0, m->bytes_downloaded);
+    family(out, "modelprep_read_bytes_total", "counter", "Weight bytes read from disk by jobs.");
+    sample_u(out, "modelprep_read_bytes_total", NULL, 0, m->bytes_read);
+    family(out, "modelprep_copied_bytes_total", "counter",
+           "Weight bytes copied onto devices by warm loads.");
+    sample_u(out, "modelprep_copied_bytes_total", NULL, 0, m->bytes_copied);
+    family(out, "modelprep_load_throughput_bytes_per_second", "gauge",
+           "Throughput of the last finished warm load.");
+    sample_f(out, "modelprep_load_throughput_bytes_per_second", NULL, 0, m->load_throughput);
+    pthread_mutex_unlock(&m->mu);
+}
+
+static void render_workers(mp_server *srv, sbuf *out) {
+    int n = srv->workers ? workers_count(srv->workers) : 0;
+    int busy = srv->workers ? workers_busy(srv->workers) : 0;
+    if (busy > n) busy = n;
+    family(out, "modelprep_workers", "gauge", "Worker threads by state.");
+    const char *kb[] = {"state", "busy"}, *ki[] = {"state", "idle"};
+    sample_u(out, "modelprep_workers", kb, 1, (uint64_t)busy);
+    sample_u(out, "modelprep_workers", ki, 1, (uint64_t)(n - busy));
+    family(out, "modelprep_store_size_bytes", "gauge", "Size of the SQLite store, WAL included.");
+    int64_t sz = srv->store ? store_size_bytes(srv->store) : 0;
+    sample_u(out, "modelprep_store_size_bytes", NULL, 0, sz > 0 ? (uint64_t)sz : 0);
+}
+
+static void render_devices(mp_server *srv, sbuf *out) {
+    static const char *const NAMES[3] = {"modelprep_device_memory_total_bytes",
+                                         "modelprep_device_memory_free_bytes",
+                                         "modelprep_device_memory_resident_bytes"};
+    static const char *const HELP[3] = {"Memory of each device.",
+                                        "Free memory of each device.",
+                                        "Device memory held by resident weights."};
+    int n = srv->gpus ? gpu_set_count(srv->gpus) : 0;
+    gpu_device_info *infos = n > 0 ? calloc((size_t)n, sizeof *infos) : NULL;
+    bool *ok = n > 0 ? calloc((size_t)n, sizeof *ok) : NULL;
+    if (n > 0 && (!infos || !ok)) {
+        out->oom = true;
+        free(infos);
+        free(ok);
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        mp_error err;
+        ok[i] = gpu_device_info_get(srv->gpus, i, &infos[i], &err) == 0;
+    }
+    for (int k = 0; k < 3; k++) {
+        family(out, NAMES[k], "gauge", HELP[k]);
+        for (int i = 0; i < n; i++) {
+            if (!ok[i]) continue;
+            char idx[16];
+            snprintf(idx, sizeof idx, "%d", i);
+            const char *kv[] = {"device", idx, "kind",
+                                infos[i].kind == GPU_KIND_CUDA ? "cuda" : "host", "name",
+                                infos[i].name};
+            uint64_t v = k == 0 ? infos[i].total_bytes
+                         : k == 1 ? infos[i].free_bytes
+                                  : infos[i].resident_bytes;
+            sample_u(out, NAMES[k], kv, 3, v);
+        }
+    }
+    free(infos);
+    free(ok);
+}
+
+/* Residents summed per model: two residents of one model are one series. */
+typedef struct res_sum {
+    char *models[MAX_RESIDENT_MODELS];
+    uint64_t bytes[MAX_RESIDENT_MODELS];
+    int n, count;
+    bool oom;
+} res_sum;
+
+static void on_resident(void *arg, const char *model, uint64_t bytes) {
+    res_sum *r = arg;
+    r->count++;
+    for (int i = 0; i < r->n; i++) {
+        if (strcmp(r->models[i], model) == 0) {
+            r->bytes[i] += bytes;
+            return;
+        }
+    }
+    if (r->n >= MAX_RESIDENT_MODELS) return;
+    char *copy = strdup(model);
+    if (!copy) {
+        r->oom = true;
+        return;
+    }
+    r->models[r->n] = copy;
+    r->bytes[r->n++] = bytes;
+}
+
+static void render_residents(mp_server *srv, sbuf *out) {
+    res_sum r = {0};
+    if (srv->residents) res_each_bytes(srv->residents, on_resident, &r);
+    family(out, "modelprep_residents", "gauge", "Live residents (warm-loaded weight sets).");
+    sample_u(out, "modelprep_residents", NULL, 0, (uint64_t)r.count);
+    family(out, "modelprep_resident_bytes", "gauge", "Bytes held by live residents, by model.");
+    for (int i = 0; i < r.n; i++) {
+        const char *kv[] = {"model", r.models[i]};
+        sample_u(out, "modelprep_resident_bytes", kv, 1, r.bytes[i]);
+        free(r.models[i]);
+    }
+    if (r.oom) out->oom = true;
 }
 
 void metrics_render(mp_server *srv, sbuf *out) {
-    mp_metrics *m = srv->metrics;
-    sb_puts(out, "# HELP modelprep_jobs Jobs in the store by type and state.\n"
-                 "# TYPE modelprep_jobs gauge\n");
-    count_ctx cc = {out};
-    store_job_counts(srv->store, on_count, &cc);
-
-    pthread_mutex_lock(&m->mu);
-    sb_puts(out, "# HELP modelprep_job_duration_seconds Run time of finished jobs.\n"
-                 "# TYPE modelprep_job_duration_seconds histogram\n");
-    for (int i = 0; i < m->ntypes; i++)
-        render_histo(out, "modelprep_job_duration_seconds", "type", m->types[i].name,
-                     &m->types[i].duration, JOB_BUCKETS);
-    sb_puts(out, "# HELP modelprep_http_requests_total HTTP requests by route and status.\n"
-                 "# TYPE modelprep_http_requests_total counter\n");
-    for (int i = 0; i < m->nroutes; i++)
-        for (int k = 0; k < m->routes[i].nstatus; k++)
-            sb_printf(out, "modelprep_http_requests_total{route=\"%s\",status=\"%d\"} %llu\n",
-                      m->routes[i].name, m->routes[i].statuses[k],
-                      (unsigned long long)m->routes[i].counts[k]);
-    sb_puts(out, "# HELP modelprep_http_request_duration_seconds HTTP latency by route.\n"
-                 "# TYPE modelprep_http_request_duration_seconds histogram\n");
-    for (int i = 0; i < m->nroutes; i++)
-        render_histo(out, "modelprep_http_request_duration_seconds", "route", m->routes[i].name,
-                     &m->routes[i].latency, HTTP_BUCKETS);
-    sb_printf(out,
-              "# HELP modelprep_bytes_downloaded_total Bytes fetched from the hub.\n"
-              "# TYPE modelprep_bytes_downloaded_total counter\n"
-              "modelprep_bytes_downloaded_total %llu\n"
-              "# HELP modelprep_bytes_read_total Weight bytes read from disk.\n"
-              "# TYPE modelprep_bytes_read_total counter\n"
-              "modelprep_bytes_read_total %llu\n"
-              "# HELP modelprep_bytes_copied_total Weight bytes copied to devices.\n"
-              "# TYPE modelprep_bytes_copied_total counter\n"
-              "modelprep_bytes_copied_total %llu\n"
-              "# HELP modelprep_load_throughput_bytes_per_second Throughput of the last load.\n"
-              "# TYPE modelprep_load_throughput_bytes_per_second gauge\n"
-              "modelprep_load_throughput_bytes_per_second %.1f\n",
-              (unsigned long long)m->bytes_downloaded, (unsigned long long)m->bytes_read,
-              (unsigned long long)m->bytes_copied, m->load_throughput);
-    int busy = m->workers_busy;
-    pthread_mutex_unlock(&m->mu);
-
-    int nworkers = srv->workers ? workers_count(srv->workers) : 0;
-    sb_printf(out,
-              "# HELP modelprep_workers Worker threads by status.\n"
-              "# TYPE modelprep_workers gauge\n"
-              "modelprep_workers{status=\"busy\"} %d\n"
-              "modelprep_workers{status=\"idle\"} %d\n"
-              "# HELP modelprep_store_size_bytes Size of the SQLite store (with WAL).\n"
-              "# TYPE modelprep_store_size_bytes gauge\n"
-              "modelprep_store_size_bytes %lld\n",
-              busy, nworkers > busy ? nworkers - busy : 0,
-              (long long)store_size_bytes(srv->store));
-    int n = srv->gpus ? gpu_set_count(srv->gpus) : 0;
-    sb_puts(out, "# HELP modelprep_device_memory_bytes Device memory by kind.\n"
-                 "# TYPE modelprep_device_memory_bytes gauge\n");
-    for (int i = 0; i < n; i++) {
-        gpu_device_info d;
-        mp_error err;
-        if (gpu_device_info_get(srv->gpus, i, &d, &err) != 0) continue;
-        sb_printf(out,
-                  "modelprep_device_memory_bytes{device=\"%d\",kind=\"total\"} %llu\n"
-                  "modelprep_device_memory_bytes{device=\"%d\",kind=\"free\"} %llu\n"
-                  "modelprep_device_memory_bytes{device=\"%d\",kind=\"resident\"} %llu\n",
-                  i, (unsigned long long)d.total_bytes, i, (unsigned long long)d.free_bytes, i,
-                  (unsigned long long)d.resident_bytes);
-    }
+    render_process(srv, out);
+    render_jobs(srv, out);
+    render_counters(srv->metrics, out);
+    render_workers(srv, out);
+    render_devices(srv, out);
+    render_residents(srv, out);
 }

@@ -16,6 +16,8 @@ const route mp_routes[] = {
     {"GET", "/v1/events", h_events, "events", 0},
     {"GET", "/v1/devices", h_devices, "devices", 0},
     {"GET", "/metrics", h_metrics, "metrics", 0},
+    {"GET", "/", h_dashboard, "dashboard", 1},
+    {"GET", "/ui/{file}", h_ui_asset, "ui_asset", 1},
     {"GET", "/v1/models", h_models_list, "models_list", 0},
     {"GET", "/v1/models/{org}/{name}", h_models_get, "models_get", 0},
     {"DELETE", "/v1/models/{org}/{name}", h_models_delete, "models_delete", 0},

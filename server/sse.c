@@ -28,6 +28,7 @@ typedef struct sse_stream {
     sbuf pending;
     size_t sent;
     bool ending;
+    bool resynced; /* a resync event was sent and nothing was delivered since */
     pthread_mutex_t mu;
     bool suspended, wake_pending, closed;
     atomic_int refs;
@@ -71,6 +72,16 @@ static void append_event(sse_stream *s, uint64_t id, const char *kind, const cha
     if (s->job_id[0] && strcmp(kind, "state") == 0 && is_terminal_state(data)) s->ending = true;
 }
 
+/* Tells the client that events it asked for are gone (fell out of the ring,
+ * or its Last-Event-ID is from an earlier process): it should reload its
+ * state with the JSON API. The stream goes on with what there is. */
+static void append_resync(sse_stream *s, const char *reason) {
+    sb_puts(&s->pending, "event: resync\ndata: ");
+    sb_json_str(&s->pending, reason);
+    sb_puts(&s->pending, "\n\n");
+    s->resynced = true;
+}
+
 static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
     sse_stream *s = cls;
     (void)pos;
@@ -90,12 +101,16 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
         if (s->ending) return MHD_CONTENT_READER_END_OF_STREAM;
         if (s->pending.oom) return MHD_CONTENT_READER_END_WITH_ERROR;
         hub_event ev;
+        bool skipped = false;
         atomic_fetch_add(&s->refs, 1); /* the hub's reference, if it keeps the waker */
         int r = events_next(s->srv->events, s->after, s->job_id[0] ? s->job_id : NULL, &ev,
-                            stream_wake, s, NULL);
+                            stream_wake, s, &skipped);
         if (r != 0) atomic_fetch_sub(&s->refs, 1);
         if (r < 0) return MHD_CONTENT_READER_END_OF_STREAM; /* server stopping */
+        if (skipped && !s->resynced)
+            append_resync(s, "events after the requested id are no longer kept");
         if (r == 1) {
+            if (!skipped) s->resynced = false;
             s->after = ev.id;
             append_event(s, ev.id, ev.kind, ev.data);
             free(ev.data);
@@ -173,7 +188,16 @@ struct MHD_Response *sse_all_stream(mp_server *srv, struct MHD_Connection *conn,
                                     uint64_t last_event_id) {
     sse_stream *s = stream_new(srv, conn);
     if (!s) return NULL;
-    s->after = last_event_id ? last_event_id : events_last_id(srv->events);
-    sb_puts(&s->pending, ": connected\n\n");
+    uint64_t last = events_last_id(srv->events);
+    /* retry: how soon a browser's EventSource reconnects after a drop. */
+    sb_puts(&s->pending, ": connected\nretry: 2000\n\n");
+    if (last_event_id > last) {
+        /* Ids restart with the process: this id is from an earlier one, so
+         * every event this process has kept is news to the client. */
+        append_resync(s, "the event id is from an earlier server process");
+        s->after = 0;
+    } else {
+        s->after = last_event_id ? last_event_id : last;
+    }
     return stream_response(s);
 }

@@ -200,7 +200,8 @@ static void finish(mp_task *t, const char *now) {
     }
     jobs_publish_state(srv, doc);
     if (srv->metrics && !requeue)
-        metrics_job_done(srv->metrics, t->type->name, state, time_mono() - t->t_start);
+        metrics_job_done(srv->metrics, t->type->name, state, time_mono() - t->t_start,
+                         json_object_get(doc, "result"));
     mp_log(&srv->log, t->outcome == 1 ? "info" : "warn", t->info.id, "job %s %s%s%s", t->type->name,
            state, t->outcome == 1 ? "" : ": ", t->outcome == 1 ? "" : t->err_msg);
 }

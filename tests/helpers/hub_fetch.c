@@ -5,7 +5,7 @@
  *   hub_fetch --endpoint URL --cache DIR [--revision R] [--format F]
  *             [--allow P]... [--ignore P]... [--connections N]
  *             [--chunk-bytes N] [--max-retries N] [--token T]
- *             [--cancel-after-bytes N] REPO
+ *             [--cancel-after-bytes N] [--no-fsync] [-v] REPO
  *
  * Prints the result object (or {"error": {"code", "message"}}) as JSON on
  * stdout; exit status 0 on success, 1 on a failed download, 2 on bad usage.
@@ -49,10 +49,14 @@ int main(int argc, char **argv) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
 #define OPT(name) (strcmp(a, name) == 0 && v && (i++, 1))
-        if (OPT("--endpoint")) o.endpoint = v;
-        else if (OPT("--cache")) o.cache_dir = v;
-        else if (OPT("--revision")) o.revision = v;
-        else if (OPT("--token")) o.token = v;
+        if (OPT("--endpoint"))
+            o.endpoint = v;
+        else if (OPT("--cache"))
+            o.cache_dir = v;
+        else if (OPT("--revision"))
+            o.revision = v;
+        else if (OPT("--token"))
+            o.token = v;
         else if (OPT("--format")) {
             if (hub_parse_load_format(v, &o.load_format) != 0) {
                 fprintf(stderr, "bad --format %s\n", v);
@@ -64,12 +68,20 @@ int main(int argc, char **argv) {
         } else if (OPT("--ignore")) {
             if (ni < 64) ignore[ni++] = v;
             o.ignore = ignore;
-        } else if (OPT("--connections")) o.connections = atoi(v);
-        else if (OPT("--chunk-bytes")) o.chunk_bytes = strtoull(v, NULL, 10);
-        else if (OPT("--max-retries")) o.max_retries = atoi(v);
-        else if (OPT("--cancel-after-bytes")) st.cancel_after = strtoull(v, NULL, 10);
-        else if (strcmp(a, "-v") == 0) st.verbose = true;
-        else if (a[0] != '-' && !o.repo) o.repo = a;
+        } else if (OPT("--connections"))
+            o.connections = atoi(v);
+        else if (OPT("--chunk-bytes"))
+            o.chunk_bytes = strtoull(v, NULL, 10);
+        else if (OPT("--max-retries"))
+            o.max_retries = atoi(v);
+        else if (OPT("--cancel-after-bytes"))
+            st.cancel_after = strtoull(v, NULL, 10);
+        else if (strcmp(a, "-v") == 0)
+            st.verbose = true;
+        else if (strcmp(a, "--no-fsync") == 0)
+            o.no_fsync = true;
+        else if (a[0] != '-' && !o.repo)
+            o.repo = a;
         else {
             fprintf(stderr, "usage: hub_fetch --endpoint URL --cache DIR [options] REPO\n");
             return 2;
@@ -87,7 +99,8 @@ int main(int argc, char **argv) {
     mp_error err;
     mp_error_clear(&err);
     int rc = hub_download(&o, &cb, &result, &err);
-    if (rc != 0) result = json_pack("{s:{s:s,s:s}}", "error", "code", err.code, "message", err.message);
+    if (rc != 0)
+        result = json_pack("{s:{s:s,s:s}}", "error", "code", err.code, "message", err.message);
     char *s = json_dumps(result, JSON_COMPACT);
     puts(s ? s : "null");
     free(s);

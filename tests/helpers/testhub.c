@@ -55,7 +55,7 @@ typedef struct tfile {
 } tfile;
 
 typedef struct trepo {
-    char id[256];
+    char id[520];
     char commit[41];
     tfile *files;
     size_t n, cap;
@@ -77,7 +77,8 @@ typedef struct hub {
 /* ---- repo scan ----------------------------------------------------------------- */
 
 static bool is_lfs(const char *path, uint64_t size) {
-    static const char *const ext[] = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5"};
+    static const char *const ext[] = {".safetensors", ".bin",  ".pt", ".pth",
+                                      ".gguf",        ".ckpt", ".h5"};
     size_t n = strlen(path);
     for (size_t i = 0; i < sizeof ext / sizeof ext[0]; i++) {
         size_t m = strlen(ext[i]);
@@ -307,8 +308,8 @@ static int parse_range(const char *v, uint64_t size, uint64_t *a, uint64_t *b) {
 }
 
 /* The bytes of a file, whole or a Range, with the hub's headers. */
-static enum MHD_Result send_file(hub *h, struct MHD_Connection *c, const trepo *r,
-                                 const tfile *f, bool head) {
+static enum MHD_Result send_file(hub *h, struct MHD_Connection *c, const trepo *r, const tfile *f,
+                                 bool head) {
     const char *range = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Range");
     uint64_t a = 0, b = f->size ? f->size - 1 : 0, len = f->size;
     unsigned status = MHD_HTTP_OK;
@@ -356,8 +357,9 @@ static enum MHD_Result send_file(hub *h, struct MHD_Connection *c, const trepo *
             close(fd);
             return MHD_NO;
         }
-        *sb = (slow_body){h, fd, a, len, 0, cut ? len / 2 : UINT64_MAX,
-                          corrupt ? f->size / 2 : UINT64_MAX, now_s()};
+        *sb = (slow_body){
+            h,      fd, a, len, 0, cut ? len / 2 : UINT64_MAX, corrupt ? f->size / 2 : UINT64_MAX,
+            now_s()};
         resp = MHD_create_response_from_callback(len, 64 * 1024, slow_read, sb, slow_free);
     } else {
         if (!head) atomic_fetch_add(&h->bytes_sent, (long)len);
@@ -383,7 +385,8 @@ static enum MHD_Result send_file(hub *h, struct MHD_Connection *c, const trepo *
 /* ---- endpoints ---------------------------------------------------------------------- */
 
 static bool rev_ok(const trepo *r, const char *rev, size_t n) {
-    return (n == 4 && strncmp(rev, "main", 4) == 0) || (n == 40 && strncmp(rev, r->commit, 40) == 0);
+    return (n == 4 && strncmp(rev, "main", 4) == 0) ||
+           (n == 40 && strncmp(rev, r->commit, 40) == 0);
 }
 
 static json_t *sibling_json(const tfile *f, bool blobs) {
@@ -392,23 +395,25 @@ static json_t *sibling_json(const tfile *f, bool blobs) {
         json_object_set_new(o, "size", json_integer((json_int_t)f->size));
         json_object_set_new(o, "blobId", json_string(f->blob_id));
         if (f->lfs)
-            json_object_set_new(o, "lfs", json_pack("{s:s,s:I,s:i}", "sha256", f->sha256, "size",
-                                                    (json_int_t)f->size, "pointerSize", 134));
+            json_object_set_new(o, "lfs",
+                                json_pack("{s:s,s:I,s:i}", "sha256", f->sha256, "size",
+                                          (json_int_t)f->size, "pointerSize", 134));
     }
     return o;
 }
 
 static enum MHD_Result api_info(hub *h, struct MHD_Connection *c, const trepo *r, bool blobs) {
     json_t *sib = json_array();
-    for (size_t i = 0; i < r->n; i++) json_array_append_new(sib, sibling_json(&r->files[i], blobs));
+    for (size_t i = 0; i < r->n; i++)
+        json_array_append_new(sib, sibling_json(&r->files[i], blobs));
     if (h->evil) {
         tfile ev = {.path = "../../evil", .size = 4, .lfs = false};
         memcpy(ev.blob_id, "e0f39e5c1a6b2bb0b9f5d0b0d0c0a0b0c0d0e0f0", 41);
         json_array_append_new(sib, sibling_json(&ev, blobs));
     }
-    json_t *doc = json_pack("{s:s,s:s,s:s,s:b,s:b,s:b,s:o,s:[],s:s}", "id", r->id, "modelId",
-                            r->id, "sha", r->commit, "private", 0, "gated", 0, "disabled", 0,
-                            "siblings", sib, "tags", "lastModified", "2026-01-01T00:00:00.000Z");
+    json_t *doc = json_pack("{s:s,s:s,s:s,s:b,s:b,s:b,s:o,s:[],s:s}", "id", r->id, "modelId", r->id,
+                            "sha", r->commit, "private", 0, "gated", 0, "disabled", 0, "siblings",
+                            sib, "tags", "lastModified", "2026-01-01T00:00:00.000Z");
     return send_json(c, 200, doc, r);
 }
 
@@ -420,8 +425,9 @@ static enum MHD_Result api_tree(struct MHD_Connection *c, const trepo *r, bool r
         json_t *e = json_pack("{s:s,s:s,s:I,s:s}", "type", "file", "oid", f->blob_id, "size",
                               (json_int_t)f->size, "path", f->path);
         if (f->lfs)
-            json_object_set_new(e, "lfs", json_pack("{s:s,s:I,s:i}", "oid", f->sha256, "size",
-                                                    (json_int_t)f->size, "pointerSize", 134));
+            json_object_set_new(e, "lfs",
+                                json_pack("{s:s,s:I,s:i}", "oid", f->sha256, "size",
+                                          (json_int_t)f->size, "pointerSize", 134));
         json_array_append_new(arr, e);
     }
     return send_json(c, 200, arr, r);
@@ -437,11 +443,11 @@ static enum MHD_Result route(hub *h, struct MHD_Connection *c, const char *url, 
     if (strcmp(url, "/_stats") == 0) {
         json_t *doc = json_pack(
             "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "requests", (json_int_t)h->requests,
-            "api_requests", (json_int_t)h->api_requests, "heads", (json_int_t)h->heads,
-            "data_gets", (json_int_t)h->data_gets, "range_gets", (json_int_t)h->range_gets,
-            "cdn_auth", (json_int_t)h->cdn_auth, "bytes_sent", (json_int_t)h->bytes_sent,
-            "cuts_done", (json_int_t)h->cuts_done, "max_active", (json_int_t)h->max_active,
-            "errors_sent", (json_int_t)h->errors_sent);
+            "api_requests", (json_int_t)h->api_requests, "heads", (json_int_t)h->heads, "data_gets",
+            (json_int_t)h->data_gets, "range_gets", (json_int_t)h->range_gets, "cdn_auth",
+            (json_int_t)h->cdn_auth, "bytes_sent", (json_int_t)h->bytes_sent, "cuts_done",
+            (json_int_t)h->cuts_done, "max_active", (json_int_t)h->max_active, "errors_sent",
+            (json_int_t)h->errors_sent);
         return send_json(c, 200, doc, NULL);
     }
     if (strncmp(url, "/cdn/", 5) == 0) {
@@ -466,8 +472,10 @@ static enum MHD_Result route(hub *h, struct MHD_Connection *c, const char *url, 
     if (!authorized(h, c)) {
         atomic_fetch_add(&h->errors_sent, 1);
         char *b = strdup("{\"error\":\"Invalid credentials in Authorization header\"}");
-        struct MHD_Response *resp = MHD_create_response_from_buffer(strlen(b), b, MHD_RESPMEM_MUST_FREE);
-        MHD_add_response_header(resp, "X-Error-Message", "Invalid credentials in Authorization header");
+        struct MHD_Response *resp =
+            MHD_create_response_from_buffer(strlen(b), b, MHD_RESPMEM_MUST_FREE);
+        MHD_add_response_header(resp, "X-Error-Message",
+                                "Invalid credentials in Authorization header");
         enum MHD_Result ret = MHD_queue_response(c, 401, resp);
         MHD_destroy_response(resp);
         return ret;
@@ -509,7 +517,8 @@ static enum MHD_Result route(hub *h, struct MHD_Connection *c, const char *url, 
         if (strcmp(f->path, path) != 0) continue;
         if (!f->lfs) return send_file(h, c, r, f, head);
         /* LFS: redirect to the "CDN" with the linked etag and size */
-        struct MHD_Response *resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+        struct MHD_Response *resp =
+            MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
         char loc[512], etag[80], size[32];
         snprintf(loc, sizeof loc, "http://%s:%d/cdn/%s", h->cdn_host, h->cdn_port, f->sha256);
         snprintf(etag, sizeof etag, "\"%s\"", f->sha256);
@@ -567,19 +576,32 @@ int main(int argc, char **argv) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
 #define OPT(name) (strcmp(a, name) == 0 && v && (i++, 1))
-        if (OPT("--port")) port = atoi(v);
-        else if (OPT("--fail-500")) h.fail500 = atoi(v);
-        else if (OPT("--api-fail-500")) h.api_fail500 = atoi(v);
-        else if (OPT("--fail-429")) h.fail429 = atoi(v);
-        else if (OPT("--retry-after")) h.retry_after = atoi(v);
-        else if (OPT("--cut")) h.cut = atoi(v);
-        else if (OPT("--corrupt")) h.corrupt = v;
-        else if (OPT("--slow")) h.slow_bps = atol(v);
-        else if (OPT("--token")) h.token = v;
-        else if (OPT("--gated")) h.gated = v;
-        else if (OPT("--cdn-host")) h.cdn_host = v;
-        else if (strcmp(a, "--evil") == 0) h.evil = true;
-        else if (a[0] != '-' && !root) root = a;
+        if (OPT("--port"))
+            port = atoi(v);
+        else if (OPT("--fail-500"))
+            h.fail500 = atoi(v);
+        else if (OPT("--api-fail-500"))
+            h.api_fail500 = atoi(v);
+        else if (OPT("--fail-429"))
+            h.fail429 = atoi(v);
+        else if (OPT("--retry-after"))
+            h.retry_after = atoi(v);
+        else if (OPT("--cut"))
+            h.cut = atoi(v);
+        else if (OPT("--corrupt"))
+            h.corrupt = v;
+        else if (OPT("--slow"))
+            h.slow_bps = atol(v);
+        else if (OPT("--token"))
+            h.token = v;
+        else if (OPT("--gated"))
+            h.gated = v;
+        else if (OPT("--cdn-host"))
+            h.cdn_host = v;
+        else if (strcmp(a, "--evil") == 0)
+            h.evil = true;
+        else if (a[0] != '-' && !root)
+            root = a;
         else {
             fprintf(stderr, "usage: testhub [options] ROOT (bad argument %s)\n", a);
             return 2;

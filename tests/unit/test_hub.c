@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -35,9 +36,9 @@ static void test_fnmatch_python_semantics(void **state) {
     assert_false(hub_fnmatch("[c-a]x", "bx")); /* reversed range matches nothing */
     assert_true(hub_fnmatch("[]]", "]"));
     assert_true(hub_fnmatch("[!]]", "a"));
-    assert_true(hub_fnmatch("a[", "a["));  /* lone '[' is literal */
-    assert_true(hub_fnmatch("[^a]", "^")); /* '^' is not negation in Python */
-    assert_true(hub_fnmatch("a\\b", "a\\b")); /* no backslash escapes */
+    assert_true(hub_fnmatch("a[", "a["));          /* lone '[' is literal */
+    assert_true(hub_fnmatch("[^a]", "^"));         /* '^' is not negation in Python */
+    assert_true(hub_fnmatch("a\\b", "a\\b"));      /* no backslash escapes */
     assert_false(hub_fnmatch("A.json", "a.json")); /* case-sensitive */
     assert_true(hub_fnmatch("*a*b*c", "xxaxxbxxc"));
     assert_false(hub_fnmatch("*a*b*c", "xxaxxbxx"));
@@ -99,7 +100,8 @@ static void test_cache_paths(void **state) {
     assert_true(hub_repo_id_valid("Qwen/Qwen2.5-0.5B_x"));
     const char *etag = "3e0f227e3faefb082abd836139482c643186be4f86aa8ff7af5a60d4aef1e29d";
     assert_int_equal(hub_link_target(buf, sizeof buf, "config.json", etag, &err), 0);
-    assert_string_equal(buf, "../../blobs/3e0f227e3faefb082abd836139482c643186be4f86aa8ff7af5a60d4aef1e29d");
+    assert_string_equal(
+        buf, "../../blobs/3e0f227e3faefb082abd836139482c643186be4f86aa8ff7af5a60d4aef1e29d");
     assert_int_equal(hub_link_target(buf, sizeof buf, "a/b/c.json", etag, &err), 0);
     assert_true(strncmp(buf, "../../../../blobs/", 18) == 0);
     assert_int_equal(hub_link_target(buf, sizeof buf, "../x", etag, &err), -1);
@@ -113,6 +115,42 @@ static void test_cache_paths(void **state) {
     assert_true(hub_is_commit("276093f0372c17ac3097a5b9b0e31c35fb866a4f"));
     assert_false(hub_is_commit("276093F0372c17ac3097a5b9b0e31c35fb866a4f"));
     assert_false(hub_is_commit("main"));
+}
+
+static bool cancel_after_3(void *arg) {
+    int *n = arg;
+    return ++*n > 3;
+}
+
+/* Two jobs on one repo: the second waits (here: gives up on cancel) until
+ * the first lets go. */
+static void test_repo_lock(void **state) {
+    (void)state;
+    char dir[] = "/tmp/test_hub_lock.XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    mp_error err;
+    int fd = hub_lock_repo(dir, "acme/tiny", NULL, NULL, &err);
+    assert_true(fd >= 0);
+    int polls = 0;
+    assert_int_equal(hub_lock_repo(dir, "acme/tiny", cancel_after_3, &polls, &err), -1);
+    assert_string_equal(err.code, "cancelled");
+    assert_int_equal(polls, 4);
+    int other = hub_lock_repo(dir, "acme/other", NULL, NULL, &err); /* other repos are free */
+    assert_true(other >= 0);
+    close(fd);
+    polls = 0;
+    int again = hub_lock_repo(dir, "acme/tiny", cancel_after_3, &polls, &err);
+    assert_true(again >= 0);
+    close(again);
+    close(other);
+    char path[512];
+    assert_int_equal(hub_lock_path(path, sizeof path, dir, "acme/tiny"), 0);
+    unlink(path);
+    assert_int_equal(hub_lock_path(path, sizeof path, dir, "acme/other"), 0);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/.locks", dir);
+    rmdir(path);
+    assert_int_equal(rmdir(dir), 0);
 }
 
 /* ---- protocol helpers ------------------------------------------------------------ */
@@ -170,9 +208,11 @@ static void test_etag_and_range(void **state) {
     snprintf(q, sizeof q, "W/\"%s\"", sha);
     assert_true(hub_normalize_etag(q, out, sizeof out));
     assert_string_equal(out, sha);
-    assert_true(hub_normalize_etag("\"241664a1351e77d2701a39b3ec9b47a2e1a9140e\"", out, sizeof out));
+    assert_true(
+        hub_normalize_etag("\"241664a1351e77d2701a39b3ec9b47a2e1a9140e\"", out, sizeof out));
     assert_false(hub_normalize_etag("\"xyz\"", out, sizeof out));
-    assert_false(hub_normalize_etag("\"../../../../../../../../../../../../../../../x\"", out, sizeof out));
+    assert_false(
+        hub_normalize_etag("\"../../../../../../../../../../../../../../../x\"", out, sizeof out));
     uint64_t a, b, t;
     assert_int_equal(hub_parse_content_range("bytes 10-19/100", &a, &b, &t), 0);
     assert_true(a == 10 && b == 19 && t == 100);
@@ -189,9 +229,12 @@ static void test_etag_and_range(void **state) {
 
 static const char *LISTING =
     "{\"sha\":\"276093f0372c17ac3097a5b9b0e31c35fb866a4f\",\"siblings\":["
-    "{\"rfilename\":\"config.json\",\"size\":124,\"blobId\":\"241664a1351e77d2701a39b3ec9b47a2e1a9140e\"},"
-    "{\"rfilename\":\"model.safetensors\",\"size\":10,\"blobId\":\"1111111111111111111111111111111111111111\","
-    "\"lfs\":{\"sha256\":\"3e0f227e3faefb082abd836139482c643186be4f86aa8ff7af5a60d4aef1e29d\",\"size\":3145832,\"pointerSize\":134}}]}";
+    "{\"rfilename\":\"config.json\",\"size\":124,\"blobId\":"
+    "\"241664a1351e77d2701a39b3ec9b47a2e1a9140e\"},"
+    "{\"rfilename\":\"model.safetensors\",\"size\":10,\"blobId\":"
+    "\"1111111111111111111111111111111111111111\","
+    "\"lfs\":{\"sha256\":\"3e0f227e3faefb082abd836139482c643186be4f86aa8ff7af5a60d4aef1e29d\","
+    "\"size\":3145832,\"pointerSize\":134}}]}";
 
 static void test_parse_listing(void **state) {
     (void)state;
@@ -212,14 +255,18 @@ static void test_parse_listing(void **state) {
         "[]",
         "{\"sha\":\"main\",\"siblings\":[]}",
         "{\"sha\":\"276093f0372c17ac3097a5b9b0e31c35fb866a4f\"}",
-        "{\"sha\":\"276093f0372c17ac3097a5b9b0e31c35fb866a4f\",\"siblings\":[{\"rfilename\":\"x\"}]}",
-        "{\"sha\":\"276093f0372c17ac3097a5b9b0e31c35fb866a4f\",\"siblings\":[{\"rfilename\":\"x\",\"size\":1,"
+        "{\"sha\":\"276093f0372c17ac3097a5b9b0e31c35fb866a4f\",\"siblings\":[{\"rfilename\":\"x\"}]"
+        "}",
+        "{\"sha\":\"276093f0372c17ac3097a5b9b0e31c35fb866a4f\",\"siblings\":[{\"rfilename\":\"x\","
+        "\"size\":1,"
         "\"blobId\":\"../../../../../../../../../../../../../x\"}]}",
-        "{\"sha\":\"276093f0372c17ac3097a5b9b0e31c35fb866a4f\",\"siblings\":[{\"rfilename\":\"x\",\"size\":-1,"
+        "{\"sha\":\"276093f0372c17ac3097a5b9b0e31c35fb866a4f\",\"siblings\":[{\"rfilename\":\"x\","
+        "\"size\":-1,"
         "\"blobId\":\"241664a1351e77d2701a39b3ec9b47a2e1a9140e\"}]}",
         "{\"sha\":\"276093f0372c17ac3097a5b9b0e31c35fb866a4f\",\"siblings\":["
         "{\"rfilename\":\"x\",\"size\":1,\"blobId\":\"241664a1351e77d2701a39b3ec9b47a2e1a9140e\"},"
-        "{\"rfilename\":\"x\",\"size\":1,\"blobId\":\"241664a1351e77d2701a39b3ec9b47a2e1a9140e\"}]}",
+        "{\"rfilename\":\"x\",\"size\":1,\"blobId\":\"241664a1351e77d2701a39b3ec9b47a2e1a9140e\"}]"
+        "}",
         "not json",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -229,10 +276,11 @@ static void test_parse_listing(void **state) {
     const char *evil[] = {"../../evil", "/etc/passwd", "a/../../b", "a\\u0000b"};
     for (size_t i = 0; i < sizeof evil / sizeof evil[0]; i++) {
         char doc[512];
-        snprintf(doc, sizeof doc,
-                 "{\"sha\":\"276093f0372c17ac3097a5b9b0e31c35fb866a4f\",\"siblings\":[{\"rfilename\":"
-                 "\"%s\",\"size\":1,\"blobId\":\"241664a1351e77d2701a39b3ec9b47a2e1a9140e\"}]}",
-                 evil[i]);
+        snprintf(
+            doc, sizeof doc,
+            "{\"sha\":\"276093f0372c17ac3097a5b9b0e31c35fb866a4f\",\"siblings\":[{\"rfilename\":"
+            "\"%s\",\"size\":1,\"blobId\":\"241664a1351e77d2701a39b3ec9b47a2e1a9140e\"}]}",
+            evil[i]);
         assert_int_equal(hub_parse_listing(doc, strlen(doc), &l, &err), -1);
         assert_string_equal(err.code, "unsafe_path");
     }
@@ -263,14 +311,22 @@ static char *selected(const hub_listing *l) {
 }
 
 static const char *const REPO[] = {
-    "README.md", "config.json", "consolidated.safetensors", "generation_config.json",
-    "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-    "model.safetensors.index.json", "original/consolidated.00.pth", "original/params.json",
-    "pytorch_model.bin", "tokenizer.json", "training_args.bin",
+    "README.md",
+    "config.json",
+    "consolidated.safetensors",
+    "generation_config.json",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json",
+    "original/consolidated.00.pth",
+    "original/params.json",
+    "pytorch_model.bin",
+    "tokenizer.json",
+    "training_args.bin",
 };
 #define NREPO (sizeof REPO / sizeof REPO[0])
-static const char *INDEX =
-    "{\"weight_map\":{\"a\":\"model-00001-of-00002.safetensors\",\"b\":\"model-00002-of-00002.safetensors\"}}";
+static const char *INDEX = "{\"weight_map\":{\"a\":\"model-00001-of-00002.safetensors\",\"b\":"
+                           "\"model-00002-of-00002.safetensors\"}}";
 
 static void test_select_auto_safetensors_with_index(void **state) {
     (void)state;
@@ -282,19 +338,21 @@ static void test_select_auto_safetensors_with_index(void **state) {
     assert_int_equal(hub_select_files(&l, HUB_FMT_AUTO, NULL, 0, NULL, 0, INDEX, &need, &err), 0);
     assert_false(need);
     /* no consolidated (not in the index), no .bin, nothing under original/ */
-    assert_string_equal(selected(&l), "README.md,config.json,generation_config.json,"
-                                      "model-00001-of-00002.safetensors,model-00002-of-00002.safetensors,"
-                                      "model.safetensors.index.json,tokenizer.json");
+    assert_string_equal(selected(&l),
+                        "README.md,config.json,generation_config.json,"
+                        "model-00001-of-00002.safetensors,model-00002-of-00002.safetensors,"
+                        "model.safetensors.index.json,tokenizer.json");
     /* an index without weight_map leaves the choice alone */
-    assert_int_equal(hub_select_files(&l, HUB_FMT_SAFETENSORS, NULL, 0, NULL, 0, "{}", &need, &err), 0);
+    assert_int_equal(hub_select_files(&l, HUB_FMT_SAFETENSORS, NULL, 0, NULL, 0, "{}", &need, &err),
+                     0);
     assert_non_null(strstr(selected(&l), "consolidated.safetensors"));
     hub_listing_free(&l);
 }
 
 static void test_select_pt_and_training_artifacts(void **state) {
     (void)state;
-    const char *names[] = {"config.json", "pytorch_model.bin", "training_args.bin", "optimizer.pt",
-                           "my_scheduler.pt", "tokenizer.model"};
+    const char *names[] = {"config.json",  "pytorch_model.bin", "training_args.bin",
+                           "optimizer.pt", "my_scheduler.pt",   "tokenizer.model"};
     hub_listing l = make_listing(names, 6);
     mp_error err;
     bool need;
@@ -303,11 +361,13 @@ static void test_select_pt_and_training_artifacts(void **state) {
     assert_int_equal(hub_select_files(&l, HUB_FMT_PT, NULL, 0, NULL, 0, NULL, &need, &err), 0);
     assert_string_equal(selected(&l), "config.json,pytorch_model.bin,tokenizer.model");
     /* safetensors finds nothing: refused rather than SGLang's fallback to .pt */
-    assert_int_equal(hub_select_files(&l, HUB_FMT_SAFETENSORS, NULL, 0, NULL, 0, NULL, &need, &err), -1);
+    assert_int_equal(hub_select_files(&l, HUB_FMT_SAFETENSORS, NULL, 0, NULL, 0, NULL, &need, &err),
+                     -1);
     assert_string_equal(err.code, "file_not_found");
     assert_int_equal(hub_select_files(&l, HUB_FMT_ALL, NULL, 0, NULL, 0, NULL, &need, &err), 0);
-    assert_string_equal(selected(&l), "config.json,pytorch_model.bin,training_args.bin,optimizer.pt,"
-                                      "my_scheduler.pt,tokenizer.model");
+    assert_string_equal(selected(&l),
+                        "config.json,pytorch_model.bin,training_args.bin,optimizer.pt,"
+                        "my_scheduler.pt,tokenizer.model");
     hub_listing_free(&l);
 
     const char *only_pt[] = {"config.json", "model.pt", "scaler.pt"};
@@ -356,6 +416,7 @@ int main(void) {
         cmocka_unit_test(test_pattern_filter),
         cmocka_unit_test(test_path_safe),
         cmocka_unit_test(test_cache_paths),
+        cmocka_unit_test(test_repo_lock),
         cmocka_unit_test(test_retry_after),
         cmocka_unit_test(test_backoff),
         cmocka_unit_test(test_error_codes),

@@ -1,0 +1,623 @@
+/*
+ * gpu.c - the device set behind gpu.h: parsing --devices, per-device
+ * accounting of resident bytes, argument checks (bounds, alignment, dtypes,
+ * overlap) for every arena operation, and dispatch to the host or CUDA
+ * backend. Backends trust what reaches them.
+ */
+#include "gpu/gpu_internal.h"
+#include "gpu/dummy.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int gpu_nomem(mp_error *err, const char *fmt, ...) {
+    if (err) {
+        va_list ap;
+        va_start(ap, fmt);
+        snprintf(err->code, sizeof err->code, "insufficient_memory");
+        err->field[0] = '\0';
+        vsnprintf(err->message, sizeof err->message, fmt, ap);
+        va_end(ap);
+    }
+    return GPU_NOMEM;
+}
+
+/* ---- --devices ---- */
+
+/* "123", "64M", "2g": bytes, suffixes are powers of 1024. */
+static int parse_size(const char *s, uint64_t *out) {
+    if (!isdigit((unsigned char)*s)) return -1;
+    errno = 0;
+    char *end;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno) return -1;
+    unsigned shift = 0;
+    switch (toupper((unsigned char)*end)) {
+    case '\0': break;
+    case 'K': shift = 10; end++; break;
+    case 'M': shift = 20; end++; break;
+    case 'G': shift = 30; end++; break;
+    case 'T': shift = 40; end++; break;
+    default: return -1;
+    }
+    if (*end || v == 0 || v > (UINT64_MAX >> shift)) return -1;
+    *out = (uint64_t)v << shift;
+    return 0;
+}
+
+static void init_host(gpu_set *s, int n, uint64_t cap) {
+    s->kind = GPU_KIND_HOST;
+    s->n = n;
+    for (int i = 0; i < n; i++) {
+        s->dev[i].kind = GPU_KIND_HOST;
+        s->dev[i].ordinal = i;
+        s->dev[i].cap = cap;
+    }
+}
+
+static int parse_host(gpu_set *s, const char *spec, uint64_t cap, mp_error *err) {
+    const char *p = spec + 4; /* after "host" */
+    long n = 1;
+    if (*p == ':') {
+        char *end;
+        errno = 0;
+        n = strtol(p + 1, &end, 10);
+        if (end == p + 1 || errno || n < 1 || n > GPU_MAX_DEVICES)
+            return mp_err_field(err, "devices", "invalid_devices",
+                                "\"%s\": host:N needs N in 1..%d", spec, GPU_MAX_DEVICES);
+        p = end;
+    }
+    if (*p == '@') {
+        if (parse_size(p + 1, &cap) != 0)
+            return mp_err_field(err, "devices", "invalid_devices",
+                                "\"%s\": bad memory cap after '@'", spec);
+    } else if (*p) {
+        return mp_err_field(err, "devices", "invalid_devices",
+                            "\"%s\": expected auto, host, host:N or CUDA indices like 0,1", spec);
+    }
+    init_host(s, (int)n, cap);
+    return 0;
+}
+
+static int parse_cuda_list(gpu_set *s, const char *spec, mp_error *err) {
+    int ord[GPU_MAX_DEVICES], n = 0;
+    const char *p = spec;
+    for (;;) {
+        if (!isdigit((unsigned char)*p))
+            return mp_err_field(err, "devices", "invalid_devices",
+                                "\"%s\": expected auto, host, host:N or CUDA indices like 0,1",
+                                spec);
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (errno || v >= GPU_MAX_DEVICES)
+            return mp_err_field(err, "devices", "device_unavailable", "\"%s\": no CUDA device %s",
+                                spec, p);
+        for (int i = 0; i < n; i++)
+            if (ord[i] == v)
+                return mp_err_field(err, "devices", "invalid_devices",
+                                    "\"%s\": device %ld named twice", spec, v);
+        if (n == GPU_MAX_DEVICES)
+            return mp_err_field(err, "devices", "invalid_devices", "too many devices");
+        ord[n++] = (int)v;
+        if (*end == '\0') break;
+        if (*end != ',')
+            return mp_err_field(err, "devices", "invalid_devices", "\"%s\": bad separator",
+                                spec);
+        p = end + 1;
+    }
+#if MP_HAVE_CUDA
+    int have = gpu_cuda_count();
+    for (int i = 0; i < n; i++)
+        if (ord[i] >= have)
+            return mp_err_field(err, "devices", "device_unavailable",
+                                "CUDA device %d is not present (%d found)", ord[i], have);
+    s->kind = GPU_KIND_CUDA;
+    s->n = n;
+    for (int i = 0; i < n; i++) {
+        s->dev[i].kind = GPU_KIND_CUDA;
+        s->dev[i].ordinal = ord[i];
+    }
+    return 0;
+#else
+    (void)s;
+    return mp_err_field(err, "devices", "device_unavailable",
+                        "CUDA device %d requested but this build has no CUDA support", ord[0]);
+#endif
+}
+
+int gpu_set_open(const char *spec, uint64_t host_cap_bytes, gpu_set **out, mp_error *err) {
+    *out = NULL;
+    gpu_set *s = calloc(1, sizeof *s);
+    if (!s) return mp_err(err, "out_of_memory", "gpu set");
+    int rc;
+    if (!spec || !*spec || strcmp(spec, "auto") == 0) {
+        rc = 0;
+        int have = 0;
+#if MP_HAVE_CUDA
+        have = gpu_cuda_count();
+        if (have > GPU_MAX_DEVICES) have = GPU_MAX_DEVICES;
+        s->kind = GPU_KIND_CUDA;
+        s->n = have;
+        for (int i = 0; i < have; i++) {
+            s->dev[i].kind = GPU_KIND_CUDA;
+            s->dev[i].ordinal = i;
+        }
+#endif
+        if (have == 0) init_host(s, 1, host_cap_bytes);
+    } else if (strncmp(spec, "host", 4) == 0) {
+        rc = parse_host(s, spec, host_cap_bytes, err);
+    } else {
+        rc = parse_cuda_list(s, spec, err);
+    }
+    if (rc != 0) {
+        free(s);
+        return -1;
+    }
+    if (pthread_mutex_init(&s->mu, NULL) != 0) {
+        free(s);
+        return mp_err(err, "internal", "pthread_mutex_init");
+    }
+    *out = s;
+    return 0;
+}
+
+void gpu_set_close(gpu_set *s) {
+    if (!s) return;
+#if MP_HAVE_CUDA
+    for (int i = 0; i < s->n; i++)
+        if (s->dev[i].kind == GPU_KIND_CUDA) gpu_cuda_stream_destroy(&s->dev[i]);
+#endif
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}
+
+int gpu_set_count(const gpu_set *s) {
+    return s->n;
+}
+
+gpu_kind gpu_set_kind(const gpu_set *s) {
+    return s->kind;
+}
+
+static int check_index(const gpu_set *s, int index, mp_error *err) {
+    if (index < 0 || index >= s->n)
+        return mp_err_field(err, "devices", "device_unavailable", "no device %d (set has %d)",
+                            index, s->n);
+    return 0;
+}
+
+int gpu_device_info_get(gpu_set *s, int index, gpu_device_info *out, mp_error *err) {
+    if (check_index(s, index, err) != 0) return -1;
+    memset(out, 0, sizeof *out);
+    gpu_dev *d = &s->dev[index];
+    out->index = index;
+    out->kind = d->kind;
+    out->ordinal = d->ordinal;
+    pthread_mutex_lock(&s->mu);
+    out->resident_bytes = d->resident;
+    int rc = 0;
+    if (d->kind == GPU_KIND_HOST) {
+        snprintf(out->name, sizeof out->name, "host");
+        rc = gpu_host_mem_info(d, &out->total_bytes, &out->free_bytes, err);
+    }
+    pthread_mutex_unlock(&s->mu);
+#if MP_HAVE_CUDA
+    if (d->kind == GPU_KIND_CUDA) {
+        rc = gpu_cuda_describe(d->ordinal, out, err);
+        if (rc == 0) rc = gpu_cuda_mem_info(d->ordinal, &out->total_bytes, &out->free_bytes, err);
+    }
+#endif
+    return rc;
+}
+
+uint64_t gpu_device_resident(gpu_set *s, int index) {
+    if (index < 0 || index >= s->n) return 0;
+    pthread_mutex_lock(&s->mu);
+    uint64_t r = s->dev[index].resident;
+    pthread_mutex_unlock(&s->mu);
+    return r;
+}
+
+/* The CUDA copy stream of device index, created on first use. */
+static int dev_ready(gpu_set *s, int index, mp_error *err) {
+#if MP_HAVE_CUDA
+    gpu_dev *d = &s->dev[index];
+    if (d->kind != GPU_KIND_CUDA) return 0;
+    pthread_mutex_lock(&s->mu);
+    int rc = d->stream ? 0 : gpu_cuda_stream_init(d, err);
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+#else
+    (void)s, (void)index, (void)err;
+    return 0;
+#endif
+}
+
+int gpu_device_sync(gpu_set *s, int index, mp_error *err) {
+    if (check_index(s, index, err) != 0 || dev_ready(s, index, err) != 0) return -1;
+#if MP_HAVE_CUDA
+    if (s->dev[index].kind == GPU_KIND_CUDA) return gpu_cuda_sync(&s->dev[index], err);
+#endif
+    return 0;
+}
+
+bool gpu_cuda_versions(int *runtime, int *driver) {
+    int r = 0, d = 0;
+    bool ok = false;
+#if MP_HAVE_CUDA
+    ok = gpu_cuda_versions_impl(&r, &d);
+#endif
+    if (runtime) *runtime = r;
+    if (driver) *driver = d;
+    return ok;
+}
+
+/* ---- arenas ---- */
+
+int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_error *err) {
+    *out = NULL;
+    if (check_index(s, index, err) != 0) return -1;
+    if (bytes == 0) return mp_err(err, "invalid_argument", "arena of 0 bytes");
+    gpu_dev *d = &s->dev[index];
+    gpu_arena *a = calloc(1, sizeof *a);
+    if (!a) return mp_err(err, "out_of_memory", "arena handle");
+    a->set = s;
+    a->dev = index;
+    a->size = bytes;
+    a->fd = -1;
+    int rc;
+    if (d->kind == GPU_KIND_HOST) {
+        /* Check and reserve under the lock so that concurrent loads cannot
+         * both pass the check and together exceed the cap. */
+        uint64_t total, avail;
+        pthread_mutex_lock(&s->mu);
+        rc = gpu_host_mem_info(d, &total, &avail, err);
+        if (rc == 0 && bytes > avail)
+            rc = gpu_nomem(err, "device %d (host): %" PRIu64 " bytes asked, %" PRIu64 " free",
+                           index, bytes, avail);
+        if (rc == 0) d->resident += bytes;
+        pthread_mutex_unlock(&s->mu);
+        if (rc == 0) {
+            rc = gpu_host_arena_alloc(a, err);
+            if (rc != 0) {
+                pthread_mutex_lock(&s->mu);
+                d->resident -= bytes;
+                pthread_mutex_unlock(&s->mu);
+            }
+        }
+    } else {
+#if MP_HAVE_CUDA
+        rc = gpu_cuda_arena_alloc(a, err);
+        if (rc == 0) {
+            pthread_mutex_lock(&s->mu);
+            d->resident += bytes;
+            pthread_mutex_unlock(&s->mu);
+        }
+#else
+        rc = mp_err(err, "internal", "CUDA device in a build without CUDA");
+#endif
+    }
+    if (rc != 0) {
+        free(a);
+        return rc;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->live++;
+    pthread_mutex_unlock(&s->mu);
+    *out = a;
+    return 0;
+}
+
+void gpu_arena_free(gpu_arena *a) {
+    if (!a) return;
+    gpu_set *s = a->set;
+    gpu_dev *d = &s->dev[a->dev];
+    if (d->kind == GPU_KIND_HOST) gpu_host_arena_free(a);
+#if MP_HAVE_CUDA
+    else gpu_cuda_arena_free(a);
+#endif
+    pthread_mutex_lock(&s->mu);
+    d->resident -= a->size;
+    s->live--;
+    pthread_mutex_unlock(&s->mu);
+    free(a);
+}
+
+uint64_t gpu_arena_size(const gpu_arena *a) {
+    return a->size;
+}
+
+int gpu_arena_device(const gpu_arena *a) {
+    return a->dev;
+}
+
+void *gpu_arena_host_ptr(const gpu_arena *a) {
+    return a->set->dev[a->dev].kind == GPU_KIND_HOST ? a->ptr : NULL;
+}
+
+int gpu_arena_export(gpu_arena *a, gpu_export *out, mp_error *err) {
+    memset(out, 0, sizeof *out);
+    out->size = a->size;
+    out->fd = -1;
+    out->kind = a->set->dev[a->dev].kind;
+    if (out->kind == GPU_KIND_HOST) {
+        out->fd = a->fd;
+        return 0;
+    }
+#if MP_HAVE_CUDA
+    return gpu_cuda_arena_export(a, out->ipc_handle, sizeof out->ipc_handle, err);
+#else
+    return mp_err(err, "internal", "CUDA arena in a build without CUDA");
+#endif
+}
+
+/* ---- staging ---- */
+
+int gpu_staging_alloc(gpu_set *s, size_t bytes, void **out, mp_error *err) {
+    *out = NULL;
+    if (bytes == 0) return mp_err(err, "invalid_argument", "staging buffer of 0 bytes");
+#if MP_HAVE_CUDA
+    if (s->kind == GPU_KIND_CUDA) return gpu_cuda_staging_alloc(bytes, out, err);
+#endif
+    (void)s;
+    return gpu_host_staging_alloc(bytes, out, err);
+}
+
+void gpu_staging_free(gpu_set *s, void *p) {
+    if (!p) return;
+#if MP_HAVE_CUDA
+    if (s->kind == GPU_KIND_CUDA) {
+        gpu_cuda_staging_free(p);
+        return;
+    }
+#endif
+    (void)s;
+    gpu_host_staging_free(p);
+}
+
+/* ---- transfers ---- */
+
+static int check_span(const gpu_arena *a, uint64_t off, uint64_t bytes, mp_error *err) {
+    if (off > a->size || bytes > a->size - off)
+        return mp_err(err, "out_of_range",
+                      "range [%" PRIu64 ", +%" PRIu64 ") outside an arena of %" PRIu64 " bytes",
+                      off, bytes, a->size);
+    return 0;
+}
+
+static inline bool is_cuda(const gpu_arena *a) {
+    return a->set->dev[a->dev].kind == GPU_KIND_CUDA;
+}
+
+int gpu_copy_h2d(gpu_arena *a, uint64_t off, const void *src, size_t n, mp_error *err) {
+    if (check_span(a, off, n, err) != 0) return -1;
+    if (n == 0) return 0;
+    if (!is_cuda(a)) {
+        memcpy((char *)a->ptr + off, src, n);
+        return 0;
+    }
+#if MP_HAVE_CUDA
+    if (dev_ready(a->set, a->dev, err) != 0) return -1;
+    return gpu_cuda_copy_h2d(&a->set->dev[a->dev], (char *)a->ptr + off, src, n, err);
+#else
+    return mp_err(err, "internal", "no CUDA");
+#endif
+}
+
+int gpu_read(gpu_arena *a, uint64_t off, void *dst, size_t n, mp_error *err) {
+    if (check_span(a, off, n, err) != 0) return -1;
+    if (n == 0) return 0;
+    if (!is_cuda(a)) {
+        memcpy(dst, (char *)a->ptr + off, n);
+        return 0;
+    }
+#if MP_HAVE_CUDA
+    if (dev_ready(a->set, a->dev, err) != 0) return -1;
+    return gpu_cuda_read(&a->set->dev[a->dev], (char *)a->ptr + off, dst, n, err);
+#else
+    return mp_err(err, "internal", "no CUDA");
+#endif
+}
+
+/* ---- fences ---- */
+
+int gpu_fence_create(gpu_set *s, int index, gpu_fence **out, mp_error *err) {
+    *out = NULL;
+    if (check_index(s, index, err) != 0) return -1;
+    gpu_fence *f = calloc(1, sizeof *f);
+    if (!f) return mp_err(err, "out_of_memory", "fence");
+    f->set = s;
+    f->dev = index;
+#if MP_HAVE_CUDA
+    if (s->dev[index].kind == GPU_KIND_CUDA &&
+        (dev_ready(s, index, err) != 0 || gpu_cuda_fence_create(&s->dev[index], f, err) != 0)) {
+        free(f);
+        return -1;
+    }
+#endif
+    pthread_mutex_lock(&s->mu);
+    s->live++;
+    pthread_mutex_unlock(&s->mu);
+    *out = f;
+    return 0;
+}
+
+int gpu_fence_record(gpu_fence *f, mp_error *err) {
+    f->recorded = 1;
+#if MP_HAVE_CUDA
+    if (f->set->dev[f->dev].kind == GPU_KIND_CUDA)
+        return gpu_cuda_fence_record(&f->set->dev[f->dev], f, err);
+#endif
+    (void)err;
+    return 0;
+}
+
+int gpu_fence_wait(gpu_fence *f, mp_error *err) {
+#if MP_HAVE_CUDA
+    if (f->recorded && f->set->dev[f->dev].kind == GPU_KIND_CUDA)
+        return gpu_cuda_fence_wait(&f->set->dev[f->dev], f, err);
+#endif
+    (void)err;
+    return 0;
+}
+
+int gpu_fence_query(gpu_fence *f, mp_error *err) {
+#if MP_HAVE_CUDA
+    if (f->recorded && f->set->dev[f->dev].kind == GPU_KIND_CUDA)
+        return gpu_cuda_fence_query(&f->set->dev[f->dev], f, err);
+#endif
+    (void)err;
+    return 1;
+}
+
+void gpu_fence_free(gpu_fence *f) {
+    if (!f) return;
+    gpu_set *s = f->set;
+#if MP_HAVE_CUDA
+    if (s->dev[f->dev].kind == GPU_KIND_CUDA) gpu_cuda_fence_free(&s->dev[f->dev], f);
+#endif
+    pthread_mutex_lock(&s->mu);
+    s->live--;
+    pthread_mutex_unlock(&s->mu);
+    free(f);
+}
+
+/* ---- compute ---- */
+
+static unsigned float_size(mp_dtype dt) {
+    switch (dt) {
+    case MP_DT_F32: return 4;
+    case MP_DT_F16: case MP_DT_BF16: return 2;
+    case MP_DT_F8_E4M3: case MP_DT_F8_E5M2: return 1;
+    default: return 0;
+    }
+}
+
+static bool is_wide(mp_dtype dt) {
+    return dt == MP_DT_F32 || dt == MP_DT_F16 || dt == MP_DT_BF16;
+}
+
+bool gpu_cast_supported(mp_dtype from, mp_dtype to) {
+    return is_wide(to) && float_size(from) != 0;
+}
+
+bool gpu_dequant_supported(int ggml_type) {
+    return gpu_sc_block_elems(ggml_type) != 0;
+}
+
+/* Offset aligned for the element type and span inside the arena. */
+static int check_elems(const gpu_arena *a, uint64_t off, unsigned esize, uint64_t bytes,
+                       const char *what, mp_error *err) {
+    if (esize > 1 && off % esize != 0)
+        return mp_err(err, "invalid_argument", "%s offset %" PRIu64 " not aligned to %u", what,
+                      off, esize);
+    return check_span(a, off, bytes, err);
+}
+
+static bool overlaps(const gpu_arena *a, uint64_t aoff, uint64_t abytes, const gpu_arena *b,
+                     uint64_t boff, uint64_t bbytes) {
+    if (a != b || abytes == 0 || bbytes == 0) return false;
+    return aoff < boff + bbytes && boff < aoff + abytes;
+}
+
+static int same_device(const gpu_arena *a, const gpu_arena *b, mp_error *err) {
+    if (a->set != b->set || a->dev != b->dev)
+        return mp_err(err, "invalid_argument", "source and destination on different devices");
+    return 0;
+}
+
+int gpu_cast(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena *src,
+             uint64_t src_off, mp_dtype src_dt, uint64_t n, mp_error *err) {
+    if (!gpu_cast_supported(src_dt, dst_dt))
+        return mp_err(err, "unsupported_dtype", "no device cast from %s to %s",
+                      mp_dtype_name(src_dt), mp_dtype_name(dst_dt));
+    if (same_device(dst, src, err) != 0) return -1;
+    unsigned ds = float_size(dst_dt), ss = float_size(src_dt);
+    uint64_t dbytes, sbytes;
+    if (__builtin_mul_overflow(n, (uint64_t)ds, &dbytes) ||
+        __builtin_mul_overflow(n, (uint64_t)ss, &sbytes))
+        return mp_err(err, "out_of_range", "cast of %" PRIu64 " elements overflows", n);
+    if (check_elems(dst, dst_off, ds, dbytes, "destination", err) != 0 ||
+        check_elems(src, src_off, ss, sbytes, "source", err) != 0)
+        return -1;
+    if (overlaps(dst, dst_off, dbytes, src, src_off, sbytes) && !(dst_off == src_off && ds == ss))
+        return mp_err(err, "invalid_argument", "cast source and destination overlap");
+    if (n == 0) return 0;
+    void *dp = (char *)dst->ptr + dst_off;
+    const void *sp = (const char *)src->ptr + src_off;
+    if (!is_cuda(dst)) return gpu_host_cast(dp, dst_dt, sp, src_dt, n);
+#if MP_HAVE_CUDA
+    if (dev_ready(dst->set, dst->dev, err) != 0) return -1;
+    return gpu_cuda_cast(&dst->set->dev[dst->dev], dp, dst_dt, sp, src_dt, n, err);
+#else
+    return mp_err(err, "internal", "no CUDA");
+#endif
+}
+
+int gpu_dequant(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena *src,
+                uint64_t src_off, int ggml_type, uint64_t n, mp_error *err) {
+    unsigned be = gpu_sc_block_elems(ggml_type), bb = gpu_sc_block_bytes(ggml_type);
+    if (!be) return mp_err(err, "unsupported_dtype", "no device dequantization of ggml type %d",
+                           ggml_type);
+    if (!is_wide(dst_dt))
+        return mp_err(err, "unsupported_dtype", "dequantize to %s", mp_dtype_name(dst_dt));
+    if (n % be != 0)
+        return mp_err(err, "invalid_argument",
+                      "%" PRIu64 " elements is not a whole number of %u-element blocks", n, be);
+    if (same_device(dst, src, err) != 0) return -1;
+    unsigned ds = float_size(dst_dt);
+    uint64_t dbytes, sbytes;
+    if (__builtin_mul_overflow(n, (uint64_t)ds, &dbytes) ||
+        __builtin_mul_overflow(n / be, (uint64_t)bb, &sbytes))
+        return mp_err(err, "out_of_range", "dequant of %" PRIu64 " elements overflows", n);
+    if (check_elems(dst, dst_off, ds, dbytes, "destination", err) != 0 ||
+        check_elems(src, src_off, 1, sbytes, "source", err) != 0)
+        return -1;
+    if (overlaps(dst, dst_off, dbytes, src, src_off, sbytes))
+        return mp_err(err, "invalid_argument", "dequant source and destination overlap");
+    if (n == 0) return 0;
+    void *dp = (char *)dst->ptr + dst_off;
+    const void *sp = (const char *)src->ptr + src_off;
+    if (!is_cuda(dst)) return gpu_host_dequant(dp, dst_dt, sp, ggml_type, n);
+#if MP_HAVE_CUDA
+    if (dev_ready(dst->set, dst->dev, err) != 0) return -1;
+    return gpu_cuda_dequant(&dst->set->dev[dst->dev], dp, dst_dt, sp, ggml_type, n, err);
+#else
+    return mp_err(err, "internal", "no CUDA");
+#endif
+}
+
+int gpu_fill_dummy(gpu_arena *a, uint64_t off, mp_dtype dt, uint64_t n, const char *name,
+                   const gpu_dummy_params *p, mp_error *err) {
+    if (!is_wide(dt))
+        return mp_err(err, "unsupported_dtype", "dummy weights of dtype %s", mp_dtype_name(dt));
+    if (!isfinite(p->low) || !isfinite(p->high) || p->low > p->high)
+        return mp_err_field(err, "dummy", "invalid_argument",
+                            "dummy range needs finite low <= high");
+    unsigned es = float_size(dt);
+    uint64_t bytes;
+    if (__builtin_mul_overflow(n, (uint64_t)es, &bytes))
+        return mp_err(err, "out_of_range", "dummy fill of %" PRIu64 " elements overflows", n);
+    if (check_elems(a, off, es, bytes, "destination", err) != 0) return -1;
+    if (n == 0) return 0;
+    uint64_t tseed = gpu_dummy_tensor_seed(p->seed, name);
+    void *dp = (char *)a->ptr + off;
+    if (!is_cuda(a)) {
+        gpu_dummy_fill_cpu(dp, dt, n, p->first, tseed, p->low, p->high);
+        return 0;
+    }
+#if MP_HAVE_CUDA
+    if (dev_ready(a->set, a->dev, err) != 0) return -1;
+    return gpu_cuda_fill_dummy(&a->set->dev[a->dev], dp, dt, n, p->first, tseed, p->low, p->high,
+                               err);
+#else
+    return mp_err(err, "internal", "no CUDA");
+#endif
+}

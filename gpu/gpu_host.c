@@ -1,0 +1,178 @@
+/*
+ * gpu_host.c - the host backend: "device memory" is host memory, so that a
+ * machine without a GPU (and every test) can place, verify and export
+ * weights through the same interface as CUDA.
+ *
+ * Arenas are memfd-backed shared mappings rather than malloc so that they
+ * can be handed to another process by fd (the host analogue of a CUDA IPC
+ * handle), and they are fallocate'd so that running out of memory is an
+ * allocation error instead of a SIGBUS on first write. Staging memory is
+ * plain aligned memory and a copy is a memcpy that is done on return.
+ */
+#include "gpu/gpu_internal.h"
+#include "gpu/gpu_scalar.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* MemTotal and MemAvailable from /proc/meminfo, in bytes. */
+static int read_meminfo(uint64_t *total, uint64_t *avail, mp_error *err) {
+    FILE *f = fopen("/proc/meminfo", "re");
+    if (!f) return mp_err(err, "io_error", "open /proc/meminfo: %s", strerror(errno));
+    char line[256];
+    int got = 0;
+    *total = *avail = 0;
+    while (fgets(line, sizeof line, f) && got != 3) {
+        unsigned long long kb;
+        if (sscanf(line, "MemTotal: %llu kB", &kb) == 1) {
+            *total = (uint64_t)kb * 1024;
+            got |= 1;
+        } else if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) {
+            *avail = (uint64_t)kb * 1024;
+            got |= 2;
+        }
+    }
+    fclose(f);
+    if (got != 3) return mp_err(err, "io_error", "/proc/meminfo lacks MemTotal/MemAvailable");
+    return 0;
+}
+
+int gpu_host_mem_info(const gpu_dev *d, uint64_t *total, uint64_t *avail, mp_error *err) {
+    if (d->cap) {
+        *total = d->cap;
+        *avail = d->cap > d->resident ? d->cap - d->resident : 0;
+        return 0;
+    }
+    return read_meminfo(total, avail, err);
+}
+
+int gpu_host_arena_alloc(gpu_arena *a, mp_error *err) {
+    if (a->size > (uint64_t)SIZE_MAX || a->size > (uint64_t)INT64_MAX)
+        return gpu_nomem(err, "arena of %" PRIu64 " bytes", a->size);
+    int fd = memfd_create("modelprep-arena", MFD_CLOEXEC);
+    if (fd < 0) return mp_err(err, "io_error", "memfd_create: %s", strerror(errno));
+    if (ftruncate(fd, (off_t)a->size) != 0) {
+        int e = errno;
+        close(fd);
+        return mp_err(err, "io_error", "ftruncate memfd: %s", strerror(e));
+    }
+    /* Commit the pages now: a shared mapping of a sparse memfd would fault
+     * with SIGBUS on the first write that finds no memory. */
+    int rc = fallocate(fd, 0, 0, (off_t)a->size);
+    if (rc != 0) {
+        int e = errno;
+        close(fd);
+        if (e == ENOSPC || e == ENOMEM || e == EFBIG)
+            return gpu_nomem(err, "arena of %" PRIu64 " bytes: %s", a->size, strerror(e));
+        return mp_err(err, "io_error", "fallocate memfd: %s", strerror(e));
+    }
+    void *p = mmap(NULL, (size_t)a->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+        int e = errno;
+        close(fd);
+        if (e == ENOMEM)
+            return gpu_nomem(err, "mmap arena: %s", strerror(e));
+        return mp_err(err, "io_error", "mmap arena: %s", strerror(e));
+    }
+    a->ptr = p;
+    a->fd = fd;
+    return 0;
+}
+
+void gpu_host_arena_free(gpu_arena *a) {
+    if (a->ptr) munmap(a->ptr, (size_t)a->size);
+    if (a->fd >= 0) close(a->fd);
+    a->ptr = NULL;
+    a->fd = -1;
+}
+
+int gpu_host_staging_alloc(size_t bytes, void **out, mp_error *err) {
+    size_t rounded;
+    if (bytes == 0 || __builtin_add_overflow(bytes, (size_t)4095, &rounded))
+        return mp_err(err, "invalid_argument", "staging size %zu", bytes);
+    rounded &= ~(size_t)4095;
+    void *p = aligned_alloc(4096, rounded);
+    if (!p)
+        return gpu_nomem(err, "staging buffer of %zu bytes", bytes);
+    *out = p;
+    return 0;
+}
+
+void gpu_host_staging_free(void *p) {
+    free(p);
+}
+
+static float load_elem(const unsigned char *src, mp_dtype dt, uint64_t i) {
+    uint16_t h;
+    uint32_t u;
+    switch (dt) {
+    case MP_DT_F32:
+        memcpy(&u, src + 4 * i, 4);
+        return gpu_sc_bits_f32(u);
+    case MP_DT_F16:
+        memcpy(&h, src + 2 * i, 2);
+        return gpu_sc_f16_to_f32(h);
+    case MP_DT_BF16:
+        memcpy(&h, src + 2 * i, 2);
+        return gpu_sc_bf16_to_f32(h);
+    case MP_DT_F8_E4M3:
+        return gpu_sc_e4m3_to_f32(src[i]);
+    case MP_DT_F8_E5M2:
+        return gpu_sc_e5m2_to_f32(src[i]);
+    default:
+        return 0.0f;
+    }
+}
+
+static void store_elem(unsigned char *dst, mp_dtype dt, uint64_t i, float v) {
+    uint16_t h;
+    uint32_t u;
+    switch (dt) {
+    case MP_DT_F32:
+        u = gpu_sc_f32_bits(v);
+        memcpy(dst + 4 * i, &u, 4);
+        break;
+    case MP_DT_F16:
+        h = gpu_sc_f32_to_f16(v);
+        memcpy(dst + 2 * i, &h, 2);
+        break;
+    case MP_DT_BF16:
+        h = gpu_sc_f32_to_bf16(v);
+        memcpy(dst + 2 * i, &h, 2);
+        break;
+    default:
+        break;
+    }
+}
+
+int gpu_host_cast(void *dst, mp_dtype dst_dt, const void *src, mp_dtype src_dt, uint64_t n) {
+    unsigned char *d = dst;
+    const unsigned char *s = src;
+    if (dst_dt == src_dt) {
+        if (dst != src) memmove(dst, src, (size_t)(n * (mp_dtype_bits(dst_dt) / 8)));
+        return 0;
+    }
+    /* f16 -> f32 -> f16 round trips are exact, so going through f32 gives
+     * the correctly rounded result for every pair. In place is safe: equal
+     * element sizes, each element read before it is written. */
+    for (uint64_t i = 0; i < n; i++) store_elem(d, dst_dt, i, load_elem(s, src_dt, i));
+    return 0;
+}
+
+int gpu_host_dequant(void *dst, mp_dtype dst_dt, const void *src, int ggml_type, uint64_t n) {
+    unsigned be = gpu_sc_block_elems(ggml_type), bb = gpu_sc_block_bytes(ggml_type);
+    if (!be) return -1;
+    unsigned char *d = dst;
+    const unsigned char *s = src;
+    for (uint64_t b = 0; b < n / be; b++) {
+        const uint8_t *blk = s + b * bb;
+        for (unsigned j = 0; j < be; j++) store_elem(d, dst_dt, b * be + j, gpu_sc_dequant(ggml_type, blk, j));
+    }
+    return 0;
+}

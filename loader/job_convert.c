@@ -1,0 +1,166 @@
+/*
+ * job_convert.c - the convert job: a PyTorch (.bin/.pt, single or sharded)
+ * or GGUF checkpoint of a local model or cached snapshot -> a safetensors
+ * folder (loader/convert.h does the work). The output lands under
+ * <data_dir>/converted/ unless params.output names a folder inside a model
+ * root or the data dir; never inside the hub cache.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "loader/convert.h"
+#include "loader/safetensors.h"
+#include "util/fsutil.h"
+#include "util/jobtype.h"
+
+static const char *const dtype_values[] = {"keep", "bf16", "fp16", "fp32", NULL};
+
+/* Model roots plus the data dir, each realpath'd (NULL-terminated, owned). */
+static char **output_roots(const mp_task_env *env) {
+    size_t n = 0;
+    while (env->model_roots && env->model_roots[n])
+        n++;
+    char **r = calloc(n + 2, sizeof *r);
+    if (!r) return NULL;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if ((r[k] = strdup(env->model_roots[i]))) k++;
+    if (env->data_dir && (r[k] = realpath(env->data_dir, NULL))) k++;
+    return r;
+}
+
+static void free_roots(char **r) {
+    for (size_t i = 0; r && r[i]; i++)
+        free(r[i]);
+    free(r);
+}
+
+/* Resolves where the output goes; *out owned by the caller. */
+static int resolve_output(const mp_task_info *in, char **out, mp_error *err) {
+    const char *param = json_string_value(json_object_get(in->params, "output"));
+    char **roots = output_roots(in->env);
+    if (!roots) return mp_err(err, "no_memory", "out of memory");
+    char *hub = in->env->hub_cache ? realpath(in->env->hub_cache, NULL) : NULL;
+    int rc = 0;
+    if (param) {
+        rc = conv_confine_output(param, (const char *const *)roots, hub, in->model_path, out, err);
+    } else {
+        char name[NAME_MAX + 1];
+        char base[PATH_MAX];
+        if (!conv_default_name(in->model, in->revision, in->is_hub_model, name, sizeof name))
+            rc = mp_err_field(err, "model", "bad_model", "no usable output name for %s",
+                              in->model);
+        else if (snprintf(base, sizeof base, "%s/converted", in->env->data_dir) >=
+                 (int)sizeof base)
+            rc = mp_err(err, "bad_output", "data dir path too long");
+        else if (fs_mkdirs(base, err) != 0)
+            rc = -1;
+        else {
+            char *rb = realpath(base, NULL);
+            if (!rb || asprintf(out, "%s/%s", rb, name) < 0) {
+                *out = NULL;
+                rc = mp_err(err, "io_error", "%s: %s", base, strerror(errno));
+            }
+            free(rb);
+        }
+    }
+    free(hub);
+    free_roots(roots);
+    return rc;
+}
+
+static int convert_validate(const mp_task_info *in, mp_error *err) {
+    const char *file = json_string_value(json_object_get(in->params, "file"));
+    if (file) {
+        if (!st_plain_file_name(file))
+            return mp_err_field(err, "params.file", "bad_value",
+                                "params.file must be a file name inside the model folder");
+        if (in->model_path) {
+            char p[PATH_MAX];
+            struct stat st;
+            snprintf(p, sizeof p, "%s/%s", in->model_path, file);
+            if (stat(p, &st) != 0 || !S_ISREG(st.st_mode))
+                return mp_err_field(err, "params.file", "not_found", "%s is not in the model",
+                                    file);
+        }
+    }
+    json_t *ms = json_object_get(in->params, "max_shard_bytes");
+    if (ms && json_integer_value(ms) < 1)
+        return mp_err_field(err, "params.max_shard_bytes", "out_of_range",
+                            "params.max_shard_bytes must be positive");
+    if (json_object_get(in->params, "output")) {
+        char *out = NULL;
+        /* Only the explicit output is checked here: the default one is made
+         * (and its parent created) when the job runs. */
+        if (resolve_output(in, &out, err) != 0) {
+            if (!err->field[0]) snprintf(err->field, sizeof err->field, "params.output");
+            return -1;
+        }
+        free(out);
+    }
+    return 0;
+}
+
+static void cb_progress(void *cb, uint64_t done, uint64_t total, const char *msg) {
+    task_progress(cb, done, total, "bytes", msg);
+}
+static bool cb_cancelled(void *cb) {
+    return task_cancelled(cb);
+}
+static void cb_log(void *cb, const char *level, const char *msg) {
+    task_log(cb, level, "%s", msg);
+}
+
+static int convert_run(mp_task *t) {
+    const mp_task_info *in = task_info(t);
+    mp_error err = {0};
+    if (!in->model_path) return task_fail(t, "not_cached", "the model is not available locally");
+    mp_dtype dt;
+    if (!conv_parse_dtype(json_string_value(json_object_get(in->params, "dtype")), &dt))
+        return task_fail(t, "bad_request", "dtype must be keep, bf16, fp16 or fp32");
+    char *out = NULL;
+    if (resolve_output(in, &out, &err) != 0) return task_fail(t, err.code, "%s", err.message);
+    char src[PATH_MAX];
+    const char *file = json_string_value(json_object_get(in->params, "file"));
+    if (file)
+        snprintf(src, sizeof src, "%s/%s", in->model_path, file);
+    else
+        snprintf(src, sizeof src, "%s", in->model_path);
+    json_t *ms = json_object_get(in->params, "max_shard_bytes");
+    conv_opts o = {
+        .src = src,
+        .out_dir = out,
+        .dtype = dt,
+        .max_shard_bytes = ms ? (uint64_t)json_integer_value(ms) : 0,
+        .tag = in->id,
+        .cb = t,
+        .progress = cb_progress,
+        .cancelled = cb_cancelled,
+        .log = cb_log,
+    };
+    json_t *result = NULL;
+    int rc = conv_run(&o, &result, &err);
+    free(out);
+    if (rc != 0) return task_fail(t, err.code, "%s", err.message);
+    return task_succeed(t, result);
+}
+
+static const mp_param_spec convert_params[] = {
+    {"dtype", MP_P_STRING, dtype_values, 0, 0},
+    {"max_shard_bytes", MP_P_INT, NULL, 1, INT64_MAX},
+    {"output", MP_P_STRING, NULL, 0, 0},
+    {"file", MP_P_STRING, NULL, 0, 0},
+    {NULL, 0, NULL, 0, 0},
+};
+
+const mp_job_type mp_job_convert = {
+    .name = "convert",
+    .params = convert_params,
+    .validate = convert_validate,
+    .run = convert_run,
+    .flags = MP_JOB_NEEDS_LOCAL | MP_JOB_RESUMABLE,
+};
