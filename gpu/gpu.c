@@ -39,12 +39,26 @@ static int parse_size(const char *s, uint64_t *out) {
     if (errno) return -1;
     unsigned shift = 0;
     switch (toupper((unsigned char)*end)) {
-    case '\0': break;
-    case 'K': shift = 10; end++; break;
-    case 'M': shift = 20; end++; break;
-    case 'G': shift = 30; end++; break;
-    case 'T': shift = 40; end++; break;
-    default: return -1;
+    case '\0':
+        break;
+    case 'K':
+        shift = 10;
+        end++;
+        break;
+    case 'M':
+        shift = 20;
+        end++;
+        break;
+    case 'G':
+        shift = 30;
+        end++;
+        break;
+    case 'T':
+        shift = 40;
+        end++;
+        break;
+    default:
+        return -1;
     }
     if (*end || v == 0 || v > (UINT64_MAX >> shift)) return -1;
     *out = (uint64_t)v << shift;
@@ -108,8 +122,7 @@ static int parse_cuda_list(gpu_set *s, const char *spec, mp_error *err) {
         ord[n++] = (int)v;
         if (*end == '\0') break;
         if (*end != ',')
-            return mp_err_field(err, "devices", "invalid_devices", "\"%s\": bad separator",
-                                spec);
+            return mp_err_field(err, "devices", "invalid_devices", "\"%s\": bad separator", spec);
         p = end + 1;
     }
 #if MP_HAVE_CUDA
@@ -321,7 +334,8 @@ void gpu_arena_free(gpu_arena *a) {
     gpu_dev *d = &s->dev[a->dev];
     if (d->kind == GPU_KIND_HOST) gpu_host_arena_free(a);
 #if MP_HAVE_CUDA
-    else gpu_cuda_arena_free(a);
+    else
+        gpu_cuda_arena_free(a);
 #endif
     pthread_mutex_lock(&s->mu);
     d->resident -= a->size;
@@ -493,10 +507,16 @@ void gpu_fence_free(gpu_fence *f) {
 
 static unsigned float_size(mp_dtype dt) {
     switch (dt) {
-    case MP_DT_F32: return 4;
-    case MP_DT_F16: case MP_DT_BF16: return 2;
-    case MP_DT_F8_E4M3: case MP_DT_F8_E5M2: return 1;
-    default: return 0;
+    case MP_DT_F32:
+        return 4;
+    case MP_DT_F16:
+    case MP_DT_BF16:
+        return 2;
+    case MP_DT_F8_E4M3:
+    case MP_DT_F8_E5M2:
+        return 1;
+    default:
+        return 0;
     }
 }
 
@@ -516,8 +536,8 @@ bool gpu_dequant_supported(int ggml_type) {
 static int check_elems(const gpu_arena *a, uint64_t off, unsigned esize, uint64_t bytes,
                        const char *what, mp_error *err) {
     if (esize > 1 && off % esize != 0)
-        return mp_err(err, "invalid_argument", "%s offset %" PRIu64 " not aligned to %u", what,
-                      off, esize);
+        return mp_err(err, "invalid_argument", "%s offset %" PRIu64 " not aligned to %u", what, off,
+                      esize);
     return check_span(a, off, bytes, err);
 }
 
@@ -564,8 +584,9 @@ int gpu_cast(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena 
 int gpu_dequant(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena *src,
                 uint64_t src_off, int ggml_type, uint64_t n, mp_error *err) {
     unsigned be = gpu_sc_block_elems(ggml_type), bb = gpu_sc_block_bytes(ggml_type);
-    if (!be) return mp_err(err, "unsupported_dtype", "no device dequantization of ggml type %d",
-                           ggml_type);
+    if (!be)
+        return mp_err(err, "unsupported_dtype", "no device dequantization of ggml type %d",
+                      ggml_type);
     if (!is_wide(dst_dt))
         return mp_err(err, "unsupported_dtype", "dequantize to %s", mp_dtype_name(dst_dt));
     if (n % be != 0)

@@ -48,7 +48,7 @@ typedef struct gpu_arena gpu_arena;
 typedef struct gpu_fence gpu_fence;
 
 typedef struct gpu_device_info {
-    int index;                   /* position in the set: what every call takes */
+    int index; /* position in the set: what every call takes */
     gpu_kind kind;
     int ordinal;                 /* CUDA device ordinal; host: same as index */
     char name[256];              /* "NVIDIA H200", "host" */
@@ -107,10 +107,10 @@ void *gpu_arena_host_ptr(const gpu_arena *a);
 typedef struct gpu_export {
     gpu_kind kind;
     uint64_t size;
-    int fd;                 /* host: the arena's memfd (still owned by the arena;
-                               dup() it or pass it over SCM_RIGHTS); -1 on cuda */
-    char ipc_handle[132];   /* cuda: cudaIpcMemHandle_t as 128 lowercase hex
-                               digits (offsets are from the arena start); "" on host */
+    int fd;               /* host: the arena's memfd (still owned by the arena;
+                             dup() it or pass it over SCM_RIGHTS); -1 on cuda */
+    char ipc_handle[132]; /* cuda: cudaIpcMemHandle_t as 128 lowercase hex
+                             digits (offsets are from the arena start); "" on host */
 } gpu_export;
 int gpu_arena_export(gpu_arena *a, gpu_export *out, mp_error *err);
 
@@ -156,7 +156,8 @@ int gpu_cast(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena 
              uint64_t src_off, mp_dtype src_dt, uint64_t n, mp_error *err);
 
 /* Whether gpu_dequant handles this ggml type: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
- * Q4_K Q6_K (ids as in loader/gguf.h). */
+ * Q2_K Q3_K Q4_K Q5_K Q6_K (ids as in loader/gguf.h). F32/F16/BF16 sources are
+ * gpu_cast's job. */
 bool gpu_dequant_supported(int ggml_type);
 /* Dequantizes n elements (a multiple of the type's block size) of ggml
  * blocks at (src, src_off) into dst_dt (F32, F16 or BF16) at (dst,
@@ -168,8 +169,8 @@ int gpu_dequant(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_are
 /* Parameters of a dummy fill (see gpu/dummy.h for the exact generator). */
 typedef struct gpu_dummy_params {
     uint64_t seed;
-    float low, high;     /* values are in [low, high] */
-    uint64_t first;      /* element index of the first element written */
+    float low, high; /* values are in [low, high] */
+    uint64_t first;  /* element index of the first element written */
 } gpu_dummy_params;
 /* Fills n elements of dt (F32, F16 or BF16) at (a, off) with the dummy
  * values of tensor `name`: element k gets value number first + k. The bytes

@@ -52,8 +52,7 @@ int gpu_cuda_describe(int ordinal, gpu_device_info *info, mp_error *err) {
     struct cudaDeviceProp p;
     CU_TRY(cudaGetDeviceProperties(&p, ordinal), "cudaGetDeviceProperties");
     snprintf(info->name, sizeof info->name, "%.*s", (int)sizeof p.name, p.name);
-    snprintf(info->compute_capability, sizeof info->compute_capability, "%d.%d", p.major,
-             p.minor);
+    snprintf(info->compute_capability, sizeof info->compute_capability, "%d.%d", p.major, p.minor);
     char bus[sizeof info->pci_bus_id];
     if (cudaDeviceGetPCIBusId(bus, (int)sizeof bus, ordinal) == cudaSuccess)
         snprintf(info->pci_bus_id, sizeof info->pci_bus_id, "%s", bus);

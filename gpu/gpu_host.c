@@ -76,8 +76,7 @@ int gpu_host_arena_alloc(gpu_arena *a, mp_error *err) {
     if (p == MAP_FAILED) {
         int e = errno;
         close(fd);
-        if (e == ENOMEM)
-            return gpu_nomem(err, "mmap arena: %s", strerror(e));
+        if (e == ENOMEM) return gpu_nomem(err, "mmap arena: %s", strerror(e));
         return mp_err(err, "io_error", "mmap arena: %s", strerror(e));
     }
     a->ptr = p;
@@ -98,8 +97,7 @@ int gpu_host_staging_alloc(size_t bytes, void **out, mp_error *err) {
         return mp_err(err, "invalid_argument", "staging size %zu", bytes);
     rounded &= ~(size_t)4095;
     void *p = aligned_alloc(4096, rounded);
-    if (!p)
-        return gpu_nomem(err, "staging buffer of %zu bytes", bytes);
+    if (!p) return gpu_nomem(err, "staging buffer of %zu bytes", bytes);
     *out = p;
     return 0;
 }
@@ -161,7 +159,8 @@ int gpu_host_cast(void *dst, mp_dtype dst_dt, const void *src, mp_dtype src_dt, 
     /* f16 -> f32 -> f16 round trips are exact, so going through f32 gives
      * the correctly rounded result for every pair. In place is safe: equal
      * element sizes, each element read before it is written. */
-    for (uint64_t i = 0; i < n; i++) store_elem(d, dst_dt, i, load_elem(s, src_dt, i));
+    for (uint64_t i = 0; i < n; i++)
+        store_elem(d, dst_dt, i, load_elem(s, src_dt, i));
     return 0;
 }
 
@@ -172,7 +171,8 @@ int gpu_host_dequant(void *dst, mp_dtype dst_dt, const void *src, int ggml_type,
     const unsigned char *s = src;
     for (uint64_t b = 0; b < n / be; b++) {
         const uint8_t *blk = s + b * bb;
-        for (unsigned j = 0; j < be; j++) store_elem(d, dst_dt, b * be + j, gpu_sc_dequant(ggml_type, blk, j));
+        for (unsigned j = 0; j < be; j++)
+            store_elem(d, dst_dt, b * be + j, gpu_sc_dequant(ggml_type, blk, j));
     }
     return 0;
 }

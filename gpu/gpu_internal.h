@@ -13,10 +13,10 @@
 
 typedef struct gpu_dev {
     gpu_kind kind;
-    int ordinal;          /* CUDA ordinal; host: index */
-    uint64_t cap;         /* host: memory cap in bytes, 0 = none */
-    uint64_t resident;    /* under set->mu */
-    void *stream;         /* cuda: cudaStream_t, created on first use under set->mu */
+    int ordinal;       /* CUDA ordinal; host: index */
+    uint64_t cap;      /* host: memory cap in bytes, 0 = none */
+    uint64_t resident; /* under set->mu */
+    void *stream;      /* cuda: cudaStream_t, created on first use under set->mu */
 } gpu_dev;
 
 struct gpu_set {

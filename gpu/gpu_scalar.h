@@ -132,17 +132,27 @@ enum {
     GPU_GGML_Q5_0 = 6,
     GPU_GGML_Q5_1 = 7,
     GPU_GGML_Q8_0 = 8,
+    GPU_GGML_Q2_K = 10,
+    GPU_GGML_Q3_K = 11,
     GPU_GGML_Q4_K = 12,
+    GPU_GGML_Q5_K = 13,
     GPU_GGML_Q6_K = 14,
 };
 
 /* Elements and bytes per block of the types gpu_sc_dequant knows; 0 else. */
 GPU_HD unsigned gpu_sc_block_elems(int t) {
     switch (t) {
-    case GPU_GGML_Q4_0: case GPU_GGML_Q4_1: case GPU_GGML_Q5_0: case GPU_GGML_Q5_1:
+    case GPU_GGML_Q4_0:
+    case GPU_GGML_Q4_1:
+    case GPU_GGML_Q5_0:
+    case GPU_GGML_Q5_1:
     case GPU_GGML_Q8_0:
         return 32;
-    case GPU_GGML_Q4_K: case GPU_GGML_Q6_K:
+    case GPU_GGML_Q2_K:
+    case GPU_GGML_Q3_K:
+    case GPU_GGML_Q4_K:
+    case GPU_GGML_Q5_K:
+    case GPU_GGML_Q6_K:
         return 256;
     default:
         return 0;
@@ -151,14 +161,28 @@ GPU_HD unsigned gpu_sc_block_elems(int t) {
 
 GPU_HD unsigned gpu_sc_block_bytes(int t) {
     switch (t) {
-    case GPU_GGML_Q4_0: return 18;
-    case GPU_GGML_Q4_1: return 20;
-    case GPU_GGML_Q5_0: return 22;
-    case GPU_GGML_Q5_1: return 24;
-    case GPU_GGML_Q8_0: return 34;
-    case GPU_GGML_Q4_K: return 144;
-    case GPU_GGML_Q6_K: return 210;
-    default: return 0;
+    case GPU_GGML_Q4_0:
+        return 18;
+    case GPU_GGML_Q4_1:
+        return 20;
+    case GPU_GGML_Q5_0:
+        return 22;
+    case GPU_GGML_Q5_1:
+        return 24;
+    case GPU_GGML_Q8_0:
+        return 34;
+    case GPU_GGML_Q2_K:
+        return 84;
+    case GPU_GGML_Q3_K:
+        return 110;
+    case GPU_GGML_Q4_K:
+        return 144;
+    case GPU_GGML_Q5_K:
+        return 176;
+    case GPU_GGML_Q6_K:
+        return 210;
+    default:
+        return 0;
     }
 }
 
@@ -207,6 +231,31 @@ GPU_HD float gpu_sc_dequant(int t, const uint8_t *blk, unsigned j) {
         float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk));
         return GPU_FMUL((float)(int8_t)blk[2 + j], d);
     }
+    case GPU_GGML_Q2_K:
+    case GPU_GGML_Q3_K: {
+        /* Two halves of 128; in each, 4 shifts x two 16-element groups, each
+         * group with its own scale; hmask (Q3_K) is indexed like q without
+         * the half's offset. */
+        unsigned h = j / 128, r = j % 128, jj = r / 32, w = r % 32, second = w >= 16;
+        unsigned is = 8 * h + 2 * jj + second, lq = (w % 16) + 16 * second;
+        if (t == GPU_GGML_Q2_K) {
+            float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 80));
+            float dmin = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 82));
+            uint8_t sc = blk[is];
+            float dl = GPU_FMUL(d, (float)(sc & 15u));
+            float ml = GPU_FMUL(dmin, (float)(sc >> 4));
+            unsigned q = (blk[16 + 32 * h + lq] >> (2 * jj)) & 3u;
+            return GPU_FSUB(GPU_FMUL(dl, (float)q), ml);
+        }
+        const uint8_t *sb = blk + 96;
+        float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 108));
+        int low = is < 8 ? (sb[is] & 15) : (sb[is - 8] >> 4);
+        int high = (sb[8 + is % 4] >> (2 * (is / 4))) & 3;
+        float dl = GPU_FMUL(d, (float)((low | high << 4) - 32));
+        int q = (int)((blk[32 + 32 * h + lq] >> (2 * jj)) & 3u) -
+                ((blk[lq] & (1u << (4 * h + jj))) ? 0 : 4);
+        return GPU_FMUL(dl, (float)q);
+    }
     case GPU_GGML_Q4_K: {
         float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk));
         float dmin = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 2));
@@ -215,6 +264,19 @@ GPU_HD float gpu_sc_dequant(int t, const uint8_t *blk, unsigned j) {
         gpu_sc_q4k_scale_min(blk + 4, k, &sc, &mn);
         uint8_t q = blk[16 + 32 * c + l];
         unsigned x = w < 32 ? (q & 15u) : (q >> 4);
+        float d1 = GPU_FMUL(d, (float)sc);
+        float m1 = GPU_FMUL(dmin, (float)mn);
+        return GPU_FSUB(GPU_FMUL(d1, (float)x), m1);
+    }
+    case GPU_GGML_Q5_K: {
+        float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk));
+        float dmin = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 2));
+        unsigned c = j / 64, w = j % 64, l = w % 32;
+        unsigned k = 2 * c + (w >= 32), sc, mn;
+        gpu_sc_q4k_scale_min(blk + 4, k, &sc, &mn);
+        uint8_t q = blk[48 + 32 * c + l], qh = blk[16 + l];
+        unsigned x = w < 32 ? (q & 15u) + ((qh & (1u << (2 * c))) ? 16u : 0u)
+                            : (unsigned)(q >> 4) + ((qh & (2u << (2 * c))) ? 16u : 0u);
         float d1 = GPU_FMUL(d, (float)sc);
         float m1 = GPU_FMUL(dmin, (float)mn);
         return GPU_FSUB(GPU_FMUL(d1, (float)x), m1);

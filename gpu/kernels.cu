@@ -28,22 +28,35 @@ unsigned grid_for(uint64_t n) {
 
 __device__ inline float load_elem(const void *src, int dt, uint64_t i) {
     switch (dt) {
-    case MP_DT_F32: return ((const float *)src)[i];
-    case MP_DT_F16: return gpu_sc_f16_to_f32(((const uint16_t *)src)[i]);
-    case MP_DT_BF16: return gpu_sc_bf16_to_f32(((const uint16_t *)src)[i]);
-    case MP_DT_F8_E4M3: return gpu_sc_e4m3_to_f32(((const uint8_t *)src)[i]);
-    case MP_DT_F8_E5M2: return gpu_sc_e5m2_to_f32(((const uint8_t *)src)[i]);
-    default: return 0.0f;
+    case MP_DT_F32:
+        return ((const float *)src)[i];
+    case MP_DT_F16:
+        return gpu_sc_f16_to_f32(((const uint16_t *)src)[i]);
+    case MP_DT_BF16:
+        return gpu_sc_bf16_to_f32(((const uint16_t *)src)[i]);
+    case MP_DT_F8_E4M3:
+        return gpu_sc_e4m3_to_f32(((const uint8_t *)src)[i]);
+    case MP_DT_F8_E5M2:
+        return gpu_sc_e5m2_to_f32(((const uint8_t *)src)[i]);
+    default:
+        return 0.0f;
     }
 }
 
 /* F32 is stored as its bits so that a NaN payload survives untouched. */
 __device__ inline void store_elem(void *dst, int dt, uint64_t i, float v) {
     switch (dt) {
-    case MP_DT_F32: ((uint32_t *)dst)[i] = gpu_sc_f32_bits(v); break;
-    case MP_DT_F16: ((uint16_t *)dst)[i] = gpu_sc_f32_to_f16(v); break;
-    case MP_DT_BF16: ((uint16_t *)dst)[i] = gpu_sc_f32_to_bf16(v); break;
-    default: break;
+    case MP_DT_F32:
+        ((uint32_t *)dst)[i] = gpu_sc_f32_bits(v);
+        break;
+    case MP_DT_F16:
+        ((uint16_t *)dst)[i] = gpu_sc_f32_to_f16(v);
+        break;
+    case MP_DT_BF16:
+        ((uint16_t *)dst)[i] = gpu_sc_f32_to_bf16(v);
+        break;
+    default:
+        break;
     }
 }
 
@@ -98,8 +111,8 @@ extern "C" int gpuk_dequant(void *dst, int dst_dt, const void *src, int ggml_typ
                             void *stream) {
     unsigned be = gpu_sc_block_elems(ggml_type), bb = gpu_sc_block_bytes(ggml_type);
     if (!be) return (int)cudaErrorInvalidValue;
-    k_dequant<<<grid_for(n), kThreads, 0, (cudaStream_t)stream>>>(
-        dst, dst_dt, (const uint8_t *)src, ggml_type, be, bb, n);
+    k_dequant<<<grid_for(n), kThreads, 0, (cudaStream_t)stream>>>(dst, dst_dt, (const uint8_t *)src,
+                                                                  ggml_type, be, bb, n);
     return (int)cudaGetLastError();
 }
 

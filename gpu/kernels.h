@@ -15,8 +15,7 @@ extern "C" {
 #endif
 
 int gpuk_cast(void *dst, int dst_dt, const void *src, int src_dt, uint64_t n, void *stream);
-int gpuk_dequant(void *dst, int dst_dt, const void *src, int ggml_type, uint64_t n,
-                 void *stream);
+int gpuk_dequant(void *dst, int dst_dt, const void *src, int ggml_type, uint64_t n, void *stream);
 int gpuk_fill_dummy(void *dst, int dt, uint64_t n, uint64_t first, uint64_t tseed, float low,
                     float high, void *stream);
 

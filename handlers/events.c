@@ -1,5 +1,6 @@
 /* events.c - GET /v1/events: every job and resident change as one SSE
  * stream for dashboards; Last-Event-ID (header or ?last_event_id) resumes. */
+#include <errno.h>
 #include <stdlib.h>
 
 #include "handlers/handlers.h"
@@ -11,8 +12,10 @@ void h_events(http_req *rq, http_resp *rs) {
     uint64_t after = 0;
     if (last) {
         char *end;
+        errno = 0;
         unsigned long long v = strtoull(last, &end, 10);
-        if (!*last || *end) {
+        /* strtoull alone would take " 1", "+1" and "-1" (as 2^64-1). */
+        if (*last < '0' || *last > '9' || *end || errno == ERANGE) {
             resp_problem(rs, 400, "Last-Event-ID must be an event id", NULL);
             return;
         }

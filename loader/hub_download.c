@@ -255,7 +255,7 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
         need += l.files[idx[k]].size - partial_bytes(blobs, &l.files[idx[k]]);
     uint64_t free_b = 0;
     if (hub_free_bytes(blobs, &free_b, err) != 0) goto out;
-    if (need + SPACE_MARGIN > free_b) {
+    if (need > free_b || free_b - need < SPACE_MARGIN) {
         mp_err(err, "insufficient_space", "need %llu bytes in %s, %llu free",
                (unsigned long long)need, blobs, (unsigned long long)free_b);
         goto out;

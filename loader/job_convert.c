@@ -14,6 +14,7 @@
 
 #include "loader/convert.h"
 #include "loader/safetensors.h"
+#include "loader/st_crypt.h" /* encryption_key_file (warm_load issue) */
 #include "util/fsutil.h"
 #include "util/jobtype.h"
 
@@ -115,6 +116,43 @@ static void cb_log(void *cb, const char *level, const char *msg) {
     task_log(cb, level, "%s", msg);
 }
 
+/* ---- encryption_key_file (added by the warm_load issue; loader/st_crypt.h)
+ * Each output shard is re-written encrypted in place (aes-256-gcm-chunked-v1)
+ * once the conversion has been verified; the sizes in the result are
+ * refreshed. A failure here fails the job with the crypt error. */
+static int encryption_key(const mp_task_info *in, unsigned char key[STC_KEY_BYTES], bool *have,
+                          mp_error *err) {
+    const char *kf = json_string_value(json_object_get(in->params, "encryption_key_file"));
+    *have = false;
+    if (!kf) return 0;
+    char kp[PATH_MAX];
+    if (stc_key_resolve(kf, in->model_path, in->env->data_dir, in->env->model_roots,
+                        "params.encryption_key_file", kp, err) != 0 ||
+        stc_key_load(kp, key, err) != 0)
+        return -1;
+    *have = true;
+    return 0;
+}
+
+static int encrypt_output(json_t *result, const unsigned char key[STC_KEY_BYTES], mp_error *err) {
+    const char *dir = json_string_value(json_object_get(result, "output_path"));
+    size_t i;
+    json_t *f;
+    json_array_foreach(json_object_get(result, "files"), i, f) {
+        const char *name = json_string_value(json_object_get(f, "name"));
+        size_t nl = name ? strlen(name) : 0;
+        if (!dir || nl < 12 || strcmp(name + nl - 12, ".safetensors") != 0) continue;
+        char p[PATH_MAX];
+        snprintf(p, sizeof p, "%s/%s", dir, name);
+        if (stc_encrypt_file(p, p, key, 0, err) != 0) return -1;
+        struct stat st;
+        if (stat(p, &st) == 0) json_object_set_new(f, "size", json_integer((json_int_t)st.st_size));
+    }
+    json_object_set_new(result, "encryption", json_string(STC_SCHEME));
+    return 0;
+}
+/* ---- end of encryption_key_file ---- */
+
 static int convert_run(mp_task *t) {
     const mp_task_info *in = task_info(t);
     mp_error err = {0};
@@ -122,6 +160,9 @@ static int convert_run(mp_task *t) {
     mp_dtype dt;
     if (!conv_parse_dtype(json_string_value(json_object_get(in->params, "dtype")), &dt))
         return task_fail(t, "bad_request", "dtype must be keep, bf16, fp16 or fp32");
+    unsigned char key[STC_KEY_BYTES];
+    bool have_key = false; /* encryption_key_file */
+    if (encryption_key(in, key, &have_key, &err) != 0) return task_fail(t, err.code, "%s", err.message);
     char *out = NULL;
     if (resolve_output(in, &out, &err) != 0) return task_fail(t, err.code, "%s", err.message);
     char src[PATH_MAX];
@@ -145,6 +186,11 @@ static int convert_run(mp_task *t) {
     json_t *result = NULL;
     int rc = conv_run(&o, &result, &err);
     free(out);
+    if (rc == 0 && have_key && encrypt_output(result, key, &err) != 0) { /* encryption_key_file */
+        json_decref(result);
+        rc = -1;
+    }
+    memset(key, 0, sizeof key);
     if (rc != 0) return task_fail(t, err.code, "%s", err.message);
     return task_succeed(t, result);
 }
@@ -154,6 +200,7 @@ static const mp_param_spec convert_params[] = {
     {"max_shard_bytes", MP_P_INT, NULL, 1, INT64_MAX},
     {"output", MP_P_STRING, NULL, 0, 0},
     {"file", MP_P_STRING, NULL, 0, 0},
+    {"encryption_key_file", MP_P_STRING, NULL, 0, 0}, /* see encrypt_output() */
     {NULL, 0, NULL, 0, 0},
 };
 

@@ -105,29 +105,11 @@ static int parse_params(const json_t *p, wl_params *w, mp_error *err) {
     return 0;
 }
 
-static bool under(const char *path, const char *root) {
-    size_t n = strlen(root);
-    return root[0] && strncmp(path, root, n) == 0 && (path[n] == '/' || (n && root[n - 1] == '/'));
-}
-
-/* The key file, confined like models: under a model root or the data dir
- * (after resolving links). A relative path is taken from the model dir. */
+/* The key file, confined like models (loader/st_crypt.h). */
 static int key_path(const mp_task_info *in, const char *given, char *out, mp_error *err) {
-    char joined[PATH_MAX];
-    if (given[0] == '/')
-        snprintf(joined, sizeof joined, "%s", given);
-    else if (!in->model_path ||
-             snprintf(joined, sizeof joined, "%s/%s", in->model_path, given) >= (int)sizeof joined)
-        return mp_err_field(err, "params.decryption_key_file", "bad_path", "key path unusable");
-    if (!realpath(joined, out))
-        return mp_err_field(err, "params.decryption_key_file", "not_found", "key file not found");
-    bool ok = in->env && in->env->data_dir && under(out, in->env->data_dir);
-    for (const char *const *r = in->env ? in->env->model_roots : NULL; r && *r && !ok; r++)
-        ok = under(out, *r);
-    if (!ok)
-        return mp_err_field(err, "params.decryption_key_file", "bad_path",
-                            "the key file must lie under a model root or the data dir");
-    return 0;
+    return stc_key_resolve(given, in->model_path, in->env ? in->env->data_dir : NULL,
+                           in->env ? in->env->model_roots : NULL, "params.decryption_key_file",
+                           out, err);
 }
 
 static int wl_validate(const mp_task_info *in, mp_error *err) {

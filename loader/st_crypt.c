@@ -6,6 +6,7 @@
 #include "loader/st_crypt.h"
 
 #include <ctype.h>
+#include <limits.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <openssl/evp.h>
@@ -392,6 +393,7 @@ int stc_file_open(const mp_weights *w, stc_file *f, mp_error *err) {
     json_decref(rows);
     free(order);
     if (rc != 0) stc_file_free(f);
+    else f->encrypted = true;
     return rc;
 }
 
@@ -441,4 +443,71 @@ int stc_read(const stc_file *f, int fd, const unsigned char key[STC_KEY_BYTES], 
         len -= n;
     }
     return 0;
+}
+
+/* ---- helpers for jobs and tools ---- */
+
+static bool path_under(const char *path, const char *root) {
+    size_t n = root ? strlen(root) : 0;
+    if (n == 0 || strncmp(path, root, n) != 0) return false;
+    return path[n] == '/' || root[n - 1] == '/';
+}
+
+int stc_key_resolve(const char *given, const char *base_dir, const char *data_dir,
+                    const char *const *roots, const char *field, char *out, mp_error *err) {
+    char joined[PATH_MAX];
+    int n = given[0] == '/' || !base_dir
+                ? snprintf(joined, sizeof joined, "%s", given)
+                : snprintf(joined, sizeof joined, "%s/%s", base_dir, given);
+    if (n < 0 || n >= (int)sizeof joined)
+        return mp_err_field(err, field, "bad_path", "key file path too long");
+    if (!realpath(joined, out)) return mp_err_field(err, field, "not_found", "key file not found");
+    char *data_real = data_dir ? realpath(data_dir, NULL) : NULL;
+    bool ok = data_real && path_under(out, data_real);
+    free(data_real);
+    for (const char *const *r = roots; r && *r && !ok; r++) ok = path_under(out, *r);
+    if (!ok)
+        return mp_err_field(err, field, "bad_path",
+                            "the key file must lie under a model root or the data dir");
+    return 0;
+}
+
+int stc_encrypt_file(const char *in, const char *out, const unsigned char key[STC_KEY_BYTES],
+                     uint64_t chunk_bytes, mp_error *err) {
+    mp_weights w = {0};
+    if (st_open(in, &w, err) != 0) return -1;
+    if (stc_is_encrypted(&w)) {
+        weights_free_fields(&w);
+        return mp_err(err, "bad_request", "%s is already encrypted", in);
+    }
+    st_wtensor *ts = calloc(w.ntensors ? w.ntensors : 1, sizeof *ts);
+    if (!ts) {
+        weights_free_fields(&w);
+        return mp_err(err, "no_memory", "out of memory");
+    }
+    for (size_t i = 0; i < w.ntensors; i++) {
+        ts[i].name = w.tensors[i].name;
+        ts[i].dtype = w.tensors[i].dtype;
+        ts[i].ndim = w.tensors[i].ndim;
+        memcpy(ts[i].shape, w.tensors[i].shape, sizeof ts[i].shape);
+    }
+    stc_writer *sw = NULL;
+    int rc = stc_writer_open(out, ts, w.ntensors, w.metadata, key, chunk_bytes, &sw, err);
+    unsigned char *buf = rc == 0 ? malloc(STC_DEFAULT_CHUNK) : NULL;
+    if (rc == 0 && !buf) rc = mp_err(err, "no_memory", "out of memory");
+    for (size_t k = 0; rc == 0 && k < w.ntensors; k++) {
+        const mp_tensor *t = &w.tensors[stc_writer_order(sw, k)];
+        for (uint64_t off = 0; rc == 0 && off < t->nbytes; off += STC_DEFAULT_CHUNK) {
+            size_t len = t->nbytes - off < STC_DEFAULT_CHUNK ? (size_t)(t->nbytes - off)
+                                                             : STC_DEFAULT_CHUNK;
+            rc = weights_pread(w.fds[0], buf, len, t->data_offset + off, err);
+            if (rc == 0) rc = stc_writer_write(sw, buf, len, err);
+        }
+    }
+    free(buf);
+    if (rc == 0) rc = stc_writer_finish(sw, err);
+    else if (sw) stc_writer_abort(sw);
+    free(ts);
+    weights_free_fields(&w);
+    return rc;
 }

@@ -50,6 +50,18 @@
  * whitespace allowed). Errors: "not_found", "bad_key". */
 int stc_key_load(const char *path, unsigned char key[STC_KEY_BYTES], mp_error *err);
 
+/* Resolves a key file path for a job param (field names it in errors): an
+ * absolute path, or one relative to base_dir, that after resolving links
+ * lies under data_dir or one of roots (NULL-terminated, realpath'd). out
+ * holds PATH_MAX bytes. Errors: "not_found", "bad_path". */
+int stc_key_resolve(const char *given, const char *base_dir, const char *data_dir,
+                    const char *const *roots, const char *field, char *out, mp_error *err);
+
+/* Encrypts the plain safetensors file in into out (which may be the same
+ * path: it is replaced atomically). chunk_bytes 0: the default. */
+int stc_encrypt_file(const char *in, const char *out, const unsigned char key[STC_KEY_BYTES],
+                     uint64_t chunk_bytes, mp_error *err);
+
 /* ---- writer (mirrors st_writer: same ordering and header) ---- */
 typedef struct stc_writer stc_writer;
 /* chunk_bytes 0 means STC_DEFAULT_CHUNK. metadata may be NULL; it must not

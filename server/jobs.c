@@ -42,9 +42,9 @@ void jobs_publish(mp_server *srv, const char *job_id, const char *kind, json_t *
 void jobs_publish_state(mp_server *srv, json_t *doc) {
     const char *id = json_string_value(json_object_get(doc, "id"));
     mp_error err;
-    if (store_job_update(srv->store, id, doc, &err) != 0)
+    if (store_job_update(srv->store, id, doc, "state", doc, &err) != 0)
         mp_log(&srv->log, "error", id, "cannot persist job: %s", err.message);
-    jobs_publish(srv, id, "state", doc, true);
+    jobs_publish(srv, id, "state", doc, false);
 }
 
 static int bad(int *status, int code) {
@@ -202,7 +202,8 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
         goto out;
     }
     *created = true;
-    jobs_publish(srv, id, "state", doc, true);
+    /* The store recorded the first state event with the job itself. */
+    jobs_publish(srv, id, "state", doc, false);
     workers_notify(srv->workers);
     *job = doc;
     rc = 0;

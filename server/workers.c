@@ -96,12 +96,12 @@ void task_progress(mp_task *t, uint64_t done, uint64_t total, const char *unit,
     json_t *p = progress_json(t);
     if (!p) return;
     json_object_set(t->doc, "progress", p);
+    json_object_set_new(p, "id", json_string(t->info.id));
     if (persist) {
         t->last_persist = now;
-        store_job_update(t->srv->store, t->info.id, t->doc, NULL);
+        store_job_update(t->srv->store, t->info.id, t->doc, "progress", p, NULL);
     }
-    json_object_set_new(p, "id", json_string(t->info.id));
-    jobs_publish(t->srv, t->info.id, "progress", p, persist);
+    jobs_publish(t->srv, t->info.id, "progress", p, false);
     json_decref(p);
 }
 
@@ -227,7 +227,9 @@ static void run_one(worker_pool *p, int slot, json_t *doc, json_t *checkpoint) {
     t->info.checkpoint = checkpoint;
     t->info.env = &srv->env;
     snprintf(t->unit, sizeof t->unit, "bytes");
-    t->t_start = t->rate_t = time_mono();
+    /* The claim already persisted the running state: the first progress
+     * update only needs to be broadcast. */
+    t->t_start = t->rate_t = t->last_persist = time_mono();
 
     pthread_mutex_lock(&p->mu);
     p->running[slot] = t;
@@ -299,7 +301,7 @@ static void *worker_main(void *arg) {
         json_t *doc = store_job_claim(p->srv->store, now, &checkpoint);
         if (doc) {
             jobs_publish(p->srv, json_string_value(json_object_get(doc, "id")), "state", doc,
-                         true);
+                         false);
             run_one(p, slot, doc, checkpoint);
             continue;
         }

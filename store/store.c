@@ -72,6 +72,9 @@ static const char *const SQL[Q_COUNT] = {
     [Q_BEGIN] = "BEGIN IMMEDIATE",
     [Q_COMMIT] = "COMMIT",
     [Q_ROLLBACK] = "ROLLBACK",
+    [Q_SAVEPOINT] = "SAVEPOINT one_job",
+    [Q_RELEASE] = "RELEASE one_job",
+    [Q_ROLLBACK_TO] = "ROLLBACK TO one_job",
 };
 
 static int db_exec(sqlite3 *db, const char *sql, mp_error *err) {
@@ -143,6 +146,10 @@ int store_open(const char *path, int pool_size, store **out, mp_error *err) {
     }
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
+    pthread_mutex_init(&s->wmu, NULL);
+    pthread_mutex_init(&s->gmu, NULL);
+    pthread_cond_init(&s->gcv, NULL);
+    s->gtail = &s->ghead;
     for (int i = 0; i < pool_size; i++) {
         if (conn_open(path, &s->conns[i].db, err) != 0) goto fail;
         s->nconns++;
@@ -164,6 +171,9 @@ void store_close(store *s) {
     }
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->wmu);
+    pthread_mutex_destroy(&s->gmu);
+    pthread_cond_destroy(&s->gcv);
     free(s->conns);
     free(s->path);
     free(s);
@@ -188,6 +198,17 @@ void store_release(store *s, store_conn *c) {
     c->busy = 0;
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
+}
+
+store_conn *store_acquire_write(store *s) {
+    /* Writer mutex first, then a connection: readers never wait on it. */
+    pthread_mutex_lock(&s->wmu);
+    return store_acquire(s);
+}
+
+void store_release_write(store *s, store_conn *c) {
+    store_release(s, c);
+    pthread_mutex_unlock(&s->wmu);
 }
 
 sqlite3_stmt *store_stmt(store_conn *c, stmt_id id) {

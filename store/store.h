@@ -31,7 +31,7 @@ bool store_ping(store *s);
 int64_t store_size_bytes(store *s);
 
 /* ---- jobs ---------------------------------------------------------------- */
-/* Inserts a queued job. When idem_key is non-NULL and already known, nothing
+/* Inserts a queued job and its first "state" event. When idem_key is non-NULL and already known, nothing
  * is inserted and *existing_id receives the first job's id (caller frees);
  * when the key is known but request_hash differs, returns -1 with code
  * "idempotency_conflict". */
@@ -40,9 +40,12 @@ int store_job_insert(store *s, const char *id, const char *type, const char *mod
                      const char *request_hash, char **existing_id, mp_error *err);
 /* The job's API object, or NULL when unknown. */
 json_t *store_job_get(store *s, const char *id);
-/* Writes doc (and the filter columns derived from it). */
-int store_job_update(store *s, const char *id, json_t *doc, mp_error *err);
-/* Atomically moves the oldest queued job to running, stamping started_at.
+/* Writes doc (and the filter columns derived from it) and, when event is
+ * non-NULL, appends it to the job's history in the same transaction. */
+int store_job_update(store *s, const char *id, json_t *doc, const char *event_kind,
+                     json_t *event, mp_error *err);
+/* Atomically moves the oldest queued job to running, stamping started_at
+ * and recording the "running" state event.
  * Returns its doc (with state running), or NULL when none is queued. The
  * checkpoint, if any, is returned in *checkpoint (caller owns). */
 json_t *store_job_claim(store *s, const char *now, json_t **checkpoint);

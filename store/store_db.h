@@ -3,6 +3,7 @@
 #ifndef MP_STORE_DB_H
 #define MP_STORE_DB_H
 #include <pthread.h>
+#include <stdbool.h>
 #include <sqlite3.h>
 #include "store/store.h"
 
@@ -34,6 +35,9 @@ typedef enum stmt_id {
     Q_BEGIN,
     Q_COMMIT,
     Q_ROLLBACK,
+    Q_SAVEPOINT,
+    Q_RELEASE,
+    Q_ROLLBACK_TO,
     Q_COUNT
 } stmt_id;
 
@@ -47,11 +51,22 @@ struct store {
     char *path;
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    /* One writer at a time inside the process: SQLite's own busy handler
+     * sleeps in steps of milliseconds, which shows up as tail latency. */
+    pthread_mutex_t wmu;
+    /* group commit of job inserts (store_jobs.c) */
+    pthread_mutex_t gmu;
+    pthread_cond_t gcv;
+    struct insert_req *ghead, **gtail;
+    bool gleader;
     store_conn *conns;
     int nconns;
 };
 
 store_conn *store_acquire(store *s);
+/* A connection for a write: also holds the store's writer mutex. */
+store_conn *store_acquire_write(store *s);
+void store_release_write(store *s, store_conn *c);
 void store_release(store *s, store_conn *c);
 /* The prepared statement for id on this connection, reset and unbound. */
 sqlite3_stmt *store_stmt(store_conn *c, stmt_id id);

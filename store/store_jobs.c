@@ -1,8 +1,11 @@
 /* store_jobs.c - jobs, idempotency keys and job event history. */
 #include "store/store_db.h"
 
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "util/timeutil.h"
 
 #define TEXT(st, i) ((const char *)sqlite3_column_text((st), (i)))
 
@@ -22,66 +25,122 @@ static char *doc_text(json_t *doc) {
     return json_dumps(doc, JSON_COMPACT | JSON_ENSURE_ASCII);
 }
 
-int store_job_insert(store *s, const char *id, const char *type, const char *model,
-                     const char *revision, json_t *doc, const char *idem_key,
-                     const char *request_hash, char **existing_id, mp_error *err) {
-    char *text = doc_text(doc);
-    if (!text) return mp_err(err, "no_memory", "cannot serialize job");
-    const char *created = json_string_value(json_object_get(doc, "created_at"));
-    store_conn *c = store_acquire(s);
-    int rc = -1;
+/* One submission waiting for its group commit. */
+typedef struct insert_req {
+    const char *id, *type, *model, *revision, *created, *idem_key, *hash;
+    char *text;
+    char *existing;
+    int rc;
+    mp_error err;
+    bool done;
+    struct insert_req *next;
+} insert_req;
+
+/* Inserts one job (and its first event) inside the open transaction, under
+ * a savepoint so that one bad request does not undo its batch-mates. */
+static void insert_one(store_conn *c, insert_req *r) {
     sqlite3_stmt *st;
-    tx(c, Q_BEGIN);
-    if (idem_key) {
+    tx(c, Q_SAVEPOINT);
+    if (r->idem_key) {
         st = store_stmt(c, Q_IDEM_GET);
-        sqlite3_bind_text(st, 1, idem_key, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 1, r->idem_key, -1, SQLITE_STATIC);
         if (sqlite3_step(st) == SQLITE_ROW) {
-            if (strcmp(TEXT(st, 1), request_hash) != 0) {
-                mp_err(err, "idempotency_conflict",
-                       "Idempotency-Key was used before with a different request");
+            if (strcmp(TEXT(st, 1), r->hash) != 0) {
+                r->rc = mp_err(&r->err, "idempotency_conflict",
+                               "Idempotency-Key was used before with a different request");
             } else {
-                *existing_id = strdup(TEXT(st, 0));
-                rc = *existing_id ? 0 : mp_err(err, "no_memory", "out of memory");
+                r->existing = strdup(TEXT(st, 0));
+                r->rc = r->existing ? 0 : mp_err(&r->err, "no_memory", "out of memory");
             }
             sqlite3_reset(st);
-            tx(c, Q_ROLLBACK);
-            goto out;
+            tx(c, Q_RELEASE);
+            return;
         }
         sqlite3_reset(st);
     }
     st = store_stmt(c, Q_JOB_INSERT);
-    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, type, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 3, model, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 4, revision, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 5, text, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 6, created ? created : "", -1, SQLITE_STATIC);
-    if (step_done(c, st, err) != 0) {
-        tx(c, Q_ROLLBACK);
-        goto out;
-    }
-    if (idem_key) {
+    sqlite3_bind_text(st, 1, r->id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, r->type, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, r->model, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, r->revision, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 5, r->text, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 6, r->created, -1, SQLITE_STATIC);
+    int ok = step_done(c, st, &r->err) == 0;
+    sqlite3_reset(st);
+    if (ok && r->idem_key) {
         st = store_stmt(c, Q_IDEM_PUT);
-        sqlite3_bind_text(st, 1, idem_key, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 3, request_hash, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 4, created ? created : "", -1, SQLITE_STATIC);
-        if (step_done(c, st, err) != 0) {
-            tx(c, Q_ROLLBACK);
-            goto out;
+        sqlite3_bind_text(st, 1, r->idem_key, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, r->id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, r->hash, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 4, r->created, -1, SQLITE_STATIC);
+        ok = step_done(c, st, &r->err) == 0;
+        sqlite3_reset(st);
+    }
+    if (ok) {
+        st = store_stmt(c, Q_EVENT_APPEND);
+        sqlite3_bind_text(st, 1, r->id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, "state", -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, r->text, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 4, r->created, -1, SQLITE_STATIC);
+        ok = step_done(c, st, &r->err) == 0;
+        sqlite3_reset(st);
+    }
+    if (!ok) {
+        tx(c, Q_ROLLBACK_TO);
+        r->rc = -1;
+    }
+    tx(c, Q_RELEASE);
+}
+
+/* Group commit: the first submitter to find no batch in flight becomes the
+ * leader, takes every queued request and commits them in one transaction;
+ * the others wait for it. Under load this turns N commits into one. */
+int store_job_insert(store *s, const char *id, const char *type, const char *model,
+                     const char *revision, json_t *doc, const char *idem_key,
+                     const char *request_hash, char **existing_id, mp_error *err) {
+    const char *created = json_string_value(json_object_get(doc, "created_at"));
+    insert_req req = {.id = id, .type = type, .model = model, .revision = revision,
+                      .created = created ? created : "", .idem_key = idem_key,
+                      .hash = request_hash, .text = doc_text(doc)};
+    if (!req.text) return mp_err(err, "no_memory", "cannot serialize job");
+    pthread_mutex_lock(&s->gmu);
+    *s->gtail = &req;
+    s->gtail = &req.next;
+    while (!req.done) {
+        if (s->gleader) {
+            pthread_cond_wait(&s->gcv, &s->gmu);
+            continue;
         }
+        s->gleader = true;
+        insert_req *batch = s->ghead;
+        s->ghead = NULL;
+        s->gtail = &s->ghead;
+        pthread_mutex_unlock(&s->gmu);
+
+        store_conn *c = store_acquire_write(s);
+        tx(c, Q_BEGIN);
+        for (insert_req *r = batch; r; r = r->next) insert_one(c, r);
+        sqlite3_stmt *st = store_stmt(c, Q_COMMIT);
+        bool committed = st && sqlite3_step(st) == SQLITE_DONE;
+        if (!committed) tx(c, Q_ROLLBACK);
+        const char *why = committed ? NULL : sqlite3_errmsg(c->db);
+        for (insert_req *r = batch; r; r = r->next)
+            if (!committed && r->rc == 0) r->rc = mp_err(&r->err, "store_error", "%s", why);
+        store_release_write(s, c);
+
+        pthread_mutex_lock(&s->gmu);
+        for (insert_req *r = batch; r; r = r->next) r->done = true;
+        s->gleader = false;
+        pthread_cond_broadcast(&s->gcv);
     }
-    st = store_stmt(c, Q_COMMIT);
-    if (sqlite3_step(st) != SQLITE_DONE) {
-        mp_err(err, "store_error", "%s", sqlite3_errmsg(c->db));
-        tx(c, Q_ROLLBACK);
-        goto out;
+    pthread_mutex_unlock(&s->gmu);
+    free(req.text);
+    if (req.rc != 0) {
+        if (err) *err = req.err;
+        return -1;
     }
-    rc = 0;
-out:
-    store_release(s, c);
-    free(text);
-    return rc;
+    *existing_id = req.existing;
+    return 0;
 }
 
 json_t *store_job_get(store *s, const char *id) {
@@ -97,27 +156,45 @@ json_t *store_job_get(store *s, const char *id) {
     return doc;
 }
 
-int store_job_update(store *s, const char *id, json_t *doc, mp_error *err) {
+int store_job_update(store *s, const char *id, json_t *doc, const char *event_kind,
+                     json_t *event, mp_error *err) {
     char *text = doc_text(doc);
-    if (!text) return mp_err(err, "no_memory", "cannot serialize job");
+    char *ev = event ? doc_text(event) : NULL;
+    if (!text || (event && !ev)) {
+        free(text);
+        free(ev);
+        return mp_err(err, "no_memory", "cannot serialize job");
+    }
     const char *state = json_string_value(json_object_get(doc, "state"));
-    store_conn *c = store_acquire(s);
+    char now[40];
+    time_rfc3339_now(now, sizeof now);
+    store_conn *c = store_acquire_write(s);
+    int rc = 0;
+    if (ev) tx(c, Q_BEGIN);
     sqlite3_stmt *st = store_stmt(c, Q_JOB_UPDATE);
-    int rc = -1;
-    if (st) {
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, state ? state : "failed", -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, text, -1, SQLITE_STATIC);
+    rc = step_done(c, st, err);
+    sqlite3_reset(st);
+    if (ev && rc == 0) {
+        st = store_stmt(c, Q_EVENT_APPEND);
         sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 2, state ? state : "failed", -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 3, text, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, event_kind, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, ev, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 4, now, -1, SQLITE_STATIC);
         rc = step_done(c, st, err);
         sqlite3_reset(st);
     }
-    store_release(s, c);
+    if (ev) tx(c, rc == 0 ? Q_COMMIT : Q_ROLLBACK);
+    store_release_write(s, c);
     free(text);
+    free(ev);
     return rc;
 }
 
 json_t *store_job_claim(store *s, const char *now, json_t **checkpoint) {
-    store_conn *c = store_acquire(s);
+    store_conn *c = store_acquire_write(s);
     json_t *doc = NULL;
     *checkpoint = NULL;
     char *id = NULL;
@@ -143,17 +220,25 @@ json_t *store_job_claim(store *s, const char *now, json_t **checkpoint) {
             sqlite3_bind_text(up, 3, text, -1, SQLITE_STATIC);
             sqlite3_step(up);
             sqlite3_reset(up);
+            /* the "running" state event, in the same transaction */
+            sqlite3_stmt *ev = store_stmt(c, Q_EVENT_APPEND);
+            sqlite3_bind_text(ev, 1, id, -1, SQLITE_STATIC);
+            sqlite3_bind_text(ev, 2, "state", -1, SQLITE_STATIC);
+            sqlite3_bind_text(ev, 3, text, -1, SQLITE_STATIC);
+            sqlite3_bind_text(ev, 4, now, -1, SQLITE_STATIC);
+            sqlite3_step(ev);
+            sqlite3_reset(ev);
         }
         free(text);
     }
     tx(c, Q_COMMIT);
-    store_release(s, c);
+    store_release_write(s, c);
     free(id);
     return doc;
 }
 
 int store_job_cancel_if_queued(store *s, const char *id, const char *now, json_t **doc_out) {
-    store_conn *c = store_acquire(s);
+    store_conn *c = store_acquire_write(s);
     int cancelled = 0;
     tx(c, Q_BEGIN);
     sqlite3_stmt *st = store_stmt(c, Q_JOB_CANCEL_QUEUED);
@@ -184,7 +269,7 @@ int store_job_cancel_if_queued(store *s, const char *id, const char *now, json_t
         cancelled = 1;
     }
     tx(c, Q_COMMIT);
-    store_release(s, c);
+    store_release_write(s, c);
     if (doc_out)
         *doc_out = doc;
     else
@@ -194,7 +279,7 @@ int store_job_cancel_if_queued(store *s, const char *id, const char *now, json_t
 
 int store_job_set_checkpoint(store *s, const char *id, json_t *checkpoint) {
     char *text = checkpoint ? doc_text(checkpoint) : NULL;
-    store_conn *c = store_acquire(s);
+    store_conn *c = store_acquire_write(s);
     sqlite3_stmt *st = store_stmt(c, Q_JOB_SET_CHECKPOINT);
     int rc = -1;
     if (st) {
@@ -206,7 +291,7 @@ int store_job_set_checkpoint(store *s, const char *id, json_t *checkpoint) {
         rc = sqlite3_step(st) == SQLITE_DONE ? 0 : -1;
         sqlite3_reset(st);
     }
-    store_release(s, c);
+    store_release_write(s, c);
     free(text);
     return rc;
 }
@@ -266,7 +351,7 @@ int store_job_list(store *s, const char *state, const char *type, const char *mo
 int store_job_recover(store *s, const char *now, store_resume_fn decide, void *arg,
                       int *requeued, int *failed) {
     *requeued = *failed = 0;
-    store_conn *c = store_acquire(s);
+    store_conn *c = store_acquire_write(s);
     tx(c, Q_BEGIN);
     sqlite3_stmt *st = store_stmt(c, Q_JOB_RUNNING);
     json_t *todo = json_array();
@@ -311,7 +396,7 @@ int store_job_recover(store *s, const char *now, store_resume_fn decide, void *a
     st = store_stmt(c, Q_COMMIT);
     int rc = st && sqlite3_step(st) == SQLITE_DONE ? 0 : -1;
     if (rc != 0) tx(c, Q_ROLLBACK);
-    store_release(s, c);
+    store_release_write(s, c);
     return rc;
 }
 
@@ -340,7 +425,7 @@ bool store_job_active_for_model(store *s, const char *model) {
 
 int store_event_append(store *s, const char *job_id, const char *kind, const char *data_json,
                        const char *at) {
-    store_conn *c = store_acquire(s);
+    store_conn *c = store_acquire_write(s);
     sqlite3_stmt *st = store_stmt(c, Q_EVENT_APPEND);
     int rc = -1;
     if (st) {
@@ -351,7 +436,7 @@ int store_event_append(store *s, const char *job_id, const char *kind, const cha
         rc = sqlite3_step(st) == SQLITE_DONE ? 0 : -1;
         sqlite3_reset(st);
     }
-    store_release(s, c);
+    store_release_write(s, c);
     return rc;
 }
 

@@ -26,7 +26,7 @@ json_t *store_hashes_get(store *s, const char *model, const char *revision) {
 
 int store_hash_put(store *s, const char *model, const char *revision, const char *name,
                    int64_t size, const char *sha256) {
-    store_conn *c = store_acquire(s);
+    store_conn *c = store_acquire_write(s);
     sqlite3_stmt *st = store_stmt(c, Q_HASH_PUT);
     int rc = -1;
     if (st) {
@@ -38,7 +38,7 @@ int store_hash_put(store *s, const char *model, const char *revision, const char
         rc = sqlite3_step(st) == SQLITE_DONE ? 0 : -1;
         sqlite3_reset(st);
     }
-    store_release(s, c);
+    store_release_write(s, c);
     return rc;
 }
 
@@ -46,7 +46,7 @@ int store_inspection_put(store *s, const char *model, const char *revision, cons
                          json_t *result) {
     char *text = json_dumps(result, JSON_COMPACT);
     if (!text) return -1;
-    store_conn *c = store_acquire(s);
+    store_conn *c = store_acquire_write(s);
     sqlite3_stmt *st = store_stmt(c, Q_INSP_PUT);
     int rc = -1;
     if (st) {
@@ -57,7 +57,7 @@ int store_inspection_put(store *s, const char *model, const char *revision, cons
         rc = sqlite3_step(st) == SQLITE_DONE ? 0 : -1;
         sqlite3_reset(st);
     }
-    store_release(s, c);
+    store_release_write(s, c);
     free(text);
     return rc;
 }
@@ -85,7 +85,7 @@ int store_resident_put(store *s, const char *id, const char *model, const char *
                        const char *state, json_t *doc) {
     char *text = json_dumps(doc, JSON_COMPACT);
     if (!text) return -1;
-    store_conn *c = store_acquire(s);
+    store_conn *c = store_acquire_write(s);
     sqlite3_stmt *st = store_stmt(c, Q_RES_PUT);
     int rc = -1;
     if (st) {
@@ -97,13 +97,13 @@ int store_resident_put(store *s, const char *id, const char *model, const char *
         rc = sqlite3_step(st) == SQLITE_DONE ? 0 : -1;
         sqlite3_reset(st);
     }
-    store_release(s, c);
+    store_release_write(s, c);
     free(text);
     return rc;
 }
 
 static int exec_simple(store *s, stmt_id q, const char *a, const char *b) {
-    store_conn *c = store_acquire(s);
+    store_conn *c = store_acquire_write(s);
     sqlite3_stmt *st = store_stmt(c, q);
     int rc = -1;
     if (st) {
@@ -112,7 +112,7 @@ static int exec_simple(store *s, stmt_id q, const char *a, const char *b) {
         rc = sqlite3_step(st) == SQLITE_DONE ? 0 : -1;
         sqlite3_reset(st);
     }
-    store_release(s, c);
+    store_release_write(s, c);
     return rc;
 }
 

@@ -73,7 +73,8 @@ int main(int argc, char **argv) {
     unsigned int dl = 0;
     if (EVP_DigestFinal_ex(md, dig, &dl) != 1) return 1;
     EVP_MD_CTX_free(md);
-    for (unsigned i = 0; i < dl; i++) printf("%02x", dig[i]);
+    for (unsigned i = 0; i < dl; i++)
+        printf("%02x", dig[i]);
     printf("\n");
     cudaFreeHost(buf);
     e = cudaIpcCloseMemHandle(base);

@@ -41,8 +41,10 @@ static uint64_t xs_next(uint64_t *s) {
 
 static void fill_random(void *p, size_t n, uint64_t seed) {
     uint64_t *q = p;
-    for (size_t i = 0; i < n / 8; i++) q[i] = xs_next(&seed);
-    for (size_t i = n / 8 * 8; i < n; i++) ((unsigned char *)p)[i] = (unsigned char)xs_next(&seed);
+    for (size_t i = 0; i < n / 8; i++)
+        q[i] = xs_next(&seed);
+    for (size_t i = n / 8 * 8; i < n; i++)
+        ((unsigned char *)p)[i] = (unsigned char)xs_next(&seed);
 }
 
 static double now_s(void) {
@@ -60,7 +62,8 @@ static void sha256_hex(const void *p, size_t n, char out[65]) {
     assert_int_equal(EVP_DigestUpdate(md, p, n), 1);
     assert_int_equal(EVP_DigestFinal_ex(md, d, &dl), 1);
     EVP_MD_CTX_free(md);
-    for (unsigned i = 0; i < 32; i++) snprintf(out + 2 * i, 3, "%02x", d[i]);
+    for (unsigned i = 0; i < 32; i++)
+        snprintf(out + 2 * i, 3, "%02x", d[i]);
 }
 
 #define CHECK(call)                                                                                \
@@ -194,7 +197,8 @@ static void test_copy_readback(void **state) {
 
     /* Pure H2D rate from one pinned buffer (no memcpy in between). */
     t0 = now_s();
-    for (size_t off = 0; off < total; off += chunk) CHECK(gpu_copy_h2d(a, off, stage[0], chunk, E));
+    for (size_t off = 0; off < total; off += chunk)
+        CHECK(gpu_copy_h2d(a, off, stage[0], chunk, E));
     CHECK(gpu_device_sync(s, 0, E));
     double h2d = now_s() - t0;
     /* Restore the content, then read everything back. */
@@ -230,8 +234,10 @@ static void random_blocks(int t, size_t nblocks, unsigned bb, uint8_t *p, uint64
     for (size_t b = 0; b < nblocks; b++) {
         uint8_t *blk = p + b * bb;
         unsigned offs[2] = {0, 2}, nf = 1;
-        if (t == GGUF_T_Q4_1 || t == GGUF_T_Q5_1 || t == GGUF_T_Q4_K) nf = 2;
+        if (t == GGUF_T_Q4_1 || t == GGUF_T_Q5_1 || t == GGUF_T_Q4_K || t == GGUF_T_Q5_K) nf = 2;
         if (t == GGUF_T_Q6_K) offs[0] = 208;
+        if (t == GGUF_T_Q3_K) offs[0] = 108;
+        if (t == GGUF_T_Q2_K) offs[0] = 80, offs[1] = 82, nf = 2;
         for (unsigned k = 0; k < nf; k++) {
             float v = ((float)(xs_next(&seed) % 2001) - 1000.0f) * 1e-5f;
             uint16_t h = half_f32_to_f16(v);
@@ -242,8 +248,8 @@ static void random_blocks(int t, size_t nblocks, unsigned bb, uint8_t *p, uint64
 
 static void test_dequant_equal(void **state) {
     gpu_set *s = *state;
-    const int types[] = {GGUF_T_Q4_0, GGUF_T_Q4_1, GGUF_T_Q5_0, GGUF_T_Q5_1,
-                         GGUF_T_Q8_0, GGUF_T_Q4_K, GGUF_T_Q6_K};
+    const int types[] = {GGUF_T_Q4_0, GGUF_T_Q4_1, GGUF_T_Q5_0, GGUF_T_Q5_1, GGUF_T_Q8_0,
+                         GGUF_T_Q2_K, GGUF_T_Q3_K, GGUF_T_Q4_K, GGUF_T_Q5_K, GGUF_T_Q6_K};
     const mp_dtype outs[] = {MP_DT_F16, MP_DT_F32, MP_DT_BF16};
     const size_t nblocks = 8192;
     gpu_arena *src = NULL, *dst = NULL;
@@ -294,8 +300,10 @@ static void test_cast_equal(void **state) {
     const mp_dtype wide[] = {MP_DT_F32, MP_DT_F16, MP_DT_BF16};
     fill_random(in, n * 4, 4242); /* random bits: NaNs, Infs, subnormals included */
     /* Make the first 64 Ki 16-bit values exhaustive and the first 256 bytes too. */
-    for (uint32_t i = 0; i < 65536; i++) memcpy(in + 2 * i, &(uint16_t){(uint16_t)i}, 2);
-    for (uint32_t i = 0; i < 256; i++) in[i] = (unsigned char)i;
+    for (uint32_t i = 0; i < 65536; i++)
+        memcpy(in + 2 * i, &(uint16_t){(uint16_t)i}, 2);
+    for (uint32_t i = 0; i < 256; i++)
+        in[i] = (unsigned char)i;
     CHECK(gpu_copy_h2d(src, 0, in, n * 4, E));
     for (size_t a = 0; a < 5; a++)
         for (size_t b = 0; b < 3; b++) {

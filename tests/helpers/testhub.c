@@ -18,7 +18,8 @@
  * body responses stop half-way and drop the connection), --api-fail-500 N,
  * --corrupt PATH (serve PATH with one byte flipped), --slow BYTES_PER_S,
  * --token T (API and resolve need "Bearer T"), --gated ORG/NAME,
- * --evil (lists a sibling "../../evil"), --cdn-host HOST (redirect to
+ * --evil (lists a sibling "../../evil"), --huge (lists a 1 PiB file),
+ * --cdn-host HOST (redirect to
  * another origin, e.g. localhost, so auth must not follow).
  * With --port 0 (default) the first stdout line is
  * "listening on http://127.0.0.1:PORT".
@@ -66,7 +67,7 @@ typedef struct hub {
     size_t nrepos;
     int port, cdn_port;
     const char *token, *gated, *corrupt, *cdn_host;
-    bool evil;
+    bool evil, huge;
     long slow_bps;
     int retry_after;
     atomic_int fail500, fail429, cut, api_fail500;
@@ -411,6 +412,13 @@ static enum MHD_Result api_info(hub *h, struct MHD_Connection *c, const trepo *r
         memcpy(ev.blob_id, "e0f39e5c1a6b2bb0b9f5d0b0d0c0a0b0c0d0e0f0", 41);
         json_array_append_new(sib, sibling_json(&ev, blobs));
     }
+    if (h->huge) {
+        /* advertised only: a client must refuse it for lack of disk space */
+        tfile big = {.path = "huge.safetensors", .size = 1ull << 50, .lfs = true};
+        memset(big.sha256, 'a', 64);
+        memset(big.blob_id, 'b', 40);
+        json_array_append_new(sib, sibling_json(&big, blobs));
+    }
     json_t *doc = json_pack("{s:s,s:s,s:s,s:b,s:b,s:b,s:o,s:[],s:s}", "id", r->id, "modelId", r->id,
                             "sha", r->commit, "private", 0, "gated", 0, "disabled", 0, "siblings",
                             sib, "tags", "lastModified", "2026-01-01T00:00:00.000Z");
@@ -600,6 +608,8 @@ int main(int argc, char **argv) {
             h.cdn_host = v;
         else if (strcmp(a, "--evil") == 0)
             h.evil = true;
+        else if (strcmp(a, "--huge") == 0)
+            h.huge = true;
         else if (a[0] != '-' && !root)
             root = a;
         else {

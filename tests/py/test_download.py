@@ -257,6 +257,16 @@ def test_evil_sibling_is_refused(make_server, hub, tmp_path):
     assert h.stats()["data_gets"] == 0
 
 
+def test_insufficient_space_is_checked_first(make_server, hub):
+    h = hub("--huge")
+    s = make_server(args=["--hub-endpoint", h.url])
+    d = s.run_job(job("acme/tiny", load_format="all"))
+    assert d["state"] == "failed" and d["error"]["code"] == "insufficient_space", d
+    assert h.stats()["data_gets"] == 0
+    blobs = os.path.join(hub_cache(s), "models--acme--tiny", "blobs")
+    assert not os.path.exists(blobs) or os.listdir(blobs) == []
+
+
 def test_retries_on_5xx_429(make_server, hub):
     h = hub("--fail-500", "3", "--fail-429", "2", "--retry-after", "1")
     s = make_server(args=["--hub-endpoint", h.url])

@@ -104,8 +104,9 @@ static void test_discovery_specs(void **state) {
     assert_int_equal(info.total_bytes, 8192);
     gpu_set_close(s);
 
-    static const char *bad[] = {"host:0", "host:65", "host:", "host:2x", "hostile", "host@",
-                                "host:1@0", "host:1@12Q", "gpu", "0,,1", "1,1", ",", "-1"};
+    static const char *bad[] = {"host:0", "host:65",  "host:",      "host:2x", "hostile",
+                                "host@",  "host:1@0", "host:1@12Q", "gpu",     "0,,1",
+                                "1,1",    ",",        "-1"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         gpu_set *t = NULL;
         mp_error e = {0};
@@ -246,7 +247,8 @@ static void test_copy_roundtrip(void **state) {
     assert_int_equal(gpu_staging_alloc(s, n, &stage, &err), 0);
     assert_int_equal((uintptr_t)stage % 4096, 0);
     uint64_t seed = 42;
-    for (size_t i = 0; i < n; i++) ((unsigned char *)stage)[i] = (unsigned char)xs_next(&seed);
+    for (size_t i = 0; i < n; i++)
+        ((unsigned char *)stage)[i] = (unsigned char)xs_next(&seed);
     gpu_fence *f = NULL;
     assert_int_equal(gpu_fence_create(s, 1, &f, &err), 0);
     assert_int_equal(gpu_fence_query(f, &err), 1);
@@ -283,7 +285,8 @@ static void test_memfd_export(void **state) {
     assert_int_equal(gpu_arena_alloc(s, 0, size, &a, &err), 0);
     unsigned char buf[4096];
     uint64_t seed = 7;
-    for (size_t i = 0; i < sizeof buf; i++) buf[i] = (unsigned char)xs_next(&seed);
+    for (size_t i = 0; i < sizeof buf; i++)
+        buf[i] = (unsigned char)xs_next(&seed);
     assert_int_equal(gpu_copy_h2d(a, 8192, buf, sizeof buf, &err), 0);
 
     gpu_export ex;
@@ -324,7 +327,8 @@ static uint64_t ref_splitmix(uint64_t x) {
 
 static float ref_dummy(uint64_t seed, const char *name, uint64_t i, float low, float high) {
     uint64_t h = UINT64_C(14695981039346656037);
-    for (const char *p = name; *p; p++) h = (h ^ (unsigned char)*p) * UINT64_C(1099511628211);
+    for (const char *p = name; *p; p++)
+        h = (h ^ (unsigned char)*p) * UINT64_C(1099511628211);
     uint64_t tseed = ref_splitmix(seed ^ h);
     volatile float u = (float)(ref_splitmix(tseed + i) >> 40) / 16777216.0f;
     volatile float range = high - low;
@@ -371,9 +375,8 @@ static void test_dummy_reference(void **state) {
     /* Also the CPU fill the CUDA tests compare kernels with. */
     float *cpu = malloc(n * 4);
     assert_non_null(cpu);
-    assert_int_equal(gpu_dummy_fill_cpu(cpu, MP_DT_F32, n, 0, gpu_dummy_tensor_seed(1234, name),
-                                        low, high),
-                     0);
+    assert_int_equal(
+        gpu_dummy_fill_cpu(cpu, MP_DT_F32, n, 0, gpu_dummy_tensor_seed(1234, name), low, high), 0);
     fill(a, 0, MP_DT_F32, n, name, 1234, low, high, 0);
     assert_memory_equal(cpu, gpu_arena_host_ptr(a), n * 4);
     assert_int_equal(gpu_dummy_fill_cpu(cpu, MP_DT_I32, 1, 0, 0, 0, 1), -1);
@@ -456,8 +459,7 @@ static void cast_close(cast_env *e) {
     gpu_set_close(e->s);
 }
 
-static void do_cast(cast_env *e, mp_dtype to, const void *in, mp_dtype from, size_t n,
-                    void *out) {
+static void do_cast(cast_env *e, mp_dtype to, const void *in, mp_dtype from, size_t n, void *out) {
     mp_error err = {0};
     size_t is = mp_dtype_bits(from) / 8, os = mp_dtype_bits(to) / 8;
     assert_int_equal(gpu_copy_h2d(e->src, 0, in, n * is, &err), 0);
@@ -481,28 +483,29 @@ static void test_cast_rne_special(void **state) {
         uint32_t in;
         uint16_t f16, bf16;
     } cases[] = {
-        {0x3f800000, 0x3c00, 0x3f80},             /* 1.0 */
-        {0x3f801000, 0x3c00, 0x3f80},             /* 1 + 2^-11: f16 tie, to even (down) */
-        {0x3f803000, 0x3c02, 0x3f80},             /* 1 + 3*2^-11: f16 tie, to even (up) */
-        {0x3f808000, 0x3c04, 0x3f80},             /* 1 + 2^-8: bf16 tie, down */
-        {0x3f818000, 0x3c0c, 0x3f82},             /* 1 + 3*2^-8: bf16 tie, up */
-        {0x477fe000, 0x7bff, 0x4780},             /* 65504: f16 max */
-        {0x477ff000, 0x7c00, 0x4780},             /* 65520: rounds to f16 Inf */
-        {0x33800000, 0x0001, 0x3380},             /* 2^-24: smallest f16 subnormal */
-        {0x33000000, 0x0000, 0x3300},             /* 2^-25: tie between 0 and 2^-24 -> 0 */
-        {0x33400000, 0x0001, 0x3340},             /* 1.5 * 2^-25 -> 2^-24 */
-        {0x80000000, 0x8000, 0x8000},             /* -0 */
-        {0x7f800000, 0x7c00, 0x7f80},             /* +Inf */
-        {0xff800000, 0xfc00, 0xff80},             /* -Inf */
-        {0x7fc00000, 0x7e00, 0x7fc0},             /* quiet NaN */
-        {0x7f800001, 0x7e00, 0x7fc0},             /* signalling NaN stays NaN, quieted */
-        {0xffc12345, 0xfe09, 0xffc1},             /* negative NaN keeps sign and payload top */
-        {0x7f7fffff, 0x7c00, 0x7f80},             /* f32 max -> bf16 rounds to Inf */
+        {0x3f800000, 0x3c00, 0x3f80}, /* 1.0 */
+        {0x3f801000, 0x3c00, 0x3f80}, /* 1 + 2^-11: f16 tie, to even (down) */
+        {0x3f803000, 0x3c02, 0x3f80}, /* 1 + 3*2^-11: f16 tie, to even (up) */
+        {0x3f808000, 0x3c04, 0x3f80}, /* 1 + 2^-8: bf16 tie, down */
+        {0x3f818000, 0x3c0c, 0x3f82}, /* 1 + 3*2^-8: bf16 tie, up */
+        {0x477fe000, 0x7bff, 0x4780}, /* 65504: f16 max */
+        {0x477ff000, 0x7c00, 0x4780}, /* 65520: rounds to f16 Inf */
+        {0x33800000, 0x0001, 0x3380}, /* 2^-24: smallest f16 subnormal */
+        {0x33000000, 0x0000, 0x3300}, /* 2^-25: tie between 0 and 2^-24 -> 0 */
+        {0x33400000, 0x0001, 0x3340}, /* 1.5 * 2^-25 -> 2^-24 */
+        {0x80000000, 0x8000, 0x8000}, /* -0 */
+        {0x7f800000, 0x7c00, 0x7f80}, /* +Inf */
+        {0xff800000, 0xfc00, 0xff80}, /* -Inf */
+        {0x7fc00000, 0x7e00, 0x7fc0}, /* quiet NaN */
+        {0x7f800001, 0x7e00, 0x7fc0}, /* signalling NaN stays NaN, quieted */
+        {0xffc12345, 0xfe09, 0xffc1}, /* negative NaN keeps sign and payload top */
+        {0x7f7fffff, 0x7c00, 0x7f80}, /* f32 max -> bf16 rounds to Inf */
     };
     const size_t nc = sizeof cases / sizeof *cases;
     float in[32];
     uint16_t out[32];
-    for (size_t i = 0; i < nc; i++) in[i] = bits_f(cases[i].in);
+    for (size_t i = 0; i < nc; i++)
+        in[i] = bits_f(cases[i].in);
     do_cast(&e, MP_DT_F16, in, MP_DT_F32, nc, out);
     for (size_t i = 0; i < nc; i++) {
         if (out[i] != cases[i].f16) fprintf(stderr, "f16 case %zu: %04x\n", i, out[i]);
@@ -564,7 +567,8 @@ static void test_cast_matches_half(void **state) {
     uint16_t *h = malloc(n * 2), *o = malloc(n * 2);
     float *f = malloc(n * 4);
     assert_true(h && o && f);
-    for (size_t i = 0; i < 65536; i++) h[i] = (uint16_t)i;
+    for (size_t i = 0; i < 65536; i++)
+        h[i] = (uint16_t)i;
     do_cast(&e, MP_DT_F32, h, MP_DT_F16, 65536, f);
     for (size_t i = 0; i < 65536; i++) {
         float want = half_f16_to_f32((uint16_t)i);
@@ -589,7 +593,8 @@ static void test_cast_matches_half(void **state) {
     for (size_t i = 0; i < n; i++)
         if (o[i] != half_f32_to_bf16(f[i])) assert_int_equal(o[i], half_f32_to_bf16(f[i]));
     uint8_t b[256];
-    for (int i = 0; i < 256; i++) b[i] = (uint8_t)i;
+    for (int i = 0; i < 256; i++)
+        b[i] = (uint8_t)i;
     do_cast(&e, MP_DT_F32, b, MP_DT_F8_E4M3, 256, f);
     for (int i = 0; i < 256; i++) {
         float want = half_fp8_e4m3_to_f32((uint8_t)i);
@@ -654,12 +659,15 @@ static void test_cast_args(void **state) {
 
 /* Random blocks with finite scales (random bytes elsewhere). */
 static void random_blocks(int t, unsigned nblocks, unsigned bb, uint8_t *p, uint64_t *seed) {
-    for (size_t i = 0; i < (size_t)nblocks * bb; i++) p[i] = (uint8_t)xs_next(seed);
+    for (size_t i = 0; i < (size_t)nblocks * bb; i++)
+        p[i] = (uint8_t)xs_next(seed);
     for (unsigned b = 0; b < nblocks; b++) {
         uint8_t *blk = p + (size_t)b * bb;
         unsigned offs[2] = {0, 2}, nf = 1;
-        if (t == GGUF_T_Q4_1 || t == GGUF_T_Q5_1 || t == GGUF_T_Q4_K) nf = 2;
+        if (t == GGUF_T_Q4_1 || t == GGUF_T_Q5_1 || t == GGUF_T_Q4_K || t == GGUF_T_Q5_K) nf = 2;
         if (t == GGUF_T_Q6_K) offs[0] = 208;
+        if (t == GGUF_T_Q3_K) offs[0] = 108;
+        if (t == GGUF_T_Q2_K) offs[0] = 80, offs[1] = 82, nf = 2;
         for (unsigned k = 0; k < nf; k++) {
             float v = ((float)(xs_next(seed) % 2001) - 1000.0f) * 1e-5f;
             uint16_t h = half_f32_to_f16(v);
@@ -670,8 +678,8 @@ static void random_blocks(int t, unsigned nblocks, unsigned bb, uint8_t *p, uint
 
 static void test_dequant_matches_gguf(void **state) {
     (void)state;
-    const int types[] = {GGUF_T_Q4_0, GGUF_T_Q4_1, GGUF_T_Q5_0, GGUF_T_Q5_1,
-                         GGUF_T_Q8_0, GGUF_T_Q4_K, GGUF_T_Q6_K};
+    const int types[] = {GGUF_T_Q4_0, GGUF_T_Q4_1, GGUF_T_Q5_0, GGUF_T_Q5_1, GGUF_T_Q8_0,
+                         GGUF_T_Q2_K, GGUF_T_Q3_K, GGUF_T_Q4_K, GGUF_T_Q5_K, GGUF_T_Q6_K};
     const mp_dtype outs[] = {MP_DT_F32, MP_DT_F16, MP_DT_BF16};
     gpu_set *s = open_set("host", 0);
     mp_error err = {0};
@@ -692,9 +700,8 @@ static void test_dequant_matches_gguf(void **state) {
         assert_int_equal(gpu_copy_h2d(src, 0, blocks, (size_t)nblocks * bb, &err), 0);
         for (size_t oi = 0; oi < 3; oi++) {
             size_t os = mp_dtype_bits(outs[oi]) / 8;
-            assert_int_equal(gguf_dequant(t, blocks, (size_t)nblocks * bb, (int64_t)n, outs[oi],
-                                          want, &err),
-                             0);
+            assert_int_equal(
+                gguf_dequant(t, blocks, (size_t)nblocks * bb, (int64_t)n, outs[oi], want, &err), 0);
             int rc = gpu_dequant(dst, 512, outs[oi], src, 0, t, n, &err);
             if (rc) fprintf(stderr, "dequant %d: %s\n", t, err.message);
             assert_int_equal(rc, 0);
