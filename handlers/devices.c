@@ -15,13 +15,12 @@ void h_devices(http_req *rq, http_resp *rs) {
         mp_error err;
         if (gpu_device_info_get(srv->gpus, i, &d, &err) != 0) continue;
         json_array_append_new(
-            list, json_pack("{s:i,s:s,s:s,s:I,s:I,s:I,s:o,s:o}", "index", d.index, "kind",
-                            d.kind == GPU_KIND_CUDA ? "cuda" : "host", "name", d.name,
-                            "total_bytes", (json_int_t)d.total_bytes, "free_bytes",
-                            (json_int_t)d.free_bytes, "resident_bytes",
-                            (json_int_t)d.resident_bytes, "compute_capability",
-                            str_or_null(d.compute_capability), "pci_bus_id",
-                            str_or_null(d.pci_bus_id)));
+            list,
+            json_pack("{s:i,s:s,s:s,s:I,s:I,s:I,s:o,s:o}", "index", d.index, "kind",
+                      d.kind == GPU_KIND_CUDA ? "cuda" : "host", "name", d.name, "total_bytes",
+                      (json_int_t)d.total_bytes, "free_bytes", (json_int_t)d.free_bytes,
+                      "resident_bytes", (json_int_t)d.resident_bytes, "compute_capability",
+                      str_or_null(d.compute_capability), "pci_bus_id", str_or_null(d.pci_bus_id)));
     }
     resp_json(rs, 200, json_pack("{s:o}", "devices", list));
 }

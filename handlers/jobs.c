@@ -11,7 +11,8 @@
 void h_jobs_submit(http_req *rq, http_resp *rs) {
     json_error_t jerr;
     /* Reject duplicate keys: a body that says two things is not one request. */
-    json_t *body = json_loadb(rq->body, rq->body_len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+    json_t *body =
+        json_loadb(rq->body, rq->body_len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
     if (!body) {
         char detail[256];
         snprintf(detail, sizeof detail, "malformed JSON at line %d column %d: %s", jerr.line,
@@ -53,8 +54,8 @@ static int parse_limit(const char *s, int *out) {
 }
 
 static bool valid_state(const char *s) {
-    static const char *const states[] = {"queued", "running", "succeeded", "failed",
-                                         "cancelled", NULL};
+    static const char *const states[] = {"queued", "running",   "succeeded",
+                                         "failed", "cancelled", NULL};
     for (int i = 0; states[i]; i++)
         if (strcmp(states[i], s) == 0) return true;
     return false;

@@ -41,7 +41,6 @@ void h_models_get(http_req *rq, http_resp *rs) {
     resp_json(rs, 200, m);
 }
 
-
 void h_models_delete(http_req *rq, http_resp *rs) {
     char repo[256];
     if (!repo_from_params(rq, rs, repo, sizeof repo)) return;

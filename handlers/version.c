@@ -8,5 +8,6 @@ void h_version(http_req *rq, http_resp *rs) {
     json_t *cuda = json_null();
     if (gpu_cuda_versions(&runtime, &driver))
         cuda = json_pack("{s:i,s:i}", "runtime", runtime, "driver", driver);
-    resp_json(rs, 200, json_pack("{s:s,s:s,s:o}", "version", MP_VERSION, "git", MP_GIT, "cuda", cuda));
+    resp_json(rs, 200,
+              json_pack("{s:s,s:s,s:o}", "version", MP_VERSION, "git", MP_GIT, "cuda", cuda));
 }

@@ -56,8 +56,8 @@ bool cache_blob_sha256(const char *path, char *out) {
 }
 
 /* Walks a snapshot; collects names (and with detail, size + sha256). */
-static int walk_snapshot(const char *root, const char *rel, int depth, json_t *names,
-                         json_t *files, uint64_t *bytes) {
+static int walk_snapshot(const char *root, const char *rel, int depth, json_t *names, json_t *files,
+                         uint64_t *bytes) {
     if (depth > 16) return 0;
     char dir[PATH_MAX];
     snprintf(dir, sizeof dir, "%s%s%s", root, rel[0] ? "/" : "", rel);

@@ -165,15 +165,15 @@ static int verify_run(mp_task *t) {
             all_ok = false;
             task_log(t, "warn", "%s: expected %s, got %s", l.v[i].rel, expected, actual);
         }
-        json_array_append_new(files, json_pack("{s:s,s:I,s:s,s:s,s:b}", "name", l.v[i].rel,
-                                               "size", (json_int_t)l.v[i].size, "expected",
-                                               expected, "actual", actual, "ok", ok));
+        json_array_append_new(files, json_pack("{s:s,s:I,s:s,s:s,s:b}", "name", l.v[i].rel, "size",
+                                               (json_int_t)l.v[i].size, "expected", expected,
+                                               "actual", actual, "ok", ok));
     }
     task_progress(t, done, l.bytes, "bytes", "done");
     json_decref(recorded);
     vlist_free(&l);
-    return task_succeed(t, json_pack("{s:b,s:o,s:i,s:I}", "ok", all_ok, "files", files,
-                                     "recorded", recorded_now, "bytes", (json_int_t)done));
+    return task_succeed(t, json_pack("{s:b,s:o,s:i,s:I}", "ok", all_ok, "files", files, "recorded",
+                                     recorded_now, "bytes", (json_int_t)done));
 }
 
 static const mp_param_spec verify_params[] = {{NULL, 0, NULL, 0, 0}};

@@ -8,6 +8,7 @@
 
 #include "loader/gguf.h"
 #include "loader/load.h"
+#include "loader/tp_rules.h"
 
 static bool castable_from(mp_dtype d) {
     switch (d) {
@@ -63,63 +64,38 @@ static int cmp_nref(const void *a, const void *b) {
     return strcmp(x->name, y->name);
 }
 
-/* Placeholder until loader/tp_rules.h (the shard issue's module) lands:
- * Megatron's split by parameter name. Column-parallel weights and biases
- * split dim 0, row-parallel weights dim 1, everything else is replicated. */
-typedef struct tp_slice_spec {
-    int dim, nseg;
-    struct {
-        int64_t start, len;
-    } seg[LOAD_MAX_SEGS];
-} tp_slice_spec;
-
-static int tp_rule_slice(const char *name, const int64_t *shape, int ndim, const json_t *config,
-                         int tp, int rank, tp_slice_spec *out, mp_error *err) {
-    (void)config;
-    static const char *const col[] = {"q_proj.", "k_proj.", "v_proj.", "qkv_proj.", "gate_proj.",
-                                      "up_proj.", "gate_up_proj.", "embed_tokens.", "lm_head."};
-    static const char *const row[] = {"o_proj.weight", "down_proj.weight"};
-    out->dim = -1;
-    out->nseg = 0;
-    for (size_t i = 0; i < sizeof col / sizeof *col && ndim >= 1; i++)
-        if (strstr(name, col[i])) out->dim = 0;
-    for (size_t i = 0; i < sizeof row / sizeof *row && ndim >= 2; i++)
-        if (strstr(name, row[i])) out->dim = 1;
-    if (out->dim < 0) return 0;
-    if (shape[out->dim] % tp != 0)
-        return mp_err(err, "bad_request", "%s: dim %d (%lld) does not divide by tp_size %d", name,
-                      out->dim, (long long)shape[out->dim], tp);
-    out->nseg = 1;
-    out->seg[0].len = shape[out->dim] / tp;
-    out->seg[0].start = rank * out->seg[0].len;
-    return 0;
-}
-
-/* The tensor-parallel slice of t for rank r. */
-static int tp_slice(const load_source *src, const mp_tensor *t, int tp, int rank,
-                    load_slice *sl, int64_t *out_shape, mp_error *err) {
+/* The tensor-parallel slice of t for rank r, by the shard issue's rules
+ * (loader/tp_rules.h) under HF naming: each tensor keeps its checkpoint
+ * name, a rank gets exactly the bytes SGLang's layer would hold. *dropped:
+ * the rules keep nothing of it (rotary inv_freq). */
+static int plan_tp_slice(const tp_model_cfg *cfg, const mp_tensor *t, int tp, int rank, load_slice *sl,
+                    int64_t *out_shape, bool *dropped, mp_error *err) {
     memcpy(out_shape, t->shape, sizeof t->shape);
     sl->dim = -1;
     sl->nseg = 0;
+    *dropped = false;
     if (tp == 1) return 0;
-    tp_slice_spec spec;
-    if (tp_rule_slice(t->name, t->shape, t->ndim, src->config, tp, rank, &spec, err) != 0)
-        return -1;
-    if (spec.dim < 0) return 0;
-    if (spec.dim >= t->ndim || spec.nseg < 1 || spec.nseg > LOAD_MAX_SEGS)
+    tp_slice ts;
+    if (tp_slice_for(cfg, t, tp, rank, TP_NAMING_HF, &ts, err) != 0) return -1;
+    if (ts.dropped) {
+        *dropped = true;
+        return 0;
+    }
+    if (ts.dim < 0) return 0;
+    if (ts.dim >= t->ndim || ts.nseg < 1 || ts.nseg > LOAD_MAX_SEGS)
         return mp_err(err, "internal", "tp rule for %s out of range", t->name);
-    sl->dim = spec.dim;
-    sl->nseg = spec.nseg;
+    sl->dim = ts.dim;
+    sl->nseg = ts.nseg;
     int64_t ext = 0;
-    for (int i = 0; i < spec.nseg; i++) {
-        int64_t s = spec.seg[i].start, l = spec.seg[i].len;
-        if (l < 0 || (s >= 0 && (s > t->shape[spec.dim] || l > t->shape[spec.dim] - s)))
+    for (int i = 0; i < ts.nseg; i++) {
+        int64_t st = ts.seg[i].start, l = ts.seg[i].len;
+        if (l < 0 || (st >= 0 && (st > t->shape[ts.dim] || l > t->shape[ts.dim] - st)))
             return mp_err(err, "internal", "tp rule for %s cuts outside the tensor", t->name);
-        sl->seg[i].start = s;
+        sl->seg[i].start = st;
         sl->seg[i].len = l;
         ext += l;
     }
-    out_shape[spec.dim] = ext;
+    out_shape[ts.dim] = ext;
     return 0;
 }
 
@@ -137,6 +113,17 @@ int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *
         return mp_err_field(err, "params.tp_size", "bad_request",
                             "a GGUF checkpoint loads on one device (tp_size 1)");
 
+    tp_model_cfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    if (tp > 1 && !sharded) {
+        if (!src->config)
+            return mp_err_field(err, "params.tp_size", "bad_request",
+                                "tp_size > 1 needs the model's config.json for the split rules");
+        if (tp_config_from_json(src->config, &cfg, err) != 0 || tp_check(&cfg, tp, err) != 0) {
+            snprintf(err->field, sizeof err->field, "params.tp_size");
+            return -1;
+        }
+    }
     size_t n = 0;
     for (size_t f = 0; f < src->nfiles; f++) n += src->files[f].w->ntensors;
     tref *refs = calloc(n ? n : 1, sizeof *refs);
@@ -198,9 +185,13 @@ int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *
             if (sharded || t->dtype == MP_DT_GGML) {
                 memcpy(it->shape, t->shape, sizeof t->shape);
                 it->slice.dim = -1;
-            } else if (tp_slice(src, t, tp, r, &it->slice, it->shape, err) != 0) {
-                rc = -1;
-                break;
+            } else {
+                bool dropped;
+                if (plan_tp_slice(&cfg, t, tp, r, &it->slice, it->shape, &dropped, err) != 0) {
+                    rc = -1;
+                    break;
+                }
+                if (dropped) continue;
             }
             if (it->slice.dim >= 0 && mp_dtype_bits(t->dtype) % 8 != 0) {
                 rc = mp_err(err, "bad_request", "cannot split %s (sub-byte dtype)", t->name);

@@ -42,7 +42,8 @@ bool mref_is_revision(const char *s) {
 int mref_confine(const char *path, size_t len, const char *const *roots, char **out,
                  mp_error *err) {
     *out = NULL;
-    if (len != strlen(path)) return mp_err_field(err, "model", "bad_model", "model contains a NUL byte");
+    if (len != strlen(path))
+        return mp_err_field(err, "model", "bad_model", "model contains a NUL byte");
     if (len == 0 || len > MREF_MAX_LEN)
         return mp_err_field(err, "model", "bad_model", "model path is empty or over %d bytes",
                             MREF_MAX_LEN);
@@ -53,7 +54,8 @@ int mref_confine(const char *path, size_t len, const char *const *roots, char **
     for (const char *p = path; (p = strstr(p, "..")) != NULL; p += 2) {
         bool starts = p == path || p[-1] == '/';
         bool ends = p[2] == 0 || p[2] == '/';
-        if (starts && ends) return mp_err_field(err, "model", "bad_model", "model path contains '..'");
+        if (starts && ends)
+            return mp_err_field(err, "model", "bad_model", "model path contains '..'");
     }
     if (!roots || !roots[0])
         return mp_err_field(err, "model", "bad_model",
@@ -84,8 +86,8 @@ char *mref_repo_cache_dir(const char *hub_cache, const char *repo) {
     char buf[PATH_MAX];
     const char *slash = strchr(repo, '/');
     if (!slash) return NULL;
-    int n = snprintf(buf, sizeof buf, "%s/models--%.*s--%s", hub_cache, (int)(slash - repo),
-                     repo, slash + 1);
+    int n = snprintf(buf, sizeof buf, "%s/models--%.*s--%s", hub_cache, (int)(slash - repo), repo,
+                     slash + 1);
     if (n < 0 || (size_t)n >= sizeof buf) return NULL;
     return strdup(buf);
 }

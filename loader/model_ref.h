@@ -21,8 +21,7 @@ bool mref_is_revision(const char *s);
 /* Confines a local path: absolute, no NUL (len must equal strlen), no ".."
  * component, at most MREF_MAX_LEN, and its realpath under a root. *out is the
  * realpath (caller frees). err->code "bad_model"/"not_found". */
-int mref_confine(const char *path, size_t len, const char *const *roots, char **out,
-                 mp_error *err);
+int mref_confine(const char *path, size_t len, const char *const *roots, char **out, mp_error *err);
 
 /* The HF-cache directory of a repo: <cache>/models--org--name (caller frees). */
 char *mref_repo_cache_dir(const char *hub_cache, const char *repo);

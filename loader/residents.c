@@ -34,8 +34,10 @@ struct resident_set {
 };
 
 static void spec_free(res_spec *sp) {
-    for (int i = 0; i < GPU_MAX_DEVICES; i++) gpu_arena_free(sp->arenas[i]);
-    for (size_t i = 0; i < sp->ntensors; i++) free(sp->tensors[i].name);
+    for (int i = 0; i < GPU_MAX_DEVICES; i++)
+        gpu_arena_free(sp->arenas[i]);
+    for (size_t i = 0; i < sp->ntensors; i++)
+        free(sp->tensors[i].name);
     free(sp->tensors);
     free(sp->model);
     free(sp->revision);
@@ -84,7 +86,8 @@ static json_t *device_bytes(const res_spec *sp) {
 
 static uint64_t total_bytes(const res_spec *sp) {
     uint64_t t = 0;
-    for (size_t i = 0; i < sp->ntensors; i++) t += sp->tensors[i].bytes;
+    for (size_t i = 0; i < sp->ntensors; i++)
+        t += sp->tensors[i].bytes;
     return t;
 }
 
@@ -93,11 +96,11 @@ static const char *dtype_label(const res_tensor *t) {
 }
 
 static json_t *summary(const resident *r) {
-    json_t *doc = json_pack("{s:s,s:s,s:s,s:s,s:I,s:I,s:o,s:s}", "id", r->id, "model",
-                            r->spec.model, "revision", r->spec.revision, "state", "resident",
-                            "bytes", (json_int_t)total_bytes(&r->spec), "tensors",
-                            (json_int_t)r->spec.ntensors, "devices", device_bytes(&r->spec),
-                            "created_at", r->created_at);
+    json_t *doc =
+        json_pack("{s:s,s:s,s:s,s:s,s:I,s:I,s:o,s:s}", "id", r->id, "model", r->spec.model,
+                  "revision", r->spec.revision, "state", "resident", "bytes",
+                  (json_int_t)total_bytes(&r->spec), "tensors", (json_int_t)r->spec.ntensors,
+                  "devices", device_bytes(&r->spec), "created_at", r->created_at);
     if (doc && r->spec.load) json_object_set(doc, "load", r->spec.load);
     return doc;
 }
@@ -107,12 +110,14 @@ static json_t *tensor_table(const resident *r) {
     for (size_t i = 0; i < r->spec.ntensors; i++) {
         const res_tensor *t = &r->spec.tensors[i];
         json_t *shape = json_array();
-        for (int d = 0; d < t->ndim; d++) json_array_append_new(shape, json_integer(t->shape[d]));
-        json_t *row = json_pack("{s:s,s:s,s:o,s:i,s:i,s:I,s:I}", "name", t->name, "dtype",
-                                dtype_label(t), "shape", shape, "device", t->device, "rank",
-                                t->rank, "offset", (json_int_t)t->offset, "bytes",
-                                (json_int_t)t->bytes);
-        if (row && t->dtype == MP_DT_GGML) json_object_set_new(row, "ggml_type", json_integer(t->ggml_type));
+        for (int d = 0; d < t->ndim; d++)
+            json_array_append_new(shape, json_integer(t->shape[d]));
+        json_t *row =
+            json_pack("{s:s,s:s,s:o,s:i,s:i,s:I,s:I}", "name", t->name, "dtype", dtype_label(t),
+                      "shape", shape, "device", t->device, "rank", t->rank, "offset",
+                      (json_int_t)t->offset, "bytes", (json_int_t)t->bytes);
+        if (row && t->dtype == MP_DT_GGML)
+            json_object_set_new(row, "ggml_type", json_integer(t->ggml_type));
         json_array_append_new(arr, row);
     }
     return arr;
@@ -159,7 +164,8 @@ int res_add(resident_set *s, res_spec *spec, char *id_out, mp_error *err) {
 static resident *acquire(resident_set *s, const char *id) {
     pthread_mutex_lock(&s->mu);
     resident *r = s->head;
-    while (r && strcmp(r->id, id) != 0) r = r->next;
+    while (r && strcmp(r->id, id) != 0)
+        r = r->next;
     if (r) atomic_fetch_add(&r->refs, 1);
     pthread_mutex_unlock(&s->mu);
     return r;
@@ -168,7 +174,8 @@ static resident *acquire(resident_set *s, const char *id) {
 int res_remove(resident_set *s, const char *id) {
     pthread_mutex_lock(&s->mu);
     resident **pp = &s->head;
-    while (*pp && strcmp((*pp)->id, id) != 0) pp = &(*pp)->next;
+    while (*pp && strcmp((*pp)->id, id) != 0)
+        pp = &(*pp)->next;
     resident *r = *pp;
     if (r) *pp = r->next;
     pthread_mutex_unlock(&s->mu);
@@ -228,7 +235,8 @@ int res_digest(resident_set *s, const char *id, json_t **out, mp_error *err) {
         }
         EVP_DigestInit_ex(ctx, EVP_sha256(), NULL);
         for (uint64_t off = 0; off < t->bytes;) {
-            size_t n = t->bytes - off > RES_DIGEST_CHUNK ? RES_DIGEST_CHUNK : (size_t)(t->bytes - off);
+            size_t n =
+                t->bytes - off > RES_DIGEST_CHUNK ? RES_DIGEST_CHUNK : (size_t)(t->bytes - off);
             if (gpu_read(a, t->offset + off, buf, n, err) != 0) {
                 rc = -1;
                 break;
@@ -243,7 +251,7 @@ int res_digest(resident_set *s, const char *id, json_t **out, mp_error *err) {
         EVP_DigestFinal_ex(ctx, md, &mdlen);
         fs_hex(md, 32, hex);
         json_array_append_new(list, json_pack("{s:s,s:i,s:i,s:s}", "name", t->name, "device",
-                                               t->device, "rank", t->rank, "sha256", hex));
+                                              t->device, "rank", t->rank, "sha256", hex));
     }
 out:
     EVP_MD_CTX_free(ctx);
@@ -268,12 +276,12 @@ bool res_model_resident(resident_set *s, const char *model) {
 
 void res_each_bytes(resident_set *s, void (*fn)(void *, const char *, uint64_t), void *arg) {
     pthread_mutex_lock(&s->mu);
-    for (resident *r = s->head; r; r = r->next) fn(arg, r->spec.model, total_bytes(&r->spec));
+    for (resident *r = s->head; r; r = r->next)
+        fn(arg, r->spec.model, total_bytes(&r->spec));
     pthread_mutex_unlock(&s->mu);
 }
 
-int res_export(resident_set *s, const char *id, json_t **desc, int *fds, int *nfds,
-               mp_error *err) {
+int res_export(resident_set *s, const char *id, json_t **desc, int *fds, int *nfds, mp_error *err) {
     resident *r = acquire(s, id);
     *nfds = 0;
     if (!r) return mp_err(err, "not_found", "no live resident %s", id);
@@ -309,7 +317,8 @@ int res_export(resident_set *s, const char *id, json_t **desc, int *fds, int *nf
         json_object_set_new(*desc, "tensor_table", tensor_table(r));
     } else {
         json_decref(arenas);
-        for (int i = 0; i < *nfds; i++) close(fds[i]);
+        for (int i = 0; i < *nfds; i++)
+            close(fds[i]);
         *nfds = 0;
     }
     res_unref(r);

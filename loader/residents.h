@@ -22,24 +22,24 @@ struct store;
 typedef struct resident_set resident_set;
 
 typedef struct res_tensor {
-    char *name;               /* owned */
-    mp_dtype dtype;           /* MP_DT_GGML + ggml_type for quantized blocks */
+    char *name;     /* owned */
+    mp_dtype dtype; /* MP_DT_GGML + ggml_type for quantized blocks */
     int ggml_type;
     int ndim;
     int64_t shape[MP_MAX_DIMS];
-    int device;               /* device index in the gpu_set */
-    int rank;                 /* tensor-parallel rank */
-    uint64_t offset;          /* in the device's arena */
+    int device;      /* device index in the gpu_set */
+    int rank;        /* tensor-parallel rank */
+    uint64_t offset; /* in the device's arena */
     uint64_t bytes;
 } res_tensor;
 
 /* What a loader hands over. res_add takes ownership of everything in it. */
 typedef struct res_spec {
-    char *model, *revision;   /* owned */
+    char *model, *revision;             /* owned */
     gpu_arena *arenas[GPU_MAX_DEVICES]; /* by device index; NULL where unused */
-    res_tensor *tensors;      /* owned array */
+    res_tensor *tensors;                /* owned array */
     size_t ntensors;
-    json_t *load;             /* the load's result figures (owned), shown in the doc */
+    json_t *load; /* the load's result figures (owned), shown in the doc */
 } res_spec;
 
 /* on_change is called (outside locks) with a small JSON event after every
@@ -71,6 +71,5 @@ void res_each_bytes(resident_set *s, void (*fn)(void *, const char *, uint64_t),
 /* Export for another process: the description (tensor table, per-device
  * arena sizes, CUDA IPC handles) and, for host arenas, dup'ed memfds in
  * device order (*nfds of them, caller closes). */
-int res_export(resident_set *s, const char *id, json_t **desc, int *fds, int *nfds,
-               mp_error *err);
+int res_export(resident_set *s, const char *id, json_t **desc, int *fds, int *nfds, mp_error *err);
 #endif

@@ -540,8 +540,10 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
     int rc = -1;
     bool made_tmp = false;
     json_t *copied = json_array(), *manifest = NULL;
-    if (o->tp < 1 || o->tp > 1024)
-        return json_decref(copied), mp_err(err, "bad_tp_size", "tp_size must be 1..1024");
+    if (o->tp < 1 || o->tp > 1024) {
+        json_decref(copied);
+        return mp_err(err, "bad_tp_size", "tp_size must be 1..1024");
+    }
     if (tp_config_load(o->model_dir, &c.cfg, err) != 0) goto out;
     if (tp_check(&c.cfg, o->tp, err) != 0) goto out;
     struct stat st;
@@ -693,7 +695,7 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
     rc = 0;
 out:
     if (made_tmp) rm_flat(c.tmp_dir);
-    if (!manifest) json_decref(copied);
+    json_decref(copied);
     json_decref(manifest);
     json_decref(c.files);
     free(c.tmp_dir);

@@ -50,8 +50,7 @@ static int parse_listen(mp_config *cfg, const char *v, mp_error *err) {
     return 0;
 }
 
-static int parse_int(const char *flag, const char *v, long lo, long hi, long *out,
-                     mp_error *err) {
+static int parse_int(const char *flag, const char *v, long lo, long hi, long *out, mp_error *err) {
     char *end;
     errno = 0;
     long n = strtol(v, &end, 10);
@@ -100,8 +99,24 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
     const char *hf = getenv("HF_TOKEN");
     if (hf && *hf && !(cfg->hf_token = strdup(hf))) return mp_err(err, "no_memory", "oom");
 
-    enum { O_LISTEN = 256, O_DATA, O_ROOT, O_TOKEN, O_WORKERS, O_HTTP, O_MAXCONN, O_HUB,
-           O_DEVICES, O_HOSTMEM, O_EXPORT, O_INSECURE, O_LOGFMT, O_NOACCESS, O_VERSION, O_HELP };
+    enum {
+        O_LISTEN = 256,
+        O_DATA,
+        O_ROOT,
+        O_TOKEN,
+        O_WORKERS,
+        O_HTTP,
+        O_MAXCONN,
+        O_HUB,
+        O_DEVICES,
+        O_HOSTMEM,
+        O_EXPORT,
+        O_INSECURE,
+        O_LOGFMT,
+        O_NOACCESS,
+        O_VERSION,
+        O_HELP
+    };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"data-dir", required_argument, NULL, O_DATA},
@@ -139,7 +154,8 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
             if (cfg->n_model_roots >= MP_MAX_MODEL_ROOTS)
                 return mp_err(err, "bad_flag", "at most %d --model-root", MP_MAX_MODEL_ROOTS);
             char *real = realpath(optarg, NULL);
-            if (!real) return mp_err(err, "bad_flag", "--model-root %s: %s", optarg, strerror(errno));
+            if (!real)
+                return mp_err(err, "bad_flag", "--model-root %s: %s", optarg, strerror(errno));
             cfg->model_roots[cfg->n_model_roots++] = real;
             break;
         }
@@ -200,8 +216,8 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
             fputs(USAGE, stdout);
             return 1;
         default:
-            return mp_err(err, "bad_flag", "unknown or incomplete option %s\n%s",
-                          argv[optind - 1], USAGE);
+            return mp_err(err, "bad_flag", "unknown or incomplete option %s\n%s", argv[optind - 1],
+                          USAGE);
         }
     }
     if (optind < argc) return mp_err(err, "bad_flag", "unexpected argument %s", argv[optind]);
@@ -230,6 +246,7 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
 void config_free(mp_config *cfg) {
     free(cfg->token);
     free(cfg->hf_token);
-    for (int i = 0; i < cfg->n_model_roots; i++) free(cfg->model_roots[i]);
+    for (int i = 0; i < cfg->n_model_roots; i++)
+        free(cfg->model_roots[i]);
     memset(cfg, 0, sizeof *cfg);
 }

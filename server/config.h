@@ -11,11 +11,11 @@
 typedef struct mp_config {
     char listen_host[256];
     int listen_port;
-    char data_dir[4096];    /* absolute after config_finish */
-    char hub_cache[4096];   /* HF_HUB_CACHE, HF_HOME/hub, or data_dir/hub */
+    char data_dir[4096];  /* absolute after config_finish */
+    char hub_cache[4096]; /* HF_HUB_CACHE, HF_HOME/hub, or data_dir/hub */
     char hub_endpoint[1024];
-    char *token;            /* owned; NULL when auth is off */
-    char *hf_token;         /* owned; HF_TOKEN */
+    char *token;                               /* owned; NULL when auth is off */
+    char *hf_token;                            /* owned; HF_TOKEN */
     char *model_roots[MP_MAX_MODEL_ROOTS + 1]; /* owned, realpath'd, NULL-terminated */
     int n_model_roots;
     int workers;

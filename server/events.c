@@ -45,7 +45,8 @@ static void take_waiters(event_hub *h, waiter **list, size_t *n) {
 }
 
 static void run_waiters(waiter *list, size_t n) {
-    for (size_t i = 0; i < n; i++) list[i].fn(list[i].arg);
+    for (size_t i = 0; i < n; i++)
+        list[i].fn(list[i].arg);
     free(list);
 }
 
@@ -61,7 +62,8 @@ void events_close(event_hub *h) {
 
 void events_free(event_hub *h) {
     if (!h) return;
-    for (size_t i = 0; i < EVENTS_RING; i++) free(h->ring[i].data);
+    for (size_t i = 0; i < EVENTS_RING; i++)
+        free(h->ring[i].data);
     free(h->waiters);
     pthread_mutex_destroy(&h->mu);
     free(h);

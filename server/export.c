@@ -67,8 +67,7 @@ static void serve_client(export_server *e, int c) {
     json_t *desc = NULL;
     int fds[GPU_MAX_DEVICES], nfds = 0;
     mp_error err = {0};
-    if (!e->srv->residents ||
-        res_export(e->srv->residents, req, &desc, fds, &nfds, &err) != 0)
+    if (!e->srv->residents || res_export(e->srv->residents, req, &desc, fds, &nfds, &err) != 0)
         desc = json_pack("{s:s,s:s}", "error", err.code[0] ? err.code : "unavailable", "message",
                          err.message);
     char *text = desc ? json_dumps(desc, JSON_COMPACT) : NULL;
@@ -84,7 +83,8 @@ static void serve_client(export_server *e, int c) {
         }
     }
     free(text);
-    for (int i = 0; i < nfds; i++) close(fds[i]);
+    for (int i = 0; i < nfds; i++)
+        close(fds[i]);
 }
 
 static void *export_main(void *arg) {
@@ -137,7 +137,8 @@ int export_start(mp_server *srv, const char *path, export_server **out, mp_error
 void export_stop(export_server *e) {
     if (!e) return;
     uint64_t one = 1;
-    if (write(e->stop_fd, &one, sizeof one) != (ssize_t)sizeof one) { /* the thread then stays blocked; joining would hang */
+    if (write(e->stop_fd, &one, sizeof one) !=
+        (ssize_t)sizeof one) { /* the thread then stays blocked; joining would hang */
         return;
     }
     pthread_join(e->thread, NULL);

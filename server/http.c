@@ -70,19 +70,32 @@ void resp_json(http_resp *rs, int status, json_t *doc) {
 
 static const char *status_title(int status) {
     switch (status) {
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 409: return "Conflict";
-    case 413: return "Payload Too Large";
-    case 415: return "Unsupported Media Type";
-    case 422: return "Unprocessable Entity";
-    case 500: return "Internal Server Error";
-    case 503: return "Service Unavailable";
-    case 507: return "Insufficient Storage";
-    default: return "Error";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 403:
+        return "Forbidden";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 409:
+        return "Conflict";
+    case 413:
+        return "Payload Too Large";
+    case 415:
+        return "Unsupported Media Type";
+    case 422:
+        return "Unprocessable Entity";
+    case 500:
+        return "Internal Server Error";
+    case 503:
+        return "Service Unavailable";
+    case 507:
+        return "Insufficient Storage";
+    default:
+        return "Error";
     }
 }
 
@@ -91,8 +104,10 @@ void resp_problem(http_resp *rs, int status, const char *detail, json_t *errors)
     snprintf(type, sizeof type, "https://modelprep.dev/problems/%d", status);
     json_t *doc = json_pack("{s:s,s:s,s:i,s:s}", "type", type, "title", status_title(status),
                             "status", status, "detail", detail ? detail : "");
-    if (doc && errors) json_object_set_new(doc, "errors", errors);
-    else json_decref(errors);
+    if (doc && errors)
+        json_object_set_new(doc, "errors", errors);
+    else
+        json_decref(errors);
     char *text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
     json_decref(doc);
     /* A problem response must never fail to be one: fall back to a fixed text. */
@@ -144,8 +159,8 @@ static enum MHD_Result queue(struct MHD_Connection *conn, req_state *st, http_re
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_size, void **con_cls) {
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_size, void **con_cls) {
     mp_server *srv = cls;
     req_state *st = *con_cls;
     if (!st) {
@@ -177,8 +192,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     http_req rq = {.srv = srv, .conn = conn, .method = method, .path = url};
     char pbuf[1024], allow[64];
     const route *r = NULL;
-    route_match m = router_match(method, url, &r, rq.params, &rq.nparams, pbuf, sizeof pbuf,
-                                 allow, sizeof allow);
+    route_match m = router_match(method, url, &r, rq.params, &rq.nparams, pbuf, sizeof pbuf, allow,
+                                 sizeof allow);
     if (m == ROUTE_NO_PATH) {
         resp_problem(&rs, 404, "no such route", NULL);
     } else if (m == ROUTE_NO_METHOD) {
@@ -231,12 +246,14 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
     char msg[512];
     vsnprintf(msg, sizeof msg, fmt, ap);
     size_t n = strlen(msg);
-    while (n && msg[n - 1] == '\n') msg[--n] = 0;
+    while (n && msg[n - 1] == '\n')
+        msg[--n] = 0;
     mp_log(&srv->log, "warn", NULL, "httpd: %s", msg);
 }
 
 int http_start(mp_server *srv, mp_error *err) {
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_NUMERICSERV | AI_PASSIVE};
     struct addrinfo *ai = NULL;
     char port[16];
@@ -247,13 +264,13 @@ int http_start(mp_server *srv, mp_error *err) {
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
                      MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
-    srv->httpd = MHD_start_daemon(
-        flags, 0, NULL, NULL, on_request, srv, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-        MHD_OPTION_THREAD_POOL_SIZE, (unsigned)srv->cfg.http_threads,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned)srv->cfg.max_connections,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)srv->cfg.connection_timeout_s,
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log,
-        srv, MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_END);
+    srv->httpd =
+        MHD_start_daemon(flags, 0, NULL, NULL, on_request, srv, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+                         MHD_OPTION_THREAD_POOL_SIZE, (unsigned)srv->cfg.http_threads,
+                         MHD_OPTION_CONNECTION_LIMIT, (unsigned)srv->cfg.max_connections,
+                         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)srv->cfg.connection_timeout_s,
+                         MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv, MHD_OPTION_EXTERNAL_LOGGER,
+                         on_mhd_log, srv, MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!srv->httpd)
         return mp_err(err, "listen_failed", "cannot listen on %s:%d", srv->cfg.listen_host,

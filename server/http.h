@@ -47,8 +47,7 @@ const char *http_header(const http_req *rq, const char *key);
 /* Response builders. resp_json steals doc. */
 void resp_json(http_resp *rs, int status, json_t *doc);
 void resp_raw(http_resp *rs, int status, const char *content_type, char *body, size_t len);
-void resp_static(http_resp *rs, int status, const char *content_type, const char *body,
-                 size_t len);
+void resp_static(http_resp *rs, int status, const char *content_type, const char *body, size_t len);
 /* application/problem+json {type,title,status,detail[,errors]}; steals errors. */
 void resp_problem(http_resp *rs, int status, const char *detail, json_t *errors);
 /* 400/404/409/... from an mp_error: the field, if any, goes into "errors". */

@@ -54,11 +54,11 @@ static int bad(int *status, int code) {
 
 static json_t *new_job_doc(const char *id, const char *type, const char *model,
                            const char *revision, json_t *params, const char *now) {
-    return json_pack("{s:s,s:s,s:s,s:s,s:O,s:s,s:{s:i,s:i,s:s,s:f,s:s},s:n,s:n,s:s,s:n,s:n}",
-                     "id", id, "type", type, "model", model, "revision", revision, "params",
-                     params, "state", "queued", "progress", "done", 0, "total", 0, "unit",
-                     "bytes", "rate", 0.0, "message", "queued", "result", "error", "created_at",
-                     now, "started_at", "finished_at");
+    return json_pack("{s:s,s:s,s:s,s:s,s:O,s:s,s:{s:i,s:i,s:s,s:f,s:s},s:n,s:n,s:s,s:n,s:n}", "id",
+                     id, "type", type, "model", model, "revision", revision, "params", params,
+                     "state", "queued", "progress", "done", 0, "total", 0, "unit", "bytes", "rate",
+                     0.0, "message", "queued", "result", "error", "created_at", now, "started_at",
+                     "finished_at");
 }
 
 int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job, bool *created,
@@ -143,9 +143,13 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
         goto out;
     }
     if (jt->validate) {
-        mp_task_info info = {.type = jt->name, .model = model, .revision = revision,
-                             .model_path = model_path, .is_hub_model = is_hub,
-                             .params = params, .env = &srv->env};
+        mp_task_info info = {.type = jt->name,
+                             .model = model,
+                             .revision = revision,
+                             .model_path = model_path,
+                             .is_hub_model = is_hub,
+                             .params = params,
+                             .env = &srv->env};
         if (jt->validate(&info, err) != 0) {
             *http_status = 400;
             goto out;
@@ -167,8 +171,8 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
     }
     if (idem_key) {
         /* The same key with a different request is a client bug worth a 422. */
-        json_t *canon = json_pack("{s:s,s:s,s:s,s:O}", "type", jt->name, "model", model,
-                                  "revision", revision, "params", params);
+        json_t *canon = json_pack("{s:s,s:s,s:s,s:O}", "type", jt->name, "model", model, "revision",
+                                  revision, "params", params);
         char *text = canon ? json_dumps(canon, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
         json_decref(canon);
         if (!text) {

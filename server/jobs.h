@@ -28,8 +28,7 @@ int jobs_cancel(mp_server *srv, const char *id, json_t **job);
 /* Life-cycle helpers shared with the worker pool: persist the doc, append
  * an event to the job's history and publish it. */
 void jobs_publish_state(mp_server *srv, json_t *doc);
-void jobs_publish(mp_server *srv, const char *job_id, const char *kind, json_t *data,
-                  bool persist);
+void jobs_publish(mp_server *srv, const char *job_id, const char *kind, json_t *data, bool persist);
 
 /* Start-up: jobs left running by a dead process are re-queued (resumable
  * types) or failed with "interrupted". */

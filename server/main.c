@@ -125,9 +125,9 @@ int main(int argc, char **argv) {
     printf("listening on http://%s%s%s:%d\n", v6 ? "[" : "", host, v6 ? "]" : "",
            srv.cfg.listen_port);
     fflush(stdout);
-    mp_log(&srv.log, "info", NULL, "modelprepd %s ready: data %s, hub cache %s, %d workers, %d devices",
-           MP_VERSION, srv.cfg.data_dir, srv.cfg.hub_cache, srv.cfg.workers,
-           gpu_set_count(srv.gpus));
+    mp_log(&srv.log, "info", NULL,
+           "modelprepd %s ready: data %s, hub cache %s, %d workers, %d devices", MP_VERSION,
+           srv.cfg.data_dir, srv.cfg.hub_cache, srv.cfg.workers, gpu_set_count(srv.gpus));
 
     int sig = wait_for_signal(&srv);
     mp_log(&srv.log, "info", NULL, "signal %d: draining", sig);

@@ -30,8 +30,8 @@
 
 static const double HTTP_BUCKETS[N_BUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                                                0.05,   0.1,   0.25,   0.5,   1.0,  5.0};
-static const double JOB_BUCKETS[N_BUCKETS] = {0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800,
-                                              7200};
+static const double JOB_BUCKETS[N_BUCKETS] = {0.01, 0.05, 0.1, 0.5, 1,    5,
+                                              10,   30,   60,  300, 1800, 7200};
 
 /* The states a job can be in; the last three are final. */
 static const char *const STATES[] = {"queued", "running", "succeeded", "failed", "cancelled"};
@@ -159,8 +159,8 @@ static void result_bytes(const char *type, const json_t *r, uint64_t *down, uint
     } else if (strcmp(type, "shard") == 0) {
         size_t i;
         const json_t *rank;
-        json_array_foreach(json_object_get(r, "ranks"), i, rank)
-            *rd += json_u64(json_object_get(rank, "bytes"));
+        json_array_foreach(json_object_get(r, "ranks"), i, rank) *rd +=
+            json_u64(json_object_get(rank, "bytes"));
     } else if (strcmp(type, "warm_load") == 0) {
         *rd = *cp = json_u64(json_object_get(r, "bytes"));
         const json_t *t = json_object_get(r, "throughput_bytes_per_s");
@@ -195,9 +195,12 @@ void metrics_job_done(mp_metrics *m, const char *type, const char *state, double
 void metrics_bytes(mp_metrics *m, const char *kind, uint64_t n) {
     if (!m || !kind) return;
     pthread_mutex_lock(&m->mu);
-    if (strcmp(kind, "downloaded") == 0) m->bytes_downloaded += n;
-    else if (strcmp(kind, "read") == 0) m->bytes_read += n;
-    else if (strcmp(kind, "copied") == 0) m->bytes_copied += n;
+    if (strcmp(kind, "downloaded") == 0)
+        m->bytes_downloaded += n;
+    else if (strcmp(kind, "read") == 0)
+        m->bytes_read += n;
+    else if (strcmp(kind, "copied") == 0)
+        m->bytes_copied += n;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -258,8 +261,8 @@ static void sample_f(sbuf *out, const char *name, const char *const *kv, int n, 
     sb_printf(out, " %.17g\n", v);
 }
 
-static void render_histo(sbuf *out, const char *name, const char *const *kv, int n,
-                         const histo *h, const double *bounds) {
+static void render_histo(sbuf *out, const char *name, const char *const *kv, int n, const histo *h,
+                         const double *bounds) {
     char key[160], le[48];
     snprintf(key, sizeof key, "%s_bucket", name);
     uint64_t cum = 0;
@@ -309,11 +312,14 @@ static void render_jobs(mp_server *srv, sbuf *out) {
     for (int i = 0; c.types[i] && i < MAX_TYPES; i++) {
         for (int s = 0; s < N_STATES; s++) {
             const char *kv[] = {"type", c.types[i]->name, "state", STATES[s]};
-            sample_u(out, "modelprep_jobs", kv, 2, c.counts[i][s] > 0 ? (uint64_t)c.counts[i][s] : 0);
+            sample_u(out, "modelprep_jobs", kv, 2,
+                     c.counts[i][s] > 0 ? (uint64_t)c.counts[i][s] : 0);
         }
     }
-    if (extra.oom) out->oom = true;
-    else if (extra.len) sb_append(out, extra.buf, extra.len);
+    if (extra.oom)
+        out->oom = true;
+    else if (extra.len)
+        sb_append(out, extra.buf, extra.len);
     sb_free(&extra);
 }
 
@@ -331,7 +337,8 @@ static void render_counters(mp_metrics *m, sbuf *out) {
     pthread_mutex_lock(&m->mu);
     /* Registered types that have not finished a job yet still get their
      * (zero) series. */
-    for (int i = 0; types[i]; i++) type_slot(m, types[i]->name);
+    for (int i = 0; types[i]; i++)
+        type_slot(m, types[i]->name);
 
     family(out, "modelprep_jobs_finished_total", "counter",
            "Jobs that reached a final state since the process started.");
@@ -360,8 +367,8 @@ static void render_counters(mp_metrics *m, sbuf *out) {
            "HTTP request latency by route (event streams: their whole life).");
     for (int i = 0; i < m->nroutes; i++) {
         const char *kv[] = {"route", m->routes[i].name};
-        render_histo(out, "modelprep_http_request_duration_seconds", kv, 1,
-                     &m->routes[i].latency, HTTP_BUCKETS);
+        render_histo(out, "modelprep_http_request_duration_seconds", kv, 1, &m->routes[i].latency,
+                     HTTP_BUCKETS);
     }
     family(out, "modelprep_downloaded_bytes_total", "counter", "Bytes fetched from the hub.");
     sample_u(out, "modelprep_downloaded_bytes_total", NULL, 0, m->bytes_downloaded);
@@ -393,8 +400,7 @@ static void render_devices(mp_server *srv, sbuf *out) {
     static const char *const NAMES[3] = {"modelprep_device_memory_total_bytes",
                                          "modelprep_device_memory_free_bytes",
                                          "modelprep_device_memory_resident_bytes"};
-    static const char *const HELP[3] = {"Memory of each device.",
-                                        "Free memory of each device.",
+    static const char *const HELP[3] = {"Memory of each device.", "Free memory of each device.",
                                         "Device memory held by resident weights."};
     int n = srv->gpus ? gpu_set_count(srv->gpus) : 0;
     gpu_device_info *infos = n > 0 ? calloc((size_t)n, sizeof *infos) : NULL;
@@ -415,10 +421,10 @@ static void render_devices(mp_server *srv, sbuf *out) {
             if (!ok[i]) continue;
             char idx[16];
             snprintf(idx, sizeof idx, "%d", i);
-            const char *kv[] = {"device", idx, "kind",
-                                infos[i].kind == GPU_KIND_CUDA ? "cuda" : "host", "name",
-                                infos[i].name};
-            uint64_t v = k == 0 ? infos[i].total_bytes
+            const char *kv[] = {"device", idx,
+                                "kind",   infos[i].kind == GPU_KIND_CUDA ? "cuda" : "host",
+                                "name",   infos[i].name};
+            uint64_t v = k == 0   ? infos[i].total_bytes
                          : k == 1 ? infos[i].free_bytes
                                   : infos[i].resident_bytes;
             sample_u(out, NAMES[k], kv, 3, v);

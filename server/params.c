@@ -12,7 +12,8 @@ static const mp_param_spec *spec_find(const mp_param_spec *specs, const char *na
 }
 
 static int check_int(const mp_param_spec *s, json_t *v, const char *field, mp_error *err) {
-    if (!json_is_integer(v)) return mp_err_field(err, field, "bad_type", "%s must be an integer", field);
+    if (!json_is_integer(v))
+        return mp_err_field(err, field, "bad_type", "%s must be an integer", field);
     json_int_t n = json_integer_value(v);
     if ((s->min || s->max) && (n < s->min || n > s->max))
         return mp_err_field(err, field, "out_of_range", "%s must be in %lld..%lld", field,
@@ -25,7 +26,8 @@ static int check_one(const mp_param_spec *s, json_t *v, mp_error *err) {
     snprintf(field, sizeof field, "params.%s", s->name);
     switch (s->kind) {
     case MP_P_STRING:
-        if (!json_is_string(v)) return mp_err_field(err, field, "bad_type", "%s must be a string", field);
+        if (!json_is_string(v))
+            return mp_err_field(err, field, "bad_type", "%s must be a string", field);
         if (json_string_length(v) != strlen(json_string_value(v)))
             return mp_err_field(err, field, "bad_value", "%s contains a NUL byte", field);
         if (s->enum_values) {
@@ -42,14 +44,17 @@ static int check_one(const mp_param_spec *s, json_t *v, mp_error *err) {
     case MP_P_INT:
         return check_int(s, v, field, err);
     case MP_P_NUMBER:
-        if (!json_is_number(v)) return mp_err_field(err, field, "bad_type", "%s must be a number", field);
+        if (!json_is_number(v))
+            return mp_err_field(err, field, "bad_type", "%s must be a number", field);
         return 0;
     case MP_P_BOOL:
-        if (!json_is_boolean(v)) return mp_err_field(err, field, "bad_type", "%s must be a boolean", field);
+        if (!json_is_boolean(v))
+            return mp_err_field(err, field, "bad_type", "%s must be a boolean", field);
         return 0;
     case MP_P_STRING_ARRAY:
     case MP_P_INT_ARRAY: {
-        if (!json_is_array(v)) return mp_err_field(err, field, "bad_type", "%s must be an array", field);
+        if (!json_is_array(v))
+            return mp_err_field(err, field, "bad_type", "%s must be an array", field);
         if (json_array_size(v) > 1024)
             return mp_err_field(err, field, "out_of_range", "%s has over 1024 items", field);
         size_t i;
@@ -65,7 +70,8 @@ static int check_one(const mp_param_spec *s, json_t *v, mp_error *err) {
         return 0;
     }
     case MP_P_OBJECT:
-        if (!json_is_object(v)) return mp_err_field(err, field, "bad_type", "%s must be an object", field);
+        if (!json_is_object(v))
+            return mp_err_field(err, field, "bad_type", "%s must be an object", field);
         return 0;
     }
     return mp_err_field(err, field, "internal", "unknown param kind");

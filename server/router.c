@@ -35,8 +35,8 @@ static int match_one(const char *pattern, const char *path, const char **params,
 }
 
 route_match router_match(const char *method, const char *path, const route **out,
-                         const char **params, int *nparams, char *buf, size_t buflen,
-                         char *allow, size_t allowlen) {
+                         const char **params, int *nparams, char *buf, size_t buflen, char *allow,
+                         size_t allowlen) {
     int path_seen = 0;
     allow[0] = 0;
     for (const route *r = mp_routes; r->method; r++) {

@@ -19,6 +19,6 @@ typedef enum { ROUTE_FOUND, ROUTE_NO_PATH, ROUTE_NO_METHOD } route_match;
  * (NUL-separated) and pointed to by params. allow receives the methods the
  * path supports when the method does not match. */
 route_match router_match(const char *method, const char *path, const route **out,
-                         const char **params, int *nparams, char *buf, size_t buflen,
-                         char *allow, size_t allowlen);
+                         const char **params, int *nparams, char *buf, size_t buflen, char *allow,
+                         size_t allowlen);
 #endif

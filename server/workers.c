@@ -71,8 +71,7 @@ bool task_draining(mp_task *t) {
 
 static json_t *progress_json(mp_task *t) {
     return json_pack("{s:I,s:I,s:s,s:f,s:s}", "done", (json_int_t)t->done, "total",
-                     (json_int_t)t->total, "unit", t->unit, "rate", t->rate, "message",
-                     t->message);
+                     (json_int_t)t->total, "unit", t->unit, "rate", t->rate, "message", t->message);
 }
 
 void task_progress(mp_task *t, uint64_t done, uint64_t total, const char *unit,
@@ -113,8 +112,8 @@ void task_log(mp_task *t, const char *level, const char *fmt, ...) {
     va_end(ap);
     time_rfc3339_now(now, sizeof now);
     mp_log(&t->srv->log, level, t->info.id, "%s", msg);
-    json_t *ev = json_pack("{s:s,s:s,s:s,s:s}", "id", t->info.id, "level", level, "message", msg,
-                           "at", now);
+    json_t *ev =
+        json_pack("{s:s,s:s,s:s,s:s}", "id", t->info.id, "level", level, "message", msg, "at", now);
     if (ev) jobs_publish(t->srv, t->info.id, "log", ev, true);
     json_decref(ev);
 }
@@ -187,8 +186,8 @@ static void finish(mp_task *t, const char *now) {
             state = "failed";
         }
         if (!requeue)
-            json_object_set_new(doc, "error", json_pack("{s:s,s:s}", "code", t->err_code,
-                                                        "message", t->err_msg));
+            json_object_set_new(doc, "error",
+                                json_pack("{s:s,s:s}", "code", t->err_code, "message", t->err_msg));
     }
     json_object_set_new(doc, "state", json_string(state));
     if (requeue) {
@@ -248,8 +247,8 @@ static void run_one(worker_pool *p, int slot, json_t *doc, json_t *checkpoint) {
         if (mref_is_repo_id(t->info.model)) {
             t->info.is_hub_model = true;
             if (!(t->type->flags & MP_JOB_HUB_ONLY))
-                model_path = mref_snapshot_dir(srv->cfg.hub_cache, t->info.model,
-                                               t->info.revision, NULL);
+                model_path =
+                    mref_snapshot_dir(srv->cfg.hub_cache, t->info.model, t->info.revision, NULL);
         } else {
             mref_confine(t->info.model, strlen(t->info.model),
                          (const char *const *)srv->cfg.model_roots, &model_path, &err);
@@ -381,7 +380,8 @@ void workers_stop(worker_pool *p) {
     p->stopping = true;
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
-    for (int i = 0; i < p->n; i++) pthread_join(p->threads[i], NULL);
+    for (int i = 0; i < p->n; i++)
+        pthread_join(p->threads[i], NULL);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
     free(p->threads);

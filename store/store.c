@@ -66,7 +66,7 @@ static const char *const SQL[Q_COUNT] = {
     [Q_RES_PUT] = "INSERT OR REPLACE INTO residents(id,model,revision,state,doc,created_at)"
                   " VALUES(?1,?2,?3,?4,?5,strftime('%Y-%m-%dT%H:%M:%fZ','now'))",
     [Q_RES_STATE] = "UPDATE residents SET state=?2 WHERE id=?1",
-    [Q_RES_ALL_GONE] = "UPDATE residents SET state='gone' WHERE state<>'gone'",
+    [Q_RES_ALL_GONE] = "UPDATE residents SET state='gone' WHERE state='resident'",
     [Q_RES_LIST] = "SELECT doc, state FROM residents ORDER BY created_at DESC, id",
     [Q_RES_GET] = "SELECT doc, state FROM residents WHERE id=?1",
     [Q_BEGIN] = "BEGIN IMMEDIATE",
@@ -122,8 +122,9 @@ static int conn_open(const char *path, sqlite3 **out, mp_error *err) {
     /* WAL lets the HTTP threads read while a worker writes; NORMAL sync is
      * durable across process crashes, which is what job recovery needs. */
     sqlite3_busy_timeout(db, 5000);
-    if (db_exec(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
-                    " PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;",
+    if (db_exec(db,
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+                " PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;",
                 err) != 0) {
         sqlite3_close(db);
         return -1;
@@ -165,7 +166,8 @@ fail:
 void store_close(store *s) {
     if (!s) return;
     for (int i = 0; i < s->nconns; i++) {
-        for (int q = 0; q < Q_COUNT; q++) sqlite3_finalize(s->conns[i].stmt[q]);
+        for (int q = 0; q < Q_COUNT; q++)
+            sqlite3_finalize(s->conns[i].stmt[q]);
         /* The last connection to close checkpoints the WAL into the main file. */
         sqlite3_close(s->conns[i].db);
     }
@@ -213,8 +215,8 @@ void store_release_write(store *s, store_conn *c) {
 
 sqlite3_stmt *store_stmt(store_conn *c, stmt_id id) {
     if (!c->stmt[id]) {
-        if (sqlite3_prepare_v3(c->db, SQL[id], -1, SQLITE_PREPARE_PERSISTENT, &c->stmt[id],
-                               NULL) != SQLITE_OK)
+        if (sqlite3_prepare_v3(c->db, SQL[id], -1, SQLITE_PREPARE_PERSISTENT, &c->stmt[id], NULL) !=
+            SQLITE_OK)
             return NULL;
     }
     sqlite3_reset(c->stmt[id]);

@@ -31,10 +31,9 @@ bool store_ping(store *s);
 int64_t store_size_bytes(store *s);
 
 /* ---- jobs ---------------------------------------------------------------- */
-/* Inserts a queued job and its first "state" event. When idem_key is non-NULL and already known, nothing
- * is inserted and *existing_id receives the first job's id (caller frees);
- * when the key is known but request_hash differs, returns -1 with code
- * "idempotency_conflict". */
+/* Inserts a queued job and its first "state" event. When idem_key is non-NULL and already known,
+ * nothing is inserted and *existing_id receives the first job's id (caller frees); when the key is
+ * known but request_hash differs, returns -1 with code "idempotency_conflict". */
 int store_job_insert(store *s, const char *id, const char *type, const char *model,
                      const char *revision, json_t *doc, const char *idem_key,
                      const char *request_hash, char **existing_id, mp_error *err);
@@ -42,8 +41,8 @@ int store_job_insert(store *s, const char *id, const char *type, const char *mod
 json_t *store_job_get(store *s, const char *id);
 /* Writes doc (and the filter columns derived from it) and, when event is
  * non-NULL, appends it to the job's history in the same transaction. */
-int store_job_update(store *s, const char *id, json_t *doc, const char *event_kind,
-                     json_t *event, mp_error *err);
+int store_job_update(store *s, const char *id, json_t *doc, const char *event_kind, json_t *event,
+                     mp_error *err);
 /* Atomically moves the oldest queued job to running, stamping started_at
  * and recording the "running" state event.
  * Returns its doc (with state running), or NULL when none is queued. The
@@ -59,8 +58,8 @@ int store_job_list(store *s, const char *state, const char *type, const char *mo
 /* Start-up recovery: each job left "running" is handed to decide(), which
  * returns true to re-queue it (resumable) or false to fail it. */
 typedef bool (*store_resume_fn)(void *arg, const char *type);
-int store_job_recover(store *s, const char *now, store_resume_fn decide, void *arg,
-                      int *requeued, int *failed);
+int store_job_recover(store *s, const char *now, store_resume_fn decide, void *arg, int *requeued,
+                      int *failed);
 /* Counts by (type, state) for metrics: calls fn for each group. */
 typedef void (*store_count_fn)(void *arg, const char *type, const char *state, int64_t n);
 int store_job_counts(store *s, store_count_fn fn, void *arg);

@@ -99,9 +99,14 @@ int store_job_insert(store *s, const char *id, const char *type, const char *mod
                      const char *revision, json_t *doc, const char *idem_key,
                      const char *request_hash, char **existing_id, mp_error *err) {
     const char *created = json_string_value(json_object_get(doc, "created_at"));
-    insert_req req = {.id = id, .type = type, .model = model, .revision = revision,
-                      .created = created ? created : "", .idem_key = idem_key,
-                      .hash = request_hash, .text = doc_text(doc)};
+    insert_req req = {.id = id,
+                      .type = type,
+                      .model = model,
+                      .revision = revision,
+                      .created = created ? created : "",
+                      .idem_key = idem_key,
+                      .hash = request_hash,
+                      .text = doc_text(doc)};
     if (!req.text) return mp_err(err, "no_memory", "cannot serialize job");
     pthread_mutex_lock(&s->gmu);
     *s->gtail = &req;
@@ -119,7 +124,8 @@ int store_job_insert(store *s, const char *id, const char *type, const char *mod
 
         store_conn *c = store_acquire_write(s);
         tx(c, Q_BEGIN);
-        for (insert_req *r = batch; r; r = r->next) insert_one(c, r);
+        for (insert_req *r = batch; r; r = r->next)
+            insert_one(c, r);
         sqlite3_stmt *st = store_stmt(c, Q_COMMIT);
         bool committed = st && sqlite3_step(st) == SQLITE_DONE;
         if (!committed) tx(c, Q_ROLLBACK);
@@ -129,7 +135,8 @@ int store_job_insert(store *s, const char *id, const char *type, const char *mod
         store_release_write(s, c);
 
         pthread_mutex_lock(&s->gmu);
-        for (insert_req *r = batch; r; r = r->next) r->done = true;
+        for (insert_req *r = batch; r; r = r->next)
+            r->done = true;
         s->gleader = false;
         pthread_cond_broadcast(&s->gcv);
     }
@@ -156,8 +163,8 @@ json_t *store_job_get(store *s, const char *id) {
     return doc;
 }
 
-int store_job_update(store *s, const char *id, json_t *doc, const char *event_kind,
-                     json_t *event, mp_error *err) {
+int store_job_update(store *s, const char *id, json_t *doc, const char *event_kind, json_t *event,
+                     mp_error *err) {
     char *text = doc_text(doc);
     char *ev = event ? doc_text(event) : NULL;
     if (!text || (event && !ev)) {
@@ -254,8 +261,9 @@ int store_job_cancel_if_queued(store *s, const char *id, const char *now, json_t
     if (doc) {
         json_object_set_new(doc, "state", json_string("cancelled"));
         json_object_set_new(doc, "finished_at", json_string(now));
-        json_object_set_new(doc, "error", json_pack("{s:s,s:s}", "code", "cancelled", "message",
-                                                    "cancelled before it started"));
+        json_object_set_new(
+            doc, "error",
+            json_pack("{s:s,s:s}", "code", "cancelled", "message", "cancelled before it started"));
         char *text = doc_text(doc);
         sqlite3_stmt *up = store_stmt(c, Q_JOB_UPDATE);
         if (text && up) {
@@ -348,8 +356,8 @@ int store_job_list(store *s, const char *state, const char *type, const char *mo
     return 0;
 }
 
-int store_job_recover(store *s, const char *now, store_resume_fn decide, void *arg,
-                      int *requeued, int *failed) {
+int store_job_recover(store *s, const char *now, store_resume_fn decide, void *arg, int *requeued,
+                      int *failed) {
     *requeued = *failed = 0;
     store_conn *c = store_acquire_write(s);
     tx(c, Q_BEGIN);
@@ -358,8 +366,8 @@ int store_job_recover(store *s, const char *now, store_resume_fn decide, void *a
     while (st && sqlite3_step(st) == SQLITE_ROW) {
         json_t *doc = json_loads(TEXT(st, 2), 0, NULL);
         if (!doc) continue;
-        json_array_append_new(todo, json_pack("{s:s,s:s,s:o}", "id", TEXT(st, 0), "type",
-                                              TEXT(st, 1), "doc", doc));
+        json_array_append_new(
+            todo, json_pack("{s:s,s:s,s:o}", "id", TEXT(st, 0), "type", TEXT(st, 1), "doc", doc));
     }
     if (st) sqlite3_reset(st);
     size_t i;

@@ -120,8 +120,7 @@ void fs_hex(const unsigned char *bytes, size_t n, char *out) {
     out[2 * n] = 0;
 }
 
-int fs_sha256_file(const char *path, char *hex, fs_progress_fn progress, void *arg,
-                   mp_error *err) {
+int fs_sha256_file(const char *path, char *hex, fs_progress_fn progress, void *arg, mp_error *err) {
     enum { CHUNK = 1 << 20 };
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return mp_err(err, "io_error", "open %s: %s", path, strerror(errno));

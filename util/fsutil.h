@@ -18,7 +18,6 @@ int fs_read_all(const char *path, size_t max, char **out, size_t *len, mp_error 
  * progress (may be NULL) is called with bytes hashed so far; returning
  * non-zero from it stops the hash with "cancelled". */
 typedef int (*fs_progress_fn)(void *arg, uint64_t bytes);
-int fs_sha256_file(const char *path, char *hex, fs_progress_fn progress, void *arg,
-                   mp_error *err);
+int fs_sha256_file(const char *path, char *hex, fs_progress_fn progress, void *arg, mp_error *err);
 void fs_hex(const unsigned char *bytes, size_t n, char *out);
 #endif

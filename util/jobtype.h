@@ -17,9 +17,9 @@
 #include "util/task.h"
 
 typedef enum mp_param_kind {
-    MP_P_STRING,       /* json string; enum_values restricts it when set */
-    MP_P_INT,          /* json integer within [min, max] */
-    MP_P_NUMBER,       /* json real or integer */
+    MP_P_STRING, /* json string; enum_values restricts it when set */
+    MP_P_INT,    /* json integer within [min, max] */
+    MP_P_NUMBER, /* json real or integer */
     MP_P_BOOL,
     MP_P_STRING_ARRAY, /* array of strings */
     MP_P_INT_ARRAY,    /* array of integers within [min, max] */

@@ -24,10 +24,10 @@ struct event_hub;
 /* Everything a run function may need to know about where it runs. Owned by
  * the pool; valid for the duration of the run call. */
 typedef struct mp_task_env {
-    const char *data_dir;     /* --data-dir, absolute */
-    const char *hub_cache;    /* HF_HUB_CACHE / HF_HOME/hub / data_dir/hub */
-    const char *hub_endpoint; /* --hub-endpoint / HF_ENDPOINT / default */
-    const char *hf_token;     /* HF_TOKEN or NULL */
+    const char *data_dir;           /* --data-dir, absolute */
+    const char *hub_cache;          /* HF_HUB_CACHE / HF_HOME/hub / data_dir/hub */
+    const char *hub_endpoint;       /* --hub-endpoint / HF_ENDPOINT / default */
+    const char *hf_token;           /* HF_TOKEN or NULL */
     const char *const *model_roots; /* NULL-terminated, each realpath'd */
     struct store *store;
     struct gpu_set *gpus;
@@ -45,8 +45,8 @@ typedef struct mp_task_info {
      * under a model root. For a hub model it is the cached snapshot dir. */
     const char *model_path;
     bool is_hub_model;
-    json_t *params;       /* validated request params (borrowed) */
-    json_t *checkpoint;   /* state saved by an earlier, interrupted run, or NULL */
+    json_t *params;     /* validated request params (borrowed) */
+    json_t *checkpoint; /* state saved by an earlier, interrupted run, or NULL */
     const mp_task_env *env;
 } mp_task_info;
 

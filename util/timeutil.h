@@ -6,6 +6,6 @@
 #include <stdint.h>
 /* "2026-11-29T01:52:00.123Z" into buf (>= 32 bytes). */
 void time_rfc3339_now(char *buf, size_t len);
-double time_mono(void);         /* seconds, monotonic */
-uint64_t time_wall_ms(void);    /* ms since epoch */
+double time_mono(void);      /* seconds, monotonic */
+uint64_t time_wall_ms(void); /* ms since epoch */
 #endif

@@ -43,8 +43,8 @@ int main(int argc, char **argv) {
             buf = realloc(buf, cap);
         }
         struct iovec iov = {buf + len, cap - len - 1};
-        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctrl,
-                             .msg_controllen = sizeof ctrl};
+        struct msghdr msg = {
+            .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctrl, .msg_controllen = sizeof ctrl};
         ssize_t n = recvmsg(s, &msg, 0);
         if (n <= 0) break;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
@@ -94,12 +94,14 @@ int main(int argc, char **argv) {
         unsigned int mdlen = 0;
         EVP_Digest((char *)maps[dev] + off, n, md, &mdlen, EVP_sha256(), NULL);
         printf("%s ", json_string_value(json_object_get(t, "name")));
-        for (int k = 0; k < 32; k++) printf("%02x", md[k]);
+        for (int k = 0; k < 32; k++)
+            printf("%02x", md[k]);
         printf("\n");
     }
     for (int d = 0; d < MAX_FDS; d++)
         if (maps[d]) munmap(maps[d], sizes[d]);
-    for (int k = 0; k < nfds; k++) close(fds[k]);
+    for (int k = 0; k < nfds; k++)
+        close(fds[k]);
     json_decref(desc);
     free(buf);
     close(s);

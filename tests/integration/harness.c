@@ -55,7 +55,8 @@ int th_start_env(mp_proc *p, const char *data_dir, const char *const *args,
     argv[n++] = "127.0.0.1:0";
     argv[n++] = "--data-dir";
     argv[n++] = p->data_dir;
-    for (int i = 0; args && args[i] && n < 62; i++) argv[n++] = args[i];
+    for (int i = 0; args && args[i] && n < 62; i++)
+        argv[n++] = args[i];
     argv[n] = NULL;
     pid_t pid = fork();
     if (pid < 0) return -1;
@@ -65,7 +66,8 @@ int th_start_env(mp_proc *p, const char *data_dir, const char *const *args,
         if (logfd >= 0) dup2(logfd, 2);
         close(out[0]);
         close(out[1]);
-        for (int i = 0; env && env[i]; i++) putenv((char *)env[i]);
+        for (int i = 0; env && env[i]; i++)
+            putenv((char *)env[i]);
         unsetenv("HF_HUB_CACHE");
         unsetenv("HF_HOME");
         execv(argv[0], (char *const *)argv);
@@ -125,7 +127,8 @@ int th_run_expect_exit(const char *const *args, const char *const *env) {
     const char *argv[64];
     int n = 0;
     argv[n++] = server_bin();
-    for (int i = 0; args && args[i] && n < 62; i++) argv[n++] = args[i];
+    for (int i = 0; args && args[i] && n < 62; i++)
+        argv[n++] = args[i];
     argv[n] = NULL;
     pid_t pid = fork();
     if (pid < 0) return -1;
@@ -135,7 +138,8 @@ int th_run_expect_exit(const char *const *args, const char *const *env) {
             dup2(devnull, 1);
             dup2(devnull, 2);
         }
-        for (int i = 0; env && env[i]; i++) putenv((char *)env[i]);
+        for (int i = 0; env && env[i]; i++)
+            putenv((char *)env[i]);
         execv(argv[0], (char *const *)argv);
         _exit(127);
     }
@@ -161,8 +165,10 @@ static void header_value(const char *line, size_t n, const char *name, char *out
     if (n <= nl || strncasecmp(line, name, nl) != 0) return;
     const char *v = line + nl;
     size_t vl = n - nl;
-    while (vl && (*v == ' ')) v++, vl--;
-    while (vl && (v[vl - 1] == '\r' || v[vl - 1] == '\n')) vl--;
+    while (vl && (*v == ' '))
+        v++, vl--;
+    while (vl && (v[vl - 1] == '\r' || v[vl - 1] == '\n'))
+        vl--;
     if (vl >= outlen) vl = outlen - 1;
     memcpy(out, v, vl);
     out[vl] = 0;
@@ -191,7 +197,8 @@ int th_http(mp_proc *p, const char *method, const char *path, const char *body, 
         hl = curl_slist_append(hl, auth);
     }
     if (body) hl = curl_slist_append(hl, "Content-Type: application/json");
-    for (int i = 0; headers && headers[i]; i++) hl = curl_slist_append(hl, headers[i]);
+    for (int i = 0; headers && headers[i]; i++)
+        hl = curl_slist_append(hl, headers[i]);
     hl = curl_slist_append(hl, "Expect:");
     curl_easy_setopt(c, CURLOPT_URL, url);
     curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
@@ -228,8 +235,10 @@ char *th_submit(mp_proc *p, const char *json_body) {
     http_result r;
     if (th_http(p, "POST", "/v1/jobs", json_body, strlen(json_body), NULL, &r) != 0) return NULL;
     char *id = NULL;
-    if (r.status == 202 && r.json) id = strdup(json_string_value(json_object_get(r.json, "id")));
-    else fprintf(stderr, "submit -> %ld %s\n", r.status, r.body ? r.body : "");
+    if (r.status == 202 && r.json)
+        id = strdup(json_string_value(json_object_get(r.json, "id")));
+    else
+        fprintf(stderr, "submit -> %ld %s\n", r.status, r.body ? r.body : "");
     th_result_free(&r);
     return id;
 }
@@ -248,8 +257,8 @@ json_t *th_wait_state(mp_proc *p, const char *id, const char *state, double time
         http_result r;
         if (th_http(p, "GET", path, NULL, 0, NULL, &r) != 0) return NULL;
         const char *st = json_string_value(json_object_get(r.json, "state"));
-        bool terminal = st && (!strcmp(st, "succeeded") || !strcmp(st, "failed") ||
-                               !strcmp(st, "cancelled"));
+        bool terminal =
+            st && (!strcmp(st, "succeeded") || !strcmp(st, "failed") || !strcmp(st, "cancelled"));
         if (st && (state ? strcmp(st, state) == 0 : terminal)) {
             json_t *doc = json_incref(r.json);
             th_result_free(&r);

@@ -9,17 +9,17 @@
 
 typedef struct mp_proc {
     pid_t pid;
-    char base[128];     /* http://127.0.0.1:PORT */
+    char base[128]; /* http://127.0.0.1:PORT */
     char data_dir[512];
     char log_path[600];
-    char token[128];    /* sent as bearer when non-empty */
+    char token[128]; /* sent as bearer when non-empty */
 } mp_proc;
 
 typedef struct http_result {
     long status;
     char *body;
     size_t len;
-    json_t *json;       /* parsed body, or NULL */
+    json_t *json; /* parsed body, or NULL */
     char content_type[128];
     char location[256];
     char allow[128];
@@ -32,8 +32,7 @@ void th_rmdir(const char *dir);
  * the given extra args (NULL-terminated). Returns 0 when it printed its
  * listening line. */
 int th_start(mp_proc *p, const char *data_dir, const char *const *args);
-int th_start_env(mp_proc *p, const char *data_dir, const char *const *args,
-                 const char *const *env);
+int th_start_env(mp_proc *p, const char *data_dir, const char *const *args, const char *const *env);
 /* SIGTERM and wait; returns the exit status (0 clean). */
 int th_stop(mp_proc *p);
 void th_kill9(mp_proc *p);

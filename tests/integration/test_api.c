@@ -21,8 +21,8 @@
 #include "tests/integration/harness.h"
 
 typedef struct fixture {
-    char *root;      /* model root */
-    char *model;     /* root/tiny: a small model dir */
+    char *root;  /* model root */
+    char *model; /* root/tiny: a small model dir */
     mp_proc p;
     char root_arg[600];
 } fixture;
@@ -263,8 +263,10 @@ static void test_list_filters_and_paging(void **state) {
     fixture *f = *state;
     char *body = verify_body(f);
     char *ids[5];
-    for (int i = 0; i < 5; i++) ids[i] = th_submit(&f->p, body);
-    for (int i = 0; i < 5; i++) json_decref(th_wait_job(&f->p, ids[i], 30));
+    for (int i = 0; i < 5; i++)
+        ids[i] = th_submit(&f->p, body);
+    for (int i = 0; i < 5; i++)
+        json_decref(th_wait_job(&f->p, ids[i], 30));
     http_result r;
     get_ok(&f->p, "/v1/jobs?limit=2&type=verify", 200, &r);
     json_t *jobs = json_object_get(r.json, "jobs");
@@ -305,7 +307,8 @@ static void test_list_filters_and_paging(void **state) {
     th_result_free(&r);
     get_ok(&f->p, "/v1/jobs?cursor=xyz", 400, &r);
     th_result_free(&r);
-    for (int k = 0; k < 5; k++) free(ids[k]);
+    for (int k = 0; k < 5; k++)
+        free(ids[k]);
     free(body);
 }
 
@@ -372,8 +375,8 @@ static void test_cancel_running_and_queued(void **state) {
         th_result_free(&r);
         json_t *j = th_wait_job(&f->p, ids[i], 30);
         assert_string_equal(json_string_value(json_object_get(j, "state")), "cancelled");
-        assert_string_equal(
-            json_string_value(json_object_get(json_object_get(j, "error"), "code")), "cancelled");
+        assert_string_equal(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
+                            "cancelled");
         json_decref(j);
         /* cancelling an ended job is a conflict */
         assert_int_equal(th_http(&f->p, "DELETE", path, NULL, 0, NULL, &r), 0);

@@ -43,15 +43,15 @@ static void test_router_match(void **state) {
     assert_string_equal(r->pattern, "/v1/jobs/{id}/events");
     assert_int_equal(np, 1);
     assert_string_equal(params[0], "j_1");
-    assert_int_equal(router_match("GET", "/v1/jobs/", &r, params, &np, buf, sizeof buf, allow,
-                                  sizeof allow),
-                     ROUTE_NO_PATH);
+    assert_int_equal(
+        router_match("GET", "/v1/jobs/", &r, params, &np, buf, sizeof buf, allow, sizeof allow),
+        ROUTE_NO_PATH);
     assert_int_equal(router_match("GET", "/v1/jobs/a/b/c", &r, params, &np, buf, sizeof buf, allow,
                                   sizeof allow),
                      ROUTE_NO_PATH);
-    assert_int_equal(router_match("PATCH", "/v1/jobs", &r, params, &np, buf, sizeof buf, allow,
-                                  sizeof allow),
-                     ROUTE_NO_METHOD);
+    assert_int_equal(
+        router_match("PATCH", "/v1/jobs", &r, params, &np, buf, sizeof buf, allow, sizeof allow),
+        ROUTE_NO_METHOD);
     assert_non_null(strstr(allow, "POST"));
     assert_non_null(strstr(allow, "GET"));
     assert_int_equal(router_match("GET", "", &r, params, &np, buf, sizeof buf, allow, sizeof allow),
@@ -74,7 +74,8 @@ static void test_openapi_matches_routes(void **state) {
     for (const route *r = mp_routes; r->method; r++) {
         char method[16];
         size_t i = 0;
-        for (; r->method[i] && i < sizeof method - 1; i++) method[i] = (char)(r->method[i] | 0x20);
+        for (; r->method[i] && i < sizeof method - 1; i++)
+            method[i] = (char)(r->method[i] | 0x20);
         method[i] = 0;
         json_t *item = json_object_get(paths, r->pattern);
         if (!item || !json_object_get(item, method))
@@ -92,7 +93,8 @@ static void test_openapi_matches_routes(void **state) {
             documented++;
             bool found = false;
             for (const route *r = mp_routes; r->method; r++)
-                if (strcasecmp(r->method, method) == 0 && strcmp(r->pattern, path) == 0) found = true;
+                if (strcasecmp(r->method, method) == 0 && strcmp(r->pattern, path) == 0)
+                    found = true;
             if (!found) fail_msg("openapi.yaml documents %s %s, which is not routed", method, path);
         }
     }
@@ -104,12 +106,9 @@ static void test_openapi_matches_routes(void **state) {
 
 static const char *const FORMATS[] = {"auto", "pt", NULL};
 static const mp_param_spec SPEC[] = {
-    {"load_format", MP_P_STRING, FORMATS, 0, 0},
-    {"tp_size", MP_P_INT, NULL, 1, 8},
-    {"tp_sizes", MP_P_INT_ARRAY, NULL, 1, 64},
-    {"keep", MP_P_BOOL, NULL, 0, 0},
-    {"patterns", MP_P_STRING_ARRAY, NULL, 0, 0},
-    {NULL, 0, NULL, 0, 0},
+    {"load_format", MP_P_STRING, FORMATS, 0, 0}, {"tp_size", MP_P_INT, NULL, 1, 8},
+    {"tp_sizes", MP_P_INT_ARRAY, NULL, 1, 64},   {"keep", MP_P_BOOL, NULL, 0, 0},
+    {"patterns", MP_P_STRING_ARRAY, NULL, 0, 0}, {NULL, 0, NULL, 0, 0},
 };
 
 static void expect_param_error(const char *json, const char *field) {
@@ -249,26 +248,22 @@ static void test_store_jobs(void **state) {
         char id[16];
         snprintf(id, sizeof id, "j_%d", i);
         json_t *d = job_doc(id);
-        assert_int_equal(store_job_insert(s, id, "verify", "o/m", "main", d, NULL, "", &existing,
-                                          &err),
-                         0);
+        assert_int_equal(
+            store_job_insert(s, id, "verify", "o/m", "main", d, NULL, "", &existing, &err), 0);
         json_decref(d);
     }
     /* idempotency: same key, same hash → the first id; other hash → conflict */
     json_t *d = job_doc("j_k1");
-    assert_int_equal(store_job_insert(s, "j_k1", "verify", "o/m", "main", d, "k", "h1", &existing,
-                                      &err),
-                     0);
+    assert_int_equal(
+        store_job_insert(s, "j_k1", "verify", "o/m", "main", d, "k", "h1", &existing, &err), 0);
     assert_null(existing);
-    assert_int_equal(store_job_insert(s, "j_k2", "verify", "o/m", "main", d, "k", "h1", &existing,
-                                      &err),
-                     0);
+    assert_int_equal(
+        store_job_insert(s, "j_k2", "verify", "o/m", "main", d, "k", "h1", &existing, &err), 0);
     assert_string_equal(existing, "j_k1");
     free(existing);
     existing = NULL;
-    assert_int_equal(store_job_insert(s, "j_k3", "verify", "o/m", "main", d, "k", "h2", &existing,
-                                      &err),
-                     -1);
+    assert_int_equal(
+        store_job_insert(s, "j_k3", "verify", "o/m", "main", d, "k", "h2", &existing, &err), -1);
     assert_string_equal(err.code, "idempotency_conflict");
     json_decref(d);
     assert_null(store_job_get(s, "j_k2"));
@@ -322,8 +317,8 @@ static void test_store_jobs(void **state) {
     assert_int_equal(fl, 1);
     g = store_job_get(s, "j_0");
     assert_string_equal(json_string_value(json_object_get(g, "state")), "failed");
-    assert_string_equal(
-        json_string_value(json_object_get(json_object_get(g, "error"), "code")), "interrupted");
+    assert_string_equal(json_string_value(json_object_get(json_object_get(g, "error"), "code")),
+                        "interrupted");
     json_decref(g);
     /* a checkpoint comes back with the claim */
     json_t *c1 = store_job_claim(s, "t", &cp);
@@ -361,12 +356,9 @@ static void test_store_jobs(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_router_match),
-        cmocka_unit_test(test_openapi_matches_routes),
-        cmocka_unit_test(test_params),
-        cmocka_unit_test(test_model_ref),
-        cmocka_unit_test(test_sbuf_json_escape),
-        cmocka_unit_test(test_store_jobs),
+        cmocka_unit_test(test_router_match),     cmocka_unit_test(test_openapi_matches_routes),
+        cmocka_unit_test(test_params),           cmocka_unit_test(test_model_ref),
+        cmocka_unit_test(test_sbuf_json_escape), cmocka_unit_test(test_store_jobs),
     };
     return cmocka_run_group_tests_name("core", tests, NULL, NULL);
 }
