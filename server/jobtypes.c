@@ -5,12 +5,14 @@
 #include "server/jobs.h"
 
 extern const mp_job_type mp_job_verify;
+extern const mp_job_type mp_job_download;
 extern const mp_job_type mp_job_convert;
 extern const mp_job_type mp_job_inspect;
 extern const mp_job_type mp_job_warm_load;
 extern const mp_job_type mp_job_shard;
 
 static const mp_job_type *const TYPES[] = {
+    &mp_job_download,
     &mp_job_verify, &mp_job_convert, &mp_job_inspect, &mp_job_warm_load, &mp_job_shard, NULL,
 };
 

@@ -3,6 +3,7 @@
  * by a dead process, open the devices, start workers and HTTP, then wait for
  * SIGTERM/SIGINT and drain in the reverse order.
  */
+#include <curl/curl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -71,6 +72,12 @@ int main(int argc, char **argv) {
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    /* libcurl's global state must be set up once, before worker threads. */
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
+        fprintf(stderr, "modelprepd: cannot initialise libcurl\n");
+        config_free(&srv.cfg);
+        return 1;
+    }
     int exit_code = 1;
     export_server *exporter = NULL;
     char db_path[4200];
@@ -147,5 +154,6 @@ out:
     store_close(srv.store);
     mp_log(&srv.log, "info", NULL, "stopped");
     config_free(&srv.cfg);
+    curl_global_cleanup();
     return exit_code;
 }

@@ -1,0 +1,331 @@
+/*
+ * test_load.c - the warm_load planner and pipeline on host devices: format
+ * picking, arena offsets, a staging ring far smaller than the model (the
+ * ring wraps many times), casts, tensor-parallel slices by the shard rules,
+ * out-of-memory and cancel leaving nothing allocated, encrypted files
+ * refusing to load without a key.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "loader/half.h"
+#include "loader/load.h"
+#include "loader/safetensors.h"
+
+static char dir[64];
+
+static int setup(void **state) {
+    (void)state;
+    snprintf(dir, sizeof dir, "/tmp/test_load.XXXXXX");
+    return mkdtemp(dir) ? 0 : -1;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+/* Byte k of tensor i: a pattern every check can recompute. */
+static unsigned char pat(size_t i, uint64_t k) {
+    return (unsigned char)((k * 131 + i * 17 + (k >> 9)) & 0xff);
+}
+
+/* Writes <dir>/<sub>/model.safetensors with these tensors (pattern bytes)
+ * and, when config is given, config.json. */
+static void write_model(const char *sub, const st_wtensor *ts, size_t n, const char *config) {
+    char d[256], p[300];
+    snprintf(d, sizeof d, "%s/%s", dir, sub);
+    mkdir(d, 0755);
+    snprintf(p, sizeof p, "%s/model.safetensors", d);
+    st_writer *w = NULL;
+    mp_error err = {0};
+    assert_int_equal(st_writer_open(p, ts, n, NULL, &w, &err), 0);
+    for (size_t k = 0; k < n; k++) {
+        size_t i = st_writer_order(w, k);
+        uint64_t b = 0;
+        assert_true(mp_tensor_bytes(ts[i].dtype, ts[i].shape, ts[i].ndim, &b));
+        unsigned char *buf = malloc(b ? b : 1);
+        for (uint64_t j = 0; j < b; j++) buf[j] = pat(i, j);
+        assert_int_equal(st_writer_write(w, buf, b, &err), 0);
+        free(buf);
+    }
+    assert_int_equal(st_writer_finish(w, &err), 0);
+    if (config) {
+        snprintf(p, sizeof p, "%s/config.json", d);
+        FILE *f = fopen(p, "w");
+        fputs(config, f);
+        fclose(f);
+    }
+}
+
+static const char *model_dir(const char *sub) {
+    static char d[256];
+    snprintf(d, sizeof d, "%s/%s", dir, sub);
+    return d;
+}
+
+static const load_item *find(const load_plan *p, const char *name, int rank) {
+    for (size_t i = 0; i < p->nitems; i++)
+        if (!strcmp(p->items[i].src->name, name) && p->items[i].rank == rank) return &p->items[i];
+    return NULL;
+}
+
+static void test_formats_and_offsets(void **state) {
+    (void)state;
+    assert_int_equal(load_format_from_name("auto"), LOAD_FMT_AUTO);
+    assert_int_equal(load_format_from_name("sharded_state"), LOAD_FMT_SHARDED_STATE);
+    assert_int_equal(load_format_from_name("dummy"), LOAD_FMT_DUMMY);
+    assert_int_equal(load_format_from_name("jax"), -1);
+    st_wtensor ts[3] = {{"a", MP_DT_F32, 2, {3, 5}}, {"b", MP_DT_BF16, 1, {7}},
+                        {"c", MP_DT_F16, 1, {100}}};
+    write_model("off", ts, 3, NULL);
+    load_source src;
+    mp_error err = {0};
+    assert_int_equal(load_source_open(model_dir("off"), LOAD_FMT_AUTO, 1, &src, &err), 0);
+    assert_int_equal(src.format, LOAD_FMT_SAFETENSORS);
+    assert_int_equal(src.nfiles, 1);
+    int devs[1] = {1};
+    load_plan_opts po = {.tp_size = 1, .devices = devs, .dtype = MP_DT_INVALID};
+    load_plan plan;
+    assert_int_equal(load_plan_build(&src, &po, &plan, &err), 0);
+    assert_int_equal(plan.nitems, 3);
+    assert_int_equal(plan.total_bytes, 60 + 14 + 200);
+    assert_int_equal(plan.arena_bytes[0], 0);
+    uint64_t end = 0;
+    for (size_t i = 0; i < plan.nitems; i++) {
+        const load_item *it = &plan.items[i];
+        assert_int_equal(it->device, 1);
+        assert_int_equal(it->offset % 256, 0);
+        assert_true(it->offset >= end);
+        end = it->offset + it->bytes;
+    }
+    assert_int_equal(plan.arena_bytes[1], end);
+    load_plan_free(&plan);
+    /* fp32 on request: only float tensors change */
+    po.dtype = MP_DT_F32;
+    assert_int_equal(load_plan_build(&src, &po, &plan, &err), 0);
+    assert_int_equal(find(&plan, "b", 0)->bytes, 28);
+    assert_int_equal(find(&plan, "c", 0)->out_dtype, MP_DT_F32);
+    load_plan_free(&plan);
+    /* tp 2 without config.json: no split rules */
+    int d2[2] = {0, 1};
+    load_plan_opts p2 = {.tp_size = 2, .devices = d2, .dtype = MP_DT_INVALID};
+    assert_int_equal(load_plan_build(&src, &p2, &plan, &err), -1);
+    assert_string_equal(err.field, "params.tp_size");
+    load_source_free(&src);
+    /* missing formats */
+    assert_int_equal(load_source_open(model_dir("off"), LOAD_FMT_PT, 1, &src, &err), -1);
+    assert_string_equal(err.code, "not_found");
+    assert_int_equal(load_source_open(model_dir("off"), LOAD_FMT_SHARDED_STATE, 1, &src, &err), -1);
+    assert_string_equal(err.code, "not_found");
+}
+
+/* Loads sub with these options onto set spec; returns 0/-1 like load_run. */
+typedef struct ctx {
+    int calls;
+    int cancel_after;
+} ctx;
+
+static bool cancel_cb(void *arg) {
+    ctx *c = arg;
+    return c->cancel_after >= 0 && ++c->calls > c->cancel_after;
+}
+
+static int run(gpu_set *g, const char *sub, int tp, mp_dtype dt, uint64_t staging, bool host_direct,
+               ctx *cx, load_source *src, load_plan *plan, gpu_arena **arenas, mp_error *err) {
+    if (load_source_open(model_dir(sub), LOAD_FMT_AUTO, tp, src, err) != 0) return -1;
+    int devs[4] = {0, 1, 2, 3};
+    load_plan_opts po = {.tp_size = tp, .devices = devs, .dtype = dt};
+    if (load_plan_build(src, &po, plan, err) != 0) {
+        load_source_free(src);
+        return -1;
+    }
+    load_run_opts ro = {.staging_bytes = staging, .readers = 3, .host_direct = host_direct,
+                        .cb = cx, .cancelled = cx ? cancel_cb : NULL};
+    load_stats st;
+    int rc = load_run(g, src, plan, &ro, arenas, &st, err);
+    if (rc == 0) {
+        assert_true(st.peak_host_bytes > 0);
+        assert_true(st.slots >= 2);
+    }
+    return rc;
+}
+
+static void done(load_source *src, load_plan *plan, gpu_arena **arenas) {
+    for (int d = 0; d < GPU_MAX_DEVICES; d++) gpu_arena_free(arenas[d]);
+    load_plan_free(plan);
+    load_source_free(src);
+}
+
+static void test_ring_wraps_and_bytes_match(void **state) {
+    (void)state;
+    /* 600 KB through 64 KiB of staging, and the direct-to-arena path. */
+    st_wtensor ts[2] = {{"big", MP_DT_F32, 2, {300, 500}}, {"small", MP_DT_I64, 1, {3}}};
+    write_model("ring", ts, 2, NULL);
+    gpu_set *g = NULL;
+    mp_error err = {0};
+    assert_int_equal(gpu_set_open("host:2", 0, &g, &err), 0);
+    for (int direct = 0; direct < 2; direct++) {
+        load_source src;
+        load_plan plan;
+        gpu_arena *arenas[GPU_MAX_DEVICES];
+        assert_int_equal(run(g, "ring", 1, MP_DT_INVALID, 65536, direct, NULL, &src, &plan, arenas, &err), 0);
+        assert_non_null(arenas[0]);
+        assert_null(arenas[1]);
+        for (size_t i = 0; i < plan.nitems; i++) {
+            const load_item *it = &plan.items[i];
+            size_t ti = strcmp(it->src->name, "big") == 0 ? 0 : 1;
+            unsigned char *buf = malloc(it->bytes);
+            assert_int_equal(gpu_read(arenas[0], it->offset, buf, it->bytes, &err), 0);
+            for (uint64_t k = 0; k < it->bytes; k++)
+                if (buf[k] != pat(ti, k)) fail_msg("%s byte %llu", it->src->name, (unsigned long long)k);
+            free(buf);
+        }
+        done(&src, &plan, arenas);
+    }
+    assert_int_equal(gpu_device_resident(g, 0), 0);
+    gpu_set_close(g);
+}
+
+static void test_cast_bf16_to_f32(void **state) {
+    (void)state;
+    st_wtensor ts[1] = {{"w", MP_DT_BF16, 2, {64, 300}}};
+    write_model("cast", ts, 1, NULL);
+    gpu_set *g = NULL;
+    mp_error err = {0};
+    assert_int_equal(gpu_set_open("host", 0, &g, &err), 0);
+    load_source src;
+    load_plan plan;
+    gpu_arena *arenas[GPU_MAX_DEVICES];
+    assert_int_equal(run(g, "cast", 1, MP_DT_F32, 65536, true, NULL, &src, &plan, arenas, &err), 0);
+    float *got = malloc(64 * 300 * 4);
+    assert_int_equal(gpu_read(arenas[0], 0, got, 64 * 300 * 4, &err), 0);
+    for (uint64_t e = 0; e < 64 * 300; e++) {
+        uint16_t h = (uint16_t)(pat(0, 2 * e) | pat(0, 2 * e + 1) << 8);
+        float want = half_bf16_to_f32(h);
+        if (memcmp(&want, &got[e], 4) != 0) fail_msg("element %llu", (unsigned long long)e);
+    }
+    free(got);
+    done(&src, &plan, arenas);
+    gpu_set_close(g);
+}
+
+#define CFG                                                                                   \
+    "{\"architectures\":[\"LlamaForCausalLM\"],\"model_type\":\"llama\",\"hidden_size\":4,"  \
+    "\"num_attention_heads\":2,\"num_key_value_heads\":2,\"head_dim\":2,"                     \
+    "\"intermediate_size\":8,\"num_hidden_layers\":1,\"vocab_size\":64}"
+
+static void test_tp_slices(void **state) {
+    (void)state;
+    st_wtensor ts[3] = {{"model.layers.0.self_attn.q_proj.weight", MP_DT_F32, 2, {4, 4}},
+                        {"model.layers.0.self_attn.o_proj.weight", MP_DT_F32, 2, {4, 4}},
+                        {"model.norm.weight", MP_DT_F32, 1, {4}}};
+    write_model("tp", ts, 3, CFG);
+    gpu_set *g = NULL;
+    mp_error err = {0};
+    assert_int_equal(gpu_set_open("host:2", 0, &g, &err), 0);
+    load_source src;
+    load_plan plan;
+    gpu_arena *arenas[GPU_MAX_DEVICES];
+    assert_int_equal(run(g, "tp", 2, MP_DT_INVALID, 0, false, NULL, &src, &plan, arenas, &err), 0);
+    assert_int_equal(plan.nitems, 6);
+    for (int r = 0; r < 2; r++) {
+        float q[8], o[8], n[4];
+        const load_item *iq = find(&plan, ts[0].name, r), *io = find(&plan, ts[1].name, r),
+                        *in = find(&plan, ts[2].name, r);
+        assert_int_equal(iq->device, r);
+        assert_int_equal(iq->shape[0], 2);
+        assert_int_equal(io->shape[1], 2);
+        assert_int_equal(gpu_read(arenas[r], iq->offset, q, 32, &err), 0);
+        assert_int_equal(gpu_read(arenas[r], io->offset, o, 32, &err), 0);
+        assert_int_equal(gpu_read(arenas[r], in->offset, n, 16, &err), 0);
+        const unsigned char *qb = (void *)q, *ob = (void *)o, *nb = (void *)n;
+        /* which of ts[] each is: the writer kept input order indexes */
+        for (int k = 0; k < 32; k++) assert_int_equal(qb[k], pat(0, (uint64_t)(r * 32 + k)));
+        for (int row = 0; row < 4; row++)
+            for (int k = 0; k < 8; k++)
+                assert_int_equal(ob[row * 8 + k], pat(1, (uint64_t)(row * 16 + r * 8 + k)));
+        for (int k = 0; k < 16; k++) assert_int_equal(nb[k], pat(2, (uint64_t)k));
+    }
+    done(&src, &plan, arenas);
+    gpu_set_close(g);
+}
+
+static void test_oom_and_cancel_leave_nothing(void **state) {
+    (void)state;
+    st_wtensor ts[1] = {{"big", MP_DT_F32, 2, {300, 500}}};
+    write_model("oom", ts, 1, NULL);
+    gpu_set *g = NULL;
+    mp_error err = {0};
+    assert_int_equal(gpu_set_open("host:1@256K", 0, &g, &err), 0);
+    load_source src;
+    load_plan plan;
+    gpu_arena *arenas[GPU_MAX_DEVICES];
+    assert_int_equal(run(g, "oom", 1, MP_DT_INVALID, 0, true, NULL, &src, &plan, arenas, &err), -1);
+    assert_string_equal(err.code, "insufficient_device_memory");
+    for (int d = 0; d < GPU_MAX_DEVICES; d++) assert_null(arenas[d]);
+    assert_int_equal(gpu_device_resident(g, 0), 0);
+    load_plan_free(&plan);
+    load_source_free(&src);
+    gpu_set_close(g);
+
+    assert_int_equal(gpu_set_open("host", 0, &g, &err), 0);
+    ctx cx = {0, 0};
+    assert_int_equal(run(g, "oom", 1, MP_DT_BF16, 65536, false, &cx, &src, &plan, arenas, &err), -1);
+    assert_string_equal(err.code, "cancelled");
+    for (int d = 0; d < GPU_MAX_DEVICES; d++) assert_null(arenas[d]);
+    assert_int_equal(gpu_device_resident(g, 0), 0);
+    load_plan_free(&plan);
+    load_source_free(&src);
+    gpu_set_close(g);
+}
+
+static void test_encrypted_needs_key(void **state) {
+    (void)state;
+    st_wtensor ts[1] = {{"w", MP_DT_F32, 1, {1000}}};
+    write_model("enc", ts, 1, NULL);
+    char p[300];
+    snprintf(p, sizeof p, "%s/model.safetensors", model_dir("enc"));
+    unsigned char key[32] = {1, 2, 3};
+    mp_error err = {0};
+    assert_int_equal(stc_encrypt_file(p, p, key, 4096, &err), 0);
+    gpu_set *g = NULL;
+    assert_int_equal(gpu_set_open("host", 0, &g, &err), 0);
+    load_source src;
+    load_plan plan;
+    gpu_arena *arenas[GPU_MAX_DEVICES];
+    assert_int_equal(run(g, "enc", 1, MP_DT_INVALID, 0, true, NULL, &src, &plan, arenas, &err), -1);
+    assert_string_equal(err.code, "decryption_key_required");
+    assert_true(src.encrypted);
+    load_run_opts ro = {.key = key, .readers = 2};
+    load_stats st;
+    assert_int_equal(load_run(g, &src, &plan, &ro, arenas, &st, &err), 0);
+    unsigned char got[4000];
+    assert_int_equal(gpu_read(arenas[0], 0, got, 4000, &err), 0);
+    for (int k = 0; k < 4000; k++) assert_int_equal(got[k], pat(0, (uint64_t)k));
+    done(&src, &plan, arenas);
+    gpu_set_close(g);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_formats_and_offsets),
+        cmocka_unit_test(test_ring_wraps_and_bytes_match),
+        cmocka_unit_test(test_cast_bf16_to_f32),
+        cmocka_unit_test(test_tp_slices),
+        cmocka_unit_test(test_oom_and_cancel_leave_nothing),
+        cmocka_unit_test(test_encrypted_needs_key),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
