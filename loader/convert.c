@@ -31,10 +31,10 @@
 typedef struct citem {
     const mp_weights *w;
     const mp_tensor *t;
-    char *name;        /* output name, owned */
-    mp_dtype out;      /* output dtype */
+    char *name;   /* output name, owned */
+    mp_dtype out; /* output dtype */
     uint64_t out_bytes;
-    int64_t qk_heads;  /* GGUF attn_q/attn_k: rows to un-permute with this many heads */
+    int64_t qk_heads; /* GGUF attn_q/attn_k: rows to un-permute with this many heads */
     uint32_t shard;
 } citem;
 
@@ -235,8 +235,8 @@ static int64_t meta_int(const json_t *meta, const char *arch, const char *suffix
 }
 
 /* Output dtype and Q/K handling of one GGUF tensor. */
-static int plan_gguf(cctx *c, const mp_weights *w, const mp_tensor *t, const char *arch,
-                     citem *it, mp_error *err) {
+static int plan_gguf(cctx *c, const mp_weights *w, const mp_tensor *t, const char *arch, citem *it,
+                     mp_error *err) {
     int gt = gguf_tensor_type(t);
     mp_dtype want = c->o->dtype;
     if (t->dtype == MP_DT_GGML) {
@@ -319,8 +319,8 @@ static int plan(cctx *c, mp_error *err) {
             flat_name[flat] = t->name;
             if (dup_of[flat] != SIZE_MAX) {
                 c->ndedup++;
-                json_array_append_new(c->dedup, json_pack("{s:s,s:s}", "name", t->name,
-                                                          "same_as", flat_name[dup_of[flat]]));
+                json_array_append_new(c->dedup, json_pack("{s:s,s:s}", "name", t->name, "same_as",
+                                                          flat_name[dup_of[flat]]));
                 continue;
             }
             citem *it = &c->items[c->nitems];
@@ -344,7 +344,7 @@ static int plan(cctx *c, mp_error *err) {
             } else {
                 if (!(it->name = strdup(t->name))) rc = mp_err(err, "no_memory", "out of memory");
                 it->out = (c->o->dtype != MP_DT_INVALID && conv_castable(t->dtype)) ? c->o->dtype
-                                                                                  : t->dtype;
+                                                                                    : t->dtype;
             }
             if (rc == 0 && !mp_tensor_bytes(it->out, t->shape, t->ndim, &it->out_bytes))
                 rc = mp_err(err, "bad_header", "tensor '%s': size overflows", t->name);
@@ -384,7 +384,8 @@ static int plan(cctx *c, mp_error *err) {
         c->items[i].shard = shard_of[i];
     free(bytes);
     free(shard_of);
-    if (c->nshards > 99999) return mp_err(err, "too_large", "over 99999 shards: raise max_shard_bytes");
+    if (c->nshards > 99999)
+        return mp_err(err, "too_large", "over 99999 shards: raise max_shard_bytes");
     c->total = 2 * sum; /* written once, read back once */
     return 0;
 }
@@ -411,8 +412,9 @@ static int produce_whole(cctx *c, const citem *it, sink_fn sink, void *arg, mp_e
                (it->out == MP_DT_F32 || it->out == MP_DT_F16 || it->out == MP_DT_BF16) &&
                (t->dtype == MP_DT_GGML || conv_castable(t->dtype));
     char *out = malloc(it->out_bytes ? it->out_bytes : 1);
-    if (!out) return mp_err(err, "no_memory", "tensor '%s': cannot hold %llu bytes", t->name,
-                            (unsigned long long)it->out_bytes);
+    if (!out)
+        return mp_err(err, "no_memory", "tensor '%s': cannot hold %llu bytes", t->name,
+                      (unsigned long long)it->out_bytes);
     int rc = 0;
     if (deq) {
         rc = gguf_tensor_dequant(it->w, t, it->out, out, err);
@@ -564,7 +566,8 @@ static int verify_shard(cctx *c, size_t s, const char *path, mp_error *err) {
         n += c->items[i].shard == s;
     const char *fmt = json_string_value(json_object_get(w.metadata, "format"));
     if (w.ntensors != n)
-        rc = mp_err(err, "verify_failed", "%s holds %zu tensors, expected %zu", path, w.ntensors, n);
+        rc =
+            mp_err(err, "verify_failed", "%s holds %zu tensors, expected %zu", path, w.ntensors, n);
     else if (!fmt || strcmp(fmt, "pt") != 0)
         rc = mp_err(err, "verify_failed", "%s lacks __metadata__ format pt", path);
     mp_tensor **by = rc == 0 ? malloc((n ? n : 1) * sizeof *by) : NULL;
@@ -711,8 +714,10 @@ static int publish(cctx *c, mp_error *err) {
     snprintf(parent, sizeof parent, "%s", out);
     char *slash = strrchr(parent, '/');
     if (slash) {
-        if (slash == parent) slash[1] = 0;
-        else *slash = 0;
+        if (slash == parent)
+            slash[1] = 0;
+        else
+            *slash = 0;
     }
     return sync_path(parent, err);
 }
@@ -763,10 +768,14 @@ static const char *dtype_param(mp_dtype d) {
 
 static const char *fmt_name(mp_format f) {
     switch (f) {
-    case MP_FMT_PT_ZIP: return "pt";
-    case MP_FMT_PT_LEGACY: return "pt_legacy";
-    case MP_FMT_GGUF: return "gguf";
-    default: return "unknown";
+    case MP_FMT_PT_ZIP:
+        return "pt";
+    case MP_FMT_PT_LEGACY:
+        return "pt_legacy";
+    case MP_FMT_GGUF:
+        return "gguf";
+    default:
+        return "unknown";
     }
 }
 
@@ -787,23 +796,22 @@ static int run(cctx *c, const char *src_dir, json_t *files, mp_error *err) {
         if (verify_shard(c, s, path, err) != 0) return -1;
         struct stat st;
         if (stat(path, &st) != 0) return mp_err(err, "io_error", "stat %s", path);
-        json_array_append_new(files, json_pack("{s:s,s:I}", "name", nm, "size",
-                                               (json_int_t)st.st_size));
+        json_array_append_new(files,
+                              json_pack("{s:s,s:I}", "name", nm, "size", (json_int_t)st.st_size));
     }
     if (c->nshards > 1) {
         if (write_index(c, err) != 0) return -1;
         snprintf(path, sizeof path, "%s/model.safetensors.index.json", c->tmp_dir);
         struct stat st;
         if (stat(path, &st) == 0)
-            json_array_append_new(files, json_pack("{s:s,s:I}", "name",
-                                                   "model.safetensors.index.json", "size",
-                                                   (json_int_t)st.st_size));
+            json_array_append_new(files,
+                                  json_pack("{s:s,s:I}", "name", "model.safetensors.index.json",
+                                            "size", (json_int_t)st.st_size));
     }
     if (c->gguf && gguf_config(c, err) != 0) return -1;
     if (src_dir && copy_aux(c, src_dir, err) != 0) return -1;
     json_t *marker = json_pack("{s:s,s:s,s:s}", "created_by", "modelprep convert", "source",
-                               c->o->src, "dtype",
-                               dtype_param(c->o->dtype));
+                               c->o->src, "dtype", dtype_param(c->o->dtype));
     snprintf(path, sizeof path, "%s/%s", c->tmp_dir, CONV_MARKER);
     int rc = marker ? write_json_file(path, marker, err) : mp_err(err, "no_memory", "no memory");
     json_decref(marker);
@@ -862,13 +870,11 @@ int conv_run(const conv_opts *o, json_t **result, mp_error *err) {
     if (rc != 0 && c.tmp_dir) rm_flat_dir(c.tmp_dir);
     if (rc == 0) {
         uint64_t bytes = c.total / 2;
-        *result = json_pack(
-            "{s:s,s:O,s:I,s:I,s:I,s:O,s:s,s:s,s:b,s:f}", "output_path", o->out_dir, "files", files,
-            "tensors", (json_int_t)c.nitems, "bytes", (json_int_t)bytes,
-            "shared_tensors_deduplicated", (json_int_t)c.ndedup, "deduplicated", c.dedup,
-            "source_format", fmt_name(c.ws[0]->format), "dtype",
-            dtype_param(o->dtype), "verified", 1,
-            "seconds", now_s() - t0);
+        *result = json_pack("{s:s,s:O,s:I,s:I,s:I,s:O,s:s,s:s,s:b,s:f}", "output_path", o->out_dir,
+                            "files", files, "tensors", (json_int_t)c.nitems, "bytes",
+                            (json_int_t)bytes, "shared_tensors_deduplicated", (json_int_t)c.ndedup,
+                            "deduplicated", c.dedup, "source_format", fmt_name(c.ws[0]->format),
+                            "dtype", dtype_param(o->dtype), "verified", 1, "seconds", now_s() - t0);
         if (!*result) rc = mp_err(err, "no_memory", "out of memory");
     }
     json_decref(files);

@@ -23,8 +23,12 @@ static bool ends_with(const char *s, const char *suf) {
  * arbitrary objects that no loader reads (SGLang's
  * filter_files_not_needed_for_inference drops the same names). */
 static bool is_training_state(const char *name) {
-    static const char *const names[] = {"training_args.bin", "optimizer.bin", "optimizer.pt",
-                                        "scheduler.pt",      "scaler.pt",     "rng_state.pth",
+    static const char *const names[] = {"training_args.bin",
+                                        "optimizer.bin",
+                                        "optimizer.pt",
+                                        "scheduler.pt",
+                                        "scaler.pt",
+                                        "rng_state.pth",
                                         NULL};
     for (int i = 0; names[i]; i++)
         if (strcmp(name, names[i]) == 0) return true;
@@ -32,10 +36,9 @@ static bool is_training_state(const char *name) {
 }
 
 bool conv_is_weight_file(const char *name) {
-    static const char *const exts[] = {".bin",  ".pt",      ".pth",     ".safetensors",
-                                       ".gguf", ".ckpt",    ".h5",      ".msgpack",
-                                       ".npy",  ".npz",     ".onnx",    ".pkl",
-                                       ".tflite", ".ot",    ".index.json", NULL};
+    static const char *const exts[] = {
+        ".bin", ".pt",  ".pth",  ".safetensors", ".gguf",   ".ckpt", ".h5",         ".msgpack",
+        ".npy", ".npz", ".onnx", ".pkl",         ".tflite", ".ot",   ".index.json", NULL};
     for (int i = 0; exts[i]; i++)
         if (ends_with(name, exts[i])) return true;
     return is_training_state(name);
@@ -112,8 +115,8 @@ int conv_find_sources(const char *dir, char ***paths, size_t *n, mp_error *err) 
         gg = NULL;
         ngg = 0;
     } else if (rc == 0 && ngg > 1) {
-        rc = mp_err(err, "ambiguous",
-                    "%s holds %zu GGUF files; name one with params.file", dir, ngg);
+        rc = mp_err(err, "ambiguous", "%s holds %zu GGUF files; name one with params.file", dir,
+                    ngg);
     } else if (rc == 0) {
         rc = mp_err(err, "not_found",
                     has_st ? "%s holds safetensors already: nothing to convert"

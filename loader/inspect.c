@@ -104,8 +104,7 @@ static int cmp_str(const void *a, const void *b) {
 
 /* Safetensors first (index or loose files, as loaders prefer), then
  * PyTorch, then GGUF (the first by name when there are several). */
-static int open_weights(const char *dir, json_t *names, wset *s, json_t *warnings,
-                        mp_error *err) {
+static int open_weights(const char *dir, json_t *names, wset *s, json_t *warnings, mp_error *err) {
     bool st = false;
     size_t ngg = 0;
     size_t i;
@@ -244,10 +243,12 @@ static json_t *by_dtype(const mp_tensor *ts, size_t n, uint64_t *params, uint64_
         }
         json_object_set_new(e, "tensors",
                             json_integer(json_integer_value(json_object_get(e, "tensors")) + 1));
-        json_object_set_new(e, "params", json_integer(json_integer_value(json_object_get(e, "params")) +
-                                                      (json_int_t)numel));
-        json_object_set_new(e, "bytes", json_integer(json_integer_value(json_object_get(e, "bytes")) +
-                                                     (json_int_t)ts[i].nbytes));
+        json_object_set_new(
+            e, "params",
+            json_integer(json_integer_value(json_object_get(e, "params")) + (json_int_t)numel));
+        json_object_set_new(e, "bytes",
+                            json_integer(json_integer_value(json_object_get(e, "bytes")) +
+                                         (json_int_t)ts[i].nbytes));
     }
     return o;
 }
@@ -283,10 +284,9 @@ static json_t *gguf_quant(const mp_weights *w, const mp_tensor *ts, size_t n) {
             }
         }
     }
-    json_t *q = json_pack("{s:s?,s:n,s:n,s:s,s:[],s:n,s:n,s:n,s:o}", "method",
-                          any ? "gguf" : NULL, "bits", "group_size", "source", "gguf",
-                          "ignored_layers", "weight_block_size", "activation_scheme", "kv_cache",
-                          "types", hist);
+    json_t *q = json_pack("{s:s?,s:n,s:n,s:s,s:[],s:n,s:n,s:n,s:o}", "method", any ? "gguf" : NULL,
+                          "bits", "group_size", "source", "gguf", "ignored_layers",
+                          "weight_block_size", "activation_scheme", "kv_cache", "types", hist);
     if (!q) return NULL;
     if (best) {
         int b = type_bits(best);
@@ -296,14 +296,14 @@ static json_t *gguf_quant(const mp_weights *w, const mp_tensor *ts, size_t n) {
         json_object_set_new(q, "main_type", json_string(best));
     }
     if (numel_all)
-        json_object_set_new(q, "bits_per_weight", json_real((double)bytes_all * 8.0 / (double)numel_all));
+        json_object_set_new(q, "bits_per_weight",
+                            json_real((double)bytes_all * 8.0 / (double)numel_all));
     json_t *ft = json_object_get(w->metadata, "general.file_type");
     if (json_is_integer(ft)) json_object_set(q, "file_type", ft);
     return q;
 }
 
-static json_t *declared_quant(const json_t *cfg, const char *dir, json_t *warnings,
-                              mp_error *err) {
+static json_t *declared_quant(const json_t *cfg, const char *dir, json_t *warnings, mp_error *err) {
     json_t *qc = json_object_get(cfg, "quantization_config");
     if (!qc) qc = json_object_get(json_object_get(cfg, "text_config"), "quantization_config");
     if (!qc) qc = json_object_get(cfg, "compression_config");
@@ -329,9 +329,8 @@ static json_t *declared_quant(const json_t *cfg, const char *dir, json_t *warnin
 }
 
 static json_t *null_quant(void) {
-    return json_pack("{s:n,s:n,s:n,s:n,s:[],s:n,s:n,s:n}", "method", "bits", "group_size",
-                     "source", "ignored_layers", "weight_block_size", "activation_scheme",
-                     "kv_cache");
+    return json_pack("{s:n,s:n,s:n,s:n,s:[],s:n,s:n,s:n}", "method", "bits", "group_size", "source",
+                     "ignored_layers", "weight_block_size", "activation_scheme", "kv_cache");
 }
 
 static void kv_scales(json_t *q, const insp_opts *o, const json_t *cfg, int64_t nlayers) {
@@ -380,7 +379,7 @@ static json_t *per_tp(const insp_opts *o, const json_t *cfg, const mp_tensor *ts
     bool have_cfg = cfg && tp_config_from_json(cfg, &tc, &cerr) == 0;
     /* GGUF tensors are split under their Hugging Face names. */
     mp_tensor *hf = NULL;
-    char (*names)[TP_NAME_MAX] = NULL;
+    char(*names)[TP_NAME_MAX] = NULL;
     size_t nhf = n;
     if (gguf_names) {
         hf = malloc((n ? n : 1) * sizeof *hf);
@@ -538,16 +537,16 @@ int insp_run(const insp_opts *o, json_t **result, mp_error *err) {
     res = json_pack("{s:s?,s:s?,s:s?,s:o,s:o,s:I,s:I,s:I,s:o,s:O,s:o,s:O}", "architecture", arch,
                     "model_type", mt, "text_model_type", text_mt, "formats",
                     formats ? formats : json_array(), "files", files, "params_total",
-                    (json_int_t)params, "bytes_total", (json_int_t)bytes, "tensors",
-                    (json_int_t)n, "tensors_by_dtype", bd, "quantization", q, "per_tp", ptp,
-                    "warnings", warnings);
+                    (json_int_t)params, "bytes_total", (json_int_t)bytes, "tensors", (json_int_t)n,
+                    "tensors_by_dtype", bd, "quantization", q, "per_tp", ptp, "warnings", warnings);
     if (!res) {
         rc = mp_err(err, "no_memory", "out of memory");
         goto out;
     }
-    json_object_set_new(res, "format", json_string(ws.format == MP_FMT_SAFETENSORS ? "safetensors"
-                                                   : gguf                          ? "gguf"
-                                                                                   : "pt"));
+    json_object_set_new(res, "format",
+                        json_string(ws.format == MP_FMT_SAFETENSORS ? "safetensors"
+                                    : gguf                          ? "gguf"
+                                                                    : "pt"));
     if (ws.gguf_file) json_object_set_new(res, "gguf_file", json_string(ws.gguf_file));
     json_object_set_new(res, "seconds", json_real(now_s() - t0));
     *result = res;

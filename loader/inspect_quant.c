@@ -45,9 +45,9 @@ static void warn(json_t *warnings, const char *fmt, ...) {
 }
 
 static json_t *empty_quant(const char *method, const char *source) {
-    return json_pack("{s:s?,s:n,s:n,s:s?,s:[],s:n,s:n,s:n}", "method", method, "bits",
-                     "group_size", "source", source, "ignored_layers", "weight_block_size",
-                     "activation_scheme", "kv_cache");
+    return json_pack("{s:s?,s:n,s:n,s:s?,s:[],s:n,s:n,s:n}", "method", method, "bits", "group_size",
+                     "source", source, "ignored_layers", "weight_block_size", "activation_scheme",
+                     "kv_cache");
 }
 
 static void set_int(json_t *q, const char *k, json_t *v) {
@@ -116,8 +116,8 @@ static void fill_bnb(json_t *q, const json_t *qc) {
     json_object_set_new(q, "bits", b4 ? json_integer(4) : b8 ? json_integer(8) : json_null());
     if (b4) {
         json_t *qt = get(qc, "bnb_4bit_quant_type");
-        json_object_set_new(q, "quant_type", json_string(json_is_string(qt) ? json_string_value(qt)
-                                                                            : "fp4"));
+        json_object_set_new(q, "quant_type",
+                            json_string(json_is_string(qt) ? json_string_value(qt) : "fp4"));
         json_object_set_new(q, "double_quant",
                             json_boolean(json_is_true(get(qc, "bnb_4bit_use_double_quant"))));
         json_t *cd = get(qc, "bnb_4bit_compute_dtype");
@@ -154,9 +154,11 @@ static void fill_ct(json_t *q, const json_t *qc, json_t *warnings) {
             set_int(q, "activation_bits", get(ia, "num_bits"));
         }
     }
-    if (ngroups > 1) warn(warnings, "compressed-tensors: %zu config groups; bits/group_size are "
-                                    "those of the first",
-                          ngroups);
+    if (ngroups > 1)
+        warn(warnings,
+             "compressed-tensors: %zu config groups; bits/group_size are "
+             "those of the first",
+             ngroups);
     json_t *kv = get(qc, "kv_cache_scheme");
     if (json_is_object(kv)) {
         json_t *bits = get(kv, "num_bits");
@@ -166,8 +168,9 @@ static void fill_ct(json_t *q, const json_t *qc, json_t *warnings) {
         char name[48];
         snprintf(name, sizeof name, "%s%lld", strcmp(dt, "float") == 0 ? "fp" : dt,
                  (long long)(json_is_integer(bits) ? json_integer_value(bits) : 8));
-        json_object_set_new(q, "kv_cache", json_pack("{s:s,s:s,s:O}", "dtype", name, "source",
-                                                     "config", "scheme", kv));
+        json_object_set_new(
+            q, "kv_cache",
+            json_pack("{s:s,s:s,s:O}", "dtype", name, "source", "config", "scheme", kv));
     }
 }
 
@@ -231,13 +234,15 @@ json_t *insp_quant_from_config(const json_t *qc, const char *file, json_t *warni
         else if (strcmp(file, "quant_config.json") == 0)
             snprintf(method, sizeof method, "awq");
         else if (strcmp(file, "quantize_config.json") == 0)
-            snprintf(method, sizeof method, get(qc, "w_bit") || get(qc, "zero_point") ? "awq"
-                                                                                      : "gptq");
+            snprintf(method, sizeof method,
+                     get(qc, "w_bit") || get(qc, "zero_point") ? "awq" : "gptq");
     }
     if (!method[0] && (get(qc, "load_in_4bit") || get(qc, "load_in_8bit")))
         snprintf(method, sizeof method, "bitsandbytes");
-    if (!method[0] && get(qc, "config_groups")) snprintf(method, sizeof method, "compressed-tensors");
-    if (strcmp(method, "compressed_tensors") == 0) snprintf(method, sizeof method, "compressed-tensors");
+    if (!method[0] && get(qc, "config_groups"))
+        snprintf(method, sizeof method, "compressed-tensors");
+    if (strcmp(method, "compressed_tensors") == 0)
+        snprintf(method, sizeof method, "compressed-tensors");
     json_t *q = empty_quant(method[0] ? method : "unknown", file);
     if (!q) return NULL;
     if (strcmp(method, "fp8") == 0 || strcmp(method, "fbgemm_fp8") == 0 ||
@@ -258,7 +263,8 @@ json_t *insp_quant_from_config(const json_t *qc, const char *file, json_t *warni
         json_object_set_new(q, "sym", json_boolean(!sym || json_is_true(sym)));
         json_t *ign = get(qc, "modules_to_not_convert");
         set_list(q, "ignored_layers", ign);
-        if (strcmp(method, "marlin") == 0 && !get(q, "bits")) json_object_set_new(q, "bits", json_integer(4));
+        if (strcmp(method, "marlin") == 0 && !get(q, "bits"))
+            json_object_set_new(q, "bits", json_integer(4));
         marlin_check(q, qc, true);
     } else if (strcmp(method, "awq") == 0 || strcmp(method, "awq_marlin") == 0) {
         gptq_like(q, qc);
@@ -284,8 +290,9 @@ json_t *insp_quant_from_config(const json_t *qc, const char *file, json_t *warni
         json_t *ign = first(qc, "modules_to_not_convert", "ignore");
         set_list(q, "ignored_layers", ign);
         json_decref(ign);
-        warn(warnings, "quantization method \"%s\" is reported as declared; its settings are not "
-                       "interpreted",
+        warn(warnings,
+             "quantization method \"%s\" is reported as declared; its settings are not "
+             "interpreted",
              method[0] ? method : "(none)");
     }
     json_object_set(q, "config", (json_t *)qc);
@@ -315,7 +322,8 @@ static bool tindex_make(tindex *ix, const mp_tensor *ts, size_t n) {
 }
 
 /* The tensor named prefix+suffix, or NULL. */
-static const mp_tensor *find(const tindex *ix, const char *prefix, size_t plen, const char *suffix) {
+static const mp_tensor *find(const tindex *ix, const char *prefix, size_t plen,
+                             const char *suffix) {
     char name[1024];
     if (snprintf(name, sizeof name, "%.*s%s", (int)plen, prefix, suffix) >= (int)sizeof name)
         return NULL;
@@ -326,8 +334,8 @@ static const mp_tensor *find(const tindex *ix, const char *prefix, size_t plen, 
 }
 
 typedef struct qstats {
-    size_t fp8_block, fp8_scale, nvfp4, gptq, awq, ct_packed, ct_nvfp4, bnb4, bnb8, mxfp4,
-        marlin, kv, input_scale;
+    size_t fp8_block, fp8_scale, nvfp4, gptq, awq, ct_packed, ct_nvfp4, bnb4, bnb8, mxfp4, marlin,
+        kv, input_scale;
     int64_t block_n, block_k; /* from the first fp8 block scale */
     int64_t bits, group;      /* gptq/awq from shapes */
     char bnb_type[8];
@@ -422,8 +430,8 @@ json_t *insp_quant_from_tensors(const mp_tensor *ts, size_t n) {
         q = empty_quant("fp8", "tensors");
         json_object_set_new(q, "bits", json_integer(8));
         if (s.block_n > 0)
-            json_object_set_new(q, "weight_block_size", json_pack("[I,I]", (json_int_t)s.block_n,
-                                                                  (json_int_t)s.block_k));
+            json_object_set_new(q, "weight_block_size",
+                                json_pack("[I,I]", (json_int_t)s.block_n, (json_int_t)s.block_k));
     } else if (s.nvfp4) {
         q = empty_quant("modelopt_fp4", "tensors");
         json_object_set_new(q, "bits", json_integer(4));
@@ -484,7 +492,8 @@ void insp_quant_refine(json_t *q, const mp_tensor *ts, size_t n, json_t *warning
         }
         if (s.bnb4 && s.bnb_double) json_object_set_new(q, "double_quant", json_true());
     }
-    if (m && strcmp(m, "fp8") == 0 && s.fp8_block && json_is_null(json_object_get(q, "weight_block_size")))
+    if (m && strcmp(m, "fp8") == 0 && s.fp8_block &&
+        json_is_null(json_object_get(q, "weight_block_size")))
         warn(warnings, "fp8: weight_scale_inv tensors but no weight_block_size in the config");
     if (m && (strcmp(m, "gptq") == 0 || strcmp(m, "awq") == 0) && !s.gptq && !s.awq)
         warn(warnings, "%s declared but no qweight/qzeros/scales tensors found", m);

@@ -45,7 +45,10 @@ static int resolve_output(const mp_task_info *in, char **out, mp_error *err) {
     const char *param = json_string_value(json_object_get(in->params, "output"));
     char **roots = output_roots(in->env);
     if (!roots) return mp_err(err, "no_memory", "out of memory");
+    /* The hub cache may not exist yet: then its configured path is what an
+     * output must stay out of. */
     char *hub = in->env->hub_cache ? realpath(in->env->hub_cache, NULL) : NULL;
+    if (!hub && in->env->hub_cache) hub = strdup(in->env->hub_cache);
     int rc = 0;
     if (param) {
         rc = conv_confine_output(param, (const char *const *)roots, hub, in->model_path, out, err);
@@ -53,10 +56,8 @@ static int resolve_output(const mp_task_info *in, char **out, mp_error *err) {
         char name[NAME_MAX + 1];
         char base[PATH_MAX];
         if (!conv_default_name(in->model, in->revision, in->is_hub_model, name, sizeof name))
-            rc = mp_err_field(err, "model", "bad_model", "no usable output name for %s",
-                              in->model);
-        else if (snprintf(base, sizeof base, "%s/converted", in->env->data_dir) >=
-                 (int)sizeof base)
+            rc = mp_err_field(err, "model", "bad_model", "no usable output name for %s", in->model);
+        else if (snprintf(base, sizeof base, "%s/converted", in->env->data_dir) >= (int)sizeof base)
             rc = mp_err(err, "bad_output", "data dir path too long");
         else if (fs_mkdirs(base, err) != 0)
             rc = -1;
@@ -162,7 +163,8 @@ static int convert_run(mp_task *t) {
         return task_fail(t, "bad_request", "dtype must be keep, bf16, fp16 or fp32");
     unsigned char key[STC_KEY_BYTES];
     bool have_key = false; /* encryption_key_file */
-    if (encryption_key(in, key, &have_key, &err) != 0) return task_fail(t, err.code, "%s", err.message);
+    if (encryption_key(in, key, &have_key, &err) != 0)
+        return task_fail(t, err.code, "%s", err.message);
     char *out = NULL;
     if (resolve_output(in, &out, &err) != 0) return task_fail(t, err.code, "%s", err.message);
     char src[PATH_MAX];

@@ -50,8 +50,8 @@ static int resolve_scales(const mp_task_info *in, const char *p, char **out, mp_
     }
     if (!ok) {
         free(real);
-        return mp_err_field(err, F, "bad_value",
-                            "%s must lie in the model folder or a model root", F);
+        return mp_err_field(err, F, "bad_value", "%s must lie in the model folder or a model root",
+                            F);
     }
     *out = real;
     return 0;

@@ -126,6 +126,18 @@ static const tp_rule *family_rules(tp_family f) {
     }
 }
 
+/* Families whose SGLang class makes lm_head the embedding module itself when
+ * tie_word_embeddings is set (so the state dict holds the pair once after
+ * ShardedStateLoader's dedup). Gemma has no lm_head at all; the MoE classes
+ * always build their own ParallelLMHead. */
+static bool family_aliases_lm_head(tp_family f) {
+    return f == TP_FAM_LLAMA || f == TP_FAM_QWEN2 || f == TP_FAM_QWEN3;
+}
+
+static bool family_is_moe(tp_family f) {
+    return f == TP_FAM_MIXTRAL || f == TP_FAM_QWEN2_MOE || f == TP_FAM_QWEN3_MOE;
+}
+
 const char *tp_kind_name(tp_kind k) {
     switch (k) {
     case TP_REPLICATED: return "replicated";
@@ -261,8 +273,11 @@ int tp_check(const tp_model_cfg *c, int tp, mp_error *err) {
         return mp_err(err, "bad_tp_size",
                       "tp_size %d and num_key_value_heads %lld: neither divides the other", tp,
                       (long long)c->num_kv_heads);
-    bool moe = c->family == TP_FAM_MIXTRAL || c->family == TP_FAM_QWEN2_MOE ||
-               c->family == TP_FAM_QWEN3_MOE;
+    bool moe = family_is_moe(c->family);
+    /* SGLang's MoE blocks refuse a tp larger than the expert count. */
+    if (moe && c->num_experts > 0 && tp > c->num_experts)
+        return mp_err(err, "bad_tp_size", "tp_size %d is greater than the number of experts %lld",
+                      tp, (long long)c->num_experts);
     if (!moe && c->intermediate_size % tp != 0)
         return mp_err(err, "bad_tp_size", "tp_size %d does not divide intermediate_size %lld", tp,
                       (long long)c->intermediate_size);
@@ -546,7 +561,7 @@ int tp_slice_for(const tp_model_cfg *cfg, const mp_tensor *t, int tp, int rank, 
     s->tndim = s->ndim;
     memcpy(s->tshape, s->shape, sizeof s->tshape);
     if (naming == TP_NAMING_HF) return make_target(NULL, t->name, NULL, NULL, 0, s, err);
-    if (s->kind == TP_VOCAB && cfg->tie_word_embeddings && cfg->family != TP_FAM_GEMMA &&
+    if (s->kind == TP_VOCAB && cfg->tie_word_embeddings && family_aliases_lm_head(cfg->family) &&
         strcmp(t->name, "model.embed_tokens.weight") == 0) {
         /* ShardedStateLoader keeps the tied pair once, under the smaller key. */
         snprintf(s->target, sizeof s->target, "lm_head.weight");
@@ -735,6 +750,11 @@ int tp_layout_build(const tp_model_cfg *cfg, const mp_tensor *tensors, size_t n,
             goto out;
         }
         np++;
+    }
+    if (naming == TP_NAMING_SGLANG && family_is_moe(cfg->family) && !have_lm_head) {
+        mp_err(err, "incomplete", "lm_head.weight is missing: SGLang's %s holds its own lm_head "
+               "even when tie_word_embeddings is set", cfg->architecture);
+        goto out;
     }
     qsort(ps, np, sizeof *ps, cmp_lpiece);
     out->targets = calloc(np ? np : 1, sizeof *out->targets);

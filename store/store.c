@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 /* Each migration moves user_version from its index to index+1. Never edit a
  * released step; append a new one. */
@@ -133,6 +134,28 @@ static int conn_open(const char *path, sqlite3 **out, mp_error *err) {
     return 0;
 }
 
+#define CKPT_INTERVAL_MS 500
+
+static void *store_checkpointer(void *arg) {
+    store *s = arg;
+    pthread_mutex_lock(&s->mu);
+    while (!s->ckpt_stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += CKPT_INTERVAL_MS * 1000000L;
+        ts.tv_sec += ts.tv_nsec / 1000000000L;
+        ts.tv_nsec %= 1000000000L;
+        pthread_cond_timedwait(&s->ckpt_cv, &s->mu, &ts);
+        if (s->ckpt_stop) break;
+        pthread_mutex_unlock(&s->mu);
+        /* PASSIVE never waits for readers or writers. */
+        sqlite3_wal_checkpoint_v2(s->ckpt_db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        pthread_mutex_lock(&s->mu);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
 int store_open(const char *path, int pool_size, store **out, mp_error *err) {
     if (pool_size < 1) pool_size = 1;
     store *s = calloc(1, sizeof *s);
@@ -151,11 +174,18 @@ int store_open(const char *path, int pool_size, store **out, mp_error *err) {
     pthread_mutex_init(&s->gmu, NULL);
     pthread_cond_init(&s->gcv, NULL);
     s->gtail = &s->ghead;
+    pthread_cond_init(&s->ckpt_cv, NULL);
     for (int i = 0; i < pool_size; i++) {
         if (conn_open(path, &s->conns[i].db, err) != 0) goto fail;
         s->nconns++;
         if (i == 0 && db_migrate(s->conns[0].db, err) != 0) goto fail;
     }
+    if (conn_open(path, &s->ckpt_db, err) != 0) goto fail;
+    if (pthread_create(&s->ckpt_thread, NULL, store_checkpointer, s) != 0) {
+        mp_err(err, "store_error", "cannot start the checkpointer");
+        goto fail;
+    }
+    s->ckpt_running = true;
     *out = s;
     return 0;
 fail:
@@ -165,6 +195,17 @@ fail:
 
 void store_close(store *s) {
     if (!s) return;
+    if (s->ckpt_running) {
+        pthread_mutex_lock(&s->mu);
+        s->ckpt_stop = true;
+        pthread_cond_signal(&s->ckpt_cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->ckpt_thread, NULL);
+    }
+    if (s->ckpt_db) {
+        sqlite3_wal_checkpoint_v2(s->ckpt_db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
+        sqlite3_close(s->ckpt_db);
+    }
     for (int i = 0; i < s->nconns; i++) {
         for (int q = 0; q < Q_COUNT; q++)
             sqlite3_finalize(s->conns[i].stmt[q]);
@@ -176,6 +217,7 @@ void store_close(store *s) {
     pthread_mutex_destroy(&s->wmu);
     pthread_mutex_destroy(&s->gmu);
     pthread_cond_destroy(&s->gcv);
+    pthread_cond_destroy(&s->ckpt_cv);
     free(s->conns);
     free(s->path);
     free(s);

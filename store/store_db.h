@@ -59,6 +59,11 @@ struct store {
     pthread_cond_t gcv;
     struct insert_req *ghead, **gtail;
     bool gleader;
+    /* background WAL checkpointer (store.c) */
+    sqlite3 *ckpt_db;
+    pthread_t ckpt_thread;
+    bool ckpt_running, ckpt_stop;
+    pthread_cond_t ckpt_cv;
     store_conn *conns;
     int nconns;
 };

@@ -427,3 +427,35 @@ def test_gguf_to_safetensors(make_server, model_root):
     q = got["model.layers.0.self_attn.q_proj.weight"].numpy()
     assert q.dtype == np.float32
     assert np.array_equal(q, expected["model.layers.0.self_attn.q_proj.weight"][0])
+
+
+def test_hub_snapshot_converts_outside_the_cache(make_server, tmp_path):
+    """A cached hub snapshot (files are symlinks into blobs/) converts into
+    <data_dir>/converted/org--name-<revision>; an output inside the hub cache
+    is refused."""
+    data = tmp_path / "hubdata"
+    repo = data / "hub" / "models--acme--tiny"
+    commit = "a" * 40
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    snap.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    sd = {"w": torch.randn(4, 4), "b": torch.randn(4).half()}
+    torch.save(sd, repo / "blobs" / "b1")
+    (repo / "blobs" / "b2").write_text('{"model_type": "llama"}')
+    os.symlink("../../blobs/b1", snap / "pytorch_model.bin")
+    os.symlink("../../blobs/b2", snap / "config.json")
+    s = make_server(data_dir=data)
+    job = s.run_job({"type": "convert", "model": "acme/tiny", "params": {"dtype": "bf16"}})
+    assert job["state"] == "succeeded", job
+    out = job["result"]["output_path"]
+    assert out == os.path.join(os.path.realpath(str(data)), "converted", "acme--tiny-main")
+    got, _ = read_out(out)
+    assert same_bits(got["w"], sd["w"].bfloat16()) and same_bits(got["b"], sd["b"].bfloat16())
+    assert json.load(open(os.path.join(out, "config.json"))) == {"model_type": "llama"}
+    assert not os.path.islink(os.path.join(out, "config.json"))
+    assert sorted(os.listdir(snap)) == ["config.json", "pytorch_model.bin"]
+    st, doc = s.post("/v1/jobs", {"type": "convert", "model": "acme/tiny",
+                                  "params": {"output": str(data / "hub" / "conv")}})
+    assert st == 400 and "params.output" in json.dumps(doc)

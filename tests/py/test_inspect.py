@@ -509,3 +509,26 @@ def test_headers_only_on_a_large_sparse_checkpoint(make_server, model_root):
     assert r["bytes_total"] == total and r["tensors"] == len(wm)
     per = {e["tp"]: e for e in r["per_tp"]}
     assert per[8]["ok"] and per[8]["bytes_per_rank"] == hand_rank_bytes(cfg, 8, es=4)
+
+
+def test_inspection_is_stored_for_the_model(make_server, tmp_path):
+    """A hub snapshot's inspection shows up in GET /v1/models/{org}/{name}."""
+    data = tmp_path / "hubdata"
+    repo = data / "hub" / "models--acme--tiny"
+    commit = "b" * 40
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (snap / "config.json").write_text(json.dumps(LLAMA))
+    save_file(llama_sd(), str(snap / "model.safetensors"), metadata={"format": "pt"})
+    s = make_server(data_dir=data)
+    job = s.run_job({"type": "inspect", "model": "acme/tiny", "params": {"tp_sizes": [2]}})
+    r = ok(job)
+    st, doc = s.get("/v1/models/acme/tiny")
+    assert st == 200, doc
+    assert doc["inspection"] is not None
+    insp = doc["inspection"]
+    insp = insp.get("result", insp) if isinstance(insp, dict) else insp
+    assert insp["params_total"] == r["params_total"]
+    assert insp["per_tp"] == r["per_tp"]

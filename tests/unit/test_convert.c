@@ -79,7 +79,16 @@ static float bits_f32(uint32_t u) {
 
 static void test_cast(void **state) {
     (void)state;
-    float src[] = {1.0f, -2.0f, INFINITY, -INFINITY, NAN, 65504.0f, 65520.0f, 1e-8f, 0.0f, -0.0f,
+    float src[] = {1.0f,
+                   -2.0f,
+                   INFINITY,
+                   -INFINITY,
+                   NAN,
+                   65504.0f,
+                   65520.0f,
+                   1e-8f,
+                   0.0f,
+                   -0.0f,
                    bits_f32(0x3f808000u), /* 1 + 2^-8: tie in bf16, even -> 1.0 */
                    bits_f32(0x3f818000u), /* 1 + 3*2^-8: tie, rounds up to even */
                    bits_f32(0x3f808001u)};
@@ -99,8 +108,8 @@ static void test_cast(void **state) {
     assert_int_equal(h[2], 0x7c00);
     assert_int_equal(h[3], 0xfc00);
     assert_true((h[4] & 0x7c00) == 0x7c00 && (h[4] & 0x3ff) != 0);
-    assert_int_equal(h[5], 0x7bff); /* max finite */
-    assert_int_equal(h[6], 0x7c00); /* 65520 rounds to inf */
+    assert_int_equal(h[5], 0x7bff);     /* max finite */
+    assert_int_equal(h[6], 0x7c00);     /* 65520 rounds to inf */
     assert_int_equal(h[7], 0x0000 + 0); /* 1e-8 < half the smallest subnormal: +0 */
     assert_int_equal(h[9], 0x8000);
     /* back to f32 is exact */
@@ -273,12 +282,9 @@ static void test_find_sources(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_plan_shards),
-        cmocka_unit_test(test_shard_names),
-        cmocka_unit_test(test_cast),
-        cmocka_unit_test(test_parse_dtype_and_names),
-        cmocka_unit_test(test_confine_output),
-        cmocka_unit_test(test_find_sources),
+        cmocka_unit_test(test_plan_shards),    cmocka_unit_test(test_shard_names),
+        cmocka_unit_test(test_cast),           cmocka_unit_test(test_parse_dtype_and_names),
+        cmocka_unit_test(test_confine_output), cmocka_unit_test(test_find_sources),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

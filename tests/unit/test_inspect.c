@@ -103,9 +103,10 @@ static void test_declared(void **state) {
     assert_true(json_is_array(json_object_get(q, "weight_block_size")));
     json_decref(q);
 
-    q = from("{\"producer\":{\"name\":\"modelopt\"},\"quantization\":{\"quant_algo\":\"nvfp4\","
-             "\"kv_cache_quant_algo\":\"FP8\",\"group_size\":16,\"exclude_modules\":[\"lm_head\"]}}",
-             "hf_quant_config.json", w);
+    q = from(
+        "{\"producer\":{\"name\":\"modelopt\"},\"quantization\":{\"quant_algo\":\"nvfp4\","
+        "\"kv_cache_quant_algo\":\"FP8\",\"group_size\":16,\"exclude_modules\":[\"lm_head\"]}}",
+        "hf_quant_config.json", w);
     assert_string_equal(sget(q, "method"), "modelopt_fp4");
     assert_string_equal(sget(q, "quant_algo"), "NVFP4");
     assert_int_equal(iget(q, "group_size"), 16);
@@ -161,7 +162,8 @@ static void test_from_tensors(void **state) {
                      125);
     json_decref(q);
 
-    mp_tensor pt[] = {T("l.weight", MP_DT_F8_E4M3, 2, 8, 8), T("l.weight_scale", MP_DT_F32, 0, 0, 0),
+    mp_tensor pt[] = {T("l.weight", MP_DT_F8_E4M3, 2, 8, 8),
+                      T("l.weight_scale", MP_DT_F32, 0, 0, 0),
                       T("l.input_scale", MP_DT_F32, 0, 0, 0)};
     q = insp_quant_from_tensors(pt, 3);
     assert_string_equal(sget(q, "method"), "fp8");
@@ -249,8 +251,8 @@ static void test_kv_scales(void **state) {
     kv("{\"model_type\":null,\"kv_cache\":{\"dtype\":\"float8_e4m3fn\","
        "\"scaling_factor\":{\"0\":{\"0\":1}}}}",
        "mistral", 1, true, NULL);
-    kv("{\"kv_cache\":{\"dtype\":\"float8_e4m3fn\",\"scaling_factor\":{\"0\":{\"0\":1}}}}",
-       "llama", 1, false, "model_type is required");
+    kv("{\"kv_cache\":{\"dtype\":\"float8_e4m3fn\",\"scaling_factor\":{\"0\":{\"0\":1}}}}", "llama",
+       1, false, "model_type is required");
     kv("{\"model_type\":\"llama\",\"kv_cache\":{\"dtype\":\"fp8\","
        "\"scaling_factor\":{\"0\":{\"0\":1}}}}",
        "llama", 1, false, "rather than float8_e4m3fn");
