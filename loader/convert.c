@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -98,6 +99,46 @@ static int write_full(int fd, const void *buf, size_t len, mp_error *err) {
         len -= (size_t)n;
     }
     return 0;
+}
+
+/* A read-only window on [off, off + len) of a file. Mapped (pre-faulted)
+ * rather than pread into a buffer: the bytes go from the page cache to the
+ * output (or to memcmp) without a copy, and unmapping each window keeps the
+ * resident set at one window. Falls back to pread into buf. */
+typedef struct fwin {
+    void *map;
+    size_t maplen;
+    const char *p;
+} fwin;
+
+static int win_open(int fd, uint64_t off, size_t len, char *buf, fwin *w, mp_error *err) {
+    w->map = NULL;
+    w->p = NULL;
+    if (len == 0) {
+        w->p = buf;
+        return 0;
+    }
+    struct stat st;
+    /* Never map past the end of the file: that would be SIGBUS, not an error. */
+    if (fstat(fd, &st) == 0 && off <= (uint64_t)st.st_size && len <= (uint64_t)st.st_size - off) {
+        uint64_t a = off - off % 4096u;
+        size_t ml = (size_t)(off + len - a);
+        void *m = mmap(NULL, ml, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, (off_t)a);
+        if (m != MAP_FAILED) {
+            w->map = m;
+            w->maplen = ml;
+            w->p = (const char *)m + (off - a);
+            return 0;
+        }
+    }
+    if (weights_pread(fd, buf, len, off, err) != 0) return -1;
+    w->p = buf;
+    return 0;
+}
+
+static void win_close(fwin *w) {
+    if (w->map) munmap(w->map, w->maplen);
+    w->map = NULL;
 }
 
 /* Removes a flat directory we created (files only). */
@@ -458,8 +499,11 @@ static int produce(cctx *c, const citem *it, sink_fn sink, void *arg, mp_error *
     if (it->out == t->dtype) {
         for (uint64_t pos = 0; pos < t->nbytes;) {
             size_t k = t->nbytes - pos < CONV_CHUNK ? (size_t)(t->nbytes - pos) : CONV_CHUNK;
-            if (weights_pread(fd, c->buf, k, off + pos, err) != 0) return -1;
-            if (sink(c, arg, c->buf, k, err) != 0) return -1;
+            fwin w;
+            if (win_open(fd, off + pos, k, c->buf, &w, err) != 0) return -1;
+            int rc = sink(c, arg, w.p, k, err);
+            win_close(&w);
+            if (rc != 0) return -1;
             pos += k;
         }
         return 0;
@@ -469,9 +513,11 @@ static int produce(cctx *c, const citem *it, sink_fn sink, void *arg, mp_error *
     uint64_t numel = t->nbytes / ses;
     for (uint64_t e = 0; e < numel;) {
         size_t k = numel - e < per ? (size_t)(numel - e) : per;
-        if (weights_pread(fd, c->buf, k * ses, off + e * ses, err) != 0) return -1;
-        if (!conv_cast(t->dtype, it->out, c->buf, c->cbuf, k))
-            return mp_err(err, "internal", "cannot cast %s", mp_dtype_name(t->dtype));
+        fwin w;
+        if (win_open(fd, off + e * ses, k * ses, c->buf, &w, err) != 0) return -1;
+        bool ok = conv_cast(t->dtype, it->out, w.p, c->cbuf, k);
+        win_close(&w);
+        if (!ok) return mp_err(err, "internal", "cannot cast %s", mp_dtype_name(t->dtype));
         if (sink(c, arg, c->cbuf, k * des, err) != 0) return -1;
         e += k;
     }
@@ -540,8 +586,11 @@ typedef struct vsink {
 static int sink_verify(cctx *c, void *arg, const void *buf, size_t len, mp_error *err) {
     vsink *v = arg;
     if (cancelled(c)) return mp_err(err, "cancelled", "cancelled");
-    if (weights_pread(v->fd, c->vbuf, len, v->off, err) != 0) return -1;
-    if (memcmp(c->vbuf, buf, len) != 0)
+    fwin w;
+    if (win_open(v->fd, v->off, len, c->vbuf, &w, err) != 0) return -1;
+    int same = memcmp(w.p, buf, len) == 0;
+    win_close(&w);
+    if (!same)
         return mp_err(err, "verify_failed", "the output tensors do not match for key %s", v->name);
     v->off += len;
     c->done += len;
@@ -713,25 +762,29 @@ static int publish(cctx *c, mp_error *err) {
     char parent[PATH_MAX];
     snprintf(parent, sizeof parent, "%s", out);
     char *slash = strrchr(parent, '/');
-    if (slash) {
-        if (slash == parent)
-            slash[1] = 0;
-        else
-            *slash = 0;
-    }
+    if (!slash)
+        snprintf(parent, sizeof parent, ".");
+    else if (slash == parent)
+        slash[1] = 0;
+    else
+        *slash = 0;
     return sync_path(parent, err);
 }
 
 static int make_tmp_dir(cctx *c, mp_error *err) {
     const char *out = c->o->out_dir;
     const char *slash = strrchr(out, '/');
-    if (!slash || !slash[1]) return mp_err(err, "bad_output", "output %s has no name", out);
+    const char *base = slash ? slash + 1 : out;
+    if (!base[0] || strcmp(base, ".") == 0 || strcmp(base, "..") == 0)
+        return mp_err(err, "bad_output", "output %s has no name", out);
     char tag[64];
     if (c->o->tag)
         snprintf(tag, sizeof tag, "%s", c->o->tag);
     else
         snprintf(tag, sizeof tag, "%ld", (long)getpid());
-    if (asprintf(&c->tmp_dir, "%.*s/.%s.convert-%s", (int)(slash - out), out, slash + 1, tag) < 0) {
+    /* Next to the target, so that publishing is a rename in one directory. */
+    int plen = slash ? (int)(slash - out) : 1;
+    if (asprintf(&c->tmp_dir, "%.*s/.%s.convert-%s", plen, slash ? out : ".", base, tag) < 0) {
         c->tmp_dir = NULL;
         return mp_err(err, "no_memory", "out of memory");
     }

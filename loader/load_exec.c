@@ -10,6 +10,7 @@
  * memcpy done on return) the copies then run on as many threads as reads.
  * Only the calling thread talks to the caller (progress, cancel). */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -37,6 +38,7 @@ typedef struct run_ctx {
     const load_plan *plan;
     const load_run_opts *o;
     gpu_arena **arenas;
+    int arena_fd[GPU_MAX_DEVICES]; /* host arenas' memfds (borrowed), -1 */
     uint64_t slot_bytes;
     slot *slots;
     int nslots;
@@ -65,6 +67,8 @@ typedef struct reader {
     unsigned char *dio;     /* O_DIRECT bounce buffer */
     uint64_t dio_cap;
     stc_cache cache;
+    int pipe_fd[2];         /* host fast path: file -> pipe -> arena memfd */
+    bool no_splice;
     double read_s, copy_s;
     uint64_t bytes_read;
 } reader;
@@ -368,6 +372,43 @@ static void slot_give(run_ctx *c, slot *s) {
     pthread_mutex_unlock(&c->mu);
 }
 
+/* Moves len bytes of the file at off into the arena's memfd at dst_off
+ * inside the kernel (page cache -> pipe -> shmem): one copy, and no page
+ * faults on the arena's mapping, which cost more than the copy itself.
+ * 1 when splice is unusable here (the caller falls back to pread). */
+static int splice_piece(reader *r, int in_fd, uint64_t off, int out_fd, uint64_t dst_off,
+                        uint64_t len, mp_error *err) {
+    if (r->pipe_fd[0] < 0) {
+        if (pipe2(r->pipe_fd, O_CLOEXEC) != 0) return 1;
+        fcntl(r->pipe_fd[1], F_SETPIPE_SZ, 1 << 20);
+    }
+    while (len > 0) {
+        loff_t oi = (loff_t)off, oo = (loff_t)dst_off;
+        size_t want = len < (1u << 20) ? (size_t)len : (1u << 20);
+        ssize_t n = splice(in_fd, &oi, r->pipe_fd[1], NULL, want, SPLICE_F_MOVE);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EINVAL || errno == ENOSYS)) return 1;
+        if (n < 0) return mp_err(err, "io_error", "splice: %s", strerror(errno));
+        if (n == 0) return mp_err(err, "truncated", "file ends early");
+        for (ssize_t left = n; left > 0;) {
+            ssize_t k = splice(r->pipe_fd[0], NULL, out_fd, &oo, (size_t)left, SPLICE_F_MOVE);
+            if (k < 0 && errno == EINTR) continue;
+            if (k <= 0) {
+                /* The pipe now holds bytes we cannot return: drop it. */
+                close(r->pipe_fd[0]);
+                close(r->pipe_fd[1]);
+                r->pipe_fd[0] = r->pipe_fd[1] = -1;
+                return mp_err(err, "io_error", "splice into the arena: %s", strerror(errno));
+            }
+            left -= k;
+        }
+        off += (uint64_t)n;
+        dst_off += (uint64_t)n;
+        len -= (uint64_t)n;
+    }
+    return 0;
+}
+
 static int do_piece(reader *r, const load_item *it, uint64_t off, uint64_t n,
                     const unsigned char *mem, mp_error *err) {
     run_ctx *c = r->c;
@@ -376,7 +417,16 @@ static int do_piece(reader *r, const load_item *it, uint64_t off, uint64_t n,
     if (host && !mem && item_raw(it) && it->kind == LOAD_K_FILE &&
         !c->src->files[it->file].crypt.encrypted && !r->dio) {
         double t0 = time_mono();
-        int rc = fetch(r, it, off, host + it->offset + off, n, NULL, err);
+        int rc = 1;
+        const load_file *f = &c->src->files[it->file];
+        uint64_t base = 0;
+        if (!r->no_splice && c->arena_fd[it->device] >= 0 && src_base(it, &base, err) == 0) {
+            rc = splice_piece(r, f->w->fds[it->src->file_index], base + off,
+                              c->arena_fd[it->device], it->offset + off, n, err);
+            if (rc == 0) r->bytes_read += n;
+            if (rc == 1) r->no_splice = true;
+        }
+        if (rc == 1) rc = fetch(r, it, off, host + it->offset + off, n, NULL, err);
         r->read_s += time_mono() - t0;
         if (rc == 0) atomic_fetch_add(&c->done, n);
         return rc;
@@ -543,6 +593,7 @@ int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan,
     reader *rd = calloc((size_t)nreaders, sizeof *rd);
     c.slots = calloc((size_t)c.nslots, sizeof *c.slots);
     c.fifo = calloc((size_t)c.nslots, sizeof *c.fifo);
+    for (int i = 0; rd && i < nreaders; i++) rd[i].pipe_fd[0] = rd[i].pipe_fd[1] = -1;
     if (rc == 0 && (!rd || !c.slots || !c.fifo)) rc = mp_err(err, "no_memory", "out of memory");
     if (rc == 0) {
         int s = gpu_staging_alloc(gpus, c.slot_bytes * (uint64_t)c.nslots, (void **)&staging_mem, err);
@@ -559,6 +610,14 @@ int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan,
     }
     c.fifo_n = c.nslots;
     bool dio = o->direct_io;
+    for (int d = 0; d < GPU_MAX_DEVICES; d++) {
+        gpu_export ex;
+        mp_error ee;
+        c.arena_fd[d] = arenas[d] && gpu_arena_host_ptr(arenas[d]) &&
+                                gpu_arena_export(arenas[d], &ex, &ee) == 0
+                            ? ex.fd
+                            : -1;
+    }
     for (int i = 0; rc == 0 && i < nreaders; i++) {
         rd[i].c = &c;
         rd[i].scratch_cap = 2 * c.slot_bytes;
@@ -636,6 +695,8 @@ int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan,
         free(rd[i].scratch);
         free(rd[i].dio);
         stc_cache_free(&rd[i].cache);
+        if (rd[i].pipe_fd[0] >= 0) close(rd[i].pipe_fd[0]);
+        if (rd[i].pipe_fd[1] >= 0) close(rd[i].pipe_fd[1]);
     }
     free(rd);
     for (int i = 0; c.slots && i < c.nslots; i++)

@@ -45,7 +45,7 @@ schemas = {
                    "properties": {"type": {"type": "string", "enum": ["download", "convert", "inspect", "shard", "warm_load", "verify"]},
                                   "model": {"type": "string", "description": "hub repo id org/name, or an absolute path under a --model-root"},
                                   "revision": {"type": "string", "default": "main"},
-                                  "params": {"type": "object"}}},
+                                  "params": {"type": "object", "description": "see Params_<type>"}}},
     "Progress": {"type": "object", "properties": {"done": {"type": "integer"}, "total": {"type": "integer"},
                                                   "unit": {"type": "string"}, "rate": {"type": "number"},
                                                   "message": {"type": "string"}}},
@@ -83,6 +83,36 @@ schemas = {
                                                       "device": {"type": "integer"}, "offset": {"type": "integer"},
                                                       "bytes": {"type": "integer"}}}}}},
 }
+
+def obj(props):
+    return {"type": "object", "additionalProperties": False, "properties": props}
+
+S, I, B, N = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "number"}
+SA, IA = {"type": "array", "items": S}, {"type": "array", "items": I}
+def enum(*v):
+    return {"type": "string", "enum": list(v)}
+
+# One schema per job type's params; tests/unit/test_core.c checks that each
+# matches the type's mp_param_spec (names, JSON types, enums).
+JOB_PARAMS = {
+    "download": obj({"allow_patterns": SA, "ignore_patterns": SA,
+                     "load_format": enum("auto", "safetensors", "pt", "gguf", "all"),
+                     "endpoint": S, "connections": I, "chunk_bytes": I, "max_retries": I}),
+    "convert": obj({"dtype": enum("keep", "bf16", "fp16", "fp32"), "max_shard_bytes": I,
+                    "output": S, "file": S, "encryption_key_file": S}),
+    "inspect": obj({"tp_sizes": IA, "kv_cache_scales_file": S}),
+    "shard": obj({"tp_size": I, "max_part_bytes": I, "naming": enum("sglang", "hf"),
+                  "output": S, "overwrite": B}),
+    "warm_load": obj({"load_format": enum("auto", "safetensors", "pt", "gguf", "npcache", "sharded_state", "dummy"),
+                      "devices": IA, "tp_size": I, "dtype": enum("auto", "keep", "bf16", "fp16", "fp32"),
+                      "decryption_key_file": S,
+                      "dummy": {"type": "object", "properties": {"low": N, "high": N, "seed": I}},
+                      "keep_resident": B, "staging_bytes": I, "direct_io": B, "host_direct": B,
+                      "readers": I}),
+    "verify": obj({}),
+}
+for name, sch in JOB_PARAMS.items():
+    schemas["Params_" + name] = sch
 
 SSE = resp("event stream", {"type": "string"}, "text/event-stream")
 paths = {

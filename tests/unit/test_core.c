@@ -18,6 +18,7 @@
 
 #include "loader/model_ref.h"
 #include "server/http.h"
+#include "server/jobs.h"
 #include "server/params.h"
 #include "server/router.h"
 #include "store/store.h"
@@ -99,6 +100,68 @@ static void test_openapi_matches_routes(void **state) {
         }
     }
     assert_int_equal(routed, documented);
+    json_decref(doc);
+}
+
+/* Each job type's params are documented as components.schemas.Params_<type>
+ * with the same names, JSON types and enum values as its mp_param_spec. */
+static const char *kind_json_type(mp_param_kind k) {
+    switch (k) {
+    case MP_P_STRING: return "string";
+    case MP_P_INT: return "integer";
+    case MP_P_NUMBER: return "number";
+    case MP_P_BOOL: return "boolean";
+    case MP_P_STRING_ARRAY:
+    case MP_P_INT_ARRAY: return "array";
+    case MP_P_OBJECT: return "object";
+    }
+    return "?";
+}
+
+static void test_openapi_job_params(void **state) {
+    (void)state;
+    const mp_asset *a = mp_asset_find("openapi.yaml");
+    json_t *doc = json_loadb((const char *)a->data, a->size, 0, NULL);
+    assert_non_null(doc);
+    json_t *schemas = json_object_get(json_object_get(doc, "components"), "schemas");
+    for (const mp_job_type *const *jt = jobs_types(); *jt; jt++) {
+        char name[64];
+        snprintf(name, sizeof name, "Params_%s", (*jt)->name);
+        json_t *props = json_object_get(json_object_get(schemas, name), "properties");
+        if (!props) fail_msg("openapi.yaml has no %s", name);
+        size_t nspec = 0;
+        for (const mp_param_spec *p = (*jt)->params; p->name; p++, nspec++) {
+            json_t *prop = json_object_get(props, p->name);
+            if (!prop) fail_msg("%s lacks param %s", name, p->name);
+            const char *want = kind_json_type(p->kind);
+            const char *got = json_string_value(json_object_get(prop, "type"));
+            if (!got || strcmp(got, want) != 0)
+                fail_msg("%s.%s: type %s, spec says %s", name, p->name, got ? got : "none", want);
+            if (p->kind == MP_P_STRING_ARRAY || p->kind == MP_P_INT_ARRAY) {
+                const char *it = json_string_value(
+                    json_object_get(json_object_get(prop, "items"), "type"));
+                assert_non_null(it);
+                assert_string_equal(it, p->kind == MP_P_INT_ARRAY ? "integer" : "string");
+            }
+            json_t *en = json_object_get(prop, "enum");
+            if (p->enum_values) {
+                if (!en) fail_msg("%s.%s: enum missing", name, p->name);
+                size_t n = 0;
+                for (const char *const *e = p->enum_values; *e; e++, n++) {
+                    bool found = false;
+                    size_t i;
+                    json_t *v;
+                    json_array_foreach(en, i, v) if (strcmp(json_string_value(v), *e) == 0) found = true;
+                    if (!found) fail_msg("%s.%s: enum lacks %s", name, p->name, *e);
+                }
+                if (json_array_size(en) != n) fail_msg("%s.%s: enum has extra values", name, p->name);
+            } else if (en) {
+                fail_msg("%s.%s: documented enum, spec has none", name, p->name);
+            }
+        }
+        if (json_object_size(props) != nspec)
+            fail_msg("%s documents %zu params, the spec has %zu", name, json_object_size(props), nspec);
+    }
     json_decref(doc);
 }
 
@@ -357,6 +420,7 @@ static void test_store_jobs(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_router_match),     cmocka_unit_test(test_openapi_matches_routes),
+        cmocka_unit_test(test_openapi_job_params),
         cmocka_unit_test(test_params),           cmocka_unit_test(test_model_ref),
         cmocka_unit_test(test_sbuf_json_escape), cmocka_unit_test(test_store_jobs),
     };
