@@ -527,11 +527,28 @@ static int produce(cctx *c, const citem *it, sink_fn sink, void *arg, mp_error *
 /* ------------------------------------------------------------------------ */
 /* writing                                                                   */
 
+typedef struct wsink {
+    st_writer *w;
+    int kick_fd;       /* read-only fd on the writer's temp file, or -1 */
+    uint64_t unkicked; /* bytes written since writeback was last started */
+} wsink;
+
+#define CONV_KICK (64u << 20)
+
 static int sink_write(cctx *c, void *arg, const void *buf, size_t len, mp_error *err) {
+    wsink *ws = arg;
     if (cancelled(c)) return mp_err(err, "cancelled", "cancelled");
-    if (st_writer_write(arg, buf, len, err) != 0) return -1;
+    if (st_writer_write(ws->w, buf, len, err) != 0) return -1;
     c->done += len;
     progress(c, NULL);
+    /* Start writeback of what is written so far without waiting for it, so
+     * the disk works while we produce the next bytes and the final fsync
+     * has little left to do. */
+    ws->unkicked += len;
+    if (ws->kick_fd >= 0 && ws->unkicked >= CONV_KICK) {
+        sync_file_range(ws->kick_fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+        ws->unkicked = 0;
+    }
     return 0;
 }
 
@@ -557,11 +574,17 @@ static int conv_write_shard(cctx *c, size_t s, const char *path, mp_error *err) 
     }
     st_writer *w = NULL;
     if (rc == 0) rc = st_writer_open(path, ts, n, meta, &w, err);
+    /* st_writer writes to "<path>.tmp" (safetensors.h) */
+    char tmp[PATH_MAX];
+    wsink ws = {w, -1, 0};
+    if (rc == 0 && snprintf(tmp, sizeof tmp, "%s.tmp", path) < (int)sizeof tmp)
+        ws.kick_fd = open(tmp, O_RDONLY | O_CLOEXEC);
     for (size_t k = 0; rc == 0 && k < n; k++) {
         const citem *it = &c->items[idx[st_writer_order(w, k)]];
         if (cancelled(c)) rc = mp_err(err, "cancelled", "cancelled");
-        if (rc == 0) rc = produce(c, it, sink_write, w, err);
+        if (rc == 0) rc = produce(c, it, sink_write, &ws, err);
     }
+    if (ws.kick_fd >= 0) close(ws.kick_fd);
     if (w) {
         if (rc == 0)
             rc = st_writer_finish(w, err);

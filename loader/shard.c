@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -85,7 +86,14 @@ typedef struct rank_file {
     st_writer *w;
     uint32_t crc; /* raw register, starts at ~0 */
     uint64_t bytes;
+    /* A second descriptor on the writer's "<path>.tmp" (its documented temp
+     * name) used only to start writeback early, so that the writer's final
+     * fsync finds little left to flush. -1 when unavailable. */
+    int sync_fd;
+    uint64_t unsynced;
 } rank_file;
+
+#define SHARD_WRITEBACK (64u << 20)
 
 typedef struct part_plan {
     size_t first, count; /* range of layout targets */
@@ -96,6 +104,10 @@ typedef struct shard_ctx {
     const shard_opts *o;
     tp_model_cfg cfg;
     mp_weights *w;
+    /* Source files mapped read-only (NULL where mmap failed: pread then),
+     * so that a chunk is a pointer into the page cache, not a copy. */
+    const unsigned char **maps;
+    uint64_t *map_len;
     tp_layout lay;
     part_plan *parts;
     size_t nparts;
@@ -138,10 +150,16 @@ static int grow(unsigned char **b, size_t *cap, uint64_t need, mp_error *err) {
 static int rank_write(shard_ctx *c, int ri, const void *p, size_t n, mp_error *err) {
     if (n == 0) return 0;
     rank_file *f = &c->rf[ri];
-    if (st_writer_write(f->w, p, n, err) != 0) return -1;
     f->crc = crc_update(f->crc, p, n);
+    if (st_writer_write(f->w, p, n, err) != 0) return -1;
     f->bytes += n;
     c->bytes_written += n;
+    f->unsynced += n;
+    if (f->sync_fd >= 0 && f->unsynced >= SHARD_WRITEBACK) {
+        /* Advisory: failure only means the final fsync does more work. */
+        (void)sync_file_range(f->sync_fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+        f->unsynced = 0;
+    }
     return 0;
 }
 
@@ -158,11 +176,30 @@ static int rank_zeros(shard_ctx *c, int ri, uint64_t n, mp_error *err) {
 /* ------------------------------------------------------------------------ */
 /* streaming one source tensor to ranks [r0, r1)                             */
 
-static int read_at(shard_ctx *c, const mp_tensor *t, void *dst, size_t n, uint64_t off,
-                   mp_error *err) {
-    if (weights_pread(c->w->fds[t->file_index], dst, n, t->data_offset + off, err) != 0) return -1;
+/* The source bytes [off, off + n) of t: a pointer into the file's map, or
+ * read into c->buf. */
+static const unsigned char *read_at(shard_ctx *c, const mp_tensor *t, size_t n, uint64_t off,
+                                    mp_error *err) {
     c->bytes_read += n;
-    return 0;
+    const unsigned char *m = c->maps ? c->maps[t->file_index] : NULL;
+    if (m && t->data_offset + off + n <= c->map_len[t->file_index])
+        return m + t->data_offset + off;
+    if (grow(&c->buf, &c->buf_cap, n, err) != 0) return NULL;
+    if (weights_pread(c->w->fds[t->file_index], c->buf, n, t->data_offset + off, err) != 0)
+        return NULL;
+    return c->buf;
+}
+
+/* Done with source bytes [off, off + n) of t: drop them from our mapping so
+ * that the resident set stays one chunk, not the model (the pages stay in
+ * the page cache; touching them again just faults them back in). */
+static void release_at(shard_ctx *c, const mp_tensor *t, size_t n, uint64_t off) {
+    const unsigned char *m = c->maps ? c->maps[t->file_index] : NULL;
+    if (!m || t->data_offset + off + n > c->map_len[t->file_index]) return;
+    uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)(m + t->data_offset + off) & ~(pg - 1);
+    uintptr_t b = (uintptr_t)(m + t->data_offset + off + n);
+    (void)madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
 /* A slice whose data is one contiguous run along dim 0 followed by padding:
@@ -216,9 +253,11 @@ static int stream_piece(shard_ctx *c, const mp_tensor *t, int r0, int r1, mp_err
         /* Replicated: every rank gets every chunk. */
         for (uint64_t off = 0; off < t->nbytes;) {
             size_t n = t->nbytes - off < SHARD_CHUNK ? (size_t)(t->nbytes - off) : SHARD_CHUNK;
-            if (read_at(c, t, c->buf, n, off, err) != 0) return -1;
+            const unsigned char *b = read_at(c, t, n, off, err);
+            if (!b) return -1;
             for (int r = r0; r < r1; r++)
-                if (rank_write(c, r - r0, c->buf, n, err) != 0) return -1;
+                if (rank_write(c, r - r0, b, n, err) != 0) return -1;
+            release_at(c, t, n, off);
             off += n;
             if (cancelled(c)) return mp_err(err, "cancelled", "cancelled");
         }
@@ -239,14 +278,16 @@ static int stream_piece(shard_ctx *c, const mp_tensor *t, int r0, int r1, mp_err
          * forward sweep writes every rank's bytes in order. */
         for (uint64_t off = lo; lo < hi && off < hi;) {
             size_t n = hi - off < SHARD_CHUNK ? (size_t)(hi - off) : SHARD_CHUNK;
-            if (read_at(c, t, c->buf, n, off, err) != 0) return -1;
+            const unsigned char *buf = read_at(c, t, n, off, err);
+            if (!buf) return -1;
             for (int r = r0; r < r1; r++) {
                 uint64_t f, l, p;
                 simple_dim0(&c->sl[r], &f, &l, &p, inner);
                 uint64_t a = f > off ? f : off, b = f + l < off + n ? f + l : off + n;
-                if (l && a < b && rank_write(c, r - r0, c->buf + (a - off), b - a, err) != 0)
+                if (l && a < b && rank_write(c, r - r0, buf + (a - off), b - a, err) != 0)
                     return -1;
             }
+            release_at(c, t, n, off);
             off += n;
             if (cancelled(c)) return mp_err(err, "cancelled", "cancelled");
         }
@@ -262,10 +303,10 @@ static int stream_piece(shard_ctx *c, const mp_tensor *t, int r0, int r1, mp_err
     uint64_t row = inner * (uint64_t)t->shape[s0->dim];
     if (row == 0) return 0;
     uint64_t rows_per = SHARD_CHUNK / row ? SHARD_CHUNK / row : 1;
-    if (grow(&c->buf, &c->buf_cap, rows_per * row, err) != 0) return -1;
     for (uint64_t i = 0; i < outer;) {
         uint64_t k = outer - i < rows_per ? outer - i : rows_per;
-        if (read_at(c, t, c->buf, (size_t)(k * row), i * row, err) != 0) return -1;
+        const unsigned char *buf = read_at(c, t, (size_t)(k * row), i * row, err);
+        if (!buf) return -1;
         for (int r = r0; r < r1; r++) {
             const tp_slice *s = &c->sl[r];
             uint64_t per_row = inner * (uint64_t)s->shape[s0->dim];
@@ -277,11 +318,12 @@ static int stream_piece(shard_ctx *c, const mp_tensor *t, int r0, int r1, mp_err
                     if (s->seg[g].start < 0)
                         memset(o, 0, n);
                     else
-                        memcpy(o, c->buf + j * row + inner * (uint64_t)s->seg[g].start, n);
+                        memcpy(o, buf + j * row + inner * (uint64_t)s->seg[g].start, n);
                     o += n;
                 }
             if (rank_write(c, r - r0, c->gbuf, (size_t)(k * per_row), err) != 0) return -1;
         }
+        release_at(c, t, (size_t)(k * row), i * row);
         i += k;
         if (cancelled(c)) return mp_err(err, "cancelled", "cancelled");
     }
@@ -337,10 +379,15 @@ static int write_part(shard_ctx *c, size_t pi, int r0, int r1, mp_error *err) {
             mp_err(err, "bad_output", "output path too long");
             goto out;
         }
-        c->rf[r - r0].crc = ~0u;
-        c->rf[r - r0].bytes = 0;
-        if (st_writer_open(path, wt, p->count, meta, &c->rf[r - r0].w, err) != 0) goto out;
+        rank_file *f = &c->rf[r - r0];
+        f->crc = ~0u;
+        f->bytes = f->unsynced = 0;
+        f->sync_fd = -1;
+        if (st_writer_open(path, wt, p->count, meta, &f->w, err) != 0) goto out;
         opened++;
+        char tmp[PATH_MAX + 8];
+        snprintf(tmp, sizeof tmp, "%s.tmp", path);
+        f->sync_fd = open(tmp, O_WRONLY | O_CLOEXEC);
     }
     /* Every rank's writer sorts the same names, dtypes and shapes: one order. */
     for (size_t k = 0; k < p->count; k++) {
@@ -367,6 +414,8 @@ static int write_part(shard_ctx *c, size_t pi, int r0, int r1, mp_error *err) {
 out:
     for (int i = 0; i < opened; i++) {
         rank_file *f = &c->rf[i];
+        if (f->sync_fd >= 0) close(f->sync_fd);
+        f->sync_fd = -1;
         if (rc == 0) {
             char path[PATH_MAX], name[NAME_MAX + 1];
             part_path(c, r0 + i, pi, path, sizeof path);
@@ -421,14 +470,32 @@ static int verify_file(shard_ctx *c, int rank, size_t pi, uint32_t want_crc, mp_
         if (t->nbytes && t->data_offset + t->data_bytes > hi) hi = t->data_offset + t->data_bytes;
     }
     uint32_t crc = ~0u;
-    for (uint64_t off = lo; rc == 0 && lo < hi && off < hi;) {
-        size_t n = hi - off < SHARD_CHUNK ? (size_t)(hi - off) : SHARD_CHUNK;
-        if (weights_pread(w.fds[0], c->buf, n, off, err) != 0) {
-            rc = -1;
-            break;
+    void *map = MAP_FAILED;
+    if (rc == 0 && lo < hi)
+        map = mmap(NULL, (size_t)hi, PROT_READ, MAP_SHARED, w.fds[0], 0);
+    if (map != MAP_FAILED) {
+        (void)madvise(map, (size_t)hi, MADV_SEQUENTIAL);
+        const unsigned char *m = map;
+        for (uint64_t off = lo; off < hi;) {
+            /* windows dropped as they are done: the resident set stays small */
+            uint64_t end = (off | (SHARD_CHUNK - 1)) + 1 < hi ? (off | (SHARD_CHUNK - 1)) + 1 : hi;
+            crc = crc_update(crc, m + off, (size_t)(end - off));
+            uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+            uintptr_t a = (uintptr_t)(m + off) & ~(pg - 1);
+            (void)madvise((void *)a, (uintptr_t)(m + end) - a, MADV_DONTNEED);
+            off = end;
         }
-        crc = crc_update(crc, c->buf, n);
-        off += n;
+        munmap(map, (size_t)hi);
+    } else {
+        for (uint64_t off = lo; rc == 0 && lo < hi && off < hi;) {
+            size_t n = hi - off < SHARD_CHUNK ? (size_t)(hi - off) : SHARD_CHUNK;
+            if (weights_pread(w.fds[0], c->buf, n, off, err) != 0) {
+                rc = -1;
+                break;
+            }
+            crc = crc_update(crc, c->buf, n);
+            off += n;
+        }
     }
     if (rc == 0 && ~crc != want_crc)
         rc = mp_err(err, "verify_failed", "%s: data CRC-32C %08x, wrote %08x", path, ~crc,
@@ -524,6 +591,37 @@ static const char *commit_of(const char *dir) {
     return b;
 }
 
+/* Maps every source file (best effort: a file that cannot be mapped is
+ * read with pread). */
+static void map_sources(shard_ctx *c) {
+    c->maps = calloc(c->w->nfiles ? c->w->nfiles : 1, sizeof *c->maps);
+    c->map_len = calloc(c->w->nfiles ? c->w->nfiles : 1, sizeof *c->map_len);
+    if (!c->maps || !c->map_len) {
+        free(c->maps);
+        free(c->map_len);
+        c->maps = NULL;
+        c->map_len = NULL;
+        return;
+    }
+    for (uint32_t i = 0; i < c->w->nfiles; i++) {
+        struct stat st;
+        if (fstat(c->w->fds[i], &st) != 0 || st.st_size <= 0 || (uint64_t)st.st_size > SIZE_MAX)
+            continue;
+        void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, c->w->fds[i], 0);
+        if (m == MAP_FAILED) continue;
+        c->maps[i] = m;
+        c->map_len[i] = (uint64_t)st.st_size;
+    }
+}
+
+static void unmap_sources(shard_ctx *c) {
+    for (uint32_t i = 0; c->maps && i < c->w->nfiles; i++)
+        if (c->maps[i]) munmap((void *)c->maps[i], (size_t)c->map_len[i]);
+    free(c->maps);
+    free(c->map_len);
+    c->maps = NULL;
+}
+
 /* ------------------------------------------------------------------------ */
 
 static double now_s(void) {
@@ -553,6 +651,7 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
         goto out;
     }
     if (weights_open(o->model_dir, &c.w, err) != 0) goto out;
+    map_sources(&c);
     if (tp_layout_build(&c.cfg, c.w->tensors, c.w->ntensors, o->tp, o->naming, &c.lay, err) != 0)
         goto out;
     if (c.lay.ntargets == 0) {
@@ -705,6 +804,7 @@ out:
     free(c.rf);
     free(c.parts);
     tp_layout_free(&c.lay);
+    unmap_sources(&c);
     if (c.w) weights_close(c.w);
     return rc;
 }

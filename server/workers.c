@@ -195,7 +195,14 @@ static void finish(mp_task *t, const char *now) {
     } else {
         json_object_set_new(doc, "finished_at", json_string(now));
         json_t *p = progress_json(t);
-        if (p) json_object_set_new(doc, "progress", p);
+        if (p) {
+            json_object_set(doc, "progress", p);
+            /* The history keeps the final progress, so a stream opened after
+             * the end still shows where the job got to. */
+            json_object_set_new(p, "id", json_string(t->info.id));
+            jobs_publish(srv, t->info.id, "progress", p, true);
+            json_decref(p);
+        }
     }
     jobs_publish_state(srv, doc);
     if (srv->metrics && !requeue)

@@ -122,9 +122,14 @@
 
   /* ---- state updates ------------------------------------------------------ */
 
+  const RANK = { queued: 0, running: 1, succeeded: 2, failed: 2, cancelled: 2 };
+
+  /* Job objects reach us by several paths (a POST's answer, the list, the
+   * stream) in no fixed order; never let an older one undo a newer one. */
   function upsertJob(doc) {
     if (!doc || !doc.id) return;
     const old = st.jobs.get(doc.id);
+    if (old && (RANK[doc.state] || 0) < (RANK[old.state] || 0)) return;
     /* A state event is the whole job; keep a fresher progress we already have. */
     st.jobs.set(doc.id, Object.assign({}, old || {}, doc));
     if (doc.type === "warm_load" && doc.state === "succeeded" && doc.result &&
@@ -155,12 +160,7 @@
   async function loadJobs() {
     const r = await api("GET", "/v1/jobs?limit=100");
     if (r.status !== 200) return;
-    for (const j of r.doc.jobs || []) {
-      const cur = st.jobs.get(j.id);
-      /* Do not go back: the stream may already have told us of a later state. */
-      if (cur && FINAL.has(cur.state) && !FINAL.has(j.state)) continue;
-      upsertJob(j);
-    }
+    for (const j of r.doc.jobs || []) upsertJob(j);
   }
 
   async function loadResidents() {
@@ -342,8 +342,8 @@
       el("td", { class: "mono", text: r.id }),
       el("td", { class: "mono", text: r.model }),
       el("td", {}, el("span", { class: "state", "data-state": r.state, text: r.state })),
-      el("td", { text: fmtBytes(r.bytes) }),
-      el("td", { text: (r.devices || []).map((d) => "#" + d.index + " " + fmtBytes(d.bytes)).join(", ") }),
+      el("td", { class: "num", text: fmtBytes(r.bytes) }),
+      el("td", { class: "num", text: (r.devices || []).map((d) => "#" + d.index + " " + fmtBytes(d.bytes)).join(", ") }),
       el("td", {}, r.state === "resident"
         ? el("button", { type: "button", class: "danger unload", onclick: () => unload(r.id), text: "Unload" })
         : null)));
@@ -482,6 +482,7 @@
     $("auth").hidden = true;
     $("app").hidden = false;
     $("forget-token").hidden = !st.token;
+    drawChart(); /* now that the canvas has a size */
     if (st.started) return;
     st.started = true;
     runStream();
@@ -490,6 +491,6 @@
   $("job-hint").textContent = HINTS[$("job-type").value] || "";
   setInterval(() => { if (st.started) loadDevices().catch(ignoreAuth); }, 3000);
   setInterval(() => { if (st.started) sampleThroughput(); }, 1000);
-  drawChart();
+  window.addEventListener("resize", drawChart);
   start();
 })();

@@ -58,6 +58,7 @@ def screenshot(drv, name):
     os.makedirs(BUILD, exist_ok=True)
     path = os.path.join(BUILD, name)
     # The whole page, not just the window.
+    drv.execute_script("window.scrollTo(0, 0)")
     h = drv.execute_script("return document.documentElement.scrollHeight")
     drv.set_window_size(1400, max(900, min(int(h) + 40, 4000)))
     assert drv.save_screenshot(path)
