@@ -42,12 +42,14 @@ cat "$f" >/dev/null
 declare -A r
 while read -r k v; do r[$k]=$v; done < <("$work/warm_load_bench" "$work/model" "$f" "$REPS")
 awk -v fb="${r[file_bytes]}" -v tb="${r[tensor_bytes]}" -v plain="${r[plain_read_s]}" \
-    -v ld="${r[load_s]}" -v sg="${r[load_staged_s]}" -v rd="${r[readers]}" -v al="${r[alloc_s]}" 'BEGIN {
+    -v fr="${r[plain_fresh_s]}" -v ld="${r[load_s]}" -v sg="${r[load_staged_s]}" -v rd="${r[readers]}" -v al="${r[alloc_s]}" 'BEGIN {
   g = 1e9
   printf "warm_load: %.2f GB of tensors (file %.2f GB) to one host device, page cache warm, best of runs\n", tb / g, fb / g
   printf "  plain read()              %7.3f s  %6.2f GB/s\n", plain, fb / g / plain
+  printf "  plain read(), fresh buffer %5.3f s  %6.2f GB/s\n", fr, fb / g / fr
   printf "  warm_load (%d readers)     %7.3f s  %6.2f GB/s  (arena allocation %.3f s of it)\n", rd, ld, tb / g / ld, al
   printf "  warm_load, staged ring    %7.3f s  %6.2f GB/s\n", sg, tb / g / sg
   printf "  ratio warm_load/plain read: %.2fx (goal >= 0.9)\n", (tb / ld) / (fb / plain)
+  printf "  ratio warm_load/plain read into a fresh buffer: %.2fx\n", (tb / ld) / (fb / fr)
   printf "  ratio staged/plain read:    %.2fx\n", (tb / sg) / (fb / plain)
 }'

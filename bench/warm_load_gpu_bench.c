@@ -49,8 +49,8 @@ static int check_tensor(const load_source *src, const load_item *it, gpu_arena *
     unsigned char *x = malloc(n ? n : 1), *y = malloc(n ? n : 1);
     int rc = -1;
     if (x && y && gpu_read(a, it->offset, x, n, err) == 0 &&
-        weights_pread(src->files[it->file].w->fds[it->src->file_index], y, n,
-                      it->src->data_offset, err) == 0)
+        weights_pread(src->files[it->file].w->fds[it->src->file_index], y, n, it->src->data_offset,
+                      err) == 0)
         rc = memcmp(x, y, n) == 0 ? 0 : mp_err(err, "mismatch", "%s differs", it->src->name);
     free(x);
     free(y);
@@ -72,7 +72,8 @@ int main(int argc, char **argv) {
     }
     gpu_device_info info;
     gpu_device_info_get(g, 0, &info, &err);
-    printf("figure: device 0 %s, %llu bytes free\n", info.name, (unsigned long long)info.free_bytes);
+    printf("figure: device 0 %s, %llu bytes free\n", info.name,
+           (unsigned long long)info.free_bytes);
     double best_load = 1e9, best_pipe = 1e9, best_peer = 1e9;
     uint64_t bytes = 0;
     load_stats st = {0};
@@ -104,7 +105,8 @@ int main(int argc, char **argv) {
         if (r == 0) /* first, middle and last tensors: the bytes arrived */
             for (size_t k = 0; k < plan.nitems; k += plan.nitems / 3 ? plan.nitems / 3 : 1)
                 if (check_tensor(&src, &plan.items[k], arenas[0], &err) != 0) fails++;
-        for (int d = 0; d < GPU_MAX_DEVICES; d++) gpu_arena_free(arenas[d]);
+        for (int d = 0; d < GPU_MAX_DEVICES; d++)
+            gpu_arena_free(arenas[d]);
         load_plan_free(&plan);
         load_source_free(&src);
         double p = pinned_copy(g, bytes, &err);
@@ -119,8 +121,10 @@ int main(int argc, char **argv) {
     double gb = 1e9;
     printf("figure: bytes %.2f GB, readers %d, %d slots of %llu bytes\n", bytes / gb, st.readers,
            st.slots, (unsigned long long)st.slot_bytes);
-    printf("figure: pinned cudaMemcpy (peer) %.3f s %.2f GB/s\n", best_peer, bytes / gb / best_peer);
-    printf("figure: warm_load total          %.3f s %.2f GB/s\n", best_load, bytes / gb / best_load);
+    printf("figure: pinned cudaMemcpy (peer) %.3f s %.2f GB/s\n", best_peer,
+           bytes / gb / best_peer);
+    printf("figure: warm_load total          %.3f s %.2f GB/s\n", best_load,
+           bytes / gb / best_load);
     printf("figure: warm_load pipeline       %.3f s %.2f GB/s (alloc %.3f s)\n", best_pipe,
            bytes / gb / best_pipe, st.alloc_s);
     printf("figure: ratio warm_load/pinned = %.2f (goal >= 0.85), pipeline only %.2f\n",

@@ -51,7 +51,8 @@ static int parse_params(const json_t *p, wl_params *w, mp_error *err) {
     json_t *devs = json_object_get(p, "devices");
     w->ndevices = devs ? (int)json_array_size(devs) : 0;
     if (w->ndevices > GPU_MAX_DEVICES)
-        return mp_err_field(err, "params.devices", "out_of_range", "at most %d devices", GPU_MAX_DEVICES);
+        return mp_err_field(err, "params.devices", "out_of_range", "at most %d devices",
+                            GPU_MAX_DEVICES);
     for (int i = 0; i < w->ndevices; i++) {
         w->devices[i] = (int)json_integer_value(json_array_get(devs, (size_t)i));
         for (int j = 0; j < i; j++)
@@ -62,12 +63,14 @@ static int parse_params(const json_t *p, wl_params *w, mp_error *err) {
     json_t *tp = json_object_get(p, "tp_size");
     w->tp_size = tp ? (int)json_integer_value(tp) : (w->ndevices ? w->ndevices : 1);
     if (w->tp_size < 1 || w->tp_size > GPU_MAX_DEVICES)
-        return mp_err_field(err, "params.tp_size", "out_of_range", "tp_size must be 1..%d", GPU_MAX_DEVICES);
+        return mp_err_field(err, "params.tp_size", "out_of_range", "tp_size must be 1..%d",
+                            GPU_MAX_DEVICES);
     if (w->ndevices && w->ndevices != w->tp_size)
         return mp_err_field(err, "params.devices", "bad_value",
                             "devices must list tp_size (%d) devices", w->tp_size);
     if (!w->ndevices)
-        for (int i = 0; i < w->tp_size; i++) w->devices[i] = i;
+        for (int i = 0; i < w->tp_size; i++)
+            w->devices[i] = i;
     w->key_file = json_string_value(json_object_get(p, "decryption_key_file"));
     w->low = -1e-3f;
     w->high = 1e-3f;
@@ -79,7 +82,8 @@ static int parse_params(const json_t *p, wl_params *w, mp_error *err) {
         json_object_foreach(d, k, v) {
             if (!strcmp(k, "low") || !strcmp(k, "high")) {
                 if (!json_is_number(v) || !isfinite(json_number_value(v)))
-                    return mp_err_field(err, "params.dummy", "bad_type", "dummy.%s must be a number", k);
+                    return mp_err_field(err, "params.dummy", "bad_type",
+                                        "dummy.%s must be a number", k);
                 *(!strcmp(k, "low") ? &w->low : &w->high) = (float)json_number_value(v);
             } else if (!strcmp(k, "seed")) {
                 if (!json_is_integer(v) || json_integer_value(v) < 0)
@@ -87,11 +91,13 @@ static int parse_params(const json_t *p, wl_params *w, mp_error *err) {
                                         "dummy.seed must be a non-negative integer");
                 w->seed = (uint64_t)json_integer_value(v);
             } else {
-                return mp_err_field(err, "params.dummy", "unknown_field", "unknown key dummy.%s", k);
+                return mp_err_field(err, "params.dummy", "unknown_field", "unknown key dummy.%s",
+                                    k);
             }
         }
         if (!(w->low <= w->high))
-            return mp_err_field(err, "params.dummy", "bad_value", "dummy.low must be <= dummy.high");
+            return mp_err_field(err, "params.dummy", "bad_value",
+                                "dummy.low must be <= dummy.high");
     }
     json_t *kr = json_object_get(p, "keep_resident");
     w->keep_resident = kr ? json_is_true(kr) : true;
@@ -108,8 +114,8 @@ static int parse_params(const json_t *p, wl_params *w, mp_error *err) {
 /* The key file, confined like models (loader/st_crypt.h). */
 static int key_path(const mp_task_info *in, const char *given, char *out, mp_error *err) {
     return stc_key_resolve(given, in->model_path, in->env ? in->env->data_dir : NULL,
-                           in->env ? in->env->model_roots : NULL, "params.decryption_key_file",
-                           out, err);
+                           in->env ? in->env->model_roots : NULL, "params.decryption_key_file", out,
+                           err);
 }
 
 static int wl_validate(const mp_task_info *in, mp_error *err) {
@@ -128,7 +134,8 @@ static int wl_validate(const mp_task_info *in, mp_error *err) {
         for (int i = 0; i < w.ndevices; i++)
             if (w.devices[i] >= n)
                 return mp_err_field(err, "params.devices", "out_of_range",
-                                    "device %d does not exist (the server has %d)", w.devices[i], n);
+                                    "device %d does not exist (the server has %d)", w.devices[i],
+                                    n);
     }
     return 0;
 }
@@ -157,19 +164,18 @@ static json_t *build_result(const load_source *src, const load_plan *plan, const
                                               (json_int_t)st->free_after[d]));
     }
     double secs = st->pipeline_s > 0 ? st->pipeline_s : 1e-9;
-    return json_pack("{s:s,s:I,s:I,s:I,s:i,s:s,s:b,s:b,s:{s:f,s:f,s:f,s:f,s:f,s:f,s:f},"
-                     "s:f,s:o,s:I,s:{s:i,s:i,s:I,s:b}}",
-                     "load_format", load_format_name(src->format), "bytes",
-                     (json_int_t)plan->total_bytes, "tensors", (json_int_t)plan->nitems,
-                     "bytes_read", (json_int_t)st->bytes_read, "tp_size", w->tp_size, "dtype",
-                     w->dtype == MP_DT_INVALID ? "keep" : mp_dtype_name(w->dtype), "encrypted",
-                     src->encrypted, "keep_resident", w->keep_resident, "timings", "plan_s",
-                     plan_s, "open_s", open_s, "alloc_s", st->alloc_s, "read_s", st->read_s,
-                     "copy_s", st->copy_s, "pipeline_s", st->pipeline_s, "total_s", total_s,
-                     "throughput_bytes_per_s", (double)plan->total_bytes / secs, "devices", devs,
-                     "peak_host_bytes", (json_int_t)st->peak_host_bytes, "staging", "readers",
-                     st->readers, "slots", st->slots, "slot_bytes", (json_int_t)st->slot_bytes,
-                     "direct_io", w->direct_io);
+    return json_pack(
+        "{s:s,s:I,s:I,s:I,s:i,s:s,s:b,s:b,s:{s:f,s:f,s:f,s:f,s:f,s:f,s:f},"
+        "s:f,s:o,s:I,s:{s:i,s:i,s:I,s:b}}",
+        "load_format", load_format_name(src->format), "bytes", (json_int_t)plan->total_bytes,
+        "tensors", (json_int_t)plan->nitems, "bytes_read", (json_int_t)st->bytes_read, "tp_size",
+        w->tp_size, "dtype", w->dtype == MP_DT_INVALID ? "keep" : mp_dtype_name(w->dtype),
+        "encrypted", src->encrypted, "keep_resident", w->keep_resident, "timings", "plan_s", plan_s,
+        "open_s", open_s, "alloc_s", st->alloc_s, "read_s", st->read_s, "copy_s", st->copy_s,
+        "pipeline_s", st->pipeline_s, "total_s", total_s, "throughput_bytes_per_s",
+        (double)plan->total_bytes / secs, "devices", devs, "peak_host_bytes",
+        (json_int_t)st->peak_host_bytes, "staging", "readers", st->readers, "slots", st->slots,
+        "slot_bytes", (json_int_t)st->slot_bytes, "direct_io", w->direct_io);
 }
 
 static int make_resident(const mp_task_info *in, const load_plan *plan, gpu_arena **arenas,
@@ -204,12 +210,14 @@ static int make_resident(const mp_task_info *in, const load_plan *plan, gpu_aren
     }
     if (!ok) {
         /* res_add frees a spec it is handed even on failure; free it here. */
-        for (size_t i = 0; i < sp.ntensors; i++) free(sp.tensors[i].name);
+        for (size_t i = 0; i < sp.ntensors; i++)
+            free(sp.tensors[i].name);
         free(sp.tensors);
         free(sp.model);
         free(sp.revision);
         json_decref(sp.load);
-        for (int d = 0; d < GPU_MAX_DEVICES; d++) gpu_arena_free(sp.arenas[d]);
+        for (int d = 0; d < GPU_MAX_DEVICES; d++)
+            gpu_arena_free(sp.arenas[d]);
         return mp_err(err, "no_memory", "out of memory");
     }
     return res_add(in->env->residents, &sp, id, err);
@@ -228,8 +236,7 @@ static int wl_run(mp_task *t) {
         if (w.devices[i] < 0 || w.devices[i] >= ndev)
             return task_fail(t, "device_unavailable", "device %d does not exist (%d devices)",
                              w.devices[i], ndev);
-    if (w.keep_resident && !in->env->residents)
-        return task_fail(t, "internal", "no resident set");
+    if (w.keep_resident && !in->env->residents) return task_fail(t, "internal", "no resident set");
 
     unsigned char key[STC_KEY_BYTES];
     bool have_key = false;
@@ -257,7 +264,9 @@ static int wl_run(mp_task *t) {
 
     double p0 = time_mono();
     load_plan plan;
-    load_plan_opts po = {.tp_size = w.tp_size, .devices = w.devices, .dtype = w.dtype,
+    load_plan_opts po = {.tp_size = w.tp_size,
+                         .devices = w.devices,
+                         .dtype = w.dtype,
                          .dummy = w.format == LOAD_FMT_DUMMY};
     if (load_plan_build(&src, &po, &plan, &err) != 0) {
         load_source_free(&src);
@@ -267,10 +276,16 @@ static int wl_run(mp_task *t) {
     double plan_s = time_mono() - p0;
 
     wl_cb cb = {t};
-    load_run_opts ro = {.staging_bytes = w.staging_bytes, .readers = w.readers,
-                        .direct_io = w.direct_io, .host_direct = w.host_direct,
-                        .key = have_key ? key : NULL, .dummy_low = w.low, .dummy_high = w.high,
-                        .dummy_seed = w.seed, .cb = &cb, .cancelled = cb_cancelled,
+    load_run_opts ro = {.staging_bytes = w.staging_bytes,
+                        .readers = w.readers,
+                        .direct_io = w.direct_io,
+                        .host_direct = w.host_direct,
+                        .key = have_key ? key : NULL,
+                        .dummy_low = w.low,
+                        .dummy_high = w.high,
+                        .dummy_seed = w.seed,
+                        .cb = &cb,
+                        .cancelled = cb_cancelled,
                         .progress = cb_progress};
     gpu_arena *arenas[GPU_MAX_DEVICES];
     load_stats st;
@@ -286,17 +301,19 @@ static int wl_run(mp_task *t) {
     rc = 0;
     if (!result) {
         rc = mp_err(&err, "no_memory", "out of memory");
-        for (int d = 0; d < GPU_MAX_DEVICES; d++) gpu_arena_free(arenas[d]);
+        for (int d = 0; d < GPU_MAX_DEVICES; d++)
+            gpu_arena_free(arenas[d]);
     } else if (w.keep_resident) {
         char id[32];
         rc = make_resident(in, &plan, arenas, result, id, &err);
         if (rc == 0) json_object_set_new(result, "resident_id", json_string(id));
     } else {
-        for (int d = 0; d < GPU_MAX_DEVICES; d++) gpu_arena_free(arenas[d]);
+        for (int d = 0; d < GPU_MAX_DEVICES; d++)
+            gpu_arena_free(arenas[d]);
         json_object_set_new(result, "resident_id", json_null());
     }
-    task_log(t, "info", "%llu bytes in %zu tensors, %.3f s",
-             (unsigned long long)plan.total_bytes, plan.nitems, total_s);
+    task_log(t, "info", "%llu bytes in %zu tensors, %.3f s", (unsigned long long)plan.total_bytes,
+             plan.nitems, total_s);
     load_plan_free(&plan);
     load_source_free(&src);
     if (rc != 0) {

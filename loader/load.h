@@ -52,18 +52,18 @@ const char *load_format_name(load_format f);
 /* ---- sources ---- */
 
 typedef struct load_file {
-    mp_weights *w;     /* one opened weight file (or an npcache dir) */
-    int rank;          /* sharded_state: the rank the file belongs to; else -1 */
-    stc_file crypt;    /* encryption parameters (crypt.encrypted false when plain) */
-    int *dio_fds;      /* O_DIRECT fds per w->files entry, -1 where unavailable */
+    mp_weights *w;  /* one opened weight file (or an npcache dir) */
+    int rank;       /* sharded_state: the rank the file belongs to; else -1 */
+    stc_file crypt; /* encryption parameters (crypt.encrypted false when plain) */
+    int *dio_fds;   /* O_DIRECT fds per w->files entry, -1 where unavailable */
 } load_file;
 
 typedef struct load_source {
     load_format format; /* resolved: never AUTO; DUMMY keeps the headers' shapes */
     load_file *files;
     size_t nfiles;
-    json_t *config;     /* config.json of the model dir, or NULL */
-    bool encrypted;     /* at least one file is */
+    json_t *config; /* config.json of the model dir, or NULL */
+    bool encrypted; /* at least one file is */
 } load_source;
 
 /* Opens the weights of model_dir in format fmt (AUTO: *.safetensors (only
@@ -100,32 +100,32 @@ typedef struct load_slice {
 } load_slice;
 
 typedef struct load_item {
-    uint32_t file;           /* index into src->files */
-    const mp_tensor *src;    /* borrowed from that file's weights */
+    uint32_t file;        /* index into src->files */
+    const mp_tensor *src; /* borrowed from that file's weights */
     load_kind kind;
-    int rank, device;        /* device: index in the gpu set */
-    mp_dtype out_dtype;      /* MP_DT_GGML for blocks kept as they are */
+    int rank, device;   /* device: index in the gpu set */
+    mp_dtype out_dtype; /* MP_DT_GGML for blocks kept as they are */
     int ggml_type;
     int ndim;
     int64_t shape[MP_MAX_DIMS]; /* output shape */
     load_slice slice;
-    uint64_t offset, bytes;  /* in the device's arena */
+    uint64_t offset, bytes; /* in the device's arena */
 } load_item;
 
 typedef struct load_plan {
     load_item *items;
     size_t nitems;
     int tp_size;
-    int devices[GPU_MAX_DEVICES]; /* rank -> device index */
+    int devices[GPU_MAX_DEVICES];          /* rank -> device index */
     uint64_t arena_bytes[GPU_MAX_DEVICES]; /* by device index */
     uint64_t total_bytes;
 } load_plan;
 
 typedef struct load_plan_opts {
-    int tp_size;             /* >= 1 */
-    const int *devices;      /* rank -> device index (tp_size entries) */
-    mp_dtype dtype;          /* MP_DT_INVALID keeps each tensor's dtype */
-    bool dummy;              /* fill instead of reading */
+    int tp_size;        /* >= 1 */
+    const int *devices; /* rank -> device index (tp_size entries) */
+    mp_dtype dtype;     /* MP_DT_INVALID keeps each tensor's dtype */
+    bool dummy;         /* fill instead of reading */
 } load_plan_opts;
 
 /* Errors: "bad_request" (a dtype that cannot be cast, a tensor the tp
@@ -152,8 +152,8 @@ typedef struct load_run_opts {
 
 typedef struct load_stats {
     double read_s, copy_s, pipeline_s, alloc_s; /* read_s/copy_s: summed over threads */
-    uint64_t bytes_read;      /* from files */
-    uint64_t peak_host_bytes; /* staging + scratch + materialized views */
+    uint64_t bytes_read;                        /* from files */
+    uint64_t peak_host_bytes;                   /* staging + scratch + materialized views */
     uint64_t free_before[GPU_MAX_DEVICES], free_after[GPU_MAX_DEVICES];
     int readers, slots;
     uint64_t slot_bytes;
@@ -164,8 +164,7 @@ typedef struct load_stats {
  * itself) and fills it. On success arenas[dev] hold the weights (caller
  * owns them); on any failure or cancel ("cancelled") nothing is left
  * allocated. */
-int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan,
-             const load_run_opts *o, gpu_arena *arenas[GPU_MAX_DEVICES], load_stats *st,
-             mp_error *err);
+int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan, const load_run_opts *o,
+             gpu_arena *arenas[GPU_MAX_DEVICES], load_stats *st, mp_error *err);
 
 #endif

@@ -49,7 +49,8 @@ static int cmp_tref_pos(const void *a, const void *b) {
     const tref *x = a, *y = b;
     if (x->file != y->file) return x->file < y->file ? -1 : 1;
     if (x->t->file_index != y->t->file_index) return x->t->file_index < y->t->file_index ? -1 : 1;
-    if (x->t->data_offset != y->t->data_offset) return x->t->data_offset < y->t->data_offset ? -1 : 1;
+    if (x->t->data_offset != y->t->data_offset)
+        return x->t->data_offset < y->t->data_offset ? -1 : 1;
     return strcmp(x->t->name, y->t->name);
 }
 
@@ -68,8 +69,8 @@ static int cmp_nref(const void *a, const void *b) {
  * (loader/tp_rules.h) under HF naming: each tensor keeps its checkpoint
  * name, a rank gets exactly the bytes SGLang's layer would hold. *dropped:
  * the rules keep nothing of it (rotary inv_freq). */
-static int plan_tp_slice(const tp_model_cfg *cfg, const mp_tensor *t, int tp, int rank, load_slice *sl,
-                    int64_t *out_shape, bool *dropped, mp_error *err) {
+static int plan_tp_slice(const tp_model_cfg *cfg, const mp_tensor *t, int tp, int rank,
+                         load_slice *sl, int64_t *out_shape, bool *dropped, mp_error *err) {
     memcpy(out_shape, t->shape, sizeof t->shape);
     sl->dim = -1;
     sl->nseg = 0;
@@ -105,7 +106,8 @@ int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *
     int tp = o->tp_size;
     if (tp < 1 || tp > GPU_MAX_DEVICES) return mp_err(err, "bad_request", "tp_size out of range");
     plan->tp_size = tp;
-    for (int r = 0; r < tp; r++) plan->devices[r] = o->devices[r];
+    for (int r = 0; r < tp; r++)
+        plan->devices[r] = o->devices[r];
     if (o->dtype != MP_DT_INVALID && !is_target(o->dtype))
         return mp_err(err, "bad_request", "dtype must be bf16, fp16 or fp32");
     bool sharded = src->format == LOAD_FMT_SHARDED_STATE;
@@ -125,7 +127,8 @@ int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *
         }
     }
     size_t n = 0;
-    for (size_t f = 0; f < src->nfiles; f++) n += src->files[f].w->ntensors;
+    for (size_t f = 0; f < src->nfiles; f++)
+        n += src->files[f].w->ntensors;
     tref *refs = calloc(n ? n : 1, sizeof *refs);
     nref *names = calloc(n ? n : 1, sizeof *names);
     if (!refs || !names) {
@@ -179,8 +182,10 @@ int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *
                 }
             } else {
                 if (want && castable_from(t->dtype)) it->out_dtype = o->dtype;
-                if (o->dummy) it->kind = is_target(it->out_dtype) ? LOAD_K_DUMMY : LOAD_K_ZERO;
-                else it->kind = contiguous_view(t) ? LOAD_K_FILE : LOAD_K_VIEW;
+                if (o->dummy)
+                    it->kind = is_target(it->out_dtype) ? LOAD_K_DUMMY : LOAD_K_ZERO;
+                else
+                    it->kind = contiguous_view(t) ? LOAD_K_FILE : LOAD_K_VIEW;
             }
             if (sharded || t->dtype == MP_DT_GGML) {
                 memcpy(it->shape, t->shape, sizeof t->shape);

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <fnmatch.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +19,7 @@
 #include "loader/load.h"
 #include "loader/npy.h"
 #include "loader/safetensors.h"
+#include "loader/tp_rules.h"
 #include "util/fsutil.h"
 
 #define LOAD_MAX_FILES 100000
@@ -41,7 +43,8 @@ typedef struct namelist {
 } namelist;
 
 static void names_free(namelist *l) {
-    for (size_t i = 0; i < l->n; i++) free(l->v[i]);
+    for (size_t i = 0; i < l->n; i++)
+        free(l->v[i]);
     free(l->v);
     l->v = NULL;
     l->n = 0;
@@ -97,8 +100,10 @@ static int glob_top(const char *dir, const char *pattern, namelist *out, mp_erro
 static void drop_if(namelist *l, bool (*pred)(const char *)) {
     size_t k = 0;
     for (size_t i = 0; i < l->n; i++) {
-        if (pred(l->v[i])) free(l->v[i]);
-        else l->v[k++] = l->v[i];
+        if (pred(l->v[i]))
+            free(l->v[i]);
+        else
+            l->v[k++] = l->v[i];
     }
     l->n = k;
 }
@@ -113,8 +118,10 @@ static int filter_by_index(const char *dir, namelist *l, mp_error *err) {
     size_t k = 0;
     for (size_t i = 0; i < l->n; i++) {
         bool keep = bsearch(&l->v[i], idx.files, idx.nfiles, sizeof *idx.files, cmp_str) != NULL;
-        if (keep) l->v[k++] = l->v[i];
-        else free(l->v[i]);
+        if (keep)
+            l->v[k++] = l->v[i];
+        else
+            free(l->v[i]);
     }
     l->n = k;
     st_index_free(&idx);
@@ -193,7 +200,8 @@ static int open_sharded(load_source *src, const char *dir, int tp, mp_error *err
     bool more = extra.n > 0;
     names_free(&extra);
     if (rc != 0) return -1;
-    if (more) return mp_err(err, "bad_request", "the checkpoint has more ranks than tp_size %d", tp);
+    if (more)
+        return mp_err(err, "bad_request", "the checkpoint has more ranks than tp_size %d", tp);
     return 0;
 }
 
@@ -219,6 +227,102 @@ static int pick_auto(const char *dir, namelist *l, load_format *fmt_out, mp_erro
     return mp_err(err, "not_found", "cannot find any model weights under %s", dir);
 }
 
+static void load_config(load_source *src, const char *dir) {
+    if (src->config) return;
+    char cpath[PATH_MAX];
+    snprintf(cpath, sizeof cpath, "%s/config.json", dir);
+    src->config = json_load_file(cpath, 0, NULL);
+    if (src->config && !json_is_object(src->config)) {
+        json_decref(src->config);
+        src->config = NULL;
+    }
+}
+
+static int synth_add(mp_weights *w, mp_dtype dt, int64_t d0, int64_t d1, mp_error *err,
+                     const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+static int synth_add(mp_weights *w, mp_dtype dt, int64_t d0, int64_t d1, mp_error *err,
+                     const char *fmt, ...) {
+    mp_tensor *t = weights_add_tensor(w, err);
+    if (!t) return -1;
+    char name[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    t->name = strdup(name);
+    t->dtype = dt;
+    t->ndim = d1 > 0 ? 2 : 1;
+    t->shape[0] = d0;
+    t->shape[1] = d1 > 0 ? d1 : 0;
+    mp_tensor_set_contiguous(t);
+    if (!t->name || !mp_tensor_bytes(dt, t->shape, t->ndim, &t->nbytes))
+        return mp_err(err, "bad_config", "config.json gives unusable sizes");
+    t->data_bytes = t->nbytes;
+    return 0;
+}
+
+/* A dummy load of a model without weight files: the HF tensor list of a
+ * dense llama-family model (llama, mistral, qwen2, qwen3), sized from
+ * config.json, in torch_dtype (bf16 when absent). Nothing is ever read. */
+static int synth_from_config(load_source *src, mp_error *err) {
+    tp_model_cfg c;
+    if (!src->config || tp_config_from_json(src->config, &c, err) != 0)
+        return mp_err(err, "not_found",
+                      "dummy needs the checkpoint's headers or config.json for shapes");
+    if ((c.family != TP_FAM_LLAMA && c.family != TP_FAM_QWEN2 && c.family != TP_FAM_QWEN3) ||
+        c.num_layers < 1 || c.num_layers > 100000 || c.hidden_size < 1 || c.num_heads < 1 ||
+        c.num_kv_heads < 1 || c.head_dim < 1 || c.intermediate_size < 1 || c.vocab_size < 1)
+        return mp_err(err, "not_found",
+                      "no weight files, and config.json is not a dense llama-family model to "
+                      "derive shapes from");
+    const char *td = json_string_value(json_object_get(src->config, "torch_dtype"));
+    mp_dtype dt = td && !strcmp(td, "float32")   ? MP_DT_F32
+                  : td && !strcmp(td, "float16") ? MP_DT_F16
+                                                 : MP_DT_BF16;
+    mp_weights *w = calloc(1, sizeof *w);
+    if (!w) return mp_err(err, "no_memory", "out of memory");
+    int64_t h = c.hidden_size, q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+    int64_t in = c.intermediate_size;
+    int rc = synth_add(w, dt, c.vocab_size, h, err, "model.embed_tokens.weight");
+    for (int64_t l = 0; rc == 0 && l < c.num_layers; l++) {
+        const char *a = "model.layers.%lld.self_attn.", *m = "model.layers.%lld.mlp.";
+        char f[128];
+        long long L = (long long)l;
+#define ADD(fmt_tail, base, d0, d1)                                                                \
+    do {                                                                                           \
+        snprintf(f, sizeof f, "%s%s", base, fmt_tail);                                             \
+        if (rc == 0) rc = synth_add(w, dt, d0, d1, err, f, L);                                     \
+    } while (0)
+        ADD("q_proj.weight", a, q, h);
+        ADD("k_proj.weight", a, kv, h);
+        ADD("v_proj.weight", a, kv, h);
+        ADD("o_proj.weight", a, h, q);
+        if (c.family == TP_FAM_QWEN2) {
+            ADD("q_proj.bias", a, q, 0);
+            ADD("k_proj.bias", a, kv, 0);
+            ADD("v_proj.bias", a, kv, 0);
+        }
+        if (c.family == TP_FAM_QWEN3) {
+            ADD("q_norm.weight", a, c.head_dim, 0);
+            ADD("k_norm.weight", a, c.head_dim, 0);
+        }
+        ADD("gate_proj.weight", m, in, h);
+        ADD("up_proj.weight", m, in, h);
+        ADD("down_proj.weight", m, h, in);
+        ADD("input_layernorm.weight", "model.layers.%lld.", h, 0);
+        ADD("post_attention_layernorm.weight", "model.layers.%lld.", h, 0);
+#undef ADD
+    }
+    if (rc == 0) rc = synth_add(w, dt, h, 0, err, "model.norm.weight");
+    if (rc == 0 && !c.tie_word_embeddings)
+        rc = synth_add(w, dt, c.vocab_size, h, err, "lm_head.weight");
+    if (rc != 0) {
+        weights_close(w);
+        return -1;
+    }
+    return add_file(src, w, -1, err);
+}
+
 int load_source_open(const char *dir, load_format fmt, int tp_size, load_source *src,
                      mp_error *err) {
     memset(src, 0, sizeof *src);
@@ -230,11 +334,14 @@ int load_source_open(const char *dir, load_format fmt, int tp_size, load_source 
     case LOAD_FMT_DUMMY:
         rc = pick_auto(dir, &l, &got, err);
         if (rc != 0 && fmt == LOAD_FMT_DUMMY) {
-            /* shapes may also come from an npcache */
+            /* shapes may also come from an npcache, or from config.json */
             mp_error_clear(err);
             rc = open_npcache(src, dir, err);
-            got = LOAD_FMT_NPCACHE;
-            if (rc != 0) mp_err(err, "not_found", "dummy needs the checkpoint's headers for shapes");
+            if (rc != 0) {
+                mp_error_clear(err);
+                load_config(src, dir);
+                rc = synth_from_config(src, err);
+            }
         }
         break;
     case LOAD_FMT_SAFETENSORS:
@@ -262,15 +369,7 @@ int load_source_open(const char *dir, load_format fmt, int tp_size, load_source 
     if (rc == 0 && l.n) rc = open_list(src, dir, &l, -1, err);
     names_free(&l);
     src->format = fmt == LOAD_FMT_AUTO ? got : fmt;
-    if (rc == 0) {
-        char cpath[PATH_MAX];
-        snprintf(cpath, sizeof cpath, "%s/config.json", dir);
-        src->config = json_load_file(cpath, 0, NULL);
-        if (src->config && !json_is_object(src->config)) {
-            json_decref(src->config);
-            src->config = NULL;
-        }
-    }
+    if (rc == 0) load_config(src, dir);
     if (rc != 0) load_source_free(src);
     return rc;
 }

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loader/crc32c.h"
 #include "loader/safetensors.h"
 #include "loader/weights.h"
 #include "util/fsutil.h"
@@ -26,57 +28,116 @@
  * that open file descriptors stay bounded. */
 #define SHARD_RANK_GROUP 256
 #define SHARD_MAX_COPY (512u << 20)
+#define SHARD_MAX_THREADS 8
+#define SHARD_WRITEBACK (64u << 20)
+#define SHARD_STEP (512u << 10)
 
 /* ------------------------------------------------------------------------ */
-/* CRC-32C (Castagnoli): hardware on x86-64 with SSE4.2, else a table. Fast
- * enough that checking every byte written costs little next to the I/O. */
+/* a small worker pool: run fn(item) for items [0, n) on the workers and the
+ * calling thread. Ranks are independent files, so a piece's ranks (and the
+ * final fsyncs and checks) proceed in parallel.                              */
 
-static uint32_t crc_table[256];
-static void crc_table_init(void) {
-    if (crc_table[1]) return;
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-        crc_table[i] = c;
+typedef struct worker_buf {
+    unsigned char *rbuf, *gbuf; /* pread fallback, gather */
+    size_t rcap, gcap;
+} worker_buf;
+
+typedef void (*pool_fn)(void *arg, int item, worker_buf *wb);
+
+typedef struct pool {
+    pthread_t th[SHARD_MAX_THREADS];
+    int n; /* started workers */
+    pthread_mutex_t mu;
+    pthread_cond_t go, done;
+    pool_fn fn;
+    void *arg;
+    int items, next, finished;
+    unsigned gen;
+    bool quit;
+    worker_buf wb[SHARD_MAX_THREADS + 1]; /* [n] is the caller's */
+} pool;
+
+typedef struct pool_worker {
+    pool *p;
+    int id;
+} pool_worker;
+
+static void pool_drain(pool *p, worker_buf *wb) {
+    /* called with p->mu held; returns with it held */
+    while (p->next < p->items) {
+        int it = p->next++;
+        pthread_mutex_unlock(&p->mu);
+        p->fn(p->arg, it, wb);
+        pthread_mutex_lock(&p->mu);
+        if (++p->finished == p->items) pthread_cond_broadcast(&p->done);
     }
 }
 
-static uint32_t crc_sw(uint32_t crc, const unsigned char *p, size_t n) {
-    while (n--)
-        crc = crc_table[(crc ^ *p++) & 0xFF] ^ (crc >> 8);
-    return crc;
+static void *pool_main(void *arg) {
+    pool_worker *w = arg;
+    pool *p = w->p;
+    int id = w->id;
+    free(w);
+    unsigned seen = 0;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->quit && p->gen == seen)
+            pthread_cond_wait(&p->go, &p->mu);
+        if (p->quit) break;
+        seen = p->gen;
+        pool_drain(p, &p->wb[id]);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
 }
 
-#if defined(__x86_64__)
-__attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const unsigned char *p,
-                                                          size_t n) {
-    uint64_t c = crc;
-    while (n && ((uintptr_t)p & 7)) {
-        c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
-        n--;
+static int pool_start(pool *p, int nthreads) {
+    memset(p, 0, sizeof *p);
+    if (pthread_mutex_init(&p->mu, NULL) != 0) return -1;
+    pthread_cond_init(&p->go, NULL);
+    pthread_cond_init(&p->done, NULL);
+    for (int i = 0; i < nthreads && i < SHARD_MAX_THREADS; i++) {
+        pool_worker *w = malloc(sizeof *w);
+        if (!w) break;
+        w->p = p;
+        w->id = i;
+        if (pthread_create(&p->th[i], NULL, pool_main, w) != 0) {
+            free(w);
+            break; /* fewer workers is fine; the caller always helps */
+        }
+        p->n++;
     }
-    while (n >= 8) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        c = __builtin_ia32_crc32di(c, v);
-        p += 8;
-        n -= 8;
-    }
-    while (n--)
-        c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
-    return (uint32_t)c;
+    return 0;
 }
-#endif
 
-/* Running CRC-32C state (pre/post inversion left to the caller's 0 start:
- * we keep the raw register and invert at the end). */
-static uint32_t crc_update(uint32_t crc, const void *buf, size_t n) {
-    const unsigned char *p = buf;
-#if defined(__x86_64__)
-    if (__builtin_cpu_supports("sse4.2")) return crc_hw(crc, p, n);
-#endif
-    return crc_sw(crc, p, n);
+static void pool_run(pool *p, pool_fn fn, void *arg, int items) {
+    pthread_mutex_lock(&p->mu);
+    p->fn = fn;
+    p->arg = arg;
+    p->items = items;
+    p->next = p->finished = 0;
+    p->gen++;
+    pthread_cond_broadcast(&p->go);
+    pool_drain(p, &p->wb[p->n]);
+    while (p->finished < p->items)
+        pthread_cond_wait(&p->done, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+}
+
+static void pool_stop(pool *p) {
+    pthread_mutex_lock(&p->mu);
+    p->quit = true;
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < p->n; i++)
+        pthread_join(p->th[i], NULL);
+    for (int i = 0; i <= SHARD_MAX_THREADS; i++) {
+        free(p->wb[i].rbuf);
+        free(p->wb[i].gbuf);
+    }
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->go);
+    pthread_cond_destroy(&p->done);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -85,15 +146,15 @@ static uint32_t crc_update(uint32_t crc, const void *buf, size_t n) {
 typedef struct rank_file {
     st_writer *w;
     uint32_t crc; /* raw register, starts at ~0 */
-    uint64_t bytes;
+    uint64_t bytes, read, file_bytes;
     /* A second descriptor on the writer's "<path>.tmp" (its documented temp
      * name) used only to start writeback early, so that the writer's final
      * fsync finds little left to flush. -1 when unavailable. */
     int sync_fd;
     uint64_t unsynced;
+    bool failed;
+    mp_error err;
 } rank_file;
-
-#define SHARD_WRITEBACK (64u << 20)
 
 typedef struct part_plan {
     size_t first, count; /* range of layout targets */
@@ -112,12 +173,17 @@ typedef struct shard_ctx {
     part_plan *parts;
     size_t nparts;
     char *tmp_dir;
-    unsigned char *buf, *gbuf; /* read chunk, per-rank gather */
-    size_t buf_cap, gbuf_cap;
-    tp_slice *sl;     /* tp slices of the current piece */
-    rank_file *rf;    /* one per rank of the current group */
+    unsigned char *buf; /* a whole strided view, materialized */
+    size_t buf_cap;
+    tp_slice *sl;  /* tp slices of the current piece */
+    rank_file *rf; /* one per rank of the current group */
+    int r0, r1;    /* the current group */
+    const mp_tensor *cur; /* the piece being streamed */
+    size_t cur_part;      /* the part being finished or checked */
     uint64_t done, total, bytes_read, bytes_written;
-    json_t *files;    /* per rank: array of {name, bytes, crc32c} */
+    json_t *files; /* per rank: array of {name, bytes, crc32c} */
+    crc32c_tab crc;
+    pool pool;
 } shard_ctx;
 
 static void say(shard_ctx *c, const char *level, const char *fmt, ...)
@@ -138,8 +204,8 @@ static bool cancelled(shard_ctx *c) {
 
 static int grow(unsigned char **b, size_t *cap, uint64_t need, mp_error *err) {
     if (need <= *cap) return 0;
-    if (need > SIZE_MAX / 2) return mp_err(err, "too_large", "buffer of %llu bytes",
-                                            (unsigned long long)need);
+    if (need > SIZE_MAX / 2)
+        return mp_err(err, "too_large", "buffer of %llu bytes", (unsigned long long)need);
     unsigned char *n = realloc(*b, (size_t)need);
     if (!n) return mp_err(err, "no_memory", "out of memory (%llu bytes)", (unsigned long long)need);
     *b = n;
@@ -147,13 +213,17 @@ static int grow(unsigned char **b, size_t *cap, uint64_t need, mp_error *err) {
     return 0;
 }
 
-static int rank_write(shard_ctx *c, int ri, const void *p, size_t n, mp_error *err) {
-    if (n == 0) return 0;
-    rank_file *f = &c->rf[ri];
-    f->crc = crc_update(f->crc, p, n);
-    if (st_writer_write(f->w, p, n, err) != 0) return -1;
+static int rank_write(const shard_ctx *c, rank_file *f, const void *p, size_t n, mp_error *err) {
+    /* Checksum and write in cache-sized steps: the write then copies bytes
+     * the checksum just pulled into the cache instead of reading memory
+     * twice. */
+    for (size_t o = 0; o < n;) {
+        size_t k = n - o < SHARD_STEP ? n - o : SHARD_STEP;
+        f->crc = crc32c_update(&c->crc, f->crc, (const unsigned char *)p + o, k);
+        if (st_writer_write(f->w, (const unsigned char *)p + o, k, err) != 0) return -1;
+        o += k;
+    }
     f->bytes += n;
-    c->bytes_written += n;
     f->unsynced += n;
     if (f->sync_fd >= 0 && f->unsynced >= SHARD_WRITEBACK) {
         /* Advisory: failure only means the final fsync does more work. */
@@ -163,37 +233,39 @@ static int rank_write(shard_ctx *c, int ri, const void *p, size_t n, mp_error *e
     return 0;
 }
 
-static int rank_zeros(shard_ctx *c, int ri, uint64_t n, mp_error *err) {
+static int rank_zeros(const shard_ctx *c, rank_file *f, worker_buf *wb, uint64_t n,
+                      mp_error *err) {
+    if (grow(&wb->gbuf, &wb->gcap, SHARD_STEP, err) != 0) return -1;
+    memset(wb->gbuf, 0, SHARD_STEP);
     while (n > 0) {
-        size_t k = n < c->gbuf_cap ? (size_t)n : c->gbuf_cap;
-        memset(c->gbuf, 0, k);
-        if (rank_write(c, ri, c->gbuf, k, err) != 0) return -1;
+        size_t k = n < SHARD_STEP ? (size_t)n : SHARD_STEP;
+        if (rank_write(c, f, wb->gbuf, k, err) != 0) return -1;
         n -= k;
     }
     return 0;
 }
 
 /* ------------------------------------------------------------------------ */
-/* streaming one source tensor to ranks [r0, r1)                             */
+/* streaming one source tensor's slice to one rank                           */
 
 /* The source bytes [off, off + n) of t: a pointer into the file's map, or
- * read into c->buf. */
-static const unsigned char *read_at(shard_ctx *c, const mp_tensor *t, size_t n, uint64_t off,
-                                    mp_error *err) {
-    c->bytes_read += n;
+ * read into the worker's buffer. */
+static const unsigned char *read_at(const shard_ctx *c, rank_file *f, worker_buf *wb,
+                                    const mp_tensor *t, size_t n, uint64_t off, mp_error *err) {
+    f->read += n;
     const unsigned char *m = c->maps ? c->maps[t->file_index] : NULL;
     if (m && t->data_offset + off + n <= c->map_len[t->file_index])
         return m + t->data_offset + off;
-    if (grow(&c->buf, &c->buf_cap, n, err) != 0) return NULL;
-    if (weights_pread(c->w->fds[t->file_index], c->buf, n, t->data_offset + off, err) != 0)
+    if (grow(&wb->rbuf, &wb->rcap, n, err) != 0) return NULL;
+    if (weights_pread(c->w->fds[t->file_index], wb->rbuf, n, t->data_offset + off, err) != 0)
         return NULL;
-    return c->buf;
+    return wb->rbuf;
 }
 
 /* Done with source bytes [off, off + n) of t: drop them from our mapping so
- * that the resident set stays one chunk, not the model (the pages stay in
- * the page cache; touching them again just faults them back in). */
-static void release_at(shard_ctx *c, const mp_tensor *t, size_t n, uint64_t off) {
+ * that the resident set stays a few chunks, not the model (the pages stay
+ * in the page cache; a rank that still needs them faults them back in). */
+static void release_at(const shard_ctx *c, const mp_tensor *t, size_t n, uint64_t off) {
     const unsigned char *m = c->maps ? c->maps[t->file_index] : NULL;
     if (!m || t->data_offset + off + n > c->map_len[t->file_index]) return;
     uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
@@ -202,131 +274,107 @@ static void release_at(shard_ctx *c, const mp_tensor *t, size_t n, uint64_t off)
     (void)madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
-/* A slice whose data is one contiguous run along dim 0 followed by padding:
- * the rank's bytes are one byte range of the source plus zeros. */
-static bool simple_dim0(const tp_slice *s, uint64_t *from, uint64_t *len, uint64_t *pad,
-                        uint64_t inner) {
-    *from = *len = *pad = 0;
-    bool seen_pad = false;
-    int data = 0;
-    for (int k = 0; k < s->nseg; k++) {
-        if (s->seg[k].start < 0) {
-            seen_pad = true;
-            *pad += inner * (uint64_t)s->seg[k].len;
-        } else {
-            if (seen_pad || data++) return false;
-            *from = inner * (uint64_t)s->seg[k].start;
-            *len = inner * (uint64_t)s->seg[k].len;
+static int stream_rank(const shard_ctx *c, const mp_tensor *t, const tp_slice *s, rank_file *f,
+                       worker_buf *wb, mp_error *err) {
+    if (s->dim < 0) { /* replicated: the whole tensor */
+        for (uint64_t off = 0; off < t->nbytes;) {
+            size_t n = t->nbytes - off < SHARD_CHUNK ? (size_t)(t->nbytes - off) : SHARD_CHUNK;
+            const unsigned char *b = read_at(c, f, wb, t, n, off, err);
+            if (!b || rank_write(c, f, b, n, err) != 0) return -1;
+            release_at(c, t, n, off);
+            off += n;
         }
+        return 0;
     }
-    return true;
-}
-
-static int stream_whole(shard_ctx *c, const mp_tensor *t, int r0, int r1, mp_error *err) {
-    /* Views and odd slices: materialize the tensor, gather each rank's piece. */
-    if (grow(&c->buf, &c->buf_cap, t->nbytes, err) != 0) return -1;
-    if (weights_read(c->w, t, c->buf, err) != 0) return -1;
-    c->bytes_read += t->nbytes;
-    for (int r = r0; r < r1; r++) {
-        const tp_slice *s = &c->sl[r];
-        if (grow(&c->gbuf, &c->gbuf_cap, s->bytes, err) != 0) return -1;
-        if (tp_slice_gather(t, s, c->buf, c->gbuf, err) != 0) return -1;
-        if (rank_write(c, r - r0, c->gbuf, s->bytes, err) != 0) return -1;
+    uint64_t inner, outer = 1;
+    for (int d = 0; d < s->dim; d++)
+        outer *= (uint64_t)t->shape[d];
+    if (!mp_tensor_bytes(t->dtype, t->shape + s->dim + 1, t->ndim - s->dim - 1, &inner))
+        return mp_err(err, "unsplittable", "slice rows are not whole bytes");
+    if (outer == 1) {
+        /* Split along the outermost dim: each segment is one byte range. */
+        for (int g = 0; g < s->nseg; g++) {
+            uint64_t len = inner * (uint64_t)s->seg[g].len;
+            if (s->seg[g].start < 0) {
+                if (rank_zeros(c, f, wb, len, err) != 0) return -1;
+                continue;
+            }
+            uint64_t from = inner * (uint64_t)s->seg[g].start;
+            for (uint64_t off = from; off < from + len;) {
+                size_t n = from + len - off < SHARD_CHUNK ? (size_t)(from + len - off) : SHARD_CHUNK;
+                const unsigned char *b = read_at(c, f, wb, t, n, off, err);
+                if (!b || rank_write(c, f, b, n, err) != 0) return -1;
+                release_at(c, t, n, off);
+                off += n;
+            }
+        }
+        return 0;
+    }
+    /* Split along an inner dim (row-parallel [N, K] -> [N, K/tp]): whole
+     * outer rows in chunks; this rank takes its columns of them. */
+    uint64_t row = inner * (uint64_t)t->shape[s->dim];
+    uint64_t per_row = inner * (uint64_t)s->shape[s->dim];
+    if (row == 0 || per_row == 0) return 0;
+    uint64_t rows_per = SHARD_CHUNK / row ? SHARD_CHUNK / row : 1;
+    if (grow(&wb->gbuf, &wb->gcap, rows_per * per_row, err) != 0) return -1;
+    for (uint64_t i = 0; i < outer;) {
+        uint64_t k = outer - i < rows_per ? outer - i : rows_per;
+        const unsigned char *buf = read_at(c, f, wb, t, (size_t)(k * row), i * row, err);
+        if (!buf) return -1;
+        unsigned char *o = wb->gbuf;
+        for (uint64_t j = 0; j < k; j++)
+            for (int g = 0; g < s->nseg; g++) {
+                uint64_t n = inner * (uint64_t)s->seg[g].len;
+                if (s->seg[g].start < 0)
+                    memset(o, 0, n);
+                else
+                    memcpy(o, buf + j * row + inner * (uint64_t)s->seg[g].start, n);
+                o += n;
+            }
+        if (rank_write(c, f, wb->gbuf, (size_t)(k * per_row), err) != 0) return -1;
+        release_at(c, t, (size_t)(k * row), i * row);
+        i += k;
     }
     return 0;
 }
 
-static int stream_piece(shard_ctx *c, const mp_tensor *t, int r0, int r1, mp_error *err) {
-    for (int r = r0; r < r1; r++)
+/* Pool job: rank item of the current group streams its slice of c->cur.
+ * Strided views (c->buf holds the materialized tensor) are gathered. */
+static void job_stream(void *arg, int item, worker_buf *wb) {
+    shard_ctx *c = arg;
+    rank_file *f = &c->rf[item];
+    if (f->failed) return;
+    const tp_slice *s = &c->sl[c->r0 + item];
+    const mp_tensor *t = c->cur;
+    int rc;
+    if (c->buf && (t->is_view || t->data_bytes != t->nbytes)) {
+        rc = grow(&wb->gbuf, &wb->gcap, s->bytes, &f->err);
+        if (rc == 0) rc = tp_slice_gather(t, s, c->buf, wb->gbuf, &f->err);
+        if (rc == 0) rc = rank_write(c, f, wb->gbuf, s->bytes, &f->err);
+    } else {
+        rc = stream_rank(c, t, s, f, wb, &f->err);
+    }
+    if (rc != 0) f->failed = true;
+}
+
+static int stream_piece(shard_ctx *c, const mp_tensor *t, mp_error *err) {
+    for (int r = c->r0; r < c->r1; r++)
         if (tp_slice_for(&c->cfg, t, c->o->tp, r, c->o->naming, &c->sl[r], err) != 0) return -1;
-    const tp_slice *s0 = &c->sl[r0];
     bool contiguous = !t->is_view && t->data_bytes == t->nbytes;
-    if (!contiguous) return stream_whole(c, t, r0, r1, err);
-    uint64_t inner = 0, outer = 1;
-    if (s0->dim >= 0) {
-        for (int d = 0; d < s0->dim; d++)
-            outer *= (uint64_t)t->shape[d];
-        if (!mp_tensor_bytes(t->dtype, t->shape + s0->dim + 1, t->ndim - s0->dim - 1, &inner))
-            return stream_whole(c, t, r0, r1, err);
+    if (!contiguous) {
+        /* Views: materialize the tensor once, then every rank gathers. */
+        if (grow(&c->buf, &c->buf_cap, t->nbytes, err) != 0) return -1;
+        if (weights_read(c->w, t, c->buf, err) != 0) return -1;
+        c->bytes_read += t->nbytes;
     }
-    if (s0->dim < 0) {
-        /* Replicated: every rank gets every chunk. */
-        for (uint64_t off = 0; off < t->nbytes;) {
-            size_t n = t->nbytes - off < SHARD_CHUNK ? (size_t)(t->nbytes - off) : SHARD_CHUNK;
-            const unsigned char *b = read_at(c, t, n, off, err);
-            if (!b) return -1;
-            for (int r = r0; r < r1; r++)
-                if (rank_write(c, r - r0, b, n, err) != 0) return -1;
-            release_at(c, t, n, off);
-            off += n;
-            if (cancelled(c)) return mp_err(err, "cancelled", "cancelled");
+    c->cur = t;
+    pool_run(&c->pool, job_stream, c, c->r1 - c->r0);
+    c->cur = NULL;
+    for (int i = 0; i < c->r1 - c->r0; i++)
+        if (c->rf[i].failed) {
+            *err = c->rf[i].err;
+            return -1;
         }
-        return 0;
-    }
-    if (outer == 1) {
-        /* Split along the outermost dim: each rank's data is a byte range.
-         * Chunks run over the union of the ranges, so a byte that several
-         * ranks share (replicated KV heads) is read once. */
-        uint64_t lo = UINT64_MAX, hi = 0;
-        for (int r = r0; r < r1; r++) {
-            uint64_t f, l, p;
-            if (!simple_dim0(&c->sl[r], &f, &l, &p, inner)) return stream_whole(c, t, r0, r1, err);
-            if (l && f < lo) lo = f;
-            if (l && f + l > hi) hi = f + l;
-        }
-        /* Ranks' ranges ascend with the rank (KV replicas share one), so a
-         * forward sweep writes every rank's bytes in order. */
-        for (uint64_t off = lo; lo < hi && off < hi;) {
-            size_t n = hi - off < SHARD_CHUNK ? (size_t)(hi - off) : SHARD_CHUNK;
-            const unsigned char *buf = read_at(c, t, n, off, err);
-            if (!buf) return -1;
-            for (int r = r0; r < r1; r++) {
-                uint64_t f, l, p;
-                simple_dim0(&c->sl[r], &f, &l, &p, inner);
-                uint64_t a = f > off ? f : off, b = f + l < off + n ? f + l : off + n;
-                if (l && a < b && rank_write(c, r - r0, buf + (a - off), b - a, err) != 0)
-                    return -1;
-            }
-            release_at(c, t, n, off);
-            off += n;
-            if (cancelled(c)) return mp_err(err, "cancelled", "cancelled");
-        }
-        for (int r = r0; r < r1; r++) {
-            uint64_t f, l, p;
-            simple_dim0(&c->sl[r], &f, &l, &p, inner);
-            if (p && rank_zeros(c, r - r0, p, err) != 0) return -1;
-        }
-        return 0;
-    }
-    /* Split along an inner dim (row-parallel [N, K] -> [N, K/tp]): read
-     * whole outer rows in chunks; each rank takes its columns of them. */
-    uint64_t row = inner * (uint64_t)t->shape[s0->dim];
-    if (row == 0) return 0;
-    uint64_t rows_per = SHARD_CHUNK / row ? SHARD_CHUNK / row : 1;
-    for (uint64_t i = 0; i < outer;) {
-        uint64_t k = outer - i < rows_per ? outer - i : rows_per;
-        const unsigned char *buf = read_at(c, t, (size_t)(k * row), i * row, err);
-        if (!buf) return -1;
-        for (int r = r0; r < r1; r++) {
-            const tp_slice *s = &c->sl[r];
-            uint64_t per_row = inner * (uint64_t)s->shape[s0->dim];
-            if (grow(&c->gbuf, &c->gbuf_cap, k * per_row, err) != 0) return -1;
-            unsigned char *o = c->gbuf;
-            for (uint64_t j = 0; j < k; j++)
-                for (int g = 0; g < s->nseg; g++) {
-                    uint64_t n = inner * (uint64_t)s->seg[g].len;
-                    if (s->seg[g].start < 0)
-                        memset(o, 0, n);
-                    else
-                        memcpy(o, buf + j * row + inner * (uint64_t)s->seg[g].start, n);
-                    o += n;
-                }
-            if (rank_write(c, r - r0, c->gbuf, (size_t)(k * per_row), err) != 0) return -1;
-        }
-        release_at(c, t, (size_t)(k * row), i * row);
-        i += k;
-        if (cancelled(c)) return mp_err(err, "cancelled", "cancelled");
-    }
     return 0;
 }
 
@@ -359,8 +407,21 @@ static int part_path(const shard_ctx *c, int rank, size_t part, char *out, size_
                : -1;
 }
 
-static int write_part(shard_ctx *c, size_t pi, int r0, int r1, mp_error *err) {
+/* Pool job: close (fsync, rename) rank item's file of the current part. */
+static void job_finish(void *arg, int item, worker_buf *wb) {
+    (void)wb;
+    shard_ctx *c = arg;
+    rank_file *f = &c->rf[item];
+    if (f->sync_fd >= 0) close(f->sync_fd);
+    f->sync_fd = -1;
+    f->file_bytes = 8 + st_writer_header_len(f->w) + st_writer_data_bytes(f->w);
+    if (st_writer_finish(f->w, &f->err) != 0) f->failed = true;
+    f->w = NULL;
+}
+
+static int write_part(shard_ctx *c, size_t pi, mp_error *err) {
     const part_plan *p = &c->parts[pi];
+    int r0 = c->r0, r1 = c->r1;
     st_wtensor *wt = calloc(p->count ? p->count : 1, sizeof *wt);
     if (!wt) return mp_err(err, "no_memory", "out of memory");
     for (size_t k = 0; k < p->count; k++) {
@@ -380,8 +441,8 @@ static int write_part(shard_ctx *c, size_t pi, int r0, int r1, mp_error *err) {
             goto out;
         }
         rank_file *f = &c->rf[r - r0];
+        memset(f, 0, sizeof *f);
         f->crc = ~0u;
-        f->bytes = f->unsynced = 0;
         f->sync_fd = -1;
         if (st_writer_open(path, wt, p->count, meta, &f->w, err) != 0) goto out;
         opened++;
@@ -395,7 +456,7 @@ static int write_part(shard_ctx *c, size_t pi, int r0, int r1, mp_error *err) {
         for (size_t q = 0; q < tg->npieces; q++) {
             const mp_tensor *t = &c->w->tensors[tg->pieces[q]];
             if (c->o->progress) c->o->progress(c->o->cb, c->done, c->total, t->name);
-            if (stream_piece(c, t, r0, r1, err) != 0) {
+            if (stream_piece(c, t, err) != 0) {
                 if (strcmp(err->code, "cancelled") != 0 && !strstr(err->message, t->name)) {
                     char m[sizeof err->message];
                     snprintf(m, sizeof m, "%s: %s", t->name, err->message);
@@ -412,27 +473,32 @@ static int write_part(shard_ctx *c, size_t pi, int r0, int r1, mp_error *err) {
     }
     rc = 0;
 out:
-    for (int i = 0; i < opened; i++) {
-        rank_file *f = &c->rf[i];
-        if (f->sync_fd >= 0) close(f->sync_fd);
-        f->sync_fd = -1;
-        if (rc == 0) {
-            char path[PATH_MAX], name[NAME_MAX + 1];
-            part_path(c, r0 + i, pi, path, sizeof path);
-            snprintf(name, sizeof name, "%s", strrchr(path, '/') + 1);
-            uint64_t total = 8 + st_writer_header_len(f->w) + st_writer_data_bytes(f->w);
-            if (st_writer_finish(f->w, err) != 0) {
+    if (rc == 0) {
+        pool_run(&c->pool, job_finish, c, opened);
+        for (int i = 0; i < opened; i++) {
+            rank_file *f = &c->rf[i];
+            c->bytes_read += f->read;
+            c->bytes_written += f->bytes;
+            if (f->failed) {
+                if (rc == 0) *err = f->err;
                 rc = -1;
-            } else {
-                json_array_append_new(json_array_get(c->files, (size_t)(r0 + i)),
-                                      json_pack("{s:s,s:I,s:I}", "name", name, "bytes",
-                                                (json_int_t)total, "crc32c",
-                                                (json_int_t)(uint32_t)~f->crc));
+                continue;
             }
-        } else {
-            st_writer_abort(f->w);
+            char path[PATH_MAX];
+            part_path(c, r0 + i, pi, path, sizeof path);
+            json_array_append_new(json_array_get(c->files, (size_t)(r0 + i)),
+                                  json_pack("{s:s,s:I,s:I}", "name", strrchr(path, '/') + 1,
+                                            "bytes", (json_int_t)f->file_bytes, "crc32c",
+                                            (json_int_t)(uint32_t)~f->crc));
         }
-        f->w = NULL;
+    } else {
+        for (int i = 0; i < opened; i++) {
+            rank_file *f = &c->rf[i];
+            if (f->sync_fd >= 0) close(f->sync_fd);
+            f->sync_fd = -1;
+            st_writer_abort(f->w);
+            f->w = NULL;
+        }
     }
     json_decref(meta);
     free(wt);
@@ -441,7 +507,8 @@ out:
 
 /* Re-reads one written file: the tensor table must be the part's targets
  * and the data section's CRC-32C the one computed while writing. */
-static int verify_file(shard_ctx *c, int rank, size_t pi, uint32_t want_crc, mp_error *err) {
+static int verify_file(const shard_ctx *c, int rank, size_t pi, uint32_t want_crc, worker_buf *wb,
+                       mp_error *err) {
     char path[PATH_MAX];
     part_path(c, rank, pi, path, sizeof path);
     mp_weights w = {0};
@@ -471,29 +538,29 @@ static int verify_file(shard_ctx *c, int rank, size_t pi, uint32_t want_crc, mp_
     }
     uint32_t crc = ~0u;
     void *map = MAP_FAILED;
-    if (rc == 0 && lo < hi)
-        map = mmap(NULL, (size_t)hi, PROT_READ, MAP_SHARED, w.fds[0], 0);
+    if (rc == 0 && lo < hi) map = mmap(NULL, (size_t)hi, PROT_READ, MAP_SHARED, w.fds[0], 0);
     if (map != MAP_FAILED) {
         (void)madvise(map, (size_t)hi, MADV_SEQUENTIAL);
         const unsigned char *m = map;
+        uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
         for (uint64_t off = lo; off < hi;) {
             /* windows dropped as they are done: the resident set stays small */
             uint64_t end = (off | (SHARD_CHUNK - 1)) + 1 < hi ? (off | (SHARD_CHUNK - 1)) + 1 : hi;
-            crc = crc_update(crc, m + off, (size_t)(end - off));
-            uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+            crc = crc32c_update(&c->crc, crc, m + off, (size_t)(end - off));
             uintptr_t a = (uintptr_t)(m + off) & ~(pg - 1);
             (void)madvise((void *)a, (uintptr_t)(m + end) - a, MADV_DONTNEED);
             off = end;
         }
         munmap(map, (size_t)hi);
-    } else {
-        for (uint64_t off = lo; rc == 0 && lo < hi && off < hi;) {
+    } else if (rc == 0 && lo < hi) {
+        if (grow(&wb->rbuf, &wb->rcap, SHARD_CHUNK, err) != 0) rc = -1;
+        for (uint64_t off = lo; rc == 0 && off < hi;) {
             size_t n = hi - off < SHARD_CHUNK ? (size_t)(hi - off) : SHARD_CHUNK;
-            if (weights_pread(w.fds[0], c->buf, n, off, err) != 0) {
+            if (weights_pread(w.fds[0], wb->rbuf, n, off, err) != 0) {
                 rc = -1;
                 break;
             }
-            crc = crc_update(crc, c->buf, n);
+            crc = crc32c_update(&c->crc, crc, wb->rbuf, n);
             off += n;
         }
     }
@@ -502,6 +569,19 @@ static int verify_file(shard_ctx *c, int rank, size_t pi, uint32_t want_crc, mp_
                     want_crc);
     weights_free_fields(&w);
     return rc;
+}
+
+/* Pool job: check file item of the current group (rank-major over the
+ * parts). */
+static void job_verify(void *arg, int item, worker_buf *wb) {
+    shard_ctx *c = arg;
+    int slot = item / (int)c->nparts, r = c->r0 + slot;
+    size_t p = (size_t)item % c->nparts;
+    rank_file *f = &c->rf[slot];
+    if (f->failed) return;
+    json_t *jf = json_array_get(json_array_get(c->files, (size_t)r), p);
+    uint32_t crc = (uint32_t)json_integer_value(json_object_get(jf, "crc32c"));
+    if (verify_file(c, r, p, crc, wb, &f->err) != 0) f->failed = true;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -632,11 +712,11 @@ static double now_s(void) {
 
 int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
     *result = NULL;
-    crc_table_init();
     double t0 = now_s();
     shard_ctx c = {.o = o};
+    crc32c_init(&c.crc);
     int rc = -1;
-    bool made_tmp = false;
+    bool made_tmp = false, pool_up = false;
     json_t *copied = json_array(), *manifest = NULL;
     if (o->tp < 1 || o->tp > 1024) {
         json_decref(copied);
@@ -674,9 +754,17 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
     }
     for (int r = 0; r < o->tp; r++)
         json_array_append_new(c.files, json_array());
-    if (grow(&c.buf, &c.buf_cap, SHARD_CHUNK, err) != 0 ||
-        grow(&c.gbuf, &c.gbuf_cap, SHARD_CHUNK, err) != 0)
-        goto out;
+    {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        int nt = (int)(ncpu < 1 ? 1 : ncpu > SHARD_MAX_THREADS + 1 ? SHARD_MAX_THREADS + 1 : ncpu);
+        if (nt > group) nt = group;
+        /* nt - 1 workers: the calling thread is one of them */
+        if (pool_start(&c.pool, nt - 1) != 0) {
+            mp_err(err, "no_memory", "cannot start the worker pool");
+            goto out;
+        }
+        pool_up = true;
+    }
     {
         char *parent = strdup(o->output_dir);
         char *sl = parent ? strrchr(parent, '/') : NULL;
@@ -695,22 +783,25 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
         "(%s naming), %llu bytes per rank", c.w->ntensors, c.lay.ntargets, o->tp, c.nparts,
         o->naming == TP_NAMING_HF ? "hf" : "sglang", (unsigned long long)c.lay.rank_bytes);
 
-    for (int r0 = 0; r0 < o->tp; r0 += group) {
-        int r1 = r0 + group < o->tp ? r0 + group : o->tp;
+    for (c.r0 = 0; c.r0 < o->tp; c.r0 += group) {
+        c.r1 = c.r0 + group < o->tp ? c.r0 + group : o->tp;
         for (size_t p = 0; p < c.nparts; p++)
-            if (write_part(&c, p, r0, r1, err) != 0) goto out;
-    }
-    if (o->progress) o->progress(o->cb, c.total, c.total, "checking");
-    for (int r = 0; r < o->tp; r++)
-        for (size_t p = 0; p < c.nparts; p++) {
-            json_t *f = json_array_get(json_array_get(c.files, (size_t)r), p);
-            uint32_t crc = (uint32_t)json_integer_value(json_object_get(f, "crc32c"));
-            if (verify_file(&c, r, p, crc, err) != 0) goto out;
-            if (cancelled(&c)) {
-                mp_err(err, "cancelled", "cancelled");
+            if (write_part(&c, p, err) != 0) goto out;
+        /* Re-read what this group wrote. */
+        if (o->progress) o->progress(o->cb, c.done, c.total, "checking");
+        for (int i = 0; i < c.r1 - c.r0; i++)
+            c.rf[i].failed = false;
+        pool_run(&c.pool, job_verify, &c, (c.r1 - c.r0) * (int)c.nparts);
+        for (int i = 0; i < c.r1 - c.r0; i++)
+            if (c.rf[i].failed) {
+                *err = c.rf[i].err;
                 goto out;
             }
+        if (cancelled(&c)) {
+            mp_err(err, "cancelled", "cancelled");
+            goto out;
         }
+    }
     if (copy_side_files(&c, copied, err) != 0) goto out;
 
     json_t *ranks = json_array();
@@ -798,8 +889,8 @@ out:
     json_decref(manifest);
     json_decref(c.files);
     free(c.tmp_dir);
+    if (pool_up) pool_stop(&c.pool);
     free(c.buf);
-    free(c.gbuf);
     free(c.sl);
     free(c.rf);
     free(c.parts);

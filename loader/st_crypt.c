@@ -48,8 +48,10 @@ int stc_key_load(const char *path, unsigned char key[STC_KEY_BYTES], mp_error *e
         memcpy(key, data, STC_KEY_BYTES);
     } else {
         size_t a = 0, b = len;
-        while (a < b && isspace((unsigned char)data[a])) a++;
-        while (b > a && isspace((unsigned char)data[b - 1])) b--;
+        while (a < b && isspace((unsigned char)data[a]))
+            a++;
+        while (b > a && isspace((unsigned char)data[b - 1]))
+            b--;
         if (b - a != 2 * STC_KEY_BYTES || !unhex(data + a, STC_KEY_BYTES, key))
             rc = mp_err(err, "bad_key", "key file must hold 32 raw bytes or 64 hex digits");
     }
@@ -64,7 +66,8 @@ int stc_key_load(const char *path, unsigned char key[STC_KEY_BYTES], mp_error *e
 static void chunk_iv(const unsigned char nonce[STC_NONCE_BYTES], uint64_t idx,
                      unsigned char iv[STC_NONCE_BYTES]) {
     memcpy(iv, nonce, STC_NONCE_BYTES);
-    for (int i = 0; i < 8; i++) iv[STC_NONCE_BYTES - 1 - i] ^= (unsigned char)(idx >> (8 * i));
+    for (int i = 0; i < 8; i++)
+        iv[STC_NONCE_BYTES - 1 - i] ^= (unsigned char)(idx >> (8 * i));
 }
 
 /* AES-256-GCM of one chunk. enc: tag is written; !enc: tag is checked. */
@@ -75,10 +78,12 @@ static int gcm(bool enc, const unsigned char *key, const unsigned char nonce[STC
     chunk_iv(nonce, idx, iv);
     EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
     int ok = c != NULL, outl = 0;
-    if (ok) ok = (enc ? EVP_EncryptInit_ex(c, EVP_aes_256_gcm(), NULL, key, iv)
-                      : EVP_DecryptInit_ex(c, EVP_aes_256_gcm(), NULL, key, iv)) == 1;
-    if (ok) ok = (enc ? EVP_EncryptUpdate(c, NULL, &outl, aad, 32)
-                      : EVP_DecryptUpdate(c, NULL, &outl, aad, 32)) == 1;
+    if (ok)
+        ok = (enc ? EVP_EncryptInit_ex(c, EVP_aes_256_gcm(), NULL, key, iv)
+                  : EVP_DecryptInit_ex(c, EVP_aes_256_gcm(), NULL, key, iv)) == 1;
+    if (ok)
+        ok = (enc ? EVP_EncryptUpdate(c, NULL, &outl, aad, 32)
+                  : EVP_DecryptUpdate(c, NULL, &outl, aad, 32)) == 1;
     /* EVP takes int lengths; chunks are at most STC_MAX_CHUNK. */
     if (ok && n > 0)
         ok = (enc ? EVP_EncryptUpdate(c, out, &outl, in, (int)n)
@@ -121,7 +126,8 @@ static int header_digest(json_t *tensors, const json_t *metadata, unsigned char 
 static json_t *tensor_row(const char *name, mp_dtype dt, const int64_t *shape, int ndim,
                           uint64_t begin, uint64_t end) {
     json_t *sh = json_array();
-    for (int d = 0; d < ndim; d++) json_array_append_new(sh, json_integer(shape[d]));
+    for (int d = 0; d < ndim; d++)
+        json_array_append_new(sh, json_integer(shape[d]));
     return json_pack("[s,s,o,I,I]", name, mp_dtype_name(dt), sh, (json_int_t)begin,
                      (json_int_t)end);
 }
@@ -147,8 +153,8 @@ static void writer_free(stc_writer *w) {
 }
 
 int stc_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_t *metadata,
-                    const unsigned char key[STC_KEY_BYTES], uint64_t chunk_bytes,
-                    stc_writer **out, mp_error *err) {
+                    const unsigned char key[STC_KEY_BYTES], uint64_t chunk_bytes, stc_writer **out,
+                    mp_error *err) {
     *out = NULL;
     if (chunk_bytes == 0) chunk_bytes = STC_DEFAULT_CHUNK;
     if (chunk_bytes < STC_MIN_CHUNK || chunk_bytes > STC_MAX_CHUNK ||
@@ -260,7 +266,8 @@ static int patch_tags(stc_writer *w, mp_error *err) {
     unsigned char pre[8];
     int rc = weights_pread(fd, pre, 8, 0, err);
     uint64_t hlen = 0;
-    for (int i = 0; i < 8; i++) hlen |= (uint64_t)pre[i] << (8 * i);
+    for (int i = 0; i < 8; i++)
+        hlen |= (uint64_t)pre[i] << (8 * i);
     char *hdr = NULL;
     if (rc == 0 && (hlen > ST_MAX_HEADER || !(hdr = malloc(hlen + 1))))
         rc = mp_err(err, "no_memory", "header too large");
@@ -272,7 +279,8 @@ static int patch_tags(stc_writer *w, mp_error *err) {
         char *k = strstr(hdr, "\"enc_tags\"");
         if (k) {
             k += strlen("\"enc_tags\"");
-            while (*k == ' ' || *k == ':') k++;
+            while (*k == ' ' || *k == ':')
+                k++;
             if (*k == '"') val = k + 1;
         }
         if (!val || (size_t)(hdr + hlen - val) < tl + 1 || val[tl] != '"')
@@ -309,8 +317,10 @@ int stc_writer_finish(stc_writer *w, mp_error *err) {
     if (rc == 0) rc = patch_tags(w, err);
     if (rc == 0 && rename(w->enc_path, w->path) != 0)
         rc = mp_err(err, "io_error", "rename %s: %s", w->path, strerror(errno));
-    if (rc == 0) fs_sync_parent(w->path);
-    else unlink(w->enc_path);
+    if (rc == 0)
+        fs_sync_parent(w->path);
+    else
+        unlink(w->enc_path);
     writer_free(w);
     return rc;
 }
@@ -360,7 +370,8 @@ int stc_file_open(const mp_weights *w, stc_file *f, mp_error *err) {
     unsigned char pre[8];
     if (weights_pread(w->fds[0], pre, 8, 0, err) != 0) return -1;
     uint64_t hlen = 0;
-    for (int i = 0; i < 8; i++) hlen |= (uint64_t)pre[i] << (8 * i);
+    for (int i = 0; i < 8; i++)
+        hlen |= (uint64_t)pre[i] << (8 * i);
     struct stat st;
     if (fstat(w->fds[0], &st) != 0 || hlen > ST_MAX_HEADER || (uint64_t)st.st_size < 8 + hlen)
         return mp_err(err, "bad_header", "bad header length");
@@ -379,21 +390,24 @@ int stc_file_open(const mp_weights *w, stc_file *f, mp_error *err) {
     } else if (!unhex(tags, f->nchunks * STC_TAG_BYTES, f->tags)) {
         rc = mp_err(err, "bad_header", "enc_tags is not hex");
     } else {
-        for (size_t i = 0; i < w->ntensors; i++) order[i] = &w->tensors[i];
+        for (size_t i = 0; i < w->ntensors; i++)
+            order[i] = &w->tensors[i];
         qsort(order, w->ntensors, sizeof *order, cmp_by_offset);
         for (size_t i = 0; i < w->ntensors; i++) {
             const mp_tensor *t = order[i];
             uint64_t b = t->data_offset - f->data_start;
-            json_array_append_new(rows,
-                                  tensor_row(t->name, t->dtype, t->shape, t->ndim, b, b + t->data_bytes));
+            json_array_append_new(
+                rows, tensor_row(t->name, t->dtype, t->shape, t->ndim, b, b + t->data_bytes));
         }
         rc = header_digest(rows, m, f->aad, err);
         rows = NULL; /* header_digest took it */
     }
     json_decref(rows);
     free(order);
-    if (rc != 0) stc_file_free(f);
-    else f->encrypted = true;
+    if (rc != 0)
+        stc_file_free(f);
+    else
+        f->encrypted = true;
     return rc;
 }
 
@@ -430,7 +444,8 @@ int stc_read(const stc_file *f, int fd, const unsigned char key[STC_KEY_BYTES], 
         size_t clen = stc_chunk_len(f, idx);
         if (!cache->valid || cache->idx != idx) {
             cache->valid = false;
-            if (weights_pread(fd, cache->buf, clen, f->data_start + idx * f->chunk_bytes, err) != 0 ||
+            if (weights_pread(fd, cache->buf, clen, f->data_start + idx * f->chunk_bytes, err) !=
+                    0 ||
                 stc_decrypt_chunk(f, key, idx, cache->buf, clen, cache->buf, err) != 0)
                 return -1;
             cache->idx = idx;
@@ -465,7 +480,8 @@ int stc_key_resolve(const char *given, const char *base_dir, const char *data_di
     char *data_real = data_dir ? realpath(data_dir, NULL) : NULL;
     bool ok = data_real && path_under(out, data_real);
     free(data_real);
-    for (const char *const *r = roots; r && *r && !ok; r++) ok = path_under(out, *r);
+    for (const char *const *r = roots; r && *r && !ok; r++)
+        ok = path_under(out, *r);
     if (!ok)
         return mp_err_field(err, field, "bad_path",
                             "the key file must lie under a model root or the data dir");
@@ -498,15 +514,17 @@ int stc_encrypt_file(const char *in, const char *out, const unsigned char key[ST
     for (size_t k = 0; rc == 0 && k < w.ntensors; k++) {
         const mp_tensor *t = &w.tensors[stc_writer_order(sw, k)];
         for (uint64_t off = 0; rc == 0 && off < t->nbytes; off += STC_DEFAULT_CHUNK) {
-            size_t len = t->nbytes - off < STC_DEFAULT_CHUNK ? (size_t)(t->nbytes - off)
-                                                             : STC_DEFAULT_CHUNK;
+            size_t len =
+                t->nbytes - off < STC_DEFAULT_CHUNK ? (size_t)(t->nbytes - off) : STC_DEFAULT_CHUNK;
             rc = weights_pread(w.fds[0], buf, len, t->data_offset + off, err);
             if (rc == 0) rc = stc_writer_write(sw, buf, len, err);
         }
     }
     free(buf);
-    if (rc == 0) rc = stc_writer_finish(sw, err);
-    else if (sw) stc_writer_abort(sw);
+    if (rc == 0)
+        rc = stc_writer_finish(sw, err);
+    else if (sw)
+        stc_writer_abort(sw);
     free(ts);
     weights_free_fields(&w);
     return rc;

@@ -69,8 +69,8 @@ typedef struct stc_writer stc_writer;
  * then "<path>.enc" (finished by st_writer), then, once the tags are in the
  * header, is renamed to path. */
 int stc_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_t *metadata,
-                    const unsigned char key[STC_KEY_BYTES], uint64_t chunk_bytes,
-                    stc_writer **out, mp_error *err);
+                    const unsigned char key[STC_KEY_BYTES], uint64_t chunk_bytes, stc_writer **out,
+                    mp_error *err);
 size_t stc_writer_order(const stc_writer *w, size_t k);
 int stc_writer_write(stc_writer *w, const void *buf, size_t len, mp_error *err);
 int stc_writer_finish(stc_writer *w, mp_error *err);

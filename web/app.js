@@ -41,6 +41,7 @@
       if (v === undefined || v === null) continue;
       if (k === "class") e.className = v;
       else if (k === "text") e.textContent = v;
+      else if (k === "width") e.style.width = v; /* CSSOM: allowed by the page's CSP */
       else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
       else e.setAttribute(k, v);
     }
@@ -304,36 +305,71 @@
     st.dirty.clear();
   }
 
-  function bar(frac, label, cls) {
-    const pct = Math.max(0, Math.min(1, frac || 0)) * 100;
-    return el("div", { class: "bar" },
-      el("div", { class: "fill " + (cls || ""), style: "width:" + pct.toFixed(1) + "%" }),
-      el("span", { class: "label", text: label }));
+  /* Job rows are kept per id and updated in place: progress arrives several
+   * times a second, and a row rebuilt under the pointer would swallow a
+   * click on its Cancel button. */
+  const jobRows = new Map();
+
+  function setText(node, text) {
+    if (node.textContent !== text) node.textContent = text;
   }
 
-  function jobRow(j) {
+  function makeJobRow(id) {
+    const r = {};
+    r.state = el("span", { class: "state" });
+    r.fill = el("div", { class: "fill" });
+    r.plabel = el("span", { class: "label" });
+    r.cancel = el("button", { type: "button", class: "danger cancel", onclick: () => cancelJob(id), text: "Cancel" });
+    r.cells = [0, 1, 2, 3, 4, 5, 6, 7].map(() => el("td"));
+    r.cells[0].className = "mono";
+    r.cells[2].className = "mono";
+    r.cells[5].className = "rate";
+    r.cells[6].className = "msg";
+    r.cells[3].append(r.state);
+    r.cells[4].append(el("div", { class: "bar" }, r.fill, r.plabel));
+    r.cells[7].append(r.cancel);
+    r.tr = el("tr", { "data-job-id": id }, ...r.cells);
+    return r;
+  }
+
+  function updateJobRow(r, j) {
     const p = j.progress || {};
-    const frac = p.total ? p.done / p.total : j.state === "succeeded" ? 1 : 0;
+    const frac = p.total ? Math.max(0, Math.min(1, p.done / p.total)) : j.state === "succeeded" ? 1 : 0;
     let plabel = p.total ? Math.floor(frac * 100) + "%" : j.state === "succeeded" ? "100%" : "";
     if (p.total && p.unit === "bytes") plabel += " of " + fmtBytes(p.total);
     const msg = j.error ? j.error.code + ": " + j.error.message : j.lastLog || p.message || "";
     const live = !FINAL.has(j.state);
-    return el("tr", { "data-job-id": j.id, "data-state": j.state },
-      el("td", { class: "mono", text: j.id, title: j.created_at }),
-      el("td", { text: j.type }),
-      el("td", { class: "mono", text: j.model + (j.revision && j.revision !== "main" ? "@" + j.revision : "") }),
-      el("td", {}, el("span", { class: "state", "data-state": j.state, text: j.state })),
-      el("td", {}, bar(frac, plabel)),
-      el("td", { class: "rate", text: live ? fmtRate(p.rate, p.unit) : "" }),
-      el("td", { class: "msg", text: msg, title: msg }),
-      el("td", {}, live ? el("button", { type: "button", class: "danger cancel", onclick: () => cancelJob(j.id), text: "Cancel" }) : null));
+    if (r.tr.dataset.state !== j.state) r.tr.dataset.state = j.state;
+    setText(r.cells[0], j.id);
+    r.cells[0].title = j.created_at || "";
+    setText(r.cells[1], j.type);
+    setText(r.cells[2], j.model + (j.revision && j.revision !== "main" ? "@" + j.revision : ""));
+    r.state.dataset.state = j.state;
+    setText(r.state, j.state);
+    r.fill.style.width = (frac * 100).toFixed(1) + "%";
+    setText(r.plabel, plabel);
+    setText(r.cells[5], live ? fmtRate(p.rate, p.unit) : "");
+    setText(r.cells[6], msg);
+    r.cells[6].title = msg;
+    r.cancel.hidden = !live;
   }
 
   function renderJobs() {
     const body = $("jobs").tBodies[0];
-    const rows = sortedJobs().map(jobRow);
-    body.replaceChildren(...rows);
-    $("jobs-empty").hidden = rows.length > 0;
+    const jobs = sortedJobs();
+    const keep = new Set();
+    let prev = null;
+    for (const j of jobs) {
+      keep.add(j.id);
+      let r = jobRows.get(j.id);
+      if (!r) { r = makeJobRow(j.id); jobRows.set(j.id, r); }
+      updateJobRow(r, j);
+      const next = prev ? prev.nextSibling : body.firstChild;
+      if (next !== r.tr) body.insertBefore(r.tr, next);
+      prev = r.tr;
+    }
+    for (const [id, r] of jobRows) if (!keep.has(id)) { r.tr.remove(); jobRows.delete(id); }
+    $("jobs-empty").hidden = jobs.length > 0;
   }
 
   function renderResidents() {
@@ -357,8 +393,8 @@
     box.replaceChildren(...st.devices.map((d) => {
       const used = Math.max(0, d.total_bytes - d.free_bytes);
       const b = el("div", { class: "bar" },
-        el("div", { class: "fill used", style: "width:" + (d.total_bytes ? (100 * used / d.total_bytes).toFixed(1) : 0) + "%" }),
-        el("div", { class: "fill res", style: "width:" + (d.total_bytes ? (100 * d.resident_bytes / d.total_bytes).toFixed(1) : 0) + "%" }),
+        el("div", { class: "fill used", width: (d.total_bytes ? (100 * used / d.total_bytes).toFixed(1) : 0) + "%" }),
+        el("div", { class: "fill res", width: (d.total_bytes ? (100 * d.resident_bytes / d.total_bytes).toFixed(1) : 0) + "%" }),
         el("span", { class: "label", text: fmtBytes(used) + " used · " + fmtBytes(d.resident_bytes) + " resident · " + fmtBytes(d.total_bytes) }));
       return el("div", { class: "device", "data-device": d.index },
         el("div", { class: "head" },

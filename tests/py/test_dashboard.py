@@ -132,7 +132,7 @@ def test_dashboard_submit_and_follow_a_job(make_server, model_root, browser):
     job_id = res.get_attribute("data-job-id")
     row = job_row(drv, job_id, "succeeded")
     assert "100%" in row.text and "verify" in row.text and str(model) in row.text
-    assert not row.find_elements(By.CSS_SELECTOR, "button.cancel")
+    assert not row.find_element(By.CSS_SELECTOR, "button.cancel").is_displayed()
     status, doc = srv.get("/v1/jobs/" + job_id)
     assert status == 200 and doc["state"] == "succeeded" and doc["result"]["ok"] is True
     assert [j["id"] for j in srv.get("/v1/jobs")[1]["jobs"]] == [job_id]
@@ -195,5 +195,51 @@ def test_dashboard_unloads_a_resident(make_server, model_root, browser):
     first_rid = first["result"]["resident_id"]
     wait(drv).until(EC.presence_of_element_located(
         (By.CSS_SELECTOR, 'tr[data-resident-id="%s"][data-state="resident"]' % first_rid)))
+    # the chart's legend has the last load's throughput from the job result
+    wait(drv).until(EC.text_to_be_present_in_element((By.ID, "chart-legend"), "last load"))
     assert page_errors(drv) == []
     screenshot(drv, "dashboard-unload.png")
+
+
+def test_dashboard_live_progress_and_cancel(make_server, tmp_path, browser):
+    """A download from a throttled test hub: the row shows live progress and a
+    rate while it runs, and its Cancel button cancels it."""
+    import subprocess
+    from conftest import tool
+    repo = tmp_path / "hubroot" / "acme" / "slow"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text('{"model_type": "llama"}')
+    (repo / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "
+                                             + os.urandom(4 << 20))
+    hub = subprocess.Popen([tool("testhub"), "--slow", "200000", str(tmp_path / "hubroot")],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        line = hub.stdout.readline().decode()
+        assert line.startswith("listening on "), line
+        srv = make_server(args=["--hub-endpoint", line.split("listening on ", 1)[1].strip()])
+        drv = browser
+        drv.get(srv.base + "/")
+        wait(drv).until(EC.visibility_of_element_located((By.ID, "app")))
+        res = submit(drv, "download", "acme/slow")
+        assert res.text.startswith("submitted j_"), res.text
+        job_id = res.get_attribute("data-job-id")
+        row = job_row(drv, job_id, "running", timeout=30)
+        # progress and a rate arrive over the event stream while it runs
+        sel = 'tr[data-job-id="%s"][data-state="running"]' % job_id
+
+        def moving(d):
+            r = d.find_elements(By.CSS_SELECTOR, sel)
+            return r and "/s" in r[0].find_element(By.CSS_SELECTOR, "td.rate").text and r[0]
+        row = wait(drv, 30).until(moving)
+        width = row.find_element(By.CSS_SELECTOR, ".bar .fill").value_of_css_property("width")
+        assert float(width.rstrip("px")) > 0
+        screenshot(drv, "dashboard-running.png")
+        row.find_element(By.CSS_SELECTOR, "button.cancel").click()
+        job_row(drv, job_id, "cancelled", timeout=60)
+        status, doc = srv.get("/v1/jobs/" + job_id)
+        assert doc["state"] == "cancelled" and doc["error"]["code"] == "cancelled", doc
+        assert page_errors(drv) == []
+    finally:
+        hub.terminate()
+        hub.wait(timeout=30)
+        hub.stdout.close()

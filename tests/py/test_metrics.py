@@ -187,3 +187,46 @@ def test_resident_bytes_by_model_with_escaped_labels(make_server, model_root, tm
     _, fam = scrape(srv)
     assert sample(fam, "modelprep_residents") == 0
     assert samples(fam, "modelprep_resident_bytes") == []
+
+
+class TestHub:
+    """tests/helpers/testhub serving ROOT/<org>/<name>/ as hub repos."""
+    __test__ = False
+
+    def __init__(self, root, *flags):
+        from conftest import tool
+        self.proc = subprocess.Popen([tool("testhub"), *flags, str(root)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        line = self.proc.stdout.readline().decode()
+        assert line.startswith("listening on "), line
+        self.url = line.split("listening on ", 1)[1].strip()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.proc.stdout.close()
+
+
+def test_downloaded_bytes_counted(make_server, tmp_path):
+    repo = tmp_path / "hubroot" / "acme" / "small"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text('{"model_type": "llama"}')
+    (repo / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "
+                                             + os.urandom(300000))
+    hub = TestHub(tmp_path / "hubroot")
+    try:
+        srv = make_server(args=["--hub-endpoint", hub.url])
+        job = srv.run_job({"type": "download", "model": "acme/small"})
+        assert job["state"] == "succeeded", job
+        n = job["result"]["bytes_downloaded"]
+        assert n >= 300000
+        _, fam = scrape(srv)
+        assert sample(fam, "modelprep_downloaded_bytes_total") == n
+        assert sample(fam, "modelprep_jobs_finished_total", type="download", state="succeeded") == 1
+        # the same again is served from the cache: nothing more is downloaded
+        again = srv.run_job({"type": "download", "model": "acme/small"})
+        assert again["state"] == "succeeded", again
+        _, fam = scrape(srv)
+        assert sample(fam, "modelprep_downloaded_bytes_total") == n + again["result"]["bytes_downloaded"]
+    finally:
+        hub.stop()

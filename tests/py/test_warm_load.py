@@ -149,6 +149,11 @@ def test_sharded_safetensors_with_index(make_server, model_root):
     srv = make_server(args=["--model-root", str(model_root)] + HOST4)
     r = ok(load(srv, str(d), load_format="safetensors", host_direct=False, staging_bytes=65536))
     assert digests(srv, r["resident_id"]) == {(k, 0): sha(v) for k, v in ts.items()}
+    # O_DIRECT reads (aligned bounce buffer; page cache where the fs refuses it)
+    r = ok(load(srv, str(d), direct_io=True, staging_bytes=65536, tp_size=2))
+    assert r["staging"]["direct_io"] is True
+    assert digests(srv, r["resident_id"]) == {(k, rk): sha(tp_piece(k, v, 2, rk))
+                                             for k, v in ts.items() for rk in range(2)}
 
 
 def test_pt_bin_with_views(make_server, model_root):
@@ -556,3 +561,27 @@ def test_convert_with_encryption_key(make_server, model_root):
     assert digests(srv, res["resident_id"]) == {(k, 0): sha(v) for k, v in sd.items()}
     job = load(srv, out)
     assert job["error"]["code"] == "decryption_key_required"
+
+
+def test_dummy_shapes_from_config_only(make_server, model_root):
+    """No weight files: a dense llama's tensor list comes from config.json."""
+    d = model_root / "cfg-only"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(LLAMA))
+    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    r = ok(load(srv, str(d), load_format="dummy", tp_size=2))
+    assert r["bytes_read"] == 0
+    s, doc = srv.get("/v1/residents/" + r["resident_id"])
+    want = llama_tensors()  # the same names and shapes as a real checkpoint
+    rows = {(t["name"], t["rank"]): t for t in doc["tensor_table"]}
+    assert {n for n, _ in rows} == set(want)
+    for (name, rk), row in rows.items():
+        assert row["dtype"] == "BF16"  # torch_dtype
+        assert row["shape"] == list(tp_piece(name, want[name], 2, rk).shape), name
+    # the same load again gives the same bytes
+    r2 = ok(load(srv, str(d), load_format="dummy", tp_size=2))
+    assert digests(srv, r["resident_id"]) == digests(srv, r2["resident_id"])
+    # auto, or a config that is not llama-like, cannot invent weights
+    assert load(srv, str(d))["error"]["code"] == "not_found"
+    (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert load(srv, str(d), load_format="dummy")["error"]["code"] == "not_found"

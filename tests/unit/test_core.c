@@ -165,6 +165,37 @@ static void test_openapi_job_params(void **state) {
     json_decref(doc);
 }
 
+/* ---- problem+json ------------------------------------------------------------ */
+
+static void test_problem_json(void **state) {
+    (void)state;
+    http_resp rs = {0};
+    mp_error err = {0};
+    mp_err_field(&err, "params.tp_size", "out_of_range", "tp_size must be in 1..8");
+    resp_error(&rs, 400, &err);
+    assert_int_equal(rs.status, 400);
+    assert_string_equal(rs.content_type, "application/problem+json");
+    json_t *doc = json_loadb(rs.body, rs.len, 0, NULL);
+    assert_non_null(doc);
+    assert_int_equal(json_integer_value(json_object_get(doc, "status")), 400);
+    assert_string_equal(json_string_value(json_object_get(doc, "title")), "Bad Request");
+    assert_string_equal(json_string_value(json_object_get(doc, "detail")), "tp_size must be in 1..8");
+    assert_non_null(strstr(json_string_value(json_object_get(doc, "type")), "400"));
+    json_t *e0 = json_array_get(json_object_get(doc, "errors"), 0);
+    assert_string_equal(json_string_value(json_object_get(e0, "field")), "params.tp_size");
+    assert_string_equal(json_string_value(json_object_get(e0, "code")), "out_of_range");
+    json_decref(doc);
+    /* without a field: no errors list; a detail with quotes stays valid JSON */
+    resp_problem(&rs, 413, "body \"too\" large", NULL);
+    doc = json_loadb(rs.body, rs.len, 0, NULL);
+    assert_non_null(doc);
+    assert_null(json_object_get(doc, "errors"));
+    assert_string_equal(json_string_value(json_object_get(doc, "title")), "Payload Too Large");
+    assert_string_equal(json_string_value(json_object_get(doc, "detail")), "body \"too\" large");
+    json_decref(doc);
+    free(rs.body);
+}
+
 /* ---- params ---------------------------------------------------------------- */
 
 static const char *const FORMATS[] = {"auto", "pt", NULL};
@@ -421,6 +452,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_router_match),     cmocka_unit_test(test_openapi_matches_routes),
         cmocka_unit_test(test_openapi_job_params),
+        cmocka_unit_test(test_problem_json),
         cmocka_unit_test(test_params),           cmocka_unit_test(test_model_ref),
         cmocka_unit_test(test_sbuf_json_escape), cmocka_unit_test(test_store_jobs),
     };

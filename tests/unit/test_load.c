@@ -56,7 +56,8 @@ static void write_model(const char *sub, const st_wtensor *ts, size_t n, const c
         uint64_t b = 0;
         assert_true(mp_tensor_bytes(ts[i].dtype, ts[i].shape, ts[i].ndim, &b));
         unsigned char *buf = malloc(b ? b : 1);
-        for (uint64_t j = 0; j < b; j++) buf[j] = pat(i, j);
+        for (uint64_t j = 0; j < b; j++)
+            buf[j] = pat(i, j);
         assert_int_equal(st_writer_write(w, buf, b, &err), 0);
         free(buf);
     }
@@ -87,8 +88,8 @@ static void test_formats_and_offsets(void **state) {
     assert_int_equal(load_format_from_name("sharded_state"), LOAD_FMT_SHARDED_STATE);
     assert_int_equal(load_format_from_name("dummy"), LOAD_FMT_DUMMY);
     assert_int_equal(load_format_from_name("jax"), -1);
-    st_wtensor ts[3] = {{"a", MP_DT_F32, 2, {3, 5}}, {"b", MP_DT_BF16, 1, {7}},
-                        {"c", MP_DT_F16, 1, {100}}};
+    st_wtensor ts[3] = {
+        {"a", MP_DT_F32, 2, {3, 5}}, {"b", MP_DT_BF16, 1, {7}}, {"c", MP_DT_F16, 1, {100}}};
     write_model("off", ts, 3, NULL);
     load_source src;
     mp_error err = {0};
@@ -151,8 +152,11 @@ static int run(gpu_set *g, const char *sub, int tp, mp_dtype dt, uint64_t stagin
         load_source_free(src);
         return -1;
     }
-    load_run_opts ro = {.staging_bytes = staging, .readers = 3, .host_direct = host_direct,
-                        .cb = cx, .cancelled = cx ? cancel_cb : NULL};
+    load_run_opts ro = {.staging_bytes = staging,
+                        .readers = 3,
+                        .host_direct = host_direct,
+                        .cb = cx,
+                        .cancelled = cx ? cancel_cb : NULL};
     load_stats st;
     int rc = load_run(g, src, plan, &ro, arenas, &st, err);
     if (rc == 0) {
@@ -163,7 +167,8 @@ static int run(gpu_set *g, const char *sub, int tp, mp_dtype dt, uint64_t stagin
 }
 
 static void done(load_source *src, load_plan *plan, gpu_arena **arenas) {
-    for (int d = 0; d < GPU_MAX_DEVICES; d++) gpu_arena_free(arenas[d]);
+    for (int d = 0; d < GPU_MAX_DEVICES; d++)
+        gpu_arena_free(arenas[d]);
     load_plan_free(plan);
     load_source_free(src);
 }
@@ -180,7 +185,8 @@ static void test_ring_wraps_and_bytes_match(void **state) {
         load_source src;
         load_plan plan;
         gpu_arena *arenas[GPU_MAX_DEVICES];
-        assert_int_equal(run(g, "ring", 1, MP_DT_INVALID, 65536, direct, NULL, &src, &plan, arenas, &err), 0);
+        assert_int_equal(
+            run(g, "ring", 1, MP_DT_INVALID, 65536, direct, NULL, &src, &plan, arenas, &err), 0);
         assert_non_null(arenas[0]);
         assert_null(arenas[1]);
         for (size_t i = 0; i < plan.nitems; i++) {
@@ -189,7 +195,8 @@ static void test_ring_wraps_and_bytes_match(void **state) {
             unsigned char *buf = malloc(it->bytes);
             assert_int_equal(gpu_read(arenas[0], it->offset, buf, it->bytes, &err), 0);
             for (uint64_t k = 0; k < it->bytes; k++)
-                if (buf[k] != pat(ti, k)) fail_msg("%s byte %llu", it->src->name, (unsigned long long)k);
+                if (buf[k] != pat(ti, k))
+                    fail_msg("%s byte %llu", it->src->name, (unsigned long long)k);
             free(buf);
         }
         done(&src, &plan, arenas);
@@ -221,9 +228,9 @@ static void test_cast_bf16_to_f32(void **state) {
     gpu_set_close(g);
 }
 
-#define CFG                                                                                   \
-    "{\"architectures\":[\"LlamaForCausalLM\"],\"model_type\":\"llama\",\"hidden_size\":4,"  \
-    "\"num_attention_heads\":2,\"num_key_value_heads\":2,\"head_dim\":2,"                     \
+#define CFG                                                                                        \
+    "{\"architectures\":[\"LlamaForCausalLM\"],\"model_type\":\"llama\",\"hidden_size\":4,"        \
+    "\"num_attention_heads\":2,\"num_key_value_heads\":2,\"head_dim\":2,"                          \
     "\"intermediate_size\":8,\"num_hidden_layers\":1,\"vocab_size\":64}"
 
 static void test_tp_slices(void **state) {
@@ -252,11 +259,13 @@ static void test_tp_slices(void **state) {
         assert_int_equal(gpu_read(arenas[r], in->offset, n, 16, &err), 0);
         const unsigned char *qb = (void *)q, *ob = (void *)o, *nb = (void *)n;
         /* which of ts[] each is: the writer kept input order indexes */
-        for (int k = 0; k < 32; k++) assert_int_equal(qb[k], pat(0, (uint64_t)(r * 32 + k)));
+        for (int k = 0; k < 32; k++)
+            assert_int_equal(qb[k], pat(0, (uint64_t)(r * 32 + k)));
         for (int row = 0; row < 4; row++)
             for (int k = 0; k < 8; k++)
                 assert_int_equal(ob[row * 8 + k], pat(1, (uint64_t)(row * 16 + r * 8 + k)));
-        for (int k = 0; k < 16; k++) assert_int_equal(nb[k], pat(2, (uint64_t)k));
+        for (int k = 0; k < 16; k++)
+            assert_int_equal(nb[k], pat(2, (uint64_t)k));
     }
     done(&src, &plan, arenas);
     gpu_set_close(g);
@@ -274,7 +283,8 @@ static void test_oom_and_cancel_leave_nothing(void **state) {
     gpu_arena *arenas[GPU_MAX_DEVICES];
     assert_int_equal(run(g, "oom", 1, MP_DT_INVALID, 0, true, NULL, &src, &plan, arenas, &err), -1);
     assert_string_equal(err.code, "insufficient_device_memory");
-    for (int d = 0; d < GPU_MAX_DEVICES; d++) assert_null(arenas[d]);
+    for (int d = 0; d < GPU_MAX_DEVICES; d++)
+        assert_null(arenas[d]);
     assert_int_equal(gpu_device_resident(g, 0), 0);
     load_plan_free(&plan);
     load_source_free(&src);
@@ -282,9 +292,11 @@ static void test_oom_and_cancel_leave_nothing(void **state) {
 
     assert_int_equal(gpu_set_open("host", 0, &g, &err), 0);
     ctx cx = {0, 0};
-    assert_int_equal(run(g, "oom", 1, MP_DT_BF16, 65536, false, &cx, &src, &plan, arenas, &err), -1);
+    assert_int_equal(run(g, "oom", 1, MP_DT_BF16, 65536, false, &cx, &src, &plan, arenas, &err),
+                     -1);
     assert_string_equal(err.code, "cancelled");
-    for (int d = 0; d < GPU_MAX_DEVICES; d++) assert_null(arenas[d]);
+    for (int d = 0; d < GPU_MAX_DEVICES; d++)
+        assert_null(arenas[d]);
     assert_int_equal(gpu_device_resident(g, 0), 0);
     load_plan_free(&plan);
     load_source_free(&src);
@@ -313,7 +325,8 @@ static void test_encrypted_needs_key(void **state) {
     assert_int_equal(load_run(g, &src, &plan, &ro, arenas, &st, &err), 0);
     unsigned char got[4000];
     assert_int_equal(gpu_read(arenas[0], 0, got, 4000, &err), 0);
-    for (int k = 0; k < 4000; k++) assert_int_equal(got[k], pat(0, (uint64_t)k));
+    for (int k = 0; k < 4000; k++)
+        assert_int_equal(got[k], pat(0, (uint64_t)k));
     done(&src, &plan, arenas);
     gpu_set_close(g);
 }

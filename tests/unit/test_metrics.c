@@ -62,8 +62,10 @@ static void test_http_histogram_cumulative(void **state) {
     metrics_http(m, "jobs_get", 404, 0.2);
     metrics_http(m, "jobs_get", 200, 9.0); /* over the last bound: only +Inf */
     char *t = render(m);
-    assert_int_equal(value_of(t, "modelprep_http_requests_total{route=\"jobs_get\",status=\"200\"}"), 3);
-    assert_int_equal(value_of(t, "modelprep_http_requests_total{route=\"jobs_get\",status=\"404\"}"), 1);
+    assert_int_equal(
+        value_of(t, "modelprep_http_requests_total{route=\"jobs_get\",status=\"200\"}"), 3);
+    assert_int_equal(
+        value_of(t, "modelprep_http_requests_total{route=\"jobs_get\",status=\"404\"}"), 1);
     const char *b = "modelprep_http_request_duration_seconds_bucket{route=\"jobs_get\",le=";
     char key[200];
     snprintf(key, sizeof key, "%s\"0.0005\"}", b);
@@ -76,7 +78,8 @@ static void test_http_histogram_cumulative(void **state) {
     assert_int_equal(value_of(t, key), 3);
     snprintf(key, sizeof key, "%s\"+Inf\"}", b);
     assert_int_equal(value_of(t, key), 4);
-    assert_int_equal(value_of(t, "modelprep_http_request_duration_seconds_count{route=\"jobs_get\"}"), 4);
+    assert_int_equal(
+        value_of(t, "modelprep_http_request_duration_seconds_count{route=\"jobs_get\"}"), 4);
     double sum = value_of(t, "modelprep_http_request_duration_seconds_sum{route=\"jobs_get\"}");
     assert_true(sum > 9.2 && sum < 9.21);
     free(t);
@@ -86,12 +89,12 @@ static void test_http_histogram_cumulative(void **state) {
 static void test_job_results_feed_byte_counters(void **state) {
     (void)state;
     mp_metrics *m = metrics_new();
-    json_t *dl = json_pack("{s:I,s:I}", "bytes_downloaded", (json_int_t)1000, "bytes_reused",
-                           (json_int_t)5);
+    json_t *dl =
+        json_pack("{s:I,s:I}", "bytes_downloaded", (json_int_t)1000, "bytes_reused", (json_int_t)5);
     json_t *wl = json_pack("{s:I,s:f}", "bytes", (json_int_t)4096, "throughput_bytes_per_s", 2.5e9);
     json_t *vf = json_pack("{s:b,s:I}", "ok", 1, "bytes", (json_int_t)77);
-    json_t *sh = json_pack("{s:[{s:I},{s:I}]}", "ranks", "bytes", (json_int_t)10, "bytes",
-                           (json_int_t)20);
+    json_t *sh =
+        json_pack("{s:[{s:I},{s:I}]}", "ranks", "bytes", (json_int_t)10, "bytes", (json_int_t)20);
     metrics_job_done(m, "download", "succeeded", 1.0, dl);
     metrics_job_done(m, "warm_load", "succeeded", 0.5, wl);
     metrics_job_done(m, "verify", "succeeded", 0.02, vf);
@@ -105,12 +108,17 @@ static void test_job_results_feed_byte_counters(void **state) {
     assert_int_equal(value_of(t, "modelprep_copied_bytes_total"), 4096);
     assert_true(value_of(t, "modelprep_load_throughput_bytes_per_second") == 2.5e9);
     /* verify is a registered type: its counters and histogram are there. */
-    assert_int_equal(value_of(t, "modelprep_jobs_finished_total{type=\"verify\",state=\"succeeded\"}"), 2);
-    assert_int_equal(value_of(t, "modelprep_jobs_finished_total{type=\"verify\",state=\"failed\"}"), 1);
-    assert_int_equal(value_of(t, "modelprep_jobs_finished_total{type=\"verify\",state=\"cancelled\"}"), 0);
+    assert_int_equal(
+        value_of(t, "modelprep_jobs_finished_total{type=\"verify\",state=\"succeeded\"}"), 2);
+    assert_int_equal(value_of(t, "modelprep_jobs_finished_total{type=\"verify\",state=\"failed\"}"),
+                     1);
+    assert_int_equal(
+        value_of(t, "modelprep_jobs_finished_total{type=\"verify\",state=\"cancelled\"}"), 0);
     assert_int_equal(value_of(t, "modelprep_job_duration_seconds_count{type=\"verify\"}"), 3);
-    assert_int_equal(value_of(t, "modelprep_job_duration_seconds_bucket{type=\"verify\",le=\"0.01\"}"), 1);
-    assert_int_equal(value_of(t, "modelprep_job_duration_seconds_bucket{type=\"verify\",le=\"0.05\"}"), 2);
+    assert_int_equal(
+        value_of(t, "modelprep_job_duration_seconds_bucket{type=\"verify\",le=\"0.01\"}"), 1);
+    assert_int_equal(
+        value_of(t, "modelprep_job_duration_seconds_bucket{type=\"verify\",le=\"0.05\"}"), 2);
     /* Every registered type x state is a jobs series even with no store. */
     assert_int_equal(value_of(t, "modelprep_jobs{type=\"verify\",state=\"queued\"}"), 0);
     free(t);
@@ -132,8 +140,10 @@ static void test_exposition_shape(void **state) {
     int types = 0, helps = 0, samples = 0;
     char *save = NULL;
     for (char *line = strtok_r(t, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-        if (strncmp(line, "# TYPE modelprep_", 17) == 0) types++;
-        else if (strncmp(line, "# HELP modelprep_", 17) == 0) helps++;
+        if (strncmp(line, "# TYPE modelprep_", 17) == 0)
+            types++;
+        else if (strncmp(line, "# HELP modelprep_", 17) == 0)
+            helps++;
         else {
             assert_int_equal(strncmp(line, "modelprep_", 10), 0);
             const char *sp = strrchr(line, ' ');

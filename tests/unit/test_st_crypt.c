@@ -24,7 +24,8 @@ static unsigned char KEY[32];
 static int setup(void **state) {
     (void)state;
     snprintf(dir, sizeof dir, "/tmp/test_stc.XXXXXX");
-    for (int i = 0; i < 32; i++) KEY[i] = (unsigned char)(i * 7 + 3);
+    for (int i = 0; i < 32; i++)
+        KEY[i] = (unsigned char)(i * 7 + 3);
     return mkdtemp(dir) ? 0 : -1;
 }
 
@@ -52,7 +53,8 @@ static void test_key_files(void **state) {
     assert_int_equal(stc_key_load(p, k, &err), 0);
     assert_memory_equal(k, KEY, 32);
     char hex[80];
-    for (int i = 0; i < 32; i++) sprintf(hex + 2 * i, "%02X", KEY[i]);
+    for (int i = 0; i < 32; i++)
+        sprintf(hex + 2 * i, "%02X", KEY[i]);
     strcat(hex, "\n");
     snprintf(p, sizeof p, "%s/hex.key", dir);
     put_file(p, hex, strlen(hex));
@@ -77,8 +79,10 @@ static void test_key_files(void **state) {
 #define A_N 2500
 #define B_N 1500
 static void pattern(unsigned char *a, unsigned char *b) {
-    for (int i = 0; i < A_N * 4; i++) a[i] = (unsigned char)(i * 31 + 1);
-    for (int i = 0; i < B_N * 2; i++) b[i] = (unsigned char)(i * 17 + 5);
+    for (int i = 0; i < A_N * 4; i++)
+        a[i] = (unsigned char)(i * 31 + 1);
+    for (int i = 0; i < B_N * 2; i++)
+        b[i] = (unsigned char)(i * 17 + 5);
 }
 
 static void write_enc(const char *path) {
@@ -110,8 +114,8 @@ static int read_tensor(const char *path, const unsigned char *key, const char *n
     stc_cache c = {0};
     for (size_t i = 0; rc == 0 && i < w.ntensors; i++)
         if (strcmp(w.tensors[i].name, name) == 0)
-            rc = stc_read(&f, w.fds[0], key, w.tensors[i].data_offset, dst, w.tensors[i].nbytes,
-                          &c, err);
+            rc = stc_read(&f, w.fds[0], key, w.tensors[i].data_offset, dst, w.tensors[i].nbytes, &c,
+                          err);
     stc_cache_free(&c);
     stc_file_free(&f);
     weights_free_fields(&w);
@@ -237,8 +241,8 @@ static void test_writer_checks(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_key_files),      cmocka_unit_test(test_round_trip),
-        cmocka_unit_test(test_wrong_key),      cmocka_unit_test(test_tampered_data),
+        cmocka_unit_test(test_key_files),       cmocka_unit_test(test_round_trip),
+        cmocka_unit_test(test_wrong_key),       cmocka_unit_test(test_tampered_data),
         cmocka_unit_test(test_tampered_header), cmocka_unit_test(test_writer_checks),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
