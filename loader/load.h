@@ -68,7 +68,8 @@ typedef struct load_source {
 
 /* Opens the weights of model_dir in format fmt (AUTO: *.safetensors (only
  * those of model.safetensors.index.json when present), else *.bin, else
- * *.pt, else a *.gguf; dummy uses whichever of these exists for shapes).
+ * *.pt, else a *.gguf; dummy uses whichever of these exists for shapes, else
+ * an npcache, else config.json of a dense llama-family model).
  * sharded_state: model-rank-{r}-part-{p}.safetensors for r < tp_size.
  * Errors: "not_found" (no weights), and the readers' codes. */
 int load_source_open(const char *model_dir, load_format fmt, int tp_size, load_source *src,

@@ -62,7 +62,7 @@ typedef struct run_ctx {
 typedef struct reader {
     run_ctx *c;
     pthread_t th;
-    unsigned char *scratch; /* 2 slots + alignment slack */
+    unsigned char *scratch; /* 2 slots, allocated when a piece first needs it */
     uint64_t scratch_cap;
     unsigned char *dio; /* O_DIRECT bounce buffer */
     uint64_t dio_cap;
@@ -285,6 +285,17 @@ static uint64_t run_at(const load_item *it, uint64_t e, uint64_t left, int64_t *
     return left;
 }
 
+/* Plain copies need no scratch: only casts, slices and dequantization. */
+static int need_scratch(reader *r, mp_error *err) {
+    if (r->scratch) return 0;
+    if (posix_memalign((void **)&r->scratch, DIO_ALIGN, r->scratch_cap) != 0) {
+        r->scratch = NULL;
+        return mp_err(err, "no_memory", "out of memory");
+    }
+    host_add(r->c, (int64_t)r->scratch_cap);
+    return 0;
+}
+
 /* Fills dst with output bytes [off, off+n) of the item. */
 static int produce(reader *r, const load_item *it, uint64_t off, uint64_t n, unsigned char *dst,
                    const unsigned char *mem, mp_error *err) {
@@ -292,6 +303,7 @@ static int produce(reader *r, const load_item *it, uint64_t off, uint64_t n, uns
         memset(dst, 0, n);
         return 0;
     }
+    if ((it->kind == LOAD_K_DEQUANT || !item_raw(it)) && need_scratch(r, err) != 0) return -1;
     if (it->kind == LOAD_K_DEQUANT) {
         unsigned bs = gguf_type_block_size(it->ggml_type),
                  bb = gguf_type_block_bytes(it->ggml_type);
@@ -633,11 +645,10 @@ int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan, const
         rd[i].c = &c;
         rd[i].scratch_cap = 2 * c.slot_bytes;
         rd[i].dio_cap = dio ? c.slot_bytes + 2 * DIO_ALIGN : 0;
-        if (posix_memalign((void **)&rd[i].scratch, DIO_ALIGN, rd[i].scratch_cap) != 0 ||
-            (dio && posix_memalign((void **)&rd[i].dio, DIO_ALIGN, rd[i].dio_cap) != 0))
+        if (dio && posix_memalign((void **)&rd[i].dio, DIO_ALIGN, rd[i].dio_cap) != 0)
             rc = mp_err(err, "no_memory", "out of memory");
         else
-            host_add(&c, (int64_t)(rd[i].scratch_cap + rd[i].dio_cap));
+            host_add(&c, (int64_t)rd[i].dio_cap);
     }
 
     /* The pipeline. */

@@ -322,6 +322,39 @@ def test_dummy_values_within_bounds(make_server, model_root, tmp_path):
     assert vals.min() >= 2.0 and vals.max() <= 3.0 and vals.std() > 0.1
 
 
+M64 = (1 << 64) - 1
+
+
+def splitmix64(x):
+    z = (x + 0x9e3779b97f4a7c15) & M64
+    z = ((z ^ (z >> 30)) * 0xbf58476d1ce4e5b9) & M64
+    z = ((z ^ (z >> 27)) * 0x94d049bb133111eb) & M64
+    return z ^ (z >> 31)
+
+
+def dummy_values(name, seed, low, high, n):
+    """gpu/dummy.h's generator, written again from its comment."""
+    h = 0xcbf29ce484222325
+    for b in name.encode():
+        h = ((h ^ b) * 0x100000001b3) & M64
+    ts = splitmix64(seed ^ h)
+    lo, hi = np.float32(low), np.float32(high)
+    out = np.empty(n, np.float32)
+    for i in range(n):
+        u = np.float32(splitmix64((ts + i) & M64) >> 40) * np.float32(2.0 ** -24)
+        out[i] = lo + (hi - lo) * u
+    return out
+
+
+def test_dummy_values_match_the_documented_generator(make_server, model_root, tmp_path):
+    m = write_model(model_root / "dg", {"a.weight": torch.zeros(10, 7)}, config=None)
+    sock = str(tmp_path / "g.sock")
+    srv = make_server(args=["--model-root", str(model_root), "--export-socket", sock] + HOST4)
+    r = ok(load(srv, m, load_format="dummy", dummy={"low": -0.75, "high": 0.5, "seed": 99}))
+    got = read_exported(sock, r["resident_id"])["a.weight"].view(torch.float32).numpy()
+    assert got.tobytes() == dummy_values("a.weight", 99, -0.75, 0.5, 70).tobytes()
+
+
 def read_exported(sock, rid):
     """Maps the arenas like an inference process would (Python's socket +
     SCM_RIGHTS) and returns {name: uint8 tensor}."""
