@@ -15,9 +15,10 @@
  *   output          folder; default <data_dir>/sharded/<name>-tp<N>. Given,
  *                   it must resolve inside a model root or the data dir.
  *   overwrite       replace an existing output folder (default false).
- * Not resumable: a drained or crashed run leaves only a temp folder, which
- * the next run with the same pid-free name ignores and the output never
- * shows half-written.
+ * Resumable: the temp folder is named after the job id, and after every
+ * part (written and re-checked for all ranks) the job saves a checkpoint;
+ * a run resumed after a drain or crash re-checks those files and writes
+ * only the rest. The output folder appears only when complete.
  */
 #include <errno.h>
 #include <limits.h>
@@ -125,8 +126,15 @@ static void cb_progress(void *cb, uint64_t done, uint64_t total, const char *msg
 static bool cb_cancelled(void *cb) {
     return task_cancelled(cb);
 }
+static bool cb_draining(void *cb) {
+    return task_draining(cb);
+}
 static void cb_log(void *cb, const char *level, const char *msg) {
     task_log(cb, level, "%s", msg);
+}
+
+static void cb_checkpoint(void *cb, json_t *state) {
+    task_checkpoint(cb, state);
 }
 
 static int shard_job_run(mp_task *t) {
@@ -146,9 +154,13 @@ static int shard_job_run(mp_task *t) {
         .overwrite = json_is_true(json_object_get(in->params, "overwrite")),
         .source_model = in->model,
         .source_revision = in->is_hub_model ? in->revision : NULL,
+        .tmp_tag = in->id,
+        .resume = in->checkpoint,
+        .checkpoint = cb_checkpoint,
         .cb = t,
         .progress = cb_progress,
         .cancelled = cb_cancelled,
+        .draining = cb_draining,
         .log = cb_log,
     };
     json_t *result = NULL;
@@ -175,5 +187,5 @@ const mp_job_type mp_job_shard = {
     .params = shard_params,
     .validate = shard_validate,
     .run = shard_job_run,
-    .flags = MP_JOB_NEEDS_LOCAL,
+    .flags = MP_JOB_NEEDS_LOCAL | MP_JOB_RESUMABLE,
 };

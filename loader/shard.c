@@ -182,6 +182,9 @@ typedef struct shard_ctx {
     size_t cur_part;      /* the part being finished or checked */
     uint64_t done, total, bytes_read, bytes_written;
     json_t *files; /* per rank: array of {name, bytes, crc32c} */
+    json_t *state; /* resume checkpoint being built (owned) */
+    const json_t *resumed; /* "files" of the checkpoint resumed from, or NULL */
+    uint64_t source_bytes;
     crc32c_tab crc;
     pool pool;
 } shard_ctx;
@@ -571,17 +574,80 @@ static int verify_file(const shard_ctx *c, int rank, size_t pi, uint32_t want_cr
     return rc;
 }
 
-/* Pool job: check file item of the current group (rank-major over the
- * parts). */
+/* Pool job: check rank item's file of the current group and part. */
 static void job_verify(void *arg, int item, worker_buf *wb) {
     shard_ctx *c = arg;
-    int slot = item / (int)c->nparts, r = c->r0 + slot;
-    size_t p = (size_t)item % c->nparts;
-    rank_file *f = &c->rf[slot];
+    rank_file *f = &c->rf[item];
     if (f->failed) return;
-    json_t *jf = json_array_get(json_array_get(c->files, (size_t)r), p);
+    json_t *jf = json_array_get(json_array_get(c->files, (size_t)(c->r0 + item)), c->cur_part);
     uint32_t crc = (uint32_t)json_integer_value(json_object_get(jf, "crc32c"));
-    if (verify_file(c, r, p, crc, wb, &f->err) != 0) f->failed = true;
+    if (verify_file(c, c->r0 + item, c->cur_part, crc, wb, &f->err) != 0) f->failed = true;
+}
+
+static int verify_part(shard_ctx *c, size_t pi, mp_error *err) {
+    for (int i = 0; i < c->r1 - c->r0; i++)
+        c->rf[i].failed = false;
+    c->cur_part = pi;
+    pool_run(&c->pool, job_verify, c, c->r1 - c->r0);
+    for (int i = 0; i < c->r1 - c->r0; i++)
+        if (c->rf[i].failed) {
+            *err = c->rf[i].err;
+            return -1;
+        }
+    return 0;
+}
+
+static uint64_t part_source_bytes(const shard_ctx *c, size_t pi) {
+    uint64_t b = 0;
+    for (size_t k = 0; k < c->parts[pi].count; k++) {
+        const tp_target *tg = &c->lay.targets[c->parts[pi].first + k];
+        for (size_t q = 0; q < tg->npieces; q++)
+            b += c->w->tensors[tg->pieces[q]].nbytes;
+    }
+    return b;
+}
+
+/* A part the interrupted run finished for every rank of this group: take
+ * its files over if they still check out. */
+static bool resume_part(shard_ctx *c, size_t pi) {
+    if (!c->resumed) return false;
+    for (int r = c->r0; r < c->r1; r++) {
+        char path[PATH_MAX];
+        part_path(c, r, pi, path, sizeof path);
+        json_t *e = json_object_get(c->resumed, strrchr(path, '/') + 1);
+        if (!json_is_integer(json_object_get(e, "crc32c"))) return false;
+    }
+    for (int r = c->r0; r < c->r1; r++) {
+        char path[PATH_MAX];
+        part_path(c, r, pi, path, sizeof path);
+        const char *name = strrchr(path, '/') + 1;
+        json_t *e = json_object_get(c->resumed, name);
+        json_array_append_new(json_array_get(c->files, (size_t)r),
+                              json_pack("{s:s,s:O,s:O}", "name", name, "bytes",
+                                        json_object_get(e, "bytes"), "crc32c",
+                                        json_object_get(e, "crc32c")));
+    }
+    mp_error e2 = {0};
+    if (verify_part(c, pi, &e2) == 0) return true;
+    say(c, "warn", "part %zu of the interrupted run does not check out (%s); writing it again",
+        pi, e2.message);
+    for (int r = c->r0; r < c->r1; r++) {
+        json_t *fl = json_array_get(c->files, (size_t)r);
+        json_array_remove(fl, json_array_size(fl) - 1);
+    }
+    return false;
+}
+
+/* Records the files of part pi (this group) as done, for a resumed run. */
+static void save_checkpoint(shard_ctx *c, size_t pi) {
+    json_t *files = json_object_get(c->state, "files");
+    for (int r = c->r0; r < c->r1; r++) {
+        json_t *jf = json_array_get(json_array_get(c->files, (size_t)r), pi);
+        json_object_set_new(files, json_string_value(json_object_get(jf, "name")),
+                            json_pack("{s:O,s:O}", "bytes", json_object_get(jf, "bytes"),
+                                      "crc32c", json_object_get(jf, "crc32c")));
+    }
+    if (c->o->checkpoint) c->o->checkpoint(c->o->cb, json_deep_copy(c->state));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -702,6 +768,27 @@ static void unmap_sources(shard_ctx *c) {
     c->maps = NULL;
 }
 
+static bool plain_tag(const char *s) {
+    size_t n = strlen(s);
+    if (n == 0 || n > 48) return false;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              *s == '_' || *s == '-'))
+            return false;
+    return true;
+}
+
+/* The checkpoint is from a run of this same job: same temp folder, split
+ * and source size. */
+static bool resume_matches(const shard_ctx *c, const json_t *r) {
+    const json_t *s = c->state;
+    if (!json_is_object(r) || !json_is_object(json_object_get(r, "files"))) return false;
+    const char *keys[] = {"version", "tmp_dir", "tp", "naming", "max_part_bytes", "source_bytes"};
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
+        if (!json_equal(json_object_get(r, keys[i]), json_object_get(s, keys[i]))) return false;
+    return true;
+}
+
 /* ------------------------------------------------------------------------ */
 
 static double now_s(void) {
@@ -741,13 +828,18 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
     if (plan_parts(&c, err) != 0) goto out;
     for (size_t i = 0; i < c.w->ntensors; i++)
         c.total += c.w->tensors[i].nbytes;
+    c.source_bytes = c.total;
     int group = o->tp < SHARD_RANK_GROUP ? o->tp : SHARD_RANK_GROUP;
     c.total *= (uint64_t)((o->tp + group - 1) / group);
     c.sl = calloc((size_t)o->tp, sizeof *c.sl);
     c.rf = calloc((size_t)group, sizeof *c.rf);
     c.files = json_array();
-    if (!c.sl || !c.rf || !c.files ||
-        asprintf(&c.tmp_dir, "%s.tmp-%ld", o->output_dir, (long)getpid()) < 0) {
+    char tag[64];
+    if (o->tmp_tag && plain_tag(o->tmp_tag))
+        snprintf(tag, sizeof tag, "%s", o->tmp_tag);
+    else
+        snprintf(tag, sizeof tag, "%ld", (long)getpid());
+    if (!c.sl || !c.rf || !c.files || asprintf(&c.tmp_dir, "%s.tmp-%s", o->output_dir, tag) < 0) {
         c.tmp_dir = NULL;
         mp_err(err, "no_memory", "out of memory");
         goto out;
@@ -773,10 +865,25 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
         free(parent);
         if (prc != 0) goto out;
     }
-    rm_flat(c.tmp_dir); /* leftovers of a crashed run with our pid */
-    if (mkdir(c.tmp_dir, 0755) != 0) {
-        mp_err(err, "io_error", "mkdir %s: %s", c.tmp_dir, strerror(errno));
+    c.state = json_pack("{s:i,s:s,s:i,s:s,s:I,s:I,s:{}}", "version", 1, "tmp_dir", c.tmp_dir,
+                        "tp", o->tp, "naming", o->naming == TP_NAMING_HF ? "hf" : "sglang",
+                        "max_part_bytes", (json_int_t)(o->max_part_bytes ? o->max_part_bytes
+                                                                        : SHARD_DEFAULT_PART_BYTES),
+                        "source_bytes", (json_int_t)c.source_bytes, "files");
+    if (!c.state) {
+        mp_err(err, "no_memory", "out of memory");
         goto out;
+    }
+    if (resume_matches(&c, o->resume) && stat(c.tmp_dir, &st) == 0 && S_ISDIR(st.st_mode)) {
+        c.resumed = json_object_get(o->resume, "files");
+        say(&c, "info", "resuming in %s (%zu files done before)", c.tmp_dir,
+            json_object_size(c.resumed));
+    } else {
+        rm_flat(c.tmp_dir); /* leftovers of an earlier run under the same tag */
+        if (mkdir(c.tmp_dir, 0755) != 0) {
+            mp_err(err, "io_error", "mkdir %s: %s", c.tmp_dir, strerror(errno));
+            goto out;
+        }
     }
     made_tmp = true;
     say(&c, "info", "sharding %zu tensors into %zu targets x %d ranks, %zu part(s) per rank "
@@ -785,21 +892,22 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
 
     for (c.r0 = 0; c.r0 < o->tp; c.r0 += group) {
         c.r1 = c.r0 + group < o->tp ? c.r0 + group : o->tp;
-        for (size_t p = 0; p < c.nparts; p++)
+        for (size_t p = 0; p < c.nparts; p++) {
+            if (resume_part(&c, p)) {
+                c.done += part_source_bytes(&c, p);
+                say(&c, "info", "ranks %d..%d part %zu: taken over from the interrupted run",
+                    c.r0, c.r1 - 1, p);
+                continue;
+            }
             if (write_part(&c, p, err) != 0) goto out;
-        /* Re-read what this group wrote. */
-        if (o->progress) o->progress(o->cb, c.done, c.total, "checking");
-        for (int i = 0; i < c.r1 - c.r0; i++)
-            c.rf[i].failed = false;
-        pool_run(&c.pool, job_verify, &c, (c.r1 - c.r0) * (int)c.nparts);
-        for (int i = 0; i < c.r1 - c.r0; i++)
-            if (c.rf[i].failed) {
-                *err = c.rf[i].err;
+            /* Re-read what was just written, then record it as done. */
+            if (o->progress) o->progress(o->cb, c.done, c.total, "checking");
+            if (verify_part(&c, p, err) != 0) goto out;
+            save_checkpoint(&c, p);
+            if (cancelled(&c)) {
+                mp_err(err, "cancelled", "cancelled");
                 goto out;
             }
-        if (cancelled(&c)) {
-            mp_err(err, "cancelled", "cancelled");
-            goto out;
         }
     }
     if (copy_side_files(&c, copied, err) != 0) goto out;
@@ -884,10 +992,12 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
     }
     rc = 0;
 out:
-    if (made_tmp) rm_flat(c.tmp_dir);
+    if (made_tmp && !(rc != 0 && o->draining && o->draining(o->cb) && o->checkpoint))
+        rm_flat(c.tmp_dir);
     json_decref(copied);
     json_decref(manifest);
     json_decref(c.files);
+    json_decref(c.state);
     free(c.tmp_dir);
     if (pool_up) pool_stop(&c.pool);
     free(c.buf);

@@ -279,3 +279,88 @@ def test_shard_errors(make_server, model_root, tmp_path):
     job = s.run_job({"type": "shard", "model": str(d4), "params": {"tp_size": 2}})
     assert job["state"] == "failed" and job["error"]["code"] == "incomplete", job
     assert "model.layers.1.self_attn.qkv_proj" in job["error"]["message"]
+
+
+def crc32c_py(data, crc=0):
+    """Reference CRC-32C (bitwise table), independent of the C code."""
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    crc ^= 0xFFFFFFFF
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def data_section(path):
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    return raw[8 + n:]
+
+
+def test_shard_result_crc(make_server, model_root):
+    """The crc32c the job reports for each file is the standard CRC-32C of
+    its data section (checked here in Python, not with our code)."""
+    cfg = tm.make_config("qwen3", vocab=300, layers=1)
+    d = model_root / "q"
+    tm.write_model(str(d), cfg, tm.make_state(cfg))
+    s = make_server(args=["--model-root", str(model_root)])
+    out = model_root / "o"
+    job = shard(s, d, out, 2)
+    assert job["state"] == "succeeded", job
+    for rk in job["result"]["ranks"]:
+        for f in rk["files"]:
+            assert crc32c_py(data_section(str(out / f["name"]))) == f["crc32c"], f
+    man = json.load(open(out / "sharded_state.json"))
+    assert man["ranks"] == job["result"]["ranks"]
+
+
+def test_shard_resume(model_root, tmp_path):
+    """An interrupted run (stopped after 3 parts, as a drain stops the job)
+    leaves its temp folder and checkpoint; the resumed run re-checks the
+    finished files, rewrites one that was damaged, and ends with the same
+    bytes a fresh run writes."""
+    import subprocess
+    from conftest import tool
+    cfg = tm.make_config("llama")
+    d = model_root / "m"
+    tm.write_model(str(d), cfg, tm.make_state(cfg))
+    cli = tool("modelprep-shard")
+    out, ck = tmp_path / "out", tmp_path / "ck.json"
+    args = [cli, "--tp", "2", "--max-part-bytes", "40000", "--tag", "j_test"]
+    p = subprocess.run(args + ["--checkpoint-out", str(ck), "--stop-after-parts", "3",
+                               str(d), str(out)], capture_output=True, text=True)
+    assert p.returncode == 1 and "cancelled" in p.stderr, p.stderr
+    tmpd = tmp_path / "out.tmp-j_test"
+    state = json.load(open(ck))
+    assert len(state["files"]) == 6 and state["tp"] == 2
+    assert sorted(os.listdir(tmpd)) == sorted(state["files"])
+    assert not out.exists()
+    # damage one finished file: the resumed run must not take it over
+    victim = tmpd / "model-rank-1-part-1.safetensors"
+    b = bytearray(victim.read_bytes())
+    b[-1] ^= 0xFF
+    victim.write_bytes(bytes(b))
+    p = subprocess.run(args + ["--resume", str(ck), str(d), str(out)], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    assert "part 0: taken over" in p.stderr and "part 2: taken over" in p.stderr
+    assert "part 1 of the interrupted run does not check out" in p.stderr
+    assert not tmpd.exists()
+    fresh = tmp_path / "fresh"
+    p = subprocess.run([cli, "--tp", "2", "--max-part-bytes", "40000", str(d), str(fresh)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    names = sorted(f for f in os.listdir(fresh) if f.endswith(".safetensors"))
+    assert names == sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    for f in names:
+        assert (out / f).read_bytes() == (fresh / f).read_bytes(), f
+    check_output(cfg, str(d), str(out), 2, "sglang", json.loads(p.stdout))
+    # a checkpoint of another split is not taken over
+    out2 = tmp_path / "out2"
+    p = subprocess.run([cli, "--tp", "2", "--tag", "j_test", "--resume", str(ck), str(d),
+                        str(out2)], capture_output=True, text=True)
+    assert p.returncode == 0 and "taken over" not in p.stderr, p.stderr
