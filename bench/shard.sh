@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 LAYERS=${BENCH_LAYERS:-20}
-REPS=${BENCH_REPS:-3}
+REPS=${BENCH_REPS:-5}
 PY=${PY:-.venv/bin/python}
 work=$(mktemp -d "${BENCH_DIR:-/tmp}/shard.XXXXXX")
 trap 'rm -rf "$work"' EXIT

@@ -16,7 +16,7 @@ static uint32_t sw_update(const uint32_t *tab, uint32_t crc, const unsigned char
 
 #if defined(__x86_64__)
 __attribute__((target("sse4.2"))) static uint32_t hw_one(uint32_t crc, const unsigned char *p,
-                                                          size_t n) {
+                                                         size_t n) {
     uint64_t c = crc;
     while (n && ((uintptr_t)p & 7)) {
         c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
@@ -40,7 +40,7 @@ static uint32_t shift(const crc32c_tab *t, uint32_t v) {
 }
 
 __attribute__((target("sse4.2"))) static uint32_t hw_update(const crc32c_tab *t, uint32_t crc,
-                                                             const unsigned char *p, size_t n) {
+                                                            const unsigned char *p, size_t n) {
     while (n >= 3 * CRC32C_LANE) {
         uint64_t a = crc, b = 0, c = 0;
         const unsigned char *p1 = p + CRC32C_LANE, *p2 = p + 2 * CRC32C_LANE;

@@ -11,7 +11,8 @@
  *   max_part_bytes  tensor bytes per part file (default 5 GiB, SGLang's).
  *   naming          "sglang" (default: fused qkv_proj / gate_up_proj,
  *                   stacked experts, padded vocab - what --load-format
- *                   sharded_state loads) or "hf" (checkpoint names).
+ *                   sharded_state loads) or "hf" (checkpoint names, each
+ *                   rank its slice; the vocab padded all the same).
  *   output          folder; default <data_dir>/sharded/<name>-tp<N>. Given,
  *                   it must resolve inside a model root or the data dir.
  *   overwrite       replace an existing output folder (default false).
@@ -67,8 +68,8 @@ static int resolve_output(const mp_task_info *in, bool make_default, char **out,
         char **roots = output_roots(in->env);
         if (!roots) return mp_err(err, "no_memory", "out of memory");
         char *hub = in->env->hub_cache ? realpath(in->env->hub_cache, NULL) : NULL;
-        int rc = conv_confine_output(param, (const char *const *)roots, hub, in->model_path, out,
-                                     err);
+        int rc =
+            conv_confine_output(param, (const char *const *)roots, hub, in->model_path, out, err);
         free(hub);
         free_roots(roots);
         if (rc != 0 && err && !err->field[0])
@@ -109,7 +110,7 @@ static int shard_validate(const mp_task_info *in, mp_error *err) {
         tp_model_cfg cfg;
         mp_error e2 = {0};
         if (tp_config_load(in->model_path, &cfg, &e2) == 0 && cfg.family != TP_FAM_UNKNOWN &&
-            tp_check(&cfg, n, &e2) != 0)
+            tp_check(&cfg, n, &e2) != 0 && strcmp(e2.code, "bad_tp_size") == 0)
             return mp_err_field(err, "params.tp_size", e2.code, "%s", e2.message);
     }
     if (json_object_get(in->params, "output")) {
@@ -174,12 +175,9 @@ static int shard_job_run(mp_task *t) {
 }
 
 static const mp_param_spec shard_params[] = {
-    {"tp_size", MP_P_INT, NULL, 1, 1024},
-    {"max_part_bytes", MP_P_INT, NULL, 1, INT64_MAX},
-    {"naming", MP_P_STRING, naming_values, 0, 0},
-    {"output", MP_P_STRING, NULL, 0, 0},
-    {"overwrite", MP_P_BOOL, NULL, 0, 0},
-    {NULL, 0, NULL, 0, 0},
+    {"tp_size", MP_P_INT, NULL, 1, 1024},         {"max_part_bytes", MP_P_INT, NULL, 1, INT64_MAX},
+    {"naming", MP_P_STRING, naming_values, 0, 0}, {"output", MP_P_STRING, NULL, 0, 0},
+    {"overwrite", MP_P_BOOL, NULL, 0, 0},         {NULL, 0, NULL, 0, 0},
 };
 
 const mp_job_type mp_job_shard = {

@@ -175,16 +175,17 @@ typedef struct shard_ctx {
     char *tmp_dir;
     unsigned char *buf; /* a whole strided view, materialized */
     size_t buf_cap;
-    tp_slice *sl;  /* tp slices of the current piece */
-    rank_file *rf; /* one per rank of the current group */
-    int r0, r1;    /* the current group */
+    tp_slice *sl;         /* tp slices of the current piece */
+    rank_file *rf;        /* one per rank of the current group */
+    int r0, r1;           /* the current group */
     const mp_tensor *cur; /* the piece being streamed */
     size_t cur_part;      /* the part being finished or checked */
     uint64_t done, total, bytes_read, bytes_written;
-    json_t *files; /* per rank: array of {name, bytes, crc32c} */
-    json_t *state; /* resume checkpoint being built (owned) */
+    json_t *files;         /* per rank: array of {name, bytes, crc32c} */
+    json_t *state;         /* resume checkpoint being built (owned) */
     const json_t *resumed; /* "files" of the checkpoint resumed from, or NULL */
     uint64_t source_bytes;
+    size_t files_resumed;
     crc32c_tab crc;
     pool pool;
 } shard_ctx;
@@ -236,8 +237,7 @@ static int rank_write(const shard_ctx *c, rank_file *f, const void *p, size_t n,
     return 0;
 }
 
-static int rank_zeros(const shard_ctx *c, rank_file *f, worker_buf *wb, uint64_t n,
-                      mp_error *err) {
+static int rank_zeros(const shard_ctx *c, rank_file *f, worker_buf *wb, uint64_t n, mp_error *err) {
     if (grow(&wb->gbuf, &wb->gcap, SHARD_STEP, err) != 0) return -1;
     memset(wb->gbuf, 0, SHARD_STEP);
     while (n > 0) {
@@ -257,8 +257,7 @@ static const unsigned char *read_at(const shard_ctx *c, rank_file *f, worker_buf
                                     const mp_tensor *t, size_t n, uint64_t off, mp_error *err) {
     f->read += n;
     const unsigned char *m = c->maps ? c->maps[t->file_index] : NULL;
-    if (m && t->data_offset + off + n <= c->map_len[t->file_index])
-        return m + t->data_offset + off;
+    if (m && t->data_offset + off + n <= c->map_len[t->file_index]) return m + t->data_offset + off;
     if (grow(&wb->rbuf, &wb->rcap, n, err) != 0) return NULL;
     if (weights_pread(c->w->fds[t->file_index], wb->rbuf, n, t->data_offset + off, err) != 0)
         return NULL;
@@ -304,7 +303,8 @@ static int stream_rank(const shard_ctx *c, const mp_tensor *t, const tp_slice *s
             }
             uint64_t from = inner * (uint64_t)s->seg[g].start;
             for (uint64_t off = from; off < from + len;) {
-                size_t n = from + len - off < SHARD_CHUNK ? (size_t)(from + len - off) : SHARD_CHUNK;
+                size_t n =
+                    from + len - off < SHARD_CHUNK ? (size_t)(from + len - off) : SHARD_CHUNK;
                 const unsigned char *b = read_at(c, f, wb, t, n, off, err);
                 if (!b || rank_write(c, f, b, n, err) != 0) return -1;
                 release_at(c, t, n, off);
@@ -568,8 +568,8 @@ static int verify_file(const shard_ctx *c, int rank, size_t pi, uint32_t want_cr
         }
     }
     if (rc == 0 && ~crc != want_crc)
-        rc = mp_err(err, "verify_failed", "%s: data CRC-32C %08x, wrote %08x", path, ~crc,
-                    want_crc);
+        rc =
+            mp_err(err, "verify_failed", "%s: data CRC-32C %08x, wrote %08x", path, ~crc, want_crc);
     weights_free_fields(&w);
     return rc;
 }
@@ -629,8 +629,8 @@ static bool resume_part(shard_ctx *c, size_t pi) {
     }
     mp_error e2 = {0};
     if (verify_part(c, pi, &e2) == 0) return true;
-    say(c, "warn", "part %zu of the interrupted run does not check out (%s); writing it again",
-        pi, e2.message);
+    say(c, "warn", "part %zu of the interrupted run does not check out (%s); writing it again", pi,
+        e2.message);
     for (int r = c->r0; r < c->r1; r++) {
         json_t *fl = json_array_get(c->files, (size_t)r);
         json_array_remove(fl, json_array_size(fl) - 1);
@@ -644,8 +644,8 @@ static void save_checkpoint(shard_ctx *c, size_t pi) {
     for (int r = c->r0; r < c->r1; r++) {
         json_t *jf = json_array_get(json_array_get(c->files, (size_t)r), pi);
         json_object_set_new(files, json_string_value(json_object_get(jf, "name")),
-                            json_pack("{s:O,s:O}", "bytes", json_object_get(jf, "bytes"),
-                                      "crc32c", json_object_get(jf, "crc32c")));
+                            json_pack("{s:O,s:O}", "bytes", json_object_get(jf, "bytes"), "crc32c",
+                                      json_object_get(jf, "crc32c")));
     }
     if (c->o->checkpoint) c->o->checkpoint(c->o->cb, json_deep_copy(c->state));
 }
@@ -654,11 +654,17 @@ static void save_checkpoint(shard_ctx *c, size_t pi) {
 /* files around the weights                                                  */
 
 static bool is_side_file(const char *n) {
-    static const char *const exact[] = {"config.json", "generation_config.json",
-                                        "special_tokens_map.json", "added_tokens.json",
-                                        "merges.txt", "vocab.json", "vocab.txt",
-                                        "chat_template.json", "chat_template.jinja",
-                                        "preprocessor_config.json", NULL};
+    static const char *const exact[] = {"config.json",
+                                        "generation_config.json",
+                                        "special_tokens_map.json",
+                                        "added_tokens.json",
+                                        "merges.txt",
+                                        "vocab.json",
+                                        "vocab.txt",
+                                        "chat_template.json",
+                                        "chat_template.jinja",
+                                        "preprocessor_config.json",
+                                        NULL};
     for (int i = 0; exact[i]; i++)
         if (strcmp(n, exact[i]) == 0) return true;
     return strncmp(n, "tokenizer", 9) == 0;
@@ -735,6 +741,57 @@ static const char *commit_of(const char *dir) {
     for (const char *p = b; *p; p++)
         if (!((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f'))) return NULL;
     return b;
+}
+
+/* The checkpoint of a model folder: what weights_open finds (a safetensors
+ * index or files, a PyTorch index), else a single PyTorch file (what
+ * SGLang's loader would use, training leftovers ignored). */
+static int open_source(const char *dir, mp_weights **w, mp_error *err) {
+    if (weights_open(dir, w, err) == 0) return 0;
+    if (!err || strcmp(err->code, "not_found") != 0) return -1;
+    static const char *const skip[] = {"training_args.bin",
+                                       "optimizer.bin",
+                                       "optimizer.pt",
+                                       "scheduler.pt",
+                                       "scaler.pt",
+                                       "rng_state.pth",
+                                       NULL};
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    char *pick = NULL;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t l = strlen(e->d_name);
+        if (e->d_name[0] == '.' || !((l > 4 && strcmp(e->d_name + l - 4, ".bin") == 0) ||
+                                     (l > 3 && strcmp(e->d_name + l - 3, ".pt") == 0) ||
+                                     (l > 4 && strcmp(e->d_name + l - 4, ".pth") == 0)))
+            continue;
+        bool skipped = false;
+        for (int i = 0; skip[i]; i++)
+            if (strcmp(e->d_name, skip[i]) == 0) skipped = true;
+        if (skipped) continue;
+        n++;
+        if (!pick || strcmp(e->d_name, "pytorch_model.bin") == 0) {
+            free(pick);
+            pick = strdup(e->d_name);
+        }
+    }
+    closedir(d);
+    int rc = -1;
+    if (!pick)
+        rc = mp_err(err, "not_found", "%s: no weight files (safetensors or PyTorch)", dir);
+    else if (n > 1 && strcmp(pick, "pytorch_model.bin") != 0)
+        rc = mp_err(err, "not_found", "%s: %d PyTorch files and no index to say which", dir, n);
+    else {
+        char path[PATH_MAX];
+        if (snprintf(path, sizeof path, "%s/%s", dir, pick) >= (int)sizeof path)
+            rc = mp_err(err, "bad_path", "path too long");
+        else
+            rc = weights_open(path, w, err);
+    }
+    free(pick);
+    return rc;
 }
 
 /* Maps every source file (best effort: a file that cannot be mapped is
@@ -817,7 +874,7 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
                o->output_dir);
         goto out;
     }
-    if (weights_open(o->model_dir, &c.w, err) != 0) goto out;
+    if (open_source(o->model_dir, &c.w, err) != 0) goto out;
     map_sources(&c);
     if (tp_layout_build(&c.cfg, c.w->tensors, c.w->ntensors, o->tp, o->naming, &c.lay, err) != 0)
         goto out;
@@ -865,11 +922,11 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
         free(parent);
         if (prc != 0) goto out;
     }
-    c.state = json_pack("{s:i,s:s,s:i,s:s,s:I,s:I,s:{}}", "version", 1, "tmp_dir", c.tmp_dir,
-                        "tp", o->tp, "naming", o->naming == TP_NAMING_HF ? "hf" : "sglang",
-                        "max_part_bytes", (json_int_t)(o->max_part_bytes ? o->max_part_bytes
-                                                                        : SHARD_DEFAULT_PART_BYTES),
-                        "source_bytes", (json_int_t)c.source_bytes, "files");
+    c.state =
+        json_pack("{s:i,s:s,s:i,s:s,s:I,s:I,s:{}}", "version", 1, "tmp_dir", c.tmp_dir, "tp", o->tp,
+                  "naming", o->naming == TP_NAMING_HF ? "hf" : "sglang", "max_part_bytes",
+                  (json_int_t)(o->max_part_bytes ? o->max_part_bytes : SHARD_DEFAULT_PART_BYTES),
+                  "source_bytes", (json_int_t)c.source_bytes, "files");
     if (!c.state) {
         mp_err(err, "no_memory", "out of memory");
         goto out;
@@ -886,17 +943,20 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
         }
     }
     made_tmp = true;
-    say(&c, "info", "sharding %zu tensors into %zu targets x %d ranks, %zu part(s) per rank "
-        "(%s naming), %llu bytes per rank", c.w->ntensors, c.lay.ntargets, o->tp, c.nparts,
-        o->naming == TP_NAMING_HF ? "hf" : "sglang", (unsigned long long)c.lay.rank_bytes);
+    say(&c, "info",
+        "sharding %zu tensors into %zu targets x %d ranks, %zu part(s) per rank "
+        "(%s naming), %llu bytes per rank",
+        c.w->ntensors, c.lay.ntargets, o->tp, c.nparts, o->naming == TP_NAMING_HF ? "hf" : "sglang",
+        (unsigned long long)c.lay.rank_bytes);
 
     for (c.r0 = 0; c.r0 < o->tp; c.r0 += group) {
         c.r1 = c.r0 + group < o->tp ? c.r0 + group : o->tp;
         for (size_t p = 0; p < c.nparts; p++) {
             if (resume_part(&c, p)) {
                 c.done += part_source_bytes(&c, p);
-                say(&c, "info", "ranks %d..%d part %zu: taken over from the interrupted run",
-                    c.r0, c.r1 - 1, p);
+                c.files_resumed += (size_t)(c.r1 - c.r0);
+                say(&c, "info", "ranks %d..%d part %zu: taken over from the interrupted run", c.r0,
+                    c.r1 - 1, p);
                 continue;
             }
             if (write_part(&c, p, err) != 0) goto out;
@@ -919,7 +979,8 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
         size_t i;
         json_t *f;
         json_array_foreach(fl, i, f) b += json_integer_value(json_object_get(f, "bytes"));
-        json_array_append_new(ranks, json_pack("{s:i,s:O,s:I}", "rank", r, "files", fl, "bytes", b));
+        json_array_append_new(ranks,
+                              json_pack("{s:i,s:O,s:I}", "rank", r, "files", fl, "bytes", b));
     }
     const char *commit = commit_of(o->model_dir);
     manifest = json_pack(
@@ -959,8 +1020,7 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
         if (asprintf(&old, "%s.old-%ld", o->output_dir, (long)getpid()) < 0 ||
             rename(o->output_dir, old) != 0) {
             json_decref(ranks);
-            mp_err(err, "io_error", "moving the old %s aside: %s", o->output_dir,
-                   strerror(errno));
+            mp_err(err, "io_error", "moving the old %s aside: %s", o->output_dir, strerror(errno));
             free(old);
             goto out;
         }
@@ -982,10 +1042,12 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
     snprintf(mpath, sizeof mpath, "%s/%s", o->output_dir, SHARD_MANIFEST);
     *result = json_pack("{s:s,s:s,s:i,s:s,s:I,s:o,s:I,s:I,s:I,s:f}", "output_path", o->output_dir,
                         "manifest", mpath, "tp_size", o->tp, "naming",
-                        o->naming == TP_NAMING_HF ? "hf" : "sglang", "parts",
-                        (json_int_t)c.nparts, "ranks", ranks, "rank_bytes",
-                        (json_int_t)c.lay.rank_bytes, "bytes_read", (json_int_t)c.bytes_read,
-                        "bytes_written", (json_int_t)c.bytes_written, "seconds", now_s() - t0);
+                        o->naming == TP_NAMING_HF ? "hf" : "sglang", "parts", (json_int_t)c.nparts,
+                        "ranks", ranks, "rank_bytes", (json_int_t)c.lay.rank_bytes, "bytes_read",
+                        (json_int_t)c.bytes_read, "bytes_written", (json_int_t)c.bytes_written,
+                        "seconds", now_s() - t0);
+    if (*result)
+        json_object_set_new(*result, "files_resumed", json_integer((json_int_t)c.files_resumed));
     if (!*result) {
         mp_err(err, "no_memory", "out of memory");
         goto out;

@@ -50,7 +50,7 @@ typedef struct shard_opts {
     uint64_t max_part_bytes; /* 0: SHARD_DEFAULT_PART_BYTES */
     tp_naming naming;
     bool overwrite;
-    const char *source_model;  /* manifest: as submitted (repo id or path) */
+    const char *source_model; /* manifest: as submitted (repo id or path) */
     const char *source_revision;
     /* Resume: the temp folder is "<output_dir>.tmp-<tmp_tag>" (tag: the job
      * id; NULL: the pid). After each part is written and checked for every
@@ -73,7 +73,8 @@ typedef struct shard_opts {
 
 /* Runs the whole thing. *result (owned by the caller) on success:
  * {output_path, manifest, tp_size, naming, parts, ranks: [{rank, files:
- * [{name, bytes, crc32c}], bytes}], bytes_read, bytes_written, seconds}.
+ * [{name, bytes, crc32c}], bytes}], rank_bytes, parts, bytes_read,
+ * bytes_written, files_resumed, seconds}.
  * Errors: those of tp_rules.h ("bad_tp_size", "unsupported_architecture",
  * "unsplittable", "incomplete", "unsupported_quantization"), "not_found" (no
  * weights), "output_exists", "verify_failed", "io_error", "cancelled". */

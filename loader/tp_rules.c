@@ -36,12 +36,12 @@
         {"model.layers.#.self_attn.q_norm", TP_REPLICATED, TP_PART_NONE, NULL, -1},                \
         {"model.layers.#.self_attn.k_norm", TP_REPLICATED, TP_PART_NONE, NULL, -1},                \
         {"model.layers.#.self_attn.rotary_emb", TP_DROP, TP_PART_NONE, NULL, -1},                  \
-        {"model.layers.#.self_attn.q_proj", TP_QKV, TP_PART_Q, "model.layers.#.self_attn.qkv_proj", \
-         -1},                                                                                      \
-        {"model.layers.#.self_attn.k_proj", TP_QKV, TP_PART_K, "model.layers.#.self_attn.qkv_proj", \
-         -1},                                                                                      \
-        {"model.layers.#.self_attn.v_proj", TP_QKV, TP_PART_V, "model.layers.#.self_attn.qkv_proj", \
-         -1},                                                                                      \
+        {"model.layers.#.self_attn.q_proj", TP_QKV, TP_PART_Q,                                     \
+         "model.layers.#.self_attn.qkv_proj", -1},                                                 \
+        {"model.layers.#.self_attn.k_proj", TP_QKV, TP_PART_K,                                     \
+         "model.layers.#.self_attn.qkv_proj", -1},                                                 \
+        {"model.layers.#.self_attn.v_proj", TP_QKV, TP_PART_V,                                     \
+         "model.layers.#.self_attn.qkv_proj", -1},                                                 \
     {                                                                                              \
         "model.layers.#.self_attn.o_proj", TP_ROW, TP_PART_NONE, NULL, -1                          \
     }
@@ -55,7 +55,8 @@
         "model.layers.#.mlp.down_proj", TP_ROW, TP_PART_NONE, NULL, -1                             \
     }
 
-#define RULES_END {NULL, 0, 0, NULL, -1}
+#define RULES_END                                                                                  \
+    { NULL, 0, 0, NULL, -1 }
 
 static const tp_rule RULES_DENSE[] = {ATTN_RULES, DENSE_MLP_RULES, RULES_END};
 
@@ -140,13 +141,20 @@ static bool family_is_moe(tp_family f) {
 
 const char *tp_kind_name(tp_kind k) {
     switch (k) {
-    case TP_REPLICATED: return "replicated";
-    case TP_COLUMN: return "column";
-    case TP_QKV: return "qkv";
-    case TP_ROW: return "row";
-    case TP_VOCAB: return "vocab";
-    case TP_EXPERT: return "expert";
-    case TP_DROP: return "drop";
+    case TP_REPLICATED:
+        return "replicated";
+    case TP_COLUMN:
+        return "column";
+    case TP_QKV:
+        return "qkv";
+    case TP_ROW:
+        return "row";
+    case TP_VOCAB:
+        return "vocab";
+    case TP_EXPERT:
+        return "expert";
+    case TP_DROP:
+        return "drop";
     }
     return "?";
 }
@@ -170,7 +178,8 @@ int tp_config_from_json(const json_t *config, tp_model_cfg *cfg, mp_error *err) 
     snprintf(cfg->model_type, sizeof cfg->model_type, "%s", mt ? mt : "");
     const json_t *archs = json_object_get(config, "architectures");
     const char *arch = json_string_value(json_array_get(archs, 0));
-    if (!arch && c != config) arch = json_string_value(json_array_get(json_object_get(c, "architectures"), 0));
+    if (!arch && c != config)
+        arch = json_string_value(json_array_get(json_object_get(c, "architectures"), 0));
     snprintf(cfg->architecture, sizeof cfg->architecture, "%s", arch ? arch : "");
     cfg->family = TP_FAM_UNKNOWN;
     for (size_t i = 0; i < sizeof FAMILIES / sizeof *FAMILIES; i++)
@@ -266,8 +275,7 @@ int tp_check(const tp_model_cfg *c, int tp, mp_error *err) {
     if (c->num_heads <= 0 || c->num_kv_heads <= 0 || c->head_dim <= 0)
         return mp_err(err, "bad_config", "config.json lacks num_attention_heads / head sizes");
     if (c->num_heads % tp != 0)
-        return mp_err(err, "bad_tp_size",
-                      "tp_size %d does not divide num_attention_heads %lld", tp,
+        return mp_err(err, "bad_tp_size", "tp_size %d does not divide num_attention_heads %lld", tp,
                       (long long)c->num_heads);
     if (c->num_kv_heads % tp != 0 && tp % c->num_kv_heads != 0)
         return mp_err(err, "bad_tp_size",
@@ -282,8 +290,10 @@ int tp_check(const tp_model_cfg *c, int tp, mp_error *err) {
         return mp_err(err, "bad_tp_size", "tp_size %d does not divide intermediate_size %lld", tp,
                       (long long)c->intermediate_size);
     if (moe && c->moe_intermediate_size % tp != 0)
-        return mp_err(err, "bad_tp_size", "tp_size %d does not divide the expert intermediate "
-                      "size %lld", tp, (long long)c->moe_intermediate_size);
+        return mp_err(err, "bad_tp_size",
+                      "tp_size %d does not divide the expert intermediate "
+                      "size %lld",
+                      tp, (long long)c->moe_intermediate_size);
     if (c->shared_expert_intermediate_size % tp != 0)
         return mp_err(err, "bad_tp_size",
                       "tp_size %d does not divide shared_expert_intermediate_size %lld", tp,
@@ -291,7 +301,8 @@ int tp_check(const tp_model_cfg *c, int tp, mp_error *err) {
     if (c->vocab_size > 0 && round_up(c->vocab_size, TP_VOCAB_PAD) % tp != 0)
         return mp_err(err, "bad_tp_size",
                       "tp_size %d does not divide the padded vocabulary %lld (vocab_size %lld "
-                      "rounded up to %d)", tp, (long long)round_up(c->vocab_size, TP_VOCAB_PAD),
+                      "rounded up to %d)",
+                      tp, (long long)round_up(c->vocab_size, TP_VOCAB_PAD),
                       (long long)c->vocab_size, TP_VOCAB_PAD);
     if (c->block_n > 0) {
         /* Fp8 block quantization: every per-rank output slice of a fused or
@@ -304,14 +315,15 @@ int tp_check(const tp_model_cfg *c, int tp, mp_error *err) {
             if (outs[i] % c->block_n != 0)
                 return mp_err(err, "bad_tp_size",
                               "tp_size %d: a per-rank output size %lld is not a multiple of the "
-                              "fp8 block %lld", tp, (long long)outs[i], (long long)c->block_n);
+                              "fp8 block %lld",
+                              tp, (long long)outs[i], (long long)c->block_n);
         if (tp > 1)
             for (int i = 0; i < 4; i++)
                 if (i != 1 && outs[i] % c->block_k != 0)
                     return mp_err(err, "bad_tp_size",
                                   "tp_size %d: a per-rank input size %lld is not a multiple of "
-                                  "the fp8 block %lld", tp, (long long)outs[i],
-                                  (long long)c->block_k);
+                                  "the fp8 block %lld",
+                                  tp, (long long)outs[i], (long long)c->block_k);
     }
     return 0;
 }
@@ -386,8 +398,8 @@ static int set_piece_shape(const mp_tensor *t, tp_slice *s, mp_error *err) {
 
 static int split_even(const mp_tensor *t, int dim, int tp, int rank, tp_slice *s, mp_error *err) {
     if (dim >= t->ndim)
-        return mp_err(err, "unsplittable", "%s: has %d dims, cannot split dim %d", t->name,
-                      t->ndim, dim);
+        return mp_err(err, "unsplittable", "%s: has %d dims, cannot split dim %d", t->name, t->ndim,
+                      dim);
     int64_t n = t->shape[dim];
     if (n % tp != 0)
         return mp_err(err, "unsplittable", "%s: dim %d (%lld) does not divide by tp_size %d",
@@ -467,10 +479,10 @@ int tp_slice_for(const tp_model_cfg *cfg, const mp_tensor *t, int tp, int rank, 
     if (is_sc && cfg->block_n <= 0)
         return mp_err(err, "unsupported_quantization",
                       "tensor '%s': weight_scale_inv without quantization_config."
-                      "weight_block_size", t->name);
-    if (is_sc && s->kind == TP_VOCAB)
-        return mp_err(err, "unsupported_quantization", "tensor '%s': quantized embedding",
+                      "weight_block_size",
                       t->name);
+    if (is_sc && s->kind == TP_VOCAB)
+        return mp_err(err, "unsupported_quantization", "tensor '%s': quantized embedding", t->name);
     /* Gemma's SGLang class has no lm_head (the embedding is the output
      * layer), so a checkpoint's copy has nowhere to go. */
     if (naming == TP_NAMING_SGLANG && cfg->family == TP_FAM_GEMMA &&
@@ -484,7 +496,8 @@ int tp_slice_for(const tp_model_cfg *cfg, const mp_tensor *t, int tp, int rank, 
     if (s->kind == TP_ROW && !is_w && !is_sc) s->kind = TP_REPLICATED; /* row bias: whole */
 
     int unit_div = is_sc ? (int)cfg->block_n : 1; /* rows per scale row along dim 0 */
-    int64_t q_rows = cfg->num_heads / tp * cfg->head_dim, kv_rows = kv_per_rank(cfg, tp) * cfg->head_dim;
+    int64_t q_rows = cfg->num_heads / tp * cfg->head_dim,
+            kv_rows = kv_per_rank(cfg, tp) * cfg->head_dim;
     switch (s->kind) {
     case TP_REPLICATED:
         break;
@@ -663,8 +676,9 @@ int tp_slice_pread(int fd, const mp_tensor *t, const tp_slice *s, void *dst, mp_
             uint64_t n = inner * (uint64_t)s->seg[k].len;
             if (s->seg[k].start < 0)
                 memset(o, 0, n);
-            else if (weights_pread(fd, o, n, t->data_offset + i * row +
-                                                 inner * (uint64_t)s->seg[k].start, err) != 0)
+            else if (weights_pread(fd, o, n,
+                                   t->data_offset + i * row + inner * (uint64_t)s->seg[k].start,
+                                   err) != 0)
                 return -1;
             o += n;
         }
@@ -752,8 +766,10 @@ int tp_layout_build(const tp_model_cfg *cfg, const mp_tensor *tensors, size_t n,
         np++;
     }
     if (naming == TP_NAMING_SGLANG && family_is_moe(cfg->family) && !have_lm_head) {
-        mp_err(err, "incomplete", "lm_head.weight is missing: SGLang's %s holds its own lm_head "
-               "even when tie_word_embeddings is set", cfg->architecture);
+        mp_err(err, "incomplete",
+               "lm_head.weight is missing: SGLang's %s holds its own lm_head "
+               "even when tie_word_embeddings is set",
+               cfg->architecture);
         goto out;
     }
     qsort(ps, np, sizeof *ps, cmp_lpiece);
@@ -791,15 +807,16 @@ int tp_layout_build(const tp_model_cfg *cfg, const mp_tensor *tensors, size_t n,
             const mp_tensor *t = &tensors[ps[k].src];
             tg->pieces[k - i] = ps[k].src;
             if (t->dtype != tg->dtype) {
-                mp_err(err, "unsplittable", "%s and %s fuse into %s but differ in dtype",
-                       t0->name, t->name, tg->name);
+                mp_err(err, "unsplittable", "%s and %s fuse into %s but differ in dtype", t0->name,
+                       t->name, tg->name);
                 goto out;
             }
             if (tp_slice_for(cfg, t, tp, 0, naming, sl, err) != 0) goto out;
             if (sl->t_expert != expect_e || sl->t_offset != expect_off) {
-                mp_err(err, "incomplete", "%s: a piece is missing before %s (expert %lld, "
-                       "offset %lld)", tg->name, t->name, (long long)expect_e,
-                       (long long)expect_off);
+                mp_err(err, "incomplete",
+                       "%s: a piece is missing before %s (expert %lld, "
+                       "offset %lld)",
+                       tg->name, t->name, (long long)expect_e, (long long)expect_off);
                 goto out;
             }
             expect_off += piece_extent(sl);
@@ -812,8 +829,10 @@ int tp_layout_build(const tp_model_cfg *cfg, const mp_tensor *tensors, size_t n,
             sum += sl->bytes;
         }
         if (sum != tg->bytes) {
-            mp_err(err, "incomplete", "%s: its pieces (%zu of them) do not fill it — is q, k, "
-                   "v, gate, up or an expert missing?", tg->name, j - i);
+            mp_err(err, "incomplete",
+                   "%s: its pieces (%zu of them) do not fill it — is q, k, "
+                   "v, gate, up or an expert missing?",
+                   tg->name, j - i);
             goto out;
         }
         uint64_t nb;

@@ -37,7 +37,7 @@
 #include "loader/tensor.h"
 #include "util/error.h"
 
-#define TP_VOCAB_PAD 64   /* SGLang's DEFAULT_VOCAB_PADDING_SIZE */
+#define TP_VOCAB_PAD 64 /* SGLang's DEFAULT_VOCAB_PADDING_SIZE */
 #define TP_MAX_SEGS 4
 #define TP_NAME_MAX 512
 
@@ -55,23 +55,23 @@ typedef enum tp_family {
 /* What config.json says (text_config of a multimodal config when present). */
 typedef struct tp_model_cfg {
     char model_type[64];
-    char architecture[128];  /* architectures[0] */
-    tp_family family;        /* TP_FAM_UNKNOWN: no rules (tp_check fails) */
+    char architecture[128]; /* architectures[0] */
+    tp_family family;       /* TP_FAM_UNKNOWN: no rules (tp_check fails) */
     int64_t num_layers;
-    int64_t num_heads;       /* num_attention_heads */
-    int64_t num_kv_heads;    /* num_key_value_heads, default num_heads */
-    int64_t head_dim;        /* head_dim, default hidden_size / num_heads */
+    int64_t num_heads;    /* num_attention_heads */
+    int64_t num_kv_heads; /* num_key_value_heads, default num_heads */
+    int64_t head_dim;     /* head_dim, default hidden_size / num_heads */
     int64_t hidden_size;
     int64_t intermediate_size;
-    int64_t moe_intermediate_size;    /* per expert (mixtral: intermediate_size) */
+    int64_t moe_intermediate_size;           /* per expert (mixtral: intermediate_size) */
     int64_t shared_expert_intermediate_size; /* qwen2_moe, else 0 */
     int64_t vocab_size;
-    int64_t num_experts;     /* num_experts / num_local_experts, 0 = dense */
+    int64_t num_experts; /* num_experts / num_local_experts, 0 = dense */
     bool tie_word_embeddings;
     /* quantization_config.weight_block_size for fp8 block quantization;
      * 0 when the checkpoint is not block-quantized. */
     int64_t block_n, block_k;
-    char quant_method[32];   /* "" when unquantized */
+    char quant_method[32]; /* "" when unquantized */
 } tp_model_cfg;
 
 /* Reads <model_dir>/config.json. Errors: "not_found", "bad_config". An

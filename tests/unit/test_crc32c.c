@@ -38,8 +38,17 @@ static void test_paths_agree(void **state) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         buf[i] = (unsigned char)x;
     }
-    size_t lens[] = {0, 1, 7, 8, 9, 4095, 3 * CRC32C_LANE - 1, 3 * CRC32C_LANE,
-                     3 * CRC32C_LANE + 1, 2 * 3 * CRC32C_LANE + 13, n};
+    size_t lens[] = {0,
+                     1,
+                     7,
+                     8,
+                     9,
+                     4095,
+                     3 * CRC32C_LANE - 1,
+                     3 * CRC32C_LANE,
+                     3 * CRC32C_LANE + 1,
+                     2 * 3 * CRC32C_LANE + 13,
+                     n};
     for (size_t a = 0; a < 8; a++)
         for (size_t k = 0; k < sizeof lens / sizeof *lens; k++)
             assert_int_equal(crc32c(&hw, buf + a, lens[k]), crc32c(&sw, buf + a, lens[k]));

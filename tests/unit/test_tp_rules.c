@@ -353,8 +353,8 @@ static void test_layout(void **state) {
     assert_string_equal(ts[l.targets[6].pieces[0]].name, "model.layers.0.self_attn.q_proj.weight");
     assert_string_equal(ts[l.targets[6].pieces[2]].name, "model.layers.0.self_attn.v_proj.weight");
     assert_int_equal(l.targets[3].shape[0], 16);
-    uint64_t want_bytes = 32 * 16 * 2 + 3 * 16 * 4 + 16 * 8 * 2 + 16 * 16 * 2 + 16 * 4 * 2 +
-                          12 * 16 * 2;
+    uint64_t want_bytes =
+        32 * 16 * 2 + 3 * 16 * 4 + 16 * 8 * 2 + 16 * 16 * 2 + 16 * 4 * 2 + 12 * 16 * 2;
     assert_int_equal(l.rank_bytes, want_bytes);
     tp_layout_free(&l);
     uint64_t b = 0;
