@@ -11,6 +11,7 @@ rc=0
 for b in bench/*.sh; do
   name=$(basename "$b" .sh)
   [ "$name" = run ] && continue
+  case "$name" in *_gpu) continue ;; esac # GPU benches run from scripts/gpu-check.sh
   if [ -n "${BENCH_ONLY:-}" ] && [[ ",$BENCH_ONLY," != *",$name,"* ]]; then continue; fi
   echo "=== bench: $name"
   bash "$b" || { echo "bench $name failed"; rc=1; }

@@ -20,38 +20,12 @@
 
 static const char *const dtype_values[] = {"keep", "bf16", "fp16", "fp32", NULL};
 
-/* Model roots plus the data dir, each realpath'd (NULL-terminated, owned). */
-static char **output_roots(const mp_task_env *env) {
-    size_t n = 0;
-    while (env->model_roots && env->model_roots[n])
-        n++;
-    char **r = calloc(n + 2, sizeof *r);
-    if (!r) return NULL;
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++)
-        if ((r[k] = strdup(env->model_roots[i]))) k++;
-    if (env->data_dir && (r[k] = realpath(env->data_dir, NULL))) k++;
-    return r;
-}
-
-static void free_roots(char **r) {
-    for (size_t i = 0; r && r[i]; i++)
-        free(r[i]);
-    free(r);
-}
-
 /* Resolves where the output goes; *out owned by the caller. */
 static int resolve_output(const mp_task_info *in, char **out, mp_error *err) {
     const char *param = json_string_value(json_object_get(in->params, "output"));
-    char **roots = output_roots(in->env);
-    if (!roots) return mp_err(err, "no_memory", "out of memory");
-    /* The hub cache may not exist yet: then its configured path is what an
-     * output must stay out of. */
-    char *hub = in->env->hub_cache ? realpath(in->env->hub_cache, NULL) : NULL;
-    if (!hub && in->env->hub_cache) hub = strdup(in->env->hub_cache);
     int rc = 0;
     if (param) {
-        rc = conv_confine_output(param, (const char *const *)roots, hub, in->model_path, out, err);
+        rc = conv_output_param(in, param, out, err);
     } else {
         char name[NAME_MAX + 1];
         char base[PATH_MAX];
@@ -70,8 +44,6 @@ static int resolve_output(const mp_task_info *in, char **out, mp_error *err) {
             free(rb);
         }
     }
-    free(hub);
-    free_roots(roots);
     return rc;
 }
 

@@ -35,25 +35,6 @@
 
 static const char *const naming_values[] = {"sglang", "hf", NULL};
 
-static char **output_roots(const mp_task_env *env) {
-    size_t n = 0;
-    while (env->model_roots && env->model_roots[n])
-        n++;
-    char **r = calloc(n + 2, sizeof *r);
-    if (!r) return NULL;
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++)
-        if ((r[k] = strdup(env->model_roots[i]))) k++;
-    if (env->data_dir && (r[k] = realpath(env->data_dir, NULL))) k++;
-    return r;
-}
-
-static void free_roots(char **r) {
-    for (size_t i = 0; r && r[i]; i++)
-        free(r[i]);
-    free(r);
-}
-
 static int tp_param(const mp_task_info *in) {
     json_t *v = json_object_get(in->params, "tp_size");
     return json_is_integer(v) ? (int)json_integer_value(v) : 0;
@@ -64,18 +45,7 @@ static int tp_param(const mp_task_info *in) {
 static int resolve_output(const mp_task_info *in, bool make_default, char **out, mp_error *err) {
     *out = NULL;
     const char *param = json_string_value(json_object_get(in->params, "output"));
-    if (param) {
-        char **roots = output_roots(in->env);
-        if (!roots) return mp_err(err, "no_memory", "out of memory");
-        char *hub = in->env->hub_cache ? realpath(in->env->hub_cache, NULL) : NULL;
-        int rc =
-            conv_confine_output(param, (const char *const *)roots, hub, in->model_path, out, err);
-        free(hub);
-        free_roots(roots);
-        if (rc != 0 && err && !err->field[0])
-            snprintf(err->field, sizeof err->field, "params.output");
-        return rc;
-    }
+    if (param) return conv_output_param(in, param, out, err);
     char name[NAME_MAX + 1], base[PATH_MAX];
     if (!conv_default_name(in->model, in->revision, in->is_hub_model, name, sizeof name - 16))
         return mp_err_field(err, "model", "bad_model", "no usable output name for %s", in->model);
