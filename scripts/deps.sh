@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 DEB_PKGS=(build-essential pkg-config libmicrohttpd-dev libjansson-dev
   libcurl4-openssl-dev libsqlite3-dev libssl-dev libcmocka-dev
   python3 python3-venv python3-pip python3-torch python3-numpy
-  clang wrk)
+  clang libclang-rt-14-dev wrk)
 # Extra packages a stage asks for (dashboard browser tests, prometheus checks).
 if [ -f scripts/deps-extra.txt ]; then
   while read -r p; do [ -n "$p" ] && [ "${p#\#}" = "$p" ] && DEB_PKGS+=("$p"); done < scripts/deps-extra.txt
