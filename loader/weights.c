@@ -36,12 +36,15 @@ int weights_add_file(mp_weights *w, const char *path, int fd, mp_error *err) {
     if (files) w->files = files;
     int *fds = realloc(w->fds, (w->nfiles + 1) * sizeof *fds);
     if (fds) w->fds = fds;
-    if (!p || !files || !fds) {
+    mp_file_map *maps = realloc(w->maps, (w->nfiles + 1) * sizeof *maps);
+    if (maps) w->maps = maps;
+    if (!p || !files || !fds || !maps) {
         free(p);
         return mp_err(err, "io_error", "out of memory");
     }
     w->files[w->nfiles] = p;
     w->fds[w->nfiles] = fd;
+    w->maps[w->nfiles] = (mp_file_map){0};
     w->nfiles++;
     return 0;
 }
@@ -80,9 +83,11 @@ void weights_free_fields(mp_weights *w) {
     for (uint32_t i = 0; i < w->nfiles; i++) {
         free(w->files[i]);
         if (w->fds && w->fds[i] >= 0) close(w->fds[i]);
+        if (w->maps && w->maps[i].base) munmap(w->maps[i].base, (size_t)w->maps[i].len);
     }
     free(w->files);
     free(w->fds);
+    free(w->maps);
     for (size_t i = 0; i < w->ntensors; i++)
         mp_tensor_free_fields(&w->tensors[i]);
     free(w->tensors);
@@ -95,6 +100,35 @@ void weights_close(mp_weights *w) {
     if (!w) return;
     weights_free_fields(w);
     free(w);
+}
+
+int weights_map_file(mp_weights *w, uint32_t i, mp_error *err) {
+    if (!w || i >= w->nfiles || !w->maps)
+        return mp_err(err, "bad_request", "no file %u to map", (unsigned)i);
+    if (w->maps[i].base) return 0;
+    struct stat st;
+    if (fstat(w->fds[i], &st) != 0 || !S_ISREG(st.st_mode) || st.st_size <= 0 ||
+        (uint64_t)st.st_size > SIZE_MAX)
+        return 0;
+    void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, w->fds[i], 0);
+    if (m == MAP_FAILED) return 0;
+    w->maps[i].base = m;
+    w->maps[i].len = (uint64_t)st.st_size;
+    return 0;
+}
+
+/* Pointer to bytes [off, off + len) of file fi in its mapping, or NULL when
+ * the file is not mapped, the range is outside the mapping, or the file has
+ * shrunk below the range since (touching that would be SIGBUS; the pread
+ * fallback then reports "truncated"). */
+static const char *mapped_range(const mp_weights *w, uint32_t fi, uint64_t off, uint64_t len) {
+    if (!w->maps || !w->maps[fi].base) return NULL;
+    uint64_t mlen = w->maps[fi].len;
+    if (off > mlen || len > mlen - off) return NULL;
+    struct stat st;
+    if (fstat(w->fds[fi], &st) != 0 || st.st_size < 0 || (uint64_t)st.st_size < off + len)
+        return NULL;
+    return (const char *)w->maps[fi].base + off;
 }
 
 int weights_pread(int fd, void *buf, size_t len, uint64_t off, mp_error *err) {
@@ -306,7 +340,11 @@ static int weights_merge(mp_weights *dst, mp_weights *src, int64_t *storage_base
     int rc = 0;
     for (uint32_t i = 0; i < src->nfiles && rc == 0; i++) {
         rc = weights_add_file(dst, src->files[i], src->fds[i], err);
-        if (rc == 0) src->fds[i] = -1;
+        if (rc == 0) {
+            src->fds[i] = -1;
+            dst->maps[dst->nfiles - 1] = src->maps[i];
+            src->maps[i] = (mp_file_map){0};
+        }
     }
     int64_t smax = -1;
     for (size_t i = 0; i < src->ntensors && rc == 0; i++) {
@@ -638,6 +676,11 @@ static int read_view(const mp_weights *w, const mp_tensor *t, void *dst, mp_erro
     }
     int fd = w->fds[t->file_index];
     uint64_t foff = t->data_offset + first;
+    const char *mapped = mapped_range(w, t->file_index, foff, bytes);
+    if (mapped) {
+        gather(dst, mapped, lo, t, es);
+        return 0;
+    }
     if (bytes <= GATHER_READ_MAX) {
         char *buf = malloc(bytes);
         if (!buf) return mp_err(err, "io_error", "out of memory");
@@ -693,6 +736,11 @@ int weights_read(const mp_weights *w, const mp_tensor *t, void *dst, mp_error *e
     const char *base = st_data(w, t);
     if (base) {
         memcpy(dst, base + start, t->nbytes);
+        return 0;
+    }
+    const char *mapped = mapped_range(w, t->file_index, t->data_offset + start, t->nbytes);
+    if (mapped) {
+        memcpy(dst, mapped, t->nbytes);
         return 0;
     }
     if (weights_pread(w->fds[t->file_index], dst, t->nbytes, t->data_offset + start, err) != 0) {
