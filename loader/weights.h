@@ -26,15 +26,15 @@ typedef struct mp_file_map {
 
 typedef struct mp_weights {
     mp_format format;
-    char **files;       /* owned paths; files[t.file_index] backs tensor t */
-    int *fds;           /* one open fd per file (O_RDONLY|O_CLOEXEC) */
+    char **files; /* owned paths; files[t.file_index] backs tensor t */
+    int *fds;     /* one open fd per file (O_RDONLY|O_CLOEXEC) */
     uint32_t nfiles;
     mp_tensor *tensors; /* owned */
     size_t ntensors;
-    json_t *metadata;   /* owned: safetensors __metadata__, GGUF key/values, or NULL */
-    void *impl;         /* format-private state, freed by the format */
+    json_t *metadata; /* owned: safetensors __metadata__, GGUF key/values, or NULL */
+    void *impl;       /* format-private state, freed by the format */
     void (*impl_free)(void *impl);
-    mp_file_map *maps;  /* nfiles entries once a file is added; see weights_map_file */
+    mp_file_map *maps; /* nfiles entries once a file is added; see weights_map_file */
 } mp_weights;
 
 /* Detect and open. Error codes: "not_found", "unsupported_format",
