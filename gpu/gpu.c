@@ -191,6 +191,12 @@ void gpu_set_close(gpu_set *s) {
     free(s);
 }
 
+void gpu_set_host_exportable(gpu_set *s, bool exportable) {
+    pthread_mutex_lock(&s->mu);
+    s->host_private = !exportable;
+    pthread_mutex_unlock(&s->mu);
+}
+
 int gpu_set_count(const gpu_set *s) {
     return s->n;
 }
@@ -291,6 +297,7 @@ int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_e
          * both pass the check and together exceed the cap. */
         uint64_t total, avail;
         pthread_mutex_lock(&s->mu);
+        bool priv = s->host_private;
         rc = gpu_host_mem_info(d, &total, &avail, err);
         if (rc == 0 && bytes > avail)
             rc = gpu_nomem(err, "device %d (host): %" PRIu64 " bytes asked, %" PRIu64 " free",
@@ -298,7 +305,7 @@ int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_e
         if (rc == 0) d->resident += bytes;
         pthread_mutex_unlock(&s->mu);
         if (rc == 0) {
-            rc = gpu_host_arena_alloc(a, err);
+            rc = gpu_host_arena_alloc(a, priv, err);
             if (rc != 0) {
                 pthread_mutex_lock(&s->mu);
                 d->resident -= bytes;
@@ -362,6 +369,9 @@ int gpu_arena_export(gpu_arena *a, gpu_export *out, mp_error *err) {
     out->fd = -1;
     out->kind = a->set->dev[a->dev].kind;
     if (out->kind == GPU_KIND_HOST) {
+        if (a->fd < 0)
+            return mp_err(err, "not_exportable",
+                          "host arena is private (the set was opened without export)");
         out->fd = a->fd;
         return 0;
     }

@@ -73,6 +73,20 @@ typedef struct gpu_device_info {
  * when nonzero, sets the same cap (the spec's wins). Caps make
  * out-of-memory reproducible without a GPU. Errors name field "devices". */
 int gpu_set_open(const char *spec, uint64_t host_cap_bytes, gpu_set **out, mp_error *err);
+/* Host devices: whether arenas must be exportable (the default). An
+ * exportable host arena is a fallocate'd memfd that gpu_arena_export hands
+ * out. A private one (exportable = false) is an anonymous mapping backed by
+ * transparent huge pages where the kernel allows: filling it costs a 2 MiB
+ * page fault instead of a shmem fault per 4 KiB page, which makes a warm
+ * load about twice as fast (except in a VM whose balloon hands free memory
+ * back to the hypervisor: there the first touch of a huge page can cost
+ * more), but gpu_arena_export fails on it with "not_exportable". Its free
+ * memory is checked (MemAvailable, the cap) at allocation as for a memfd,
+ * but pages are committed by the first write, so without a cap a write can
+ * still meet an out-of-memory kill if memory vanished in between.
+ * Affects arenas allocated afterwards; call before sharing the set. The
+ * server keeps arenas exportable when it has an --export-socket. */
+void gpu_set_host_exportable(gpu_set *s, bool exportable);
 /* Frees the set. All its arenas and fences must have been freed first. */
 void gpu_set_close(gpu_set *s);
 int gpu_set_count(const gpu_set *s);
@@ -93,7 +107,8 @@ bool gpu_cuda_versions(int *runtime, int *driver);
 
 /* Allocates `bytes` (> 0) on device index. Checks free memory first (and
  * the host cap) and returns GPU_NOMEM when it cannot fit; memory is
- * committed on return (host: fallocate'd), so later writes cannot fault.
+ * committed on return (host: fallocate'd), so later writes cannot fault;
+ * a private host arena (gpu_set_host_exportable) is committed by first write.
  * Contents are unspecified. */
 int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_error *err);
 /* Waits for the device's queued work, then frees. NULL is a no-op. */

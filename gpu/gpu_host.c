@@ -6,7 +6,9 @@
  * Arenas are memfd-backed shared mappings rather than malloc so that they
  * can be handed to another process by fd (the host analogue of a CUDA IPC
  * handle), and they are fallocate'd so that running out of memory is an
- * allocation error instead of a SIGBUS on first write. Staging memory is
+ * allocation error instead of a SIGBUS on first write. A set that never
+ * exports (gpu_set_host_exportable) gets private anonymous arenas on
+ * transparent huge pages instead, which fill much faster. Staging memory is
  * plain aligned memory and a copy is a memcpy that is done on return.
  */
 #include "gpu/gpu_internal.h"
@@ -15,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,9 +55,39 @@ int gpu_host_mem_info(const gpu_dev *d, uint64_t *total, uint64_t *avail, mp_err
     return read_meminfo(total, avail, err);
 }
 
-int gpu_host_arena_alloc(gpu_arena *a, mp_error *err) {
-    if (a->size > (uint64_t)SIZE_MAX || a->size > (uint64_t)INT64_MAX)
+#define HUGE_ALIGN ((size_t)2 << 20)
+
+/* A private arena: anonymous memory, 2 MiB aligned and advised for
+ * transparent huge pages, so that the loader's writes fault in 2 MiB at a
+ * time (shmem gets no THP with the usual shmem_enabled=never, and its 4 KiB
+ * faults cost more than the copy). No MAP_NORESERVE: under strict
+ * overcommit the mmap itself fails cleanly. */
+static int private_alloc(gpu_arena *a, mp_error *err) {
+    size_t size = (size_t)a->size, len;
+    if (__builtin_add_overflow(size, HUGE_ALIGN, &len))
         return gpu_nomem(err, "arena of %" PRIu64 " bytes", a->size);
+    unsigned char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        int e = errno;
+        if (e == ENOMEM) return gpu_nomem(err, "mmap arena: %s", strerror(e));
+        return mp_err(err, "io_error", "mmap arena: %s", strerror(e));
+    }
+    /* Trim to an aligned start; munmap(ptr, size) then frees the rest. */
+    unsigned char *start = (unsigned char *)(((uintptr_t)p + HUGE_ALIGN - 1) & ~(HUGE_ALIGN - 1));
+    size_t head = (size_t)(start - p), keep = (size + 4095) & ~(size_t)4095;
+    if (head) munmap(p, head);
+    if (len - head > keep) munmap(start + keep, len - head - keep);
+    /* Advice only: without THP the arena works with 4 KiB pages. */
+    (void)madvise(start, size, MADV_HUGEPAGE);
+    a->ptr = start;
+    a->fd = -1;
+    return 0;
+}
+
+int gpu_host_arena_alloc(gpu_arena *a, bool priv, mp_error *err) {
+    if (a->size > (uint64_t)SIZE_MAX - HUGE_ALIGN || a->size > (uint64_t)INT64_MAX)
+        return gpu_nomem(err, "arena of %" PRIu64 " bytes", a->size);
+    if (priv) return private_alloc(a, err);
     int fd = memfd_create("modelprep-arena", MFD_CLOEXEC);
     if (fd < 0) return mp_err(err, "io_error", "memfd_create: %s", strerror(errno));
     if (ftruncate(fd, (off_t)a->size) != 0) {

@@ -23,7 +23,8 @@ struct gpu_set {
     gpu_kind kind;
     int n;
     pthread_mutex_t mu;
-    long live; /* arenas + fences not yet freed: a bug check in gpu_set_close */
+    long live;         /* arenas + fences not yet freed: a bug check in gpu_set_close */
+    bool host_private; /* host arenas: anonymous THP mappings, not memfds */
     gpu_dev dev[GPU_MAX_DEVICES];
 };
 
@@ -32,7 +33,7 @@ struct gpu_arena {
     int dev;
     uint64_t size;
     void *ptr; /* host: the mapping; cuda: the device pointer */
-    int fd;    /* host: the memfd; -1 on cuda */
+    int fd;    /* host: the memfd; -1 on cuda and for a private host arena */
 };
 
 struct gpu_fence {
@@ -47,7 +48,8 @@ int gpu_nomem(mp_error *err, const char *fmt, ...) __attribute__((format(printf,
 
 /* ---- host backend (gpu_host.c) ---- */
 int gpu_host_mem_info(const gpu_dev *d, uint64_t *total, uint64_t *avail, mp_error *err);
-int gpu_host_arena_alloc(gpu_arena *a, mp_error *err);
+/* priv: an anonymous (THP) mapping with no fd instead of a memfd. */
+int gpu_host_arena_alloc(gpu_arena *a, bool priv, mp_error *err);
 void gpu_host_arena_free(gpu_arena *a);
 int gpu_host_staging_alloc(size_t bytes, void **out, mp_error *err);
 void gpu_host_staging_free(void *p);

@@ -736,6 +736,42 @@ static void test_dequant_matches_gguf(void **state) {
     gpu_set_close(s);
 }
 
+/* Private (non-exportable) host arenas: cap checked first, 2 MiB aligned for
+ * huge pages, copy/read-back, export refused cleanly, accounting, and the
+ * exportable memfd kind comes back when switched on again. */
+static void test_private_arenas(void **state) {
+    (void)state;
+    mp_error err = {0};
+    gpu_set *g = NULL;
+    assert_int_equal(gpu_set_open("host@64M", 0, &g, &err), 0);
+    gpu_set_host_exportable(g, false);
+    gpu_arena *a = NULL, *b = NULL;
+    assert_int_equal(gpu_arena_alloc(g, 0, 100u << 20, &a, &err), GPU_NOMEM);
+    assert_string_equal(err.code, "insufficient_memory");
+    uint64_t size = (5u << 20) + 123;
+    assert_int_equal(gpu_arena_alloc(g, 0, size, &a, &err), 0);
+    unsigned char *p = gpu_arena_host_ptr(a);
+    assert_non_null(p);
+    assert_int_equal((uintptr_t)p & ((2u << 20) - 1), 0);
+    unsigned char src[4096], back[4096];
+    for (int i = 0; i < 4096; i++) src[i] = (unsigned char)(i * 7);
+    assert_int_equal(gpu_copy_h2d(a, size - 4096, src, 4096, &err), 0);
+    assert_int_equal(gpu_read(a, size - 4096, back, 4096, &err), 0);
+    assert_memory_equal(src, back, 4096);
+    gpu_export ex;
+    assert_int_not_equal(gpu_arena_export(a, &ex, &err), 0);
+    assert_string_equal(err.code, "not_exportable");
+    assert_int_equal(gpu_device_resident(g, 0), size);
+    gpu_set_host_exportable(g, true);
+    assert_int_equal(gpu_arena_alloc(g, 0, 1u << 20, &b, &err), 0);
+    assert_int_equal(gpu_arena_export(b, &ex, &err), 0);
+    assert_true(ex.fd >= 0);
+    gpu_arena_free(a);
+    gpu_arena_free(b);
+    assert_int_equal(gpu_device_resident(g, 0), 0);
+    gpu_set_close(g);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_discovery_host4),
@@ -751,6 +787,7 @@ int main(void) {
         cmocka_unit_test(test_cast_matches_half),
         cmocka_unit_test(test_cast_args),
         cmocka_unit_test(test_dequant_matches_gguf),
+        cmocka_unit_test(test_private_arenas),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
