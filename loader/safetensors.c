@@ -5,6 +5,7 @@
  * rejected instead of surfacing later as a hole in the offsets.
  */
 #include "loader/safetensors.h"
+#include "util/sbuf.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -347,80 +348,45 @@ const void *st_data(const mp_weights *w, const mp_tensor *t) {
 /* ------------------------------------------------------------------------ */
 /* writer                                                                    */
 
-typedef struct sbuf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-} sbuf;
-
-static void sb_put(sbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        char *q = realloc(b->p, cap);
-        if (!q) {
-            b->oom = true;
-            return;
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-}
-
-static void sb_puts(sbuf *b, const char *s) {
-    sb_put(b, s, strlen(s));
-}
-
-static void sb_u64(sbuf *b, uint64_t v) {
-    char tmp[24];
-    int n = snprintf(tmp, sizeof tmp, "%llu", (unsigned long long)v);
-    sb_put(b, tmp, (size_t)n);
-}
-
 /* A JSON string the way serde_json writes it: only '"', '\\' and control
  * characters are escaped (short forms where JSON has them, else \u00xx in
  * lowercase hex); everything else, including non-ASCII, goes out raw. */
 static void sb_jstr(sbuf *b, const char *s) {
     static const char hex[] = "0123456789abcdef";
-    sb_put(b, "\"", 1);
+    sb_append(b, "\"", 1);
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         unsigned char c = *p;
         switch (c) {
         case '"':
-            sb_put(b, "\\\"", 2);
+            sb_append(b, "\\\"", 2);
             break;
         case '\\':
-            sb_put(b, "\\\\", 2);
+            sb_append(b, "\\\\", 2);
             break;
         case '\b':
-            sb_put(b, "\\b", 2);
+            sb_append(b, "\\b", 2);
             break;
         case '\f':
-            sb_put(b, "\\f", 2);
+            sb_append(b, "\\f", 2);
             break;
         case '\n':
-            sb_put(b, "\\n", 2);
+            sb_append(b, "\\n", 2);
             break;
         case '\r':
-            sb_put(b, "\\r", 2);
+            sb_append(b, "\\r", 2);
             break;
         case '\t':
-            sb_put(b, "\\t", 2);
+            sb_append(b, "\\t", 2);
             break;
         default:
             if (c < 0x20) {
                 char u[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
-                sb_put(b, u, 6);
+                sb_append(b, u, 6);
             } else
-                sb_put(b, (const char *)p, 1);
+                sb_append(b, (const char *)p, 1);
         }
     }
-    sb_put(b, "\"", 1);
+    sb_append(b, "\"", 1);
 }
 
 struct st_writer {
@@ -521,7 +487,7 @@ int st_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_
         mp_err(err, "io_error", "out of memory");
         goto fail;
     }
-    sb_put(&hb, "{", 1);
+    sb_append(&hb, "{", 1);
     bool first = true;
     if (metadata) {
         size_t nk = json_object_size(metadata), k = 0;
@@ -542,12 +508,12 @@ int st_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_
         if (nk > 1) qsort(mkeys, nk, sizeof *mkeys, str_cmp);
         sb_puts(&hb, "\"__metadata__\":{");
         for (size_t i = 0; i < nk; i++) {
-            if (i) sb_put(&hb, ",", 1);
+            if (i) sb_append(&hb, ",", 1);
             sb_jstr(&hb, mkeys[i]);
-            sb_put(&hb, ":", 1);
+            sb_append(&hb, ":", 1);
             sb_jstr(&hb, json_string_value(json_object_get(metadata, mkeys[i])));
         }
-        sb_put(&hb, "}", 1);
+        sb_append(&hb, "}", 1);
         first = false;
     }
     uint64_t off = 0;
@@ -556,30 +522,30 @@ int st_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_
         uint64_t nb = 0;
         mp_tensor_bytes(t->dtype, t->shape, t->ndim, &nb);
         w->order[i] = ws[i].idx;
-        if (!first) sb_put(&hb, ",", 1);
+        if (!first) sb_append(&hb, ",", 1);
         first = false;
         sb_jstr(&hb, t->name);
         sb_puts(&hb, ":{\"dtype\":\"");
         sb_puts(&hb, mp_dtype_name(t->dtype));
         sb_puts(&hb, "\",\"shape\":[");
         for (int d = 0; d < t->ndim; d++) {
-            if (d) sb_put(&hb, ",", 1);
-            sb_u64(&hb, (uint64_t)t->shape[d]);
+            if (d) sb_append(&hb, ",", 1);
+            sb_printf(&hb, "%llu", (unsigned long long)((uint64_t)t->shape[d]));
         }
         sb_puts(&hb, "],\"data_offsets\":[");
-        sb_u64(&hb, off);
-        sb_put(&hb, ",", 1);
+        sb_printf(&hb, "%llu", (unsigned long long)(off));
+        sb_append(&hb, ",", 1);
         if (__builtin_add_overflow(off, nb, &off) || off > (uint64_t)INT64_MAX) {
             mp_err(err, "too_large", "total tensor size overflows");
             goto fail;
         }
-        sb_u64(&hb, off);
+        sb_printf(&hb, "%llu", (unsigned long long)(off));
         sb_puts(&hb, "]}");
         if (hb.len > ST_MAX_HEADER) break;
     }
-    sb_put(&hb, "}", 1);
+    sb_append(&hb, "}", 1);
     while (!hb.oom && hb.len % 8)
-        sb_put(&hb, " ", 1);
+        sb_append(&hb, " ", 1);
     if (hb.oom) {
         mp_err(err, "io_error", "out of memory building the header");
         goto fail;
@@ -604,7 +570,7 @@ int st_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_
     unsigned char lenbuf[8];
     for (int i = 0; i < 8; i++)
         lenbuf[i] = (unsigned char)(w->header_len >> (8 * i));
-    if (write_full(w->fd, lenbuf, 8, err) != 0 || write_full(w->fd, hb.p, hb.len, err) != 0) {
+    if (write_full(w->fd, lenbuf, 8, err) != 0 || write_full(w->fd, hb.buf, hb.len, err) != 0) {
         unlink(w->tmp);
         goto fail;
     }
@@ -615,7 +581,7 @@ fail:
     writer_free(w);
     free(ws);
     free(mkeys);
-    free(hb.p);
+    sb_free(&hb);
     return rc;
 }
 
