@@ -1,5 +1,6 @@
-# modelprep build. Sources are found by wildcard so that adding a file to
-# server/ handlers/ store/ loader/ gpu/ util/ needs no edit here.
+# modelprep build. Sources are found recursively so that adding a file (or a
+# module folder) under server/ handlers/ store/ loader/ gpu/ util/ needs no
+# edit here.
 #
 #   make            release build: build/modelprepd and build/modelprep-* tools
 #   make run        install deps, build, start the server on its defaults
@@ -26,7 +27,7 @@ SAN_FLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sa
 LDLIBS_ALL := $(PKG_LIBS) -lm -pthread -ldl
 
 CORE_DIRS := util store loader gpu handlers server
-CORE_SRC  := $(filter-out server/main.c,$(foreach d,$(CORE_DIRS),$(wildcard $(d)/*.c)))
+CORE_SRC  := $(filter-out server/main.c,$(sort $(shell find $(CORE_DIRS) -name '*.c')))
 WEB_ASSETS := $(wildcard web/*)
 TOOL_SRC  := $(wildcard tools/*.c)
 UNIT_SRC  := $(wildcard tests/unit/test_*.c)
@@ -154,7 +155,7 @@ pytest: test-build
 # and run only on a GPU machine (scripts/gpu-check.sh).
 CUDA_HOME ?= /usr/local/cuda
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo $(CUDA_HOME)/bin/nvcc)
-CU_SRC := $(wildcard gpu/*.cu)
+CU_SRC := $(sort $(shell find gpu -name '*.cu'))
 CUDA_DIR := $(BUILD)/cuda
 CUDA_OBJ := $(patsubst %.c,$(CUDA_DIR)/obj/%.o,$(CORE_SRC)) $(patsubst %.cu,$(CUDA_DIR)/obj/%.cu.o,$(CU_SRC))
 CUDA_ARCHS ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90

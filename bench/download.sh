@@ -31,8 +31,8 @@ CF="-std=c11 -O2 -D_GNU_SOURCE -DMP_VERSION=\"bench\" -I. $(pkg-config --cflags 
 LIBS="$(pkg-config --libs $PKGS) -lm -pthread"
 # Built from sources here so the bench needs nothing else of the tree.
 cc $CF tests/helpers/testhub.c util/fsutil.c util/error.c $LIBS -o "$work/testhub"
-cc $CF tests/helpers/hub_fetch.c loader/hub_select.c loader/hub_cache.c loader/hub_http.c \
-  loader/hub_transfer.c loader/hub_download.c util/fsutil.c util/error.c util/timeutil.c \
+cc $CF tests/helpers/hub_fetch.c loader/hub/hub_select.c loader/hub/hub_cache.c loader/hub/hub_http.c \
+  loader/hub/hub_transfer.c loader/hub/hub_download.c util/fsutil.c util/error.c util/timeutil.c \
   $LIBS -o "$work/hub_fetch"
 
 repo="$work/repos/bench/model"

@@ -16,7 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "loader/weights.h"
+#include "loader/formats/weights.h"
 
 static double now(void) {
     struct timespec ts;

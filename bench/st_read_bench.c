@@ -16,7 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "loader/safetensors.h"
+#include "loader/formats/safetensors/safetensors.h"
 
 static double now(void) {
     struct timespec ts;

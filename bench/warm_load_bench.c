@@ -19,7 +19,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "loader/load.h"
+#include "loader/warm/warm.h"
 #include "util/timeutil.h"
 
 static double plain_read(const char *file, unsigned char *buf, size_t size) {

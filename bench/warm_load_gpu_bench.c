@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/load.h"
+#include "loader/warm/warm.h"
 #include "util/timeutil.h"
 
 #define PEER_BUF (256u << 20)

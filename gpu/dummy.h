@@ -32,8 +32,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "gpu/gpu_scalar.h"
-#include "loader/tensor.h"
+#include "util/tensor/scalar.h"
+#include "util/tensor/tensor.h"
 
 GPU_HD uint64_t gpu_dummy_splitmix64(uint64_t x) {
     uint64_t z = x + 0x9e3779b97f4a7c15ull;

@@ -34,7 +34,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "loader/tensor.h"
+#include "util/tensor/tensor.h"
 #include "util/error.h"
 
 #define GPU_NOMEM (-2)

@@ -12,7 +12,7 @@
  * plain aligned memory and a copy is a memcpy that is done on return.
  */
 #include "gpu/gpu_internal.h"
-#include "gpu/gpu_scalar.h"
+#include "util/tensor/scalar.h"
 
 #include <errno.h>
 #include <fcntl.h>

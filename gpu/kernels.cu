@@ -12,9 +12,9 @@
 #include <stdint.h>
 
 #include "gpu/dummy.h"
-#include "gpu/gpu_scalar.h"
+#include "util/tensor/scalar.h"
 #include "gpu/kernels.h"
-#include "loader/tensor.h"
+#include "util/tensor/tensor.h"
 
 namespace {
 

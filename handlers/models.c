@@ -3,9 +3,9 @@
 #include <string.h>
 
 #include "handlers/handlers.h"
-#include "loader/cache.h"
-#include "loader/model_ref.h"
-#include "loader/residents.h"
+#include "loader/models/cache.h"
+#include "loader/models/model_ref.h"
+#include "loader/residents/residents.h"
 #include "store/store.h"
 
 static bool repo_from_params(http_req *rq, http_resp *rs, char *repo, size_t len) {

@@ -3,7 +3,7 @@
 #include <string.h>
 
 #include "handlers/handlers.h"
-#include "loader/residents.h"
+#include "loader/residents/residents.h"
 
 void h_residents_list(http_req *rq, http_resp *rs) {
     resp_json(rs, 200, json_pack("{s:o}", "residents", res_list(rq->srv->residents)));

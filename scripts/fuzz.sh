@@ -41,11 +41,9 @@ CFLAGS="-std=c11 -D_GNU_SOURCE -DMP_VERSION=\"fuzz\" -DMP_GIT=\"fuzz\" -I. $PKG_
 build() {
   mkdir -p "$OUT/obj" "$OUT/gen" "$OUT/crashes"
   local srcs=() s
-  for d in util store loader gpu handlers server; do
-    for s in "$d"/*.c; do
-      [ -e "$s" ] && [ "$s" != server/main.c ] && srcs+=("$s")
-    done
-  done
+  while IFS= read -r s; do
+    [ "$s" != server/main.c ] && srcs+=("$s")
+  done < <(find util store loader gpu handlers server -name '*.c' | sort)
   # generated assets, as the Makefile does, so handler objects link
   if [ -f scripts/embed.sh ]; then
     local assets=(web/* openapi/openapi.yaml) a=()

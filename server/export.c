@@ -14,7 +14,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "loader/residents.h"
+#include "loader/residents/residents.h"
 
 struct export_server {
     mp_server *srv;

@@ -9,7 +9,7 @@
 #include <string.h>
 #include <sys/random.h>
 
-#include "loader/model_ref.h"
+#include "loader/models/model_ref.h"
 #include "server/events.h"
 #include "server/params.h"
 #include "server/workers.h"

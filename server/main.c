@@ -12,7 +12,7 @@
 #include <time.h>
 
 #include "gpu/gpu.h"
-#include "loader/residents.h"
+#include "loader/residents/residents.h"
 #include "server/context.h"
 #include "server/export.h"
 #include "server/events.h"

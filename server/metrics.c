@@ -15,7 +15,7 @@
 #include <string.h>
 
 #include "gpu/gpu.h"
-#include "loader/residents.h"
+#include "loader/residents/residents.h"
 #include "server/context.h"
 #include "server/jobs.h"
 #include "server/workers.h"

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/model_ref.h"
+#include "loader/models/model_ref.h"
 #include "server/jobs.h"
 #include "server/metrics.h"
 #include "store/store.h"

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/convert.h"
+#include "loader/convert/convert.h"
 
 static void on_log(void *cb, const char *level, const char *msg) {
     (void)cb;

@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/inspect.h"
+#include "loader/inspect/inspect.h"
 
 int main(int argc, char **argv) {
     insp_opts o = {0};

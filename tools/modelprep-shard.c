@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/shard.h"
+#include "loader/shard/shard.h"
 
 typedef struct cli {
     const char *ckpt_out;

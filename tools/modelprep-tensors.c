@@ -18,8 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/gguf.h"
-#include "loader/weights.h"
+#include "loader/formats/gguf/gguf.h"
+#include "loader/formats/weights.h"
 
 static const char *dtype_name(const mp_tensor *t) {
     if (t->dtype != MP_DT_GGML) return mp_dtype_name(t->dtype);

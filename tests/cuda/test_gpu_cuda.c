@@ -28,8 +28,8 @@
 #include "gpu/dummy.h"
 #include "gpu/gpu.h"
 #include "gpu/gpu_internal.h"
-#include "loader/gguf.h"
-#include "loader/half.h"
+#include "loader/formats/gguf/gguf.h"
+#include "util/tensor/half.h"
 
 static uint64_t xs_next(uint64_t *s) {
     uint64_t x = *s;

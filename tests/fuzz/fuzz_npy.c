@@ -9,7 +9,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "loader/npy.h"
+#include "loader/formats/npy/npy.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     mp_tensor t = {0};

@@ -10,8 +10,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "loader/pt_load.h"
-#include "loader/weights.h"
+#include "loader/formats/pytorch/pytorch.h"
+#include "loader/formats/weights.h"
 
 #define READ_MAX (16u << 20)
 

@@ -9,7 +9,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "loader/safetensors.h"
+#include "loader/formats/safetensors/safetensors.h"
 
 static int mem_file(const uint8_t *data, size_t size, char *path, size_t cap) {
     int fd = memfd_create("fuzz", MFD_CLOEXEC);

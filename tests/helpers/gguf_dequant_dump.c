@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/gguf.h"
+#include "loader/formats/gguf/gguf.h"
 
 static int fail(const mp_error *err) {
     fprintf(stderr, "error: %s: %s\n", err->code, err->message);

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/hub.h"
+#include "loader/hub/hub.h"
 
 typedef struct run_state {
     unsigned long long cancel_after;

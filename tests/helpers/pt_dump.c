@@ -9,7 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "loader/weights.h"
+#include "loader/formats/weights.h"
 
 static int sha256_hex(const void *p, size_t n, char out[65]) {
     unsigned char md[32];

@@ -7,7 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "loader/st_crypt.h"
+#include "loader/formats/safetensors/st_crypt.h"
 
 int main(int argc, char **argv) {
     if (argc < 4 || argc > 5) {

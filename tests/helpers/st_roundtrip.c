@@ -19,9 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/npy.h"
-#include "loader/safetensors.h"
-#include "loader/weights.h"
+#include "loader/formats/npy/npy.h"
+#include "loader/formats/safetensors/safetensors.h"
+#include "loader/formats/weights.h"
 
 static int fail(const mp_error *e) {
     fprintf(stderr, "st_roundtrip: %s: %s\n", e->code, e->message);

@@ -18,7 +18,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "loader/convert.h"
+#include "loader/convert/convert.h"
 
 static void test_plan_shards(void **state) {
     (void)state;

@@ -16,7 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "loader/model_ref.h"
+#include "loader/models/model_ref.h"
 #include "server/http.h"
 #include "server/jobs.h"
 #include "server/params.h"

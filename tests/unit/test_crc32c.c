@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/crc32c.h"
+#include "util/crc32c.h"
 
 static void test_check_value(void **state) {
     (void)state;

@@ -18,8 +18,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "loader/gguf.h"
-#include "loader/half.h"
+#include "loader/formats/gguf/gguf.h"
+#include "util/tensor/half.h"
 
 /* ---- a little GGUF writer ---- */
 

@@ -22,8 +22,8 @@
 
 #include "gpu/dummy.h"
 #include "gpu/gpu.h"
-#include "loader/gguf.h"
-#include "loader/half.h"
+#include "loader/formats/gguf/gguf.h"
+#include "util/tensor/half.h"
 
 /* A small deterministic generator for test data (not the one under test). */
 static uint64_t xs_next(uint64_t *s) {

@@ -14,7 +14,7 @@
 
 #include <cmocka.h>
 
-#include "loader/hub.h"
+#include "loader/hub/hub.h"
 
 /* ---- fnmatch ------------------------------------------------------------------ */
 

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/inspect.h"
+#include "loader/inspect/inspect.h"
 
 static json_t *parse(const char *s) {
     json_error_t e;

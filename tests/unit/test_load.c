@@ -17,9 +17,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "loader/half.h"
-#include "loader/load.h"
-#include "loader/safetensors.h"
+#include "util/tensor/half.h"
+#include "loader/warm/warm.h"
+#include "loader/formats/safetensors/safetensors.h"
 
 static char dir[64];
 

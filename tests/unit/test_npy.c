@@ -17,9 +17,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "loader/npy.h"
-#include "loader/safetensors.h"
-#include "loader/weights.h"
+#include "loader/formats/npy/npy.h"
+#include "loader/formats/safetensors/safetensors.h"
+#include "loader/formats/weights.h"
 
 static char tmpdir[256];
 

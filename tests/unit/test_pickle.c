@@ -19,10 +19,10 @@
 
 #include <cmocka.h>
 
-#include "loader/pickle.h"
-#include "loader/pt_load.h"
-#include "loader/pt_zip.h"
-#include "loader/weights.h"
+#include "loader/formats/pytorch/pickle_internal.h"
+#include "loader/formats/pytorch/pytorch.h"
+#include "loader/formats/pytorch/pt_zip_internal.h"
+#include "loader/formats/weights.h"
 
 /* torch 1.13 torch.save of {"w": arange(6).reshape(2,3) f32, "tied": w,
  * "t": w.t(), "h": tensor([1.5, -2.0], f16)}: zip (to a buffer, prefix

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/tp_rules.h"
+#include "loader/tp_rules/tp_rules.h"
 
 static void cfg_from(const char *json, tp_model_cfg *cfg) {
     json_error_t je;

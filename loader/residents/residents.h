@@ -1,0 +1,75 @@
+/*
+ * residents.h - weights the process holds on its devices after a warm_load:
+ * the arenas, the tensor table, and what they cost. Shared by the warm_load
+ * job (which adds residents), the HTTP handlers (list, get, digest, unload),
+ * the export socket (hands arenas to other processes) and metrics.
+ *
+ * A resident is reference counted: a digest or an export in progress keeps
+ * its arenas alive even while an unload removes it from the set.
+ * Residents are recorded in the store so that, after a restart, those of
+ * the dead process are listed as "gone".
+ */
+#ifndef MP_LOADER_RESIDENTS_H
+#define MP_LOADER_RESIDENTS_H
+#include <jansson.h>
+#include <stdint.h>
+
+#include "gpu/gpu.h"
+#include "util/tensor/tensor.h"
+#include "util/error.h"
+
+struct store;
+typedef struct resident_set resident_set;
+
+typedef struct res_tensor {
+    char *name;     /* owned */
+    mp_dtype dtype; /* MP_DT_GGML + ggml_type for quantized blocks */
+    int ggml_type;
+    int ndim;
+    int64_t shape[MP_MAX_DIMS];
+    int device;      /* device index in the gpu_set */
+    int rank;        /* tensor-parallel rank */
+    uint64_t offset; /* in the device's arena */
+    uint64_t bytes;
+} res_tensor;
+
+/* What a loader hands over. res_add takes ownership of everything in it. */
+typedef struct res_spec {
+    char *model, *revision;             /* owned */
+    gpu_arena *arenas[GPU_MAX_DEVICES]; /* by device index; NULL where unused */
+    res_tensor *tensors;                /* owned array */
+    size_t ntensors;
+    json_t *load; /* the load's result figures (owned), shown in the doc */
+} res_spec;
+
+/* on_change is called (outside locks) with a small JSON event after every
+ * add or remove; the server publishes it on the event hub. */
+typedef void (*res_change_fn)(void *arg, const char *event_json);
+
+resident_set *res_set_new(struct store *st, gpu_set *gpus, res_change_fn fn, void *arg);
+/* Frees every resident's arenas (process exit). */
+void res_set_free(resident_set *s);
+
+/* Adds a resident; *id_out (>= 32 bytes) receives "r_<hex>". On failure the
+ * spec is still consumed (arenas freed). */
+int res_add(resident_set *s, res_spec *spec, char *id_out, mp_error *err);
+/* Unloads: 0 done, -1 unknown id. Memory is freed once no reader holds it. */
+int res_remove(resident_set *s, const char *id);
+/* Summaries of live residents plus those recorded as gone/unloaded. */
+json_t *res_list(resident_set *s);
+/* One resident with its tensor table; NULL when unknown. Gone residents
+ * (of a dead process) come from the store without a table. */
+json_t *res_get(resident_set *s, const char *id);
+/* Reads every tensor back from its device: {"tensors":[{"name","sha256"}]}.
+ * -1 with err "not_found" for an unknown id. */
+int res_digest(resident_set *s, const char *id, json_t **out, mp_error *err);
+/* True when a live resident holds this model. */
+bool res_model_resident(resident_set *s, const char *model);
+/* Calls fn for each live resident's (model, total bytes). */
+void res_each_bytes(resident_set *s, void (*fn)(void *, const char *, uint64_t), void *arg);
+
+/* Export for another process: the description (tensor table, per-device
+ * arena sizes, CUDA IPC handles) and, for host arenas, dup'ed memfds in
+ * device order (*nfds of them, caller closes). */
+int res_export(resident_set *s, const char *id, json_t **desc, int *fds, int *nfds, mp_error *err);
+#endif

@@ -1,0 +1,754 @@
+/* load_exec.c - load_run: the reader threads, the staging ring and the
+ * copies (see load.h).
+ *
+ * Work is handed out as pieces: a byte range of one item's output, at most
+ * one staging slot long. A reader takes a piece, takes the oldest free slot
+ * (waiting on its fence if a copy from it may still be in flight), fills the
+ * slot with the piece's output bytes, queues the copy on the item's device
+ * and records the slot's fence. Readers queue copies themselves: the
+ * device's stream orders them, and on the host backend (where a copy is a
+ * memcpy done on return) the copies then run on as many threads as reads.
+ * Only the calling thread talks to the caller (progress, cancel). */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "loader/formats/gguf/gguf.h"
+#include "util/tensor/half.h"
+#include "loader/warm/warm.h"
+#include "util/timeutil.h"
+
+#define DIO_ALIGN 4096u
+
+typedef struct slot {
+    unsigned char *buf;
+    int pending_dev; /* device whose fence guards the buffer, -1 none */
+    gpu_fence *fences[GPU_MAX_DEVICES];
+} slot;
+
+typedef struct run_ctx {
+    gpu_set *gpus;
+    const load_source *src;
+    const load_plan *plan;
+    const load_run_opts *o;
+    gpu_arena **arenas;
+    int arena_fd[GPU_MAX_DEVICES]; /* host arenas' memfds (borrowed), -1 */
+    uint64_t slot_bytes;
+    slot *slots;
+    int nslots;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_cond_t exit_cv; /* a reader ended */
+    int *fifo;              /* free slots, oldest first */
+    int fifo_head, fifo_n;
+    size_t next_item; /* the piece cursor */
+    uint64_t next_off;
+    atomic_bool abort;
+    bool err_set;
+    mp_error err;
+    double read_s, copy_s;
+    uint64_t bytes_read;
+    atomic_uint_fast64_t done;
+    atomic_uint_fast64_t host_cur, host_peak;
+    atomic_int running;
+} run_ctx;
+
+typedef struct reader {
+    run_ctx *c;
+    pthread_t th;
+    unsigned char *scratch; /* 2 slots, allocated when a piece first needs it */
+    uint64_t scratch_cap;
+    unsigned char *dio; /* O_DIRECT bounce buffer */
+    uint64_t dio_cap;
+    stc_cache cache;
+    int pipe_fd[2]; /* host fast path: file -> pipe -> arena memfd */
+    bool no_splice;
+    double read_s, copy_s;
+    uint64_t bytes_read;
+} reader;
+
+static void host_add(run_ctx *c, int64_t delta) {
+    uint64_t now = atomic_fetch_add(&c->host_cur, (uint64_t)delta) + (uint64_t)delta;
+    uint64_t peak = atomic_load(&c->host_peak);
+    while (now > peak && !atomic_compare_exchange_weak(&c->host_peak, &peak, now)) {
+    }
+}
+
+static void fail(run_ctx *c, const mp_error *e) {
+    pthread_mutex_lock(&c->mu);
+    if (!c->err_set) {
+        c->err = *e;
+        c->err_set = true;
+    }
+    atomic_store(&c->abort, true);
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+}
+
+static unsigned esize(mp_dtype d) {
+    return mp_dtype_bits(d) / 8;
+}
+
+/* A piece is a whole number of units of the output. */
+static uint64_t item_unit(const load_item *it) {
+    if (it->kind == LOAD_K_DEQUANT)
+        return (uint64_t)gguf_type_block_size(it->ggml_type) * esize(it->out_dtype);
+    if (it->out_dtype == MP_DT_GGML || mp_dtype_bits(it->out_dtype) % 8) return 1;
+    return esize(it->out_dtype);
+}
+
+static bool item_raw(const load_item *it) {
+    return it->slice.dim < 0 && (it->out_dtype == it->src->dtype);
+}
+
+/* Next piece, or false when the plan is done. A view is one piece. */
+static bool next_piece(run_ctx *c, const load_item **it_out, uint64_t *off, uint64_t *n) {
+    pthread_mutex_lock(&c->mu);
+    bool got = false;
+    while (c->next_item < c->plan->nitems) {
+        const load_item *it = &c->plan->items[c->next_item];
+        if (it->kind == LOAD_K_DUMMY || c->next_off >= it->bytes) {
+            c->next_item++;
+            c->next_off = 0;
+            continue;
+        }
+        *it_out = it;
+        *off = c->next_off;
+        if (it->kind == LOAD_K_VIEW) {
+            *n = it->bytes;
+        } else {
+            uint64_t unit = item_unit(it);
+            uint64_t max = c->slot_bytes / unit * unit;
+            *n = it->bytes - c->next_off < max ? it->bytes - c->next_off : max;
+        }
+        c->next_off += *n;
+        got = true;
+        break;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return got;
+}
+
+/* ---- reading source bytes ---- */
+
+/* Byte offset of the tensor's first element in its file. */
+static int src_base(const load_item *it, uint64_t *base, mp_error *err) {
+    const mp_tensor *t = it->src;
+    uint64_t start = 0;
+    if (t->storage_offset != 0) {
+        unsigned bits = mp_dtype_bits(t->dtype);
+        if (t->storage_offset < 0 || bits % 8 ||
+            __builtin_mul_overflow((uint64_t)t->storage_offset, (uint64_t)(bits / 8), &start))
+            return mp_err(err, "bad_header", "tensor %s: bad storage offset", t->name);
+    }
+    if (start > t->data_bytes || t->nbytes > t->data_bytes - start ||
+        __builtin_add_overflow(t->data_offset, start, base))
+        return mp_err(err, "bad_header", "tensor %s lies outside its storage", t->name);
+    return 0;
+}
+
+static int dio_read(reader *r, int fd, uint64_t off, unsigned char *dst, uint64_t len,
+                    mp_error *err) {
+    while (len > 0) {
+        uint64_t a = off / DIO_ALIGN * DIO_ALIGN, lead = off - a;
+        uint64_t want = lead + len;
+        uint64_t span = (want + DIO_ALIGN - 1) / DIO_ALIGN * DIO_ALIGN;
+        if (span > r->dio_cap) span = r->dio_cap;
+        ssize_t got;
+        do
+            got = pread(fd, r->dio, span, (off_t)a);
+        while (got < 0 && errno == EINTR);
+        if (got < 0) return mp_err(err, "io_error", "O_DIRECT read: %s", strerror(errno));
+        if ((uint64_t)got <= lead) return mp_err(err, "truncated", "file ends early");
+        uint64_t use = (uint64_t)got - lead < len ? (uint64_t)got - lead : len;
+        memcpy(dst, r->dio + lead, use);
+        dst += use;
+        off += use;
+        len -= use;
+    }
+    return 0;
+}
+
+/* len bytes at byte offset off of the tensor's contiguous data. mem: the
+ * materialized view, when the item is one. */
+static int fetch(reader *r, const load_item *it, uint64_t off, void *dst, uint64_t len,
+                 const unsigned char *mem, mp_error *err) {
+    if (len == 0) return 0;
+    if (mem) {
+        memcpy(dst, mem + off, len);
+        return 0;
+    }
+    const load_file *f = &r->c->src->files[it->file];
+    uint64_t base = 0;
+    if (src_base(it, &base, err) != 0) return -1;
+    if (off > it->src->nbytes || len > it->src->nbytes - off)
+        return mp_err(err, "internal", "read past tensor %s", it->src->name);
+    int fd = f->w->fds[it->src->file_index];
+    r->bytes_read += len;
+    if (f->crypt.encrypted)
+        return stc_read(&f->crypt, fd, r->c->o->key, base + off, dst, len, &r->cache, err);
+    if (r->dio && f->dio_fds && f->dio_fds[it->src->file_index] >= 0)
+        return dio_read(r, f->dio_fds[it->src->file_index], base + off, dst, len, err);
+    return weights_pread(fd, dst, len, base + off, err);
+}
+
+/* ---- converting ---- */
+
+static float to_f32(mp_dtype d, const unsigned char *p) {
+    uint16_t h;
+    float f;
+    switch (d) {
+    case MP_DT_F32:
+        memcpy(&f, p, 4);
+        return f;
+    case MP_DT_F16:
+        memcpy(&h, p, 2);
+        return half_f16_to_f32(h);
+    case MP_DT_BF16:
+        memcpy(&h, p, 2);
+        return half_bf16_to_f32(h);
+    case MP_DT_F8_E4M3:
+        return half_fp8_e4m3_to_f32(*p);
+    case MP_DT_F8_E5M2:
+        return half_fp8_e5m2_to_f32(*p);
+    case MP_DT_F8_E4M3FNUZ:
+        return half_fp8_e4m3fnuz_to_f32(*p);
+    case MP_DT_F8_E5M2FNUZ:
+        return half_fp8_e5m2fnuz_to_f32(*p);
+    case MP_DT_F8_E8M0:
+        return half_fp8_e8m0_to_f32(*p);
+    default:
+        return 0;
+    }
+}
+
+static void convert(mp_dtype from, const unsigned char *in, mp_dtype to, unsigned char *out,
+                    uint64_t count) {
+    if (from == to) {
+        memcpy(out, in, count * esize(from));
+        return;
+    }
+    unsigned ei = esize(from);
+    for (uint64_t i = 0; i < count; i++) {
+        float v = to_f32(from, in + i * ei);
+        uint16_t h;
+        switch (to) {
+        case MP_DT_F32:
+            memcpy(out + 4 * i, &v, 4);
+            break;
+        case MP_DT_F16:
+            h = half_f32_to_f16(v);
+            memcpy(out + 2 * i, &h, 2);
+            break;
+        default: /* BF16: the plan allows no other target */
+            h = half_f32_to_bf16(v);
+            memcpy(out + 2 * i, &h, 2);
+            break;
+        }
+    }
+}
+
+/* The run of output elements starting at e: its length (<= left) and its
+ * first source element, or -1 for padding. */
+static uint64_t run_at(const load_item *it, uint64_t e, uint64_t left, int64_t *src_e) {
+    if (it->slice.dim < 0) {
+        *src_e = (int64_t)e;
+        return left;
+    }
+    int d = it->slice.dim;
+    uint64_t inner = 1;
+    for (int k = d + 1; k < it->ndim; k++)
+        inner *= (uint64_t)it->shape[k];
+    uint64_t out_row = (uint64_t)it->shape[d] * inner;
+    uint64_t src_row = (uint64_t)it->src->shape[d] * inner;
+    uint64_t o = e / out_row, w = e % out_row, base = 0;
+    for (int j = 0; j < it->slice.nseg; j++) {
+        uint64_t len = (uint64_t)it->slice.seg[j].len * inner;
+        if (w < base + len) {
+            uint64_t run = base + len - w;
+            if (run > left) run = left;
+            *src_e = it->slice.seg[j].start < 0
+                         ? -1
+                         : (int64_t)(o * src_row + (uint64_t)it->slice.seg[j].start * inner +
+                                     (w - base));
+            return run;
+        }
+        base += len;
+    }
+    *src_e = -1; /* unreachable for a consistent plan */
+    return left;
+}
+
+/* Plain copies need no scratch: only casts, slices and dequantization. */
+static int need_scratch(reader *r, mp_error *err) {
+    if (r->scratch) return 0;
+    if (posix_memalign((void **)&r->scratch, DIO_ALIGN, r->scratch_cap) != 0) {
+        r->scratch = NULL;
+        return mp_err(err, "no_memory", "out of memory");
+    }
+    host_add(r->c, (int64_t)r->scratch_cap);
+    return 0;
+}
+
+/* Fills dst with output bytes [off, off+n) of the item. */
+static int produce(reader *r, const load_item *it, uint64_t off, uint64_t n, unsigned char *dst,
+                   const unsigned char *mem, mp_error *err) {
+    if (it->kind == LOAD_K_ZERO) {
+        memset(dst, 0, n);
+        return 0;
+    }
+    if ((it->kind == LOAD_K_DEQUANT || !item_raw(it)) && need_scratch(r, err) != 0) return -1;
+    if (it->kind == LOAD_K_DEQUANT) {
+        unsigned bs = gguf_type_block_size(it->ggml_type),
+                 bb = gguf_type_block_bytes(it->ggml_type);
+        uint64_t e0 = off / esize(it->out_dtype), k = n / esize(it->out_dtype);
+        uint64_t soff = e0 / bs * bb, slen = k / bs * bb;
+        if (slen > r->scratch_cap) return mp_err(err, "internal", "dequant piece too large");
+        if (fetch(r, it, soff, r->scratch, slen, mem, err) != 0) return -1;
+        return gguf_dequant(it->ggml_type, r->scratch, slen, (int64_t)k, it->out_dtype, dst, err);
+    }
+    if (item_raw(it)) return fetch(r, it, off, dst, n, mem, err);
+    mp_dtype sd = it->src->dtype, od = it->out_dtype;
+    unsigned ei = esize(sd), eo = esize(od);
+    uint64_t e0 = off / eo, k = n / eo;
+    /* Pass 1: the span of source elements the piece touches. */
+    int64_t lo = -1, hi = -1;
+    for (uint64_t e = e0; e < e0 + k;) {
+        int64_t s;
+        uint64_t run = run_at(it, e, e0 + k - e, &s);
+        if (s >= 0) {
+            if (lo < 0 || s < lo) lo = s;
+            if ((int64_t)(s + (int64_t)run) > hi) hi = s + (int64_t)run;
+        }
+        e += run;
+    }
+    bool one_read = lo >= 0 && (uint64_t)(hi - lo) * ei <= r->scratch_cap;
+    if (one_read &&
+        fetch(r, it, (uint64_t)lo * ei, r->scratch, (uint64_t)(hi - lo) * ei, mem, err) != 0)
+        return -1;
+    /* Pass 2: gather (and convert) run by run. */
+    for (uint64_t e = e0; e < e0 + k;) {
+        int64_t s;
+        uint64_t run = run_at(it, e, e0 + k - e, &s);
+        unsigned char *out = dst + (e - e0) * eo;
+        if (s < 0) {
+            memset(out, 0, run * eo);
+        } else if (one_read) {
+            convert(sd, r->scratch + (uint64_t)(s - lo) * ei, od, out, run);
+        } else if (sd == od) {
+            if (fetch(r, it, (uint64_t)s * ei, out, run * ei, mem, err) != 0) return -1;
+        } else {
+            if (run * ei > r->scratch_cap) return mp_err(err, "internal", "run too large");
+            if (fetch(r, it, (uint64_t)s * ei, r->scratch, run * ei, mem, err) != 0) return -1;
+            convert(sd, r->scratch, od, out, run);
+        }
+        e += run;
+    }
+    return 0;
+}
+
+/* ---- the staging ring ---- */
+
+static slot *slot_take(reader *r, mp_error *err) {
+    run_ctx *c = r->c;
+    pthread_mutex_lock(&c->mu);
+    while (c->fifo_n == 0 && !atomic_load(&c->abort))
+        pthread_cond_wait(&c->cv, &c->mu);
+    if (atomic_load(&c->abort)) {
+        pthread_mutex_unlock(&c->mu);
+        return NULL;
+    }
+    slot *s = &c->slots[c->fifo[c->fifo_head]];
+    c->fifo_head = (c->fifo_head + 1) % c->nslots;
+    c->fifo_n--;
+    pthread_mutex_unlock(&c->mu);
+    if (s->pending_dev >= 0) {
+        double t0 = time_mono();
+        int rc = gpu_fence_wait(s->fences[s->pending_dev], err);
+        r->copy_s += time_mono() - t0;
+        s->pending_dev = -1;
+        if (rc != 0) {
+            fail(c, err);
+            return NULL;
+        }
+    }
+    return s;
+}
+
+static void slot_give(run_ctx *c, slot *s) {
+    pthread_mutex_lock(&c->mu);
+    c->fifo[(c->fifo_head + c->fifo_n) % c->nslots] = (int)(s - c->slots);
+    c->fifo_n++;
+    pthread_cond_signal(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* Moves len bytes of the file at off into the arena's memfd at dst_off
+ * inside the kernel (page cache -> pipe -> shmem): one copy, and no page
+ * faults on the arena's mapping, which cost more than the copy itself.
+ * 1 when splice is unusable here (the caller falls back to pread). */
+static int splice_piece(reader *r, int in_fd, uint64_t off, int out_fd, uint64_t dst_off,
+                        uint64_t len, mp_error *err) {
+    if (r->pipe_fd[0] < 0) {
+        if (pipe2(r->pipe_fd, O_CLOEXEC) != 0) return 1;
+        fcntl(r->pipe_fd[1], F_SETPIPE_SZ, 1 << 20);
+    }
+    while (len > 0) {
+        loff_t oi = (loff_t)off, oo = (loff_t)dst_off;
+        size_t want = len < (1u << 20) ? (size_t)len : (1u << 20);
+        ssize_t n = splice(in_fd, &oi, r->pipe_fd[1], NULL, want, SPLICE_F_MOVE);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EINVAL || errno == ENOSYS)) return 1;
+        if (n < 0) return mp_err(err, "io_error", "splice: %s", strerror(errno));
+        if (n == 0) return mp_err(err, "truncated", "file ends early");
+        for (ssize_t left = n; left > 0;) {
+            ssize_t k = splice(r->pipe_fd[0], NULL, out_fd, &oo, (size_t)left, SPLICE_F_MOVE);
+            if (k < 0 && errno == EINTR) continue;
+            if (k <= 0) {
+                /* The pipe now holds bytes we cannot return: drop it. */
+                close(r->pipe_fd[0]);
+                close(r->pipe_fd[1]);
+                r->pipe_fd[0] = r->pipe_fd[1] = -1;
+                return mp_err(err, "io_error", "splice into the arena: %s", strerror(errno));
+            }
+            left -= k;
+        }
+        off += (uint64_t)n;
+        dst_off += (uint64_t)n;
+        len -= (uint64_t)n;
+    }
+    return 0;
+}
+
+static int do_piece(reader *r, const load_item *it, uint64_t off, uint64_t n,
+                    const unsigned char *mem, mp_error *err) {
+    run_ctx *c = r->c;
+    gpu_arena *a = c->arenas[it->device];
+    unsigned char *host = c->o->host_direct ? gpu_arena_host_ptr(a) : NULL;
+    if (host && !mem && item_raw(it) && it->kind == LOAD_K_FILE &&
+        !c->src->files[it->file].crypt.encrypted && !r->dio) {
+        double t0 = time_mono();
+        int rc = 1;
+        const load_file *f = &c->src->files[it->file];
+        uint64_t base = 0;
+        if (!r->no_splice && c->arena_fd[it->device] >= 0 && src_base(it, &base, err) == 0) {
+            rc = splice_piece(r, f->w->fds[it->src->file_index], base + off,
+                              c->arena_fd[it->device], it->offset + off, n, err);
+            if (rc == 0) r->bytes_read += n;
+            if (rc == 1) r->no_splice = true;
+        }
+        if (rc == 1) rc = fetch(r, it, off, host + it->offset + off, n, NULL, err);
+        r->read_s += time_mono() - t0;
+        if (rc == 0) atomic_fetch_add(&c->done, n);
+        return rc;
+    }
+    slot *s = slot_take(r, err);
+    if (!s) return -1;
+    double t0 = time_mono();
+    int rc = produce(r, it, off, n, s->buf, mem, err);
+    double t1 = time_mono();
+    r->read_s += t1 - t0;
+    if (rc == 0) rc = gpu_copy_h2d(a, it->offset + off, s->buf, n, err);
+    if (rc == 0 && (rc = gpu_fence_record(s->fences[it->device], err)) == 0)
+        s->pending_dev = it->device;
+    r->copy_s += time_mono() - t1;
+    slot_give(c, s);
+    if (rc == 0) atomic_fetch_add(&c->done, n);
+    return rc;
+}
+
+static void *reader_main(void *arg) {
+    reader *r = arg;
+    run_ctx *c = r->c;
+    mp_error err = {0};
+    const load_item *it;
+    uint64_t off, n;
+    while (!atomic_load(&c->abort) && next_piece(c, &it, &off, &n)) {
+        int rc = 0;
+        if (it->kind == LOAD_K_VIEW) {
+            /* A strided view is gathered whole by the reader, then cut. */
+            unsigned char *mem = malloc(it->src->nbytes ? it->src->nbytes : 1);
+            if (!mem) {
+                mp_err(&err, "no_memory", "cannot materialize view %s", it->src->name);
+                rc = -1;
+            } else {
+                host_add(c, (int64_t)it->src->nbytes);
+                double t0 = time_mono();
+                rc = weights_read(c->src->files[it->file].w, it->src, mem, &err);
+                r->read_s += time_mono() - t0;
+                r->bytes_read += it->src->nbytes;
+                uint64_t unit = item_unit(it), max = c->slot_bytes / unit * unit;
+                for (uint64_t p = 0; rc == 0 && p < it->bytes && !atomic_load(&c->abort);
+                     p += max) {
+                    uint64_t m = it->bytes - p < max ? it->bytes - p : max;
+                    rc = do_piece(r, it, p, m, mem, &err);
+                }
+                free(mem);
+                host_add(c, -(int64_t)it->src->nbytes);
+            }
+        } else {
+            rc = do_piece(r, it, off, n, NULL, &err);
+        }
+        if (rc != 0) {
+            if (!atomic_load(&c->abort) || err.code[0]) fail(c, &err);
+            break;
+        }
+    }
+    pthread_mutex_lock(&c->mu);
+    c->read_s += r->read_s;
+    c->copy_s += r->copy_s;
+    c->bytes_read += r->bytes_read;
+    pthread_mutex_unlock(&c->mu);
+    pthread_mutex_lock(&c->mu);
+    atomic_fetch_sub(&c->running, 1);
+    pthread_cond_signal(&c->exit_cv);
+    pthread_mutex_unlock(&c->mu);
+    return NULL;
+}
+
+/* ---- load_run ---- */
+
+static int default_readers(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n < 2) n = 2;
+    if (n > 16) n = 16; /* a GPU wants ~16 concurrent 4 MiB preads to fill PCIe 5 */
+    return (int)n;
+}
+
+static int fill_dummies(run_ctx *c, mp_error *err) {
+    gpu_dummy_params p = {
+        .seed = c->o->dummy_seed, .low = c->o->dummy_low, .high = c->o->dummy_high, .first = 0};
+    for (size_t i = 0; i < c->plan->nitems; i++) {
+        const load_item *it = &c->plan->items[i];
+        if (it->kind != LOAD_K_DUMMY || it->bytes == 0) continue;
+        if (c->o->cancelled && c->o->cancelled(c->o->cb))
+            return mp_err(err, "cancelled", "cancelled");
+        uint64_t numel = it->bytes / esize(it->out_dtype);
+        if (gpu_fill_dummy(c->arenas[it->device], it->offset, it->out_dtype, numel, it->src->name,
+                           &p, err) != 0)
+            return -1;
+        atomic_fetch_add(&c->done, it->bytes);
+    }
+    return 0;
+}
+
+int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan, const load_run_opts *o,
+             gpu_arena *arenas[GPU_MAX_DEVICES], load_stats *st, mp_error *err) {
+    memset(st, 0, sizeof *st);
+    for (int i = 0; i < GPU_MAX_DEVICES; i++)
+        arenas[i] = NULL;
+    int ndev = gpu_set_count(gpus);
+    for (int d = 0; d < GPU_MAX_DEVICES; d++)
+        if (plan->arena_bytes[d] && d >= ndev)
+            return mp_err(err, "bad_request", "device %d is not in the set", d);
+    if (src->encrypted && !o->key)
+        return mp_err(err, "decryption_key_required",
+                      "the checkpoint is encrypted: give decryption_key_file");
+
+    /* Free memory first: nothing is allocated unless everything fits. */
+    double t0 = time_mono();
+    for (int d = 0; d < ndev; d++) {
+        gpu_device_info info;
+        if (gpu_device_info_get(gpus, d, &info, err) != 0) return -1;
+        st->free_before[d] = info.free_bytes;
+        if (plan->arena_bytes[d] > info.free_bytes)
+            return mp_err(
+                err, "insufficient_device_memory", "device %d: %llu bytes needed, %llu free", d,
+                (unsigned long long)plan->arena_bytes[d], (unsigned long long)info.free_bytes);
+    }
+    int rc = 0;
+    for (int d = 0; d < ndev && rc == 0; d++) {
+        if (!plan->arena_bytes[d]) continue;
+        int a = gpu_arena_alloc(gpus, d, plan->arena_bytes[d], &arenas[d], err);
+        if (a == GPU_NOMEM)
+            rc = mp_err(err, "insufficient_device_memory", "device %d: %s", d, err->message);
+        else if (a != 0)
+            rc = -1;
+    }
+    st->alloc_s = time_mono() - t0;
+
+    run_ctx c;
+    memset(&c, 0, sizeof c);
+    c.gpus = gpus;
+    c.src = src;
+    c.plan = plan;
+    c.o = o;
+    c.arenas = arenas;
+    pthread_mutex_init(&c.mu, NULL);
+    pthread_cond_init(&c.cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&c.exit_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    atomic_init(&c.abort, false);
+    atomic_init(&c.done, 0);
+    atomic_init(&c.host_cur, 0);
+    atomic_init(&c.host_peak, 0);
+    atomic_init(&c.running, 0);
+
+    uint64_t staging = o->staging_bytes ? o->staging_bytes : LOAD_DEFAULT_STAGING;
+    /* No more staging than the plan can fill. */
+    uint64_t need = plan->total_bytes + DIO_ALIGN;
+    if (staging > need) staging = need;
+    if (staging < LOAD_MIN_STAGING) staging = LOAD_MIN_STAGING;
+    int nreaders = o->readers > 0 ? o->readers : default_readers();
+    uint64_t nslots = staging / (4ull << 20);
+    if (nslots < (uint64_t)nreaders * 2) nslots = (uint64_t)nreaders * 2;
+    if (nslots > 64) nslots = 64;
+    c.slot_bytes = staging / nslots / DIO_ALIGN * DIO_ALIGN;
+    if (c.slot_bytes < DIO_ALIGN) c.slot_bytes = DIO_ALIGN;
+    c.nslots = (int)nslots;
+    if (nreaders > c.nslots - 1) nreaders = c.nslots - 1;
+
+    unsigned char *staging_mem = NULL;
+    reader *rd = calloc((size_t)nreaders, sizeof *rd);
+    c.slots = calloc((size_t)c.nslots, sizeof *c.slots);
+    c.fifo = calloc((size_t)c.nslots, sizeof *c.fifo);
+    for (int i = 0; rd && i < nreaders; i++)
+        rd[i].pipe_fd[0] = rd[i].pipe_fd[1] = -1;
+    if (rc == 0 && (!rd || !c.slots || !c.fifo)) rc = mp_err(err, "no_memory", "out of memory");
+    if (rc == 0) {
+        int s =
+            gpu_staging_alloc(gpus, c.slot_bytes * (uint64_t)c.nslots, (void **)&staging_mem, err);
+        if (s == GPU_NOMEM)
+            rc = mp_err(err, "insufficient_host_memory", "%s", err->message);
+        else if (s != 0)
+            rc = -1;
+        else
+            host_add(&c, (int64_t)(c.slot_bytes * (uint64_t)c.nslots));
+    }
+    for (int i = 0; rc == 0 && i < c.nslots; i++) {
+        c.slots[i].buf = staging_mem + (uint64_t)i * c.slot_bytes;
+        c.slots[i].pending_dev = -1;
+        c.fifo[i] = i;
+        for (int d = 0; d < ndev && rc == 0; d++)
+            if (arenas[d]) rc = gpu_fence_create(gpus, d, &c.slots[i].fences[d], err);
+    }
+    c.fifo_n = c.nslots;
+    bool dio = o->direct_io;
+    for (int d = 0; d < GPU_MAX_DEVICES; d++) {
+        gpu_export ex;
+        mp_error ee;
+        c.arena_fd[d] =
+            arenas[d] && gpu_arena_host_ptr(arenas[d]) && gpu_arena_export(arenas[d], &ex, &ee) == 0
+                ? ex.fd
+                : -1;
+    }
+    for (int i = 0; rc == 0 && i < nreaders; i++) {
+        rd[i].c = &c;
+        rd[i].scratch_cap = 2 * c.slot_bytes;
+        rd[i].dio_cap = dio ? c.slot_bytes + 2 * DIO_ALIGN : 0;
+        if (dio && posix_memalign((void **)&rd[i].dio, DIO_ALIGN, rd[i].dio_cap) != 0)
+            rc = mp_err(err, "no_memory", "out of memory");
+        else
+            host_add(&c, (int64_t)rd[i].dio_cap);
+    }
+
+    /* The pipeline. */
+    double p0 = time_mono();
+    uint64_t total = plan->total_bytes;
+    if (rc == 0) {
+        double f0 = time_mono();
+        rc = fill_dummies(&c, err);
+        c.copy_s += time_mono() - f0;
+    }
+    int started = 0;
+    for (int i = 0; rc == 0 && i < nreaders; i++) {
+        atomic_fetch_add(&c.running, 1);
+        if (pthread_create(&rd[i].th, NULL, reader_main, &rd[i]) != 0) {
+            atomic_fetch_sub(&c.running, 1);
+            mp_error e;
+            mp_err(&e, "internal", "cannot start a reader thread");
+            fail(&c, &e);
+            break;
+        }
+        started++;
+    }
+    bool cancelled = false;
+    for (;;) {
+        /* Wake on a reader's exit, or every 20 ms for progress and cancel. */
+        pthread_mutex_lock(&c.mu);
+        if (atomic_load(&c.running) > 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            ts.tv_nsec += 20000000;
+            if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+            }
+            pthread_cond_timedwait(&c.exit_cv, &c.mu, &ts);
+        }
+        bool more = atomic_load(&c.running) > 0;
+        pthread_mutex_unlock(&c.mu);
+        if (!more) break;
+        if (o->progress) o->progress(o->cb, atomic_load(&c.done), total);
+        if (!cancelled && o->cancelled && o->cancelled(o->cb)) {
+            cancelled = true;
+            mp_error e;
+            mp_err(&e, "cancelled", "cancelled");
+            fail(&c, &e);
+        }
+    }
+    for (int i = 0; i < started; i++)
+        pthread_join(rd[i].th, NULL);
+    if (rc == 0 && c.err_set) {
+        *err = c.err;
+        rc = -1;
+    }
+    if (rc == 0 && o->cancelled && o->cancelled(o->cb)) rc = mp_err(err, "cancelled", "cancelled");
+    double s0 = time_mono();
+    for (int d = 0; d < ndev; d++) {
+        mp_error se = {0};
+        if (arenas[d] && gpu_device_sync(gpus, d, &se) != 0 && rc == 0) {
+            *err = se;
+            rc = -1;
+        }
+    }
+    c.copy_s += time_mono() - s0;
+    if (rc == 0 && o->progress) o->progress(o->cb, atomic_load(&c.done), total);
+    st->pipeline_s = time_mono() - p0;
+
+    for (int i = 0; i < nreaders && rd; i++) {
+        free(rd[i].scratch);
+        free(rd[i].dio);
+        stc_cache_free(&rd[i].cache);
+        if (rd[i].pipe_fd[0] >= 0) close(rd[i].pipe_fd[0]);
+        if (rd[i].pipe_fd[1] >= 0) close(rd[i].pipe_fd[1]);
+    }
+    free(rd);
+    for (int i = 0; c.slots && i < c.nslots; i++)
+        for (int d = 0; d < GPU_MAX_DEVICES; d++)
+            gpu_fence_free(c.slots[i].fences[d]);
+    free(c.slots);
+    free(c.fifo);
+    if (staging_mem) gpu_staging_free(gpus, staging_mem);
+    pthread_mutex_destroy(&c.mu);
+    pthread_cond_destroy(&c.cv);
+    pthread_cond_destroy(&c.exit_cv);
+
+    st->read_s = c.read_s;
+    st->copy_s = c.copy_s;
+    st->bytes_read = c.bytes_read;
+    st->peak_host_bytes = atomic_load(&c.host_peak);
+    st->readers = nreaders;
+    st->slots = c.nslots;
+    st->slot_bytes = c.slot_bytes;
+    if (rc != 0)
+        for (int d = 0; d < GPU_MAX_DEVICES; d++) {
+            gpu_arena_free(arenas[d]);
+            arenas[d] = NULL;
+        }
+    for (int d = 0; d < ndev; d++) {
+        gpu_device_info info;
+        mp_error ie;
+        st->free_after[d] = gpu_device_info_get(gpus, d, &info, &ie) == 0 ? info.free_bytes : 0;
+    }
+    return rc;
+}

@@ -1,0 +1,231 @@
+/* load_plan.c - the warm_load plan: every (tensor, rank) pair becomes an
+ * item with its output dtype, shape, slice and arena offset. Items keep
+ * file order (file, then data offset) so the readers walk each file
+ * forwards, which is what page cache read-ahead and O_DIRECT like. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "loader/formats/gguf/gguf.h"
+#include "loader/warm/warm.h"
+#include "loader/tp_rules/tp_rules.h"
+
+static bool castable_from(mp_dtype d) {
+    switch (d) {
+    case MP_DT_F32:
+    case MP_DT_F16:
+    case MP_DT_BF16:
+    case MP_DT_F8_E4M3:
+    case MP_DT_F8_E5M2:
+    case MP_DT_F8_E4M3FNUZ:
+    case MP_DT_F8_E5M2FNUZ:
+    case MP_DT_F8_E8M0:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static bool is_target(mp_dtype d) {
+    return d == MP_DT_F32 || d == MP_DT_F16 || d == MP_DT_BF16;
+}
+
+static bool contiguous_view(const mp_tensor *t) {
+    if (!t->is_view) return true;
+    int64_t expect = 1;
+    for (int d = t->ndim - 1; d >= 0; d--) {
+        if (t->shape[d] != 1 && t->strides[d] != expect) return false;
+        expect *= t->shape[d];
+    }
+    return true;
+}
+
+typedef struct tref {
+    uint32_t file;
+    const mp_tensor *t;
+} tref;
+
+static int cmp_tref_pos(const void *a, const void *b) {
+    const tref *x = a, *y = b;
+    if (x->file != y->file) return x->file < y->file ? -1 : 1;
+    if (x->t->file_index != y->t->file_index) return x->t->file_index < y->t->file_index ? -1 : 1;
+    if (x->t->data_offset != y->t->data_offset)
+        return x->t->data_offset < y->t->data_offset ? -1 : 1;
+    return strcmp(x->t->name, y->t->name);
+}
+
+typedef struct nref {
+    const char *name;
+    int rank;
+} nref;
+
+static int cmp_nref(const void *a, const void *b) {
+    const nref *x = a, *y = b;
+    if (x->rank != y->rank) return x->rank < y->rank ? -1 : 1;
+    return strcmp(x->name, y->name);
+}
+
+/* The tensor-parallel slice of t for rank r, by the shard issue's rules
+ * (loader/tp_rules.h) under HF naming: each tensor keeps its checkpoint
+ * name, a rank gets exactly the bytes SGLang's layer would hold. *dropped:
+ * the rules keep nothing of it (rotary inv_freq). */
+static int plan_tp_slice(const tp_model_cfg *cfg, const mp_tensor *t, int tp, int rank,
+                         load_slice *sl, int64_t *out_shape, bool *dropped, mp_error *err) {
+    memcpy(out_shape, t->shape, sizeof t->shape);
+    sl->dim = -1;
+    sl->nseg = 0;
+    *dropped = false;
+    if (tp == 1) return 0;
+    tp_slice ts;
+    if (tp_slice_for(cfg, t, tp, rank, TP_NAMING_HF, &ts, err) != 0) return -1;
+    if (ts.dropped) {
+        *dropped = true;
+        return 0;
+    }
+    if (ts.dim < 0) return 0;
+    if (ts.dim >= t->ndim || ts.nseg < 1 || ts.nseg > LOAD_MAX_SEGS)
+        return mp_err(err, "internal", "tp rule for %s out of range", t->name);
+    sl->dim = ts.dim;
+    sl->nseg = ts.nseg;
+    int64_t ext = 0;
+    for (int i = 0; i < ts.nseg; i++) {
+        int64_t st = ts.seg[i].start, l = ts.seg[i].len;
+        if (l < 0 || (st >= 0 && (st > t->shape[ts.dim] || l > t->shape[ts.dim] - st)))
+            return mp_err(err, "internal", "tp rule for %s cuts outside the tensor", t->name);
+        sl->seg[i].start = st;
+        sl->seg[i].len = l;
+        ext += l;
+    }
+    out_shape[ts.dim] = ext;
+    return 0;
+}
+
+int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *plan,
+                    mp_error *err) {
+    memset(plan, 0, sizeof *plan);
+    int tp = o->tp_size;
+    if (tp < 1 || tp > GPU_MAX_DEVICES) return mp_err(err, "bad_request", "tp_size out of range");
+    plan->tp_size = tp;
+    for (int r = 0; r < tp; r++)
+        plan->devices[r] = o->devices[r];
+    if (o->dtype != MP_DT_INVALID && !is_target(o->dtype))
+        return mp_err(err, "bad_request", "dtype must be bf16, fp16 or fp32");
+    bool sharded = src->format == LOAD_FMT_SHARDED_STATE;
+    if (src->format == LOAD_FMT_GGUF && tp > 1)
+        return mp_err_field(err, "params.tp_size", "bad_request",
+                            "a GGUF checkpoint loads on one device (tp_size 1)");
+
+    tp_model_cfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    if (tp > 1 && !sharded) {
+        if (!src->config)
+            return mp_err_field(err, "params.tp_size", "bad_request",
+                                "tp_size > 1 needs the model's config.json for the split rules");
+        if (tp_config_from_json(src->config, &cfg, err) != 0 || tp_check(&cfg, tp, err) != 0) {
+            snprintf(err->field, sizeof err->field, "params.tp_size");
+            return -1;
+        }
+    }
+    size_t n = 0;
+    for (size_t f = 0; f < src->nfiles; f++)
+        n += src->files[f].w->ntensors;
+    tref *refs = calloc(n ? n : 1, sizeof *refs);
+    nref *names = calloc(n ? n : 1, sizeof *names);
+    if (!refs || !names) {
+        free(refs);
+        free(names);
+        return mp_err(err, "no_memory", "out of memory");
+    }
+    size_t k = 0;
+    for (size_t f = 0; f < src->nfiles; f++)
+        for (size_t i = 0; i < src->files[f].w->ntensors; i++) {
+            refs[k].file = (uint32_t)f;
+            refs[k].t = &src->files[f].w->tensors[i];
+            names[k].name = refs[k].t->name;
+            names[k].rank = sharded ? src->files[f].rank : 0;
+            k++;
+        }
+    int rc = 0;
+    qsort(names, n, sizeof *names, cmp_nref);
+    for (size_t i = 1; i < n && rc == 0; i++)
+        if (cmp_nref(&names[i - 1], &names[i]) == 0)
+            rc = mp_err(err, "bad_header", "tensor %s appears in two files", names[i].name);
+    free(names);
+    qsort(refs, n, sizeof *refs, cmp_tref_pos);
+
+    size_t per = sharded ? 1 : (size_t)tp, cap = 0;
+    if (rc == 0 && __builtin_mul_overflow(n, per, &cap))
+        rc = mp_err(err, "too_large", "too many tensors");
+    if (rc == 0 && !(plan->items = calloc(cap ? cap : 1, sizeof *plan->items)))
+        rc = mp_err(err, "no_memory", "out of memory");
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        const mp_tensor *t = refs[i].t;
+        int r0 = sharded ? src->files[refs[i].file].rank : 0;
+        int r1 = sharded ? r0 + 1 : tp;
+        for (int r = r0; r < r1 && rc == 0; r++) {
+            load_item *it = &plan->items[plan->nitems];
+            memset(it, 0, sizeof *it);
+            it->file = refs[i].file;
+            it->src = t;
+            it->rank = r;
+            it->device = o->devices[r];
+            it->ndim = t->ndim;
+            it->ggml_type = t->ggml_type;
+            it->out_dtype = t->dtype;
+            bool want = o->dtype != MP_DT_INVALID;
+            if (t->dtype == MP_DT_GGML) {
+                if (want && gguf_can_dequant(t->ggml_type)) {
+                    it->kind = LOAD_K_DEQUANT;
+                    it->out_dtype = o->dtype;
+                } else {
+                    it->kind = o->dummy ? LOAD_K_ZERO : LOAD_K_FILE;
+                }
+            } else {
+                if (want && castable_from(t->dtype)) it->out_dtype = o->dtype;
+                if (o->dummy)
+                    it->kind = is_target(it->out_dtype) ? LOAD_K_DUMMY : LOAD_K_ZERO;
+                else
+                    it->kind = contiguous_view(t) ? LOAD_K_FILE : LOAD_K_VIEW;
+            }
+            if (sharded || t->dtype == MP_DT_GGML) {
+                memcpy(it->shape, t->shape, sizeof t->shape);
+                it->slice.dim = -1;
+            } else {
+                bool dropped;
+                if (plan_tp_slice(&cfg, t, tp, r, &it->slice, it->shape, &dropped, err) != 0) {
+                    rc = -1;
+                    break;
+                }
+                if (dropped) continue;
+            }
+            if (it->slice.dim >= 0 && mp_dtype_bits(t->dtype) % 8 != 0) {
+                rc = mp_err(err, "bad_request", "cannot split %s (sub-byte dtype)", t->name);
+                break;
+            }
+            if (it->out_dtype == MP_DT_GGML) {
+                it->bytes = t->data_bytes;
+            } else if (!mp_tensor_bytes(it->out_dtype, it->shape, it->ndim, &it->bytes)) {
+                rc = mp_err(err, "bad_header", "tensor %s: size overflows", t->name);
+                break;
+            }
+            uint64_t *end = &plan->arena_bytes[it->device];
+            uint64_t off = (*end + GPU_ARENA_ALIGN - 1) / GPU_ARENA_ALIGN * GPU_ARENA_ALIGN;
+            if (off < *end || off + it->bytes < off) {
+                rc = mp_err(err, "too_large", "arena size overflows");
+                break;
+            }
+            it->offset = off;
+            *end = off + it->bytes;
+            plan->total_bytes += it->bytes;
+            plan->nitems++;
+        }
+    }
+    free(refs);
+    if (rc != 0) load_plan_free(plan);
+    return rc;
+}
+
+void load_plan_free(load_plan *plan) {
+    free(plan->items);
+    memset(plan, 0, sizeof *plan);
+}
