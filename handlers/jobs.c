@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "handlers/handlers.h"
+#include "loader/jobs/jobs.h"
 #include "server/jobs.h"
 #include "server/sse.h"
 #include "store/store.h"
@@ -74,7 +75,7 @@ void h_jobs_list(http_req *rq, http_resp *rs) {
                      json_pack("[{s:s,s:s}]", "field", "state", "code", "bad_value"));
         return;
     }
-    if (type && !jobs_type_find(type)) {
+    if (type && !job_type_find(type)) {
         resp_problem(rs, 400, "unknown job type",
                      json_pack("[{s:s,s:s}]", "field", "type", "code", "bad_value"));
         return;

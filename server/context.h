@@ -19,6 +19,7 @@ struct store;
 struct gpu_set;
 struct resident_set;
 struct mp_metrics;
+struct route;
 
 typedef struct mp_server {
     mp_config cfg;
@@ -29,6 +30,7 @@ typedef struct mp_server {
     struct gpu_set *gpus;
     struct resident_set *residents;
     struct mp_metrics *metrics;
+    const struct route *routes; /* the handlers' table, set by main.c */
     struct MHD_Daemon *httpd;
     mp_task_env env; /* what run functions see; points into cfg and the above */
     atomic_bool draining;

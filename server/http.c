@@ -192,8 +192,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     http_req rq = {.srv = srv, .conn = conn, .method = method, .path = url};
     char pbuf[1024], allow[64];
     const route *r = NULL;
-    route_match m = router_match(method, url, &r, rq.params, &rq.nparams, pbuf, sizeof pbuf, allow,
-                                 sizeof allow);
+    route_match m = router_match(rq.srv->routes, method, url, &r, rq.params, &rq.nparams, pbuf,
+                                 sizeof pbuf, allow, sizeof allow);
     if (m == ROUTE_NO_PATH) {
         resp_problem(&rs, 404, "no such route", NULL);
     } else if (m == ROUTE_NO_METHOD) {

@@ -10,10 +10,10 @@
 #include <stddef.h>
 
 #include "server/context.h"
+#include "server/router.h"
 #include "util/error.h"
 
 #define HTTP_MAX_BODY (1u << 20) /* 1 MiB, api.md */
-#define HTTP_MAX_PARAMS 4
 
 struct MHD_Connection;
 struct MHD_Response;
@@ -39,7 +39,7 @@ typedef struct http_resp {
     struct MHD_Response *stream; /* set by handlers that stream (SSE) */
 } http_resp;
 
-typedef void (*http_handler)(http_req *rq, http_resp *rs);
+/* http_handler is declared in router.h, which the route table needs alone. */
 
 const char *http_query(const http_req *rq, const char *key);
 const char *http_header(const http_req *rq, const char *key);

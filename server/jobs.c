@@ -10,8 +10,10 @@
 #include <sys/random.h>
 
 #include "loader/models/model_ref.h"
+#include "loader/jobs/jobs.h"
 #include "server/events.h"
 #include "server/params.h"
+#include "server/publish.h"
 #include "server/workers.h"
 #include "store/store.h"
 #include "util/fsutil.h"
@@ -24,27 +26,6 @@ static int new_job_id(char *out, size_t len) {
     fs_hex(rnd, sizeof rnd, hex);
     snprintf(out, len, "j_%s", hex);
     return 0;
-}
-
-void jobs_publish(mp_server *srv, const char *job_id, const char *kind, json_t *data,
-                  bool persist) {
-    char *text = json_dumps(data, JSON_COMPACT);
-    if (!text) return;
-    if (persist) {
-        char now[40];
-        time_rfc3339_now(now, sizeof now);
-        store_event_append(srv->store, job_id, kind, text, now);
-    }
-    events_publish(srv->events, job_id, kind, text);
-    free(text);
-}
-
-void jobs_publish_state(mp_server *srv, json_t *doc) {
-    const char *id = json_string_value(json_object_get(doc, "id"));
-    mp_error err;
-    if (store_job_update(srv->store, id, doc, "state", doc, &err) != 0)
-        mp_log(&srv->log, "error", id, "cannot persist job: %s", err.message);
-    jobs_publish(srv, id, "state", doc, false);
 }
 
 static int bad(int *status, int code) {
@@ -88,7 +69,7 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
         mp_err_field(err, "type", jtype ? "bad_type" : "required", "type must be a string");
         return bad(http_status, 400);
     }
-    const mp_job_type *jt = jobs_type_find(json_string_value(jtype));
+    const mp_job_type *jt = job_type_find(json_string_value(jtype));
     if (!jt) {
         mp_err_field(err, "type", "unknown_type", "unknown job type %s", json_string_value(jtype));
         return bad(http_status, 400);
@@ -207,7 +188,7 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
     }
     *created = true;
     /* The store recorded the first state event with the job itself. */
-    jobs_publish(srv, id, "state", doc, false);
+    publish_job_event(srv, id, "state", doc, false);
     workers_notify(srv->workers);
     *job = doc;
     rc = 0;
@@ -222,7 +203,7 @@ int jobs_cancel(mp_server *srv, const char *id, json_t **job) {
     time_rfc3339_now(now, sizeof now);
     json_t *doc = NULL;
     if (store_job_cancel_if_queued(srv->store, id, now, &doc) == 1) {
-        jobs_publish(srv, id, "state", doc, true);
+        publish_job_event(srv, id, "state", doc, true);
         *job = doc;
         return 0;
     }
@@ -242,7 +223,7 @@ int jobs_cancel(mp_server *srv, const char *id, json_t **job) {
 
 static bool resume_decider(void *arg, const char *type) {
     (void)arg;
-    const mp_job_type *jt = jobs_type_find(type);
+    const mp_job_type *jt = job_type_find(type);
     return jt && (jt->flags & MP_JOB_RESUMABLE);
 }
 

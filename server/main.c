@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "gpu/gpu.h"
+#include "handlers/handlers.h"
 #include "loader/residents/residents.h"
 #include "server/context.h"
 #include "server/export.h"
@@ -19,6 +20,7 @@
 #include "server/http.h"
 #include "server/jobs.h"
 #include "server/metrics.h"
+#include "server/records.h"
 #include "server/workers.h"
 #include "store/store.h"
 #include "util/fsutil.h"
@@ -94,14 +96,18 @@ int main(int argc, char **argv) {
         mp_log(&srv.log, "error", NULL, "cannot recover jobs from the store");
         goto out;
     }
-    store_resident_mark_all_gone(srv.store);
+    /* Residents live in device memory, which died with the last process. */
+    if (store_resident_mark_all_gone(srv.store) != 0)
+        mp_log(&srv.log, "warn", NULL, "cannot mark the previous process's residents gone");
     if (gpu_set_open(srv.cfg.devices, srv.cfg.host_device_bytes, &srv.gpus, &err) != 0) {
         mp_log(&srv.log, "error", NULL, "devices: %s", err.message);
         goto out;
     }
     srv.events = events_new();
     srv.metrics = metrics_new();
-    srv.residents = res_set_new(srv.store, srv.gpus, on_resident_change, &srv);
+    srv.routes = h_routes;
+    res_records rec = records_residents(&srv);
+    srv.residents = res_set_new(&rec, srv.gpus, on_resident_change, &srv);
     if (!srv.events || !srv.metrics || !srv.residents) goto out;
     if (srv.cfg.export_socket[0] &&
         export_start(&srv, srv.cfg.export_socket, &exporter, &err) != 0) {
@@ -114,10 +120,8 @@ int main(int argc, char **argv) {
         .hub_endpoint = srv.cfg.hub_endpoint,
         .hf_token = srv.cfg.hf_token,
         .model_roots = (const char *const *)srv.cfg.model_roots,
-        .store = srv.store,
         .gpus = srv.gpus,
         .residents = srv.residents,
-        .events = srv.events,
     };
     if (workers_start(&srv, srv.cfg.workers, &srv.workers) != 0) {
         mp_log(&srv.log, "error", NULL, "cannot start %d workers", srv.cfg.workers);

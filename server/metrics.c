@@ -3,9 +3,11 @@
  * Prometheus text exposition format. Labels are bounded sets (route names
  * from the route table, job types from the registry, final states), so
  * fixed tables under one mutex are enough; nothing here allocates per
- * request. Values that live elsewhere (jobs in the store, device memory,
- * residents, busy workers) are asked for at render time, so /metrics never
- * disagrees with the API.
+ * request. Gauges of values that live elsewhere (jobs in the store, device
+ * memory, residents, busy workers) are asked for at render time by
+ * handlers/metrics.c, with the exposition helpers exported here, so that
+ * this file depends on nothing above it and /metrics never disagrees with
+ * the API.
  */
 #include "server/metrics.h"
 
@@ -14,12 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gpu/gpu.h"
-#include "loader/residents/residents.h"
-#include "server/context.h"
-#include "server/jobs.h"
-#include "server/workers.h"
-#include "store/store.h"
+#include "loader/jobs/jobs.h"
 #include "util/timeutil.h"
 
 #define MAX_ROUTES 64
@@ -122,7 +119,7 @@ void metrics_http(mp_metrics *m, const char *route, int status, double seconds) 
 
 /* The stats of a registered type; NULL for unknown names. Called locked. */
 static type_stats *type_slot(mp_metrics *m, const char *type) {
-    const mp_job_type *jt = type ? jobs_type_find(type) : NULL;
+    const mp_job_type *jt = type ? job_type_find(type) : NULL;
     if (!jt) return NULL;
     for (int i = 0; i < m->ntypes; i++)
         if (m->types[i].name == jt->name) return &m->types[i];
@@ -232,7 +229,7 @@ void metrics_label_escape(sbuf *out, const char *s) {
     sb_append(out, run, (size_t)(s - run));
 }
 
-static void family(sbuf *out, const char *name, const char *type, const char *help) {
+void metrics_family(sbuf *out, const char *name, const char *type, const char *help) {
     sb_printf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
@@ -251,12 +248,12 @@ static void series(sbuf *out, const char *name, const char *const *kv, int n, co
     sb_puts(out, "}");
 }
 
-static void sample_u(sbuf *out, const char *name, const char *const *kv, int n, uint64_t v) {
+void metrics_sample_u(sbuf *out, const char *name, const char *const *kv, int n, uint64_t v) {
     series(out, name, kv, n, NULL);
     sb_printf(out, " %llu\n", (unsigned long long)v);
 }
 
-static void sample_f(sbuf *out, const char *name, const char *const *kv, int n, double v) {
+void metrics_sample_f(sbuf *out, const char *name, const char *const *kv, int n, double v) {
     series(out, name, kv, n, NULL);
     sb_printf(out, " %.17g\n", v);
 }
@@ -275,211 +272,65 @@ static void render_histo(sbuf *out, const char *name, const char *const *kv, int
     series(out, key, kv, n, "le=\"+Inf\"");
     sb_printf(out, " %llu\n", (unsigned long long)h->count);
     snprintf(key, sizeof key, "%s_sum", name);
-    sample_f(out, key, kv, n, h->sum);
+    metrics_sample_f(out, key, kv, n, h->sum);
     snprintf(key, sizeof key, "%s_count", name);
-    sample_u(out, key, kv, n, h->count);
+    metrics_sample_u(out, key, kv, n, h->count);
 }
 
-/* Jobs in the store: every registered type x state is rendered (0 where
- * the store has none) so that series do not appear and vanish; rows of
- * types no longer registered are rendered as they come. */
-typedef struct job_counts {
-    const mp_job_type *const *types;
-    int64_t counts[MAX_TYPES][N_STATES];
-    sbuf *extra;
-} job_counts;
-
-static void on_count(void *arg, const char *type, const char *state, int64_t n) {
-    job_counts *c = arg;
-    for (int i = 0; c->types[i] && i < MAX_TYPES; i++) {
-        if (strcmp(c->types[i]->name, type) != 0) continue;
-        for (int s = 0; s < N_STATES; s++) {
-            if (strcmp(STATES[s], state) == 0) {
-                c->counts[i][s] += n;
-                return;
-            }
-        }
-    }
-    const char *kv[] = {"type", type, "state", state};
-    sample_u(c->extra, "modelprep_jobs", kv, 2, n > 0 ? (uint64_t)n : 0);
-}
-
-static void render_jobs(mp_server *srv, sbuf *out) {
-    family(out, "modelprep_jobs", "gauge", "Jobs in the store by type and state.");
-    sbuf extra = {0};
-    job_counts c = {.types = jobs_types(), .extra = &extra};
-    if (srv->store) store_job_counts(srv->store, on_count, &c);
-    for (int i = 0; c.types[i] && i < MAX_TYPES; i++) {
-        for (int s = 0; s < N_STATES; s++) {
-            const char *kv[] = {"type", c.types[i]->name, "state", STATES[s]};
-            sample_u(out, "modelprep_jobs", kv, 2,
-                     c.counts[i][s] > 0 ? (uint64_t)c.counts[i][s] : 0);
-        }
-    }
-    if (extra.oom)
-        out->oom = true;
-    else if (extra.len)
-        sb_append(out, extra.buf, extra.len);
-    sb_free(&extra);
-}
-
-static void render_process(mp_server *srv, sbuf *out) {
-    family(out, "modelprep_build_info", "gauge", "Version and git revision of this build.");
-    const char *kv[] = {"version", MP_VERSION, "git", MP_GIT};
-    sample_u(out, "modelprep_build_info", kv, 2, 1);
-    family(out, "modelprep_process_start_time_seconds", "gauge",
-           "Start time of the process since the Unix epoch.");
-    sample_f(out, "modelprep_process_start_time_seconds", NULL, 0, srv->metrics->start_time);
-}
-
-static void render_counters(mp_metrics *m, sbuf *out) {
-    const mp_job_type *const *types = jobs_types();
+void metrics_render_counters(mp_metrics *m, sbuf *out) {
+    const mp_job_type *const *types = job_types_all();
     pthread_mutex_lock(&m->mu);
     /* Registered types that have not finished a job yet still get their
      * (zero) series. */
     for (int i = 0; types[i]; i++)
         type_slot(m, types[i]->name);
 
-    family(out, "modelprep_jobs_finished_total", "counter",
-           "Jobs that reached a final state since the process started.");
+    metrics_family(out, "modelprep_jobs_finished_total", "counter",
+                   "Jobs that reached a final state since the process started.");
     for (int i = 0; i < m->ntypes; i++)
         for (int s = FIRST_FINAL; s < N_STATES; s++) {
             const char *kv[] = {"type", m->types[i].name, "state", STATES[s]};
-            sample_u(out, "modelprep_jobs_finished_total", kv, 2, m->types[i].finished[s]);
+            metrics_sample_u(out, "modelprep_jobs_finished_total", kv, 2, m->types[i].finished[s]);
         }
-    family(out, "modelprep_job_duration_seconds", "histogram",
-           "Run time of finished jobs by type.");
+    metrics_family(out, "modelprep_job_duration_seconds", "histogram",
+                   "Run time of finished jobs by type.");
     for (int i = 0; i < m->ntypes; i++) {
         const char *kv[] = {"type", m->types[i].name};
         render_histo(out, "modelprep_job_duration_seconds", kv, 1, &m->types[i].duration,
                      JOB_BUCKETS);
     }
-    family(out, "modelprep_http_requests_total", "counter",
-           "HTTP requests by route and status code.");
+    metrics_family(out, "modelprep_http_requests_total", "counter",
+                   "HTTP requests by route and status code.");
     for (int i = 0; i < m->nroutes; i++)
         for (int k = 0; k < m->routes[i].nstatus; k++) {
             char code[16];
             snprintf(code, sizeof code, "%d", m->routes[i].statuses[k]);
             const char *kv[] = {"route", m->routes[i].name, "status", code};
-            sample_u(out, "modelprep_http_requests_total", kv, 2, m->routes[i].counts[k]);
+            metrics_sample_u(out, "modelprep_http_requests_total", kv, 2, m->routes[i].counts[k]);
         }
-    family(out, "modelprep_http_request_duration_seconds", "histogram",
-           "HTTP request latency by route (event streams: their whole life).");
+    metrics_family(out, "modelprep_http_request_duration_seconds", "histogram",
+                   "HTTP request latency by route (event streams: their whole life).");
     for (int i = 0; i < m->nroutes; i++) {
         const char *kv[] = {"route", m->routes[i].name};
         render_histo(out, "modelprep_http_request_duration_seconds", kv, 1, &m->routes[i].latency,
                      HTTP_BUCKETS);
     }
-    family(out, "modelprep_downloaded_bytes_total", "counter", "Bytes fetched from the hub.");
-    sample_u(out, "modelprep_downloaded_bytes_total", NULL, 0, m->bytes_downloaded);
-    family(out, "modelprep_read_bytes_total", "counter", "Weight bytes read from disk by jobs.");
-    sample_u(out, "modelprep_read_bytes_total", NULL, 0, m->bytes_read);
-    family(out, "modelprep_copied_bytes_total", "counter",
-           "Weight bytes copied onto devices by warm loads.");
-    sample_u(out, "modelprep_copied_bytes_total", NULL, 0, m->bytes_copied);
-    family(out, "modelprep_load_throughput_bytes_per_second", "gauge",
-           "Throughput of the last finished warm load.");
-    sample_f(out, "modelprep_load_throughput_bytes_per_second", NULL, 0, m->load_throughput);
+    metrics_family(out, "modelprep_downloaded_bytes_total", "counter",
+                   "Bytes fetched from the hub.");
+    metrics_sample_u(out, "modelprep_downloaded_bytes_total", NULL, 0, m->bytes_downloaded);
+    metrics_family(out, "modelprep_read_bytes_total", "counter",
+                   "Weight bytes read from disk by jobs.");
+    metrics_sample_u(out, "modelprep_read_bytes_total", NULL, 0, m->bytes_read);
+    metrics_family(out, "modelprep_copied_bytes_total", "counter",
+                   "Weight bytes copied onto devices by warm loads.");
+    metrics_sample_u(out, "modelprep_copied_bytes_total", NULL, 0, m->bytes_copied);
+    metrics_family(out, "modelprep_load_throughput_bytes_per_second", "gauge",
+                   "Throughput of the last finished warm load.");
+    metrics_sample_f(out, "modelprep_load_throughput_bytes_per_second", NULL, 0,
+                     m->load_throughput);
     pthread_mutex_unlock(&m->mu);
 }
 
-static void render_workers(mp_server *srv, sbuf *out) {
-    int n = srv->workers ? workers_count(srv->workers) : 0;
-    int busy = srv->workers ? workers_busy(srv->workers) : 0;
-    if (busy > n) busy = n;
-    family(out, "modelprep_workers", "gauge", "Worker threads by state.");
-    const char *kb[] = {"state", "busy"}, *ki[] = {"state", "idle"};
-    sample_u(out, "modelprep_workers", kb, 1, (uint64_t)busy);
-    sample_u(out, "modelprep_workers", ki, 1, (uint64_t)(n - busy));
-    family(out, "modelprep_store_size_bytes", "gauge", "Size of the SQLite store, WAL included.");
-    int64_t sz = srv->store ? store_size_bytes(srv->store) : 0;
-    sample_u(out, "modelprep_store_size_bytes", NULL, 0, sz > 0 ? (uint64_t)sz : 0);
-}
-
-static void render_devices(mp_server *srv, sbuf *out) {
-    static const char *const NAMES[3] = {"modelprep_device_memory_total_bytes",
-                                         "modelprep_device_memory_free_bytes",
-                                         "modelprep_device_memory_resident_bytes"};
-    static const char *const HELP[3] = {"Memory of each device.", "Free memory of each device.",
-                                        "Device memory held by resident weights."};
-    int n = srv->gpus ? gpu_set_count(srv->gpus) : 0;
-    gpu_device_info *infos = n > 0 ? calloc((size_t)n, sizeof *infos) : NULL;
-    bool *ok = n > 0 ? calloc((size_t)n, sizeof *ok) : NULL;
-    if (n > 0 && (!infos || !ok)) {
-        out->oom = true;
-        free(infos);
-        free(ok);
-        return;
-    }
-    for (int i = 0; i < n; i++) {
-        mp_error err;
-        ok[i] = gpu_device_info_get(srv->gpus, i, &infos[i], &err) == 0;
-    }
-    for (int k = 0; k < 3; k++) {
-        family(out, NAMES[k], "gauge", HELP[k]);
-        for (int i = 0; i < n; i++) {
-            if (!ok[i]) continue;
-            char idx[16];
-            snprintf(idx, sizeof idx, "%d", i);
-            const char *kv[] = {"device", idx,
-                                "kind",   infos[i].kind == GPU_KIND_CUDA ? "cuda" : "host",
-                                "name",   infos[i].name};
-            uint64_t v = k == 0   ? infos[i].total_bytes
-                         : k == 1 ? infos[i].free_bytes
-                                  : infos[i].resident_bytes;
-            sample_u(out, NAMES[k], kv, 3, v);
-        }
-    }
-    free(infos);
-    free(ok);
-}
-
-/* Residents summed per model: two residents of one model are one series. */
-typedef struct res_sum {
-    char *models[MAX_RESIDENT_MODELS];
-    uint64_t bytes[MAX_RESIDENT_MODELS];
-    int n, count;
-    bool oom;
-} res_sum;
-
-static void on_resident(void *arg, const char *model, uint64_t bytes) {
-    res_sum *r = arg;
-    r->count++;
-    for (int i = 0; i < r->n; i++) {
-        if (strcmp(r->models[i], model) == 0) {
-            r->bytes[i] += bytes;
-            return;
-        }
-    }
-    if (r->n >= MAX_RESIDENT_MODELS) return;
-    char *copy = strdup(model);
-    if (!copy) {
-        r->oom = true;
-        return;
-    }
-    r->models[r->n] = copy;
-    r->bytes[r->n++] = bytes;
-}
-
-static void render_residents(mp_server *srv, sbuf *out) {
-    res_sum r = {0};
-    if (srv->residents) res_each_bytes(srv->residents, on_resident, &r);
-    family(out, "modelprep_residents", "gauge", "Live residents (warm-loaded weight sets).");
-    sample_u(out, "modelprep_residents", NULL, 0, (uint64_t)r.count);
-    family(out, "modelprep_resident_bytes", "gauge", "Bytes held by live residents, by model.");
-    for (int i = 0; i < r.n; i++) {
-        const char *kv[] = {"model", r.models[i]};
-        sample_u(out, "modelprep_resident_bytes", kv, 1, r.bytes[i]);
-        free(r.models[i]);
-    }
-    if (r.oom) out->oom = true;
-}
-
-void metrics_render(mp_server *srv, sbuf *out) {
-    render_process(srv, out);
-    render_jobs(srv, out);
-    render_counters(srv->metrics, out);
-    render_workers(srv, out);
-    render_devices(srv, out);
-    render_residents(srv, out);
+double metrics_start_time(mp_metrics *m) {
+    return m->start_time;
 }

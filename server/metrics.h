@@ -3,7 +3,8 @@
  * (Prometheus text exposition format 0.0.4). Writers take a short mutex;
  * rendering walks everything once. Gauges that other modules already know
  * (jobs in the store, device memory, residents, workers, store size) are
- * read from them at render time rather than mirrored here.
+ * read from them at render time by handlers/metrics.c rather than mirrored
+ * here: this module sits below everything that reports to it.
  *
  * Every metric is named modelprep_<what>_<base unit> (_total for counters),
  * and every label value is escaped (metrics_label_escape), because some of
@@ -16,7 +17,6 @@
 
 #include "util/sbuf.h"
 
-struct mp_server;
 typedef struct mp_metrics mp_metrics;
 
 mp_metrics *metrics_new(void);
@@ -42,7 +42,14 @@ void metrics_load_throughput(mp_metrics *m, double bytes_per_s);
 /* Appends s escaped as a label value (backslash, double quote, newline),
  * without the quotes. */
 void metrics_label_escape(sbuf *out, const char *s);
-/* Prometheus text exposition of everything, including store/device/resident
- * gauges. Any of srv->store, gpus, residents, workers may be NULL. */
-void metrics_render(struct mp_server *srv, sbuf *out);
+/* Exposition of this module's counters and histograms. */
+void metrics_render_counters(mp_metrics *m, sbuf *out);
+/* Process start time (seconds since the epoch), for its gauge. */
+double metrics_start_time(mp_metrics *m);
+
+/* Exposition helpers for gauges rendered elsewhere. kv holds n key/value
+ * label pairs; values are escaped. */
+void metrics_family(sbuf *out, const char *name, const char *type, const char *help);
+void metrics_sample_u(sbuf *out, const char *name, const char *const *kv, int n, uint64_t v);
+void metrics_sample_f(sbuf *out, const char *name, const char *const *kv, int n, double v);
 #endif

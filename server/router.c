@@ -2,6 +2,7 @@
  * a segment compare is cheaper than anything clever. */
 #include "server/router.h"
 
+#include <stdio.h>
 #include <string.h>
 
 /* Matches one pattern; on success fills params from buf. */
@@ -34,12 +35,12 @@ static int match_one(const char *pattern, const char *path, const char **params,
     return 1;
 }
 
-route_match router_match(const char *method, const char *path, const route **out,
-                         const char **params, int *nparams, char *buf, size_t buflen, char *allow,
-                         size_t allowlen) {
+route_match router_match(const route *table, const char *method, const char *path,
+                         const route **out, const char **params, int *nparams, char *buf,
+                         size_t buflen, char *allow, size_t allowlen) {
     int path_seen = 0;
     allow[0] = 0;
-    for (const route *r = mp_routes; r->method; r++) {
+    for (const route *r = table; r->method; r++) {
         if (!match_one(r->pattern, path, params, nparams, buf, buflen)) continue;
         if (strcmp(r->method, method) == 0) {
             *out = r;

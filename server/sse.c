@@ -180,7 +180,14 @@ struct MHD_Response *sse_job_stream(mp_server *srv, struct MHD_Connection *conn,
     /* Take the hub position before reading history: an event published in
      * between is sent twice rather than lost. */
     s->after = events_last_id(srv->events);
-    store_event_each(srv->store, job_id, replay_row, s);
+    if (store_event_each(srv->store, job_id, replay_row, s) != 0) {
+        /* Say so in the stream rather than let a client believe the
+         * history it got is complete. */
+        mp_log(&srv->log, "error", job_id, "sse: cannot replay the job's history");
+        append_event(s, 0, "error",
+                     "{\"code\":\"store_unavailable\",\"message\":\"the job's history could "
+                     "not be read; live events follow\"}");
+    }
     return stream_response(s);
 }
 

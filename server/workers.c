@@ -13,7 +13,8 @@
 #include <string.h>
 
 #include "loader/models/model_ref.h"
-#include "server/jobs.h"
+#include "loader/jobs/jobs.h"
+#include "server/publish.h"
 #include "server/metrics.h"
 #include "store/store.h"
 #include "util/timeutil.h"
@@ -34,6 +35,7 @@ struct mp_task {
     char message[256];
     double t_start, last_publish, last_persist, rate_t, rate;
     uint64_t rate_done;
+    int checkpoint_failures; /* surfaced in the result: see task_checkpoint */
     /* outcome */
     int outcome; /* 0 none, 1 succeeded, -1 failed */
     json_t *result;
@@ -98,9 +100,13 @@ void task_progress(mp_task *t, uint64_t done, uint64_t total, const char *unit,
     json_object_set_new(p, "id", json_string(t->info.id));
     if (persist) {
         t->last_persist = now;
-        store_job_update(t->srv->store, t->info.id, t->doc, "progress", p, NULL);
+        mp_error err = {0};
+        /* Progress is advisory: the live event still goes out, and the next
+         * persist (or the final state) overwrites it. */
+        if (store_job_update(t->srv->store, t->info.id, t->doc, "progress", p, &err) != 0)
+            mp_log(&t->srv->log, "warn", t->info.id, "cannot persist progress: %s", err.message);
     }
-    jobs_publish(t->srv, t->info.id, "progress", p, false);
+    publish_job_event(t->srv, t->info.id, "progress", p, false);
     json_decref(p);
 }
 
@@ -114,13 +120,47 @@ void task_log(mp_task *t, const char *level, const char *fmt, ...) {
     mp_log(&t->srv->log, level, t->info.id, "%s", msg);
     json_t *ev =
         json_pack("{s:s,s:s,s:s,s:s}", "id", t->info.id, "level", level, "message", msg, "at", now);
-    if (ev) jobs_publish(t->srv, t->info.id, "log", ev, true);
+    if (ev) publish_job_event(t->srv, t->info.id, "log", ev, true);
     json_decref(ev);
 }
 
-void task_checkpoint(mp_task *t, json_t *state) {
-    store_job_set_checkpoint(t->srv->store, t->info.id, state);
+int task_checkpoint(mp_task *t, json_t *state) {
+    int rc = store_job_set_checkpoint(t->srv->store, t->info.id, state);
     json_decref(state);
+    if (rc != 0) {
+        /* Not fatal for the run, but a restart would redo the work since the
+         * last good checkpoint: say so in the job's history and the log. */
+        t->checkpoint_failures++;
+        task_log(t, "warn",
+                 "could not save a resume checkpoint (%d so far); a restart would "
+                 "repeat work",
+                 t->checkpoint_failures);
+        return -1;
+    }
+    return 0;
+}
+
+json_t *task_hashes_get(mp_task *t) {
+    json_t *h = store_hashes_get(t->srv->store, t->info.model, t->info.revision);
+    if (!h) mp_log(&t->srv->log, "error", t->info.id, "cannot read the recorded hashes");
+    return h;
+}
+
+int task_hash_put(mp_task *t, const char *name, int64_t size, const char *sha256) {
+    if (store_hash_put(t->srv->store, t->info.model, t->info.revision, name, size, sha256) != 0) {
+        mp_log(&t->srv->log, "error", t->info.id, "cannot record the hash of %s", name);
+        return -1;
+    }
+    return 0;
+}
+
+int task_inspection_put(mp_task *t, json_t *result) {
+    if (store_inspection_put(t->srv->store, t->info.model, t->info.revision, t->info.id, result) !=
+        0) {
+        mp_log(&t->srv->log, "error", t->info.id, "cannot keep the inspection");
+        return -1;
+    }
+    return 0;
 }
 
 int task_succeed(mp_task *t, json_t *result) {
@@ -159,6 +199,9 @@ static void finish(mp_task *t, const char *now) {
     bool requeue = false;
     if (t->outcome == 1) {
         state = "succeeded";
+        if (t->checkpoint_failures && json_is_object(t->result))
+            json_object_set_new(t->result, "checkpoint_failures",
+                                json_integer(t->checkpoint_failures));
         json_object_set_new(doc, "result", t->result);
         json_object_set_new(doc, "error", json_null());
         t->result = NULL;
@@ -200,11 +243,11 @@ static void finish(mp_task *t, const char *now) {
             /* The history keeps the final progress, so a stream opened after
              * the end still shows where the job got to. */
             json_object_set_new(p, "id", json_string(t->info.id));
-            jobs_publish(srv, t->info.id, "progress", p, true);
+            publish_job_event(srv, t->info.id, "progress", p, true);
             json_decref(p);
         }
     }
-    jobs_publish_state(srv, doc);
+    publish_job_state(srv, doc);
     if (srv->metrics && !requeue)
         metrics_job_done(srv->metrics, t->type->name, state, time_mono() - t->t_start,
                          json_object_get(doc, "result"));
@@ -224,7 +267,7 @@ static void run_one(worker_pool *p, int slot, json_t *doc, json_t *checkpoint) {
     t->srv = srv;
     t->doc = doc;
     const char *type = json_string_value(json_object_get(doc, "type"));
-    t->type = type ? jobs_type_find(type) : NULL;
+    t->type = type ? job_type_find(type) : NULL;
     t->info.id = json_string_value(json_object_get(doc, "id"));
     t->info.type = type;
     t->info.model = json_string_value(json_object_get(doc, "model"));
@@ -306,8 +349,8 @@ static void *worker_main(void *arg) {
         json_t *checkpoint = NULL;
         json_t *doc = store_job_claim(p->srv->store, now, &checkpoint);
         if (doc) {
-            jobs_publish(p->srv, json_string_value(json_object_get(doc, "id")), "state", doc,
-                         false);
+            publish_job_event(p->srv, json_string_value(json_object_get(doc, "id")), "state", doc,
+                              false);
             run_one(p, slot, doc, checkpoint);
             continue;
         }

@@ -10,10 +10,11 @@ json_t *store_hashes_get(store *s, const char *model, const char *revision) {
     json_t *out = json_object();
     store_conn *c = store_acquire(s);
     sqlite3_stmt *st = store_stmt(c, Q_HASH_GET);
-    if (st) {
+    int rc = SQLITE_ERROR;
+    if (st && out) {
         sqlite3_bind_text(st, 1, model, -1, SQLITE_STATIC);
         sqlite3_bind_text(st, 2, revision, -1, SQLITE_STATIC);
-        while (sqlite3_step(st) == SQLITE_ROW)
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW)
             json_object_set_new(out, TEXT(st, 0),
                                 json_pack("{s:I,s:s}", "size",
                                           (json_int_t)sqlite3_column_int64(st, 1), "sha256",
@@ -21,6 +22,11 @@ json_t *store_hashes_get(store *s, const char *model, const char *revision) {
         sqlite3_reset(st);
     }
     store_release(s, c);
+    /* A partial answer would make verify record files as new: none at all. */
+    if (rc != SQLITE_DONE) {
+        json_decref(out);
+        return NULL;
+    }
     return out;
 }
 

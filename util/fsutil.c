@@ -29,14 +29,17 @@ int fs_mkdirs(const char *path, mp_error *err) {
     return 0;
 }
 
-int fs_sync_parent(const char *path) {
+int fs_sync_parent(const char *path, mp_error *err) {
     char buf[PATH_MAX];
     snprintf(buf, sizeof buf, "%s", path);
     int fd = open(dirname(buf), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    int rc = fsync(fd);
+    if (fd < 0 || fsync(fd) != 0) {
+        int e = errno;
+        if (fd >= 0) close(fd);
+        return mp_err(err, "io_error", "fsync of the directory of %s: %s", path, strerror(e));
+    }
     close(fd);
-    return rc;
+    return 0;
 }
 
 int fs_write_atomic(const char *path, const void *data, size_t len, mp_error *err) {
@@ -68,8 +71,7 @@ int fs_write_atomic(const char *path, const void *data, size_t len, mp_error *er
         unlink(tmp);
         return mp_err(err, "io_error", "rename %s: %s", path, strerror(e));
     }
-    fs_sync_parent(path);
-    return 0;
+    return fs_sync_parent(path, err);
 }
 
 int fs_read_all(const char *path, size_t max, char **out, size_t *len, mp_error *err) {

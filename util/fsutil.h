@@ -6,18 +6,20 @@
 #include <stdint.h>
 #include "util/error.h"
 /* mkdir -p with mode 0755; 0 on success (existing dirs are fine). */
-int fs_mkdirs(const char *path, mp_error *err);
+MP_MUST_USE int fs_mkdirs(const char *path, mp_error *err);
 /* Writes data to path via "<path>.tmp.<pid>", fsync, rename, fsync(dir). */
-int fs_write_atomic(const char *path, const void *data, size_t len, mp_error *err);
-/* fsync the directory containing path so a rename in it is durable. */
-int fs_sync_parent(const char *path);
+MP_MUST_USE int fs_write_atomic(const char *path, const void *data, size_t len, mp_error *err);
+/* fsync the directory containing path so a rename in it is durable; a
+ * failure means the publication may not survive a crash ("io_error"). */
+MP_MUST_USE int fs_sync_parent(const char *path, mp_error *err);
 /* Reads a whole (small) file; *out is NUL-terminated and owned by the caller.
  * Files over max bytes are refused with "too_large". */
-int fs_read_all(const char *path, size_t max, char **out, size_t *len, mp_error *err);
+MP_MUST_USE int fs_read_all(const char *path, size_t max, char **out, size_t *len, mp_error *err);
 /* sha256 of a file as 64 lowercase hex chars + NUL in hex (>= 65 bytes).
  * progress (may be NULL) is called with bytes hashed so far; returning
  * non-zero from it stops the hash with "cancelled". */
 typedef int (*fs_progress_fn)(void *arg, uint64_t bytes);
-int fs_sha256_file(const char *path, char *hex, fs_progress_fn progress, void *arg, mp_error *err);
+MP_MUST_USE int fs_sha256_file(const char *path, char *hex, fs_progress_fn progress, void *arg,
+                               mp_error *err);
 void fs_hex(const unsigned char *bytes, size_t n, char *out);
 #endif

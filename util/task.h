@@ -2,7 +2,8 @@
  * task.h - the contract between the worker pool (server/) and a job's run
  * function (loader/). A run function sees only this: what it was asked to do,
  * where things live, and how to report progress, check for cancellation, save
- * a resume checkpoint and end. It never sees HTTP or SQL.
+ * a resume checkpoint, keep the few records a job leaves beyond its result,
+ * and end. It never sees HTTP, SQL or the store.
  *
  * A run function returns 0 after task_succeed() or -1 after task_fail().
  * Returning without calling either is a bug the pool turns into a failed job
@@ -16,10 +17,8 @@
 #include <stdint.h>
 
 typedef struct mp_task mp_task;
-struct store;
 struct gpu_set;
 struct resident_set;
-struct event_hub;
 
 /* Everything a run function may need to know about where it runs. Owned by
  * the pool; valid for the duration of the run call. */
@@ -29,10 +28,8 @@ typedef struct mp_task_env {
     const char *hub_endpoint;       /* --hub-endpoint / HF_ENDPOINT / default */
     const char *hf_token;           /* HF_TOKEN or NULL */
     const char *const *model_roots; /* NULL-terminated, each realpath'd */
-    struct store *store;
     struct gpu_set *gpus;
     struct resident_set *residents;
-    struct event_hub *events;
 } mp_task_env;
 
 typedef struct mp_task_info {
@@ -71,8 +68,23 @@ bool task_cancelled(mp_task *t);
 bool task_draining(mp_task *t);
 
 /* Persist resume state (steals the reference). A later run after a crash or
- * a drain gets it back in task_info()->checkpoint. */
-void task_checkpoint(mp_task *t, json_t *state);
+ * a drain gets it back in task_info()->checkpoint. Returns 0, or -1 when it
+ * could not be saved: the pool has then logged it, put a warning in the
+ * job's history and counts it in the result ("checkpoint_failures"); the
+ * caller decides whether the run can go on (a drain cannot rely on it). */
+__attribute__((warn_unused_result)) int task_checkpoint(mp_task *t, json_t *state);
+
+/* Records: the durable facts a job keeps beyond its own result, always
+ * about the job's model@revision. This is all of the store a run function
+ * gets (see ARCHITECTURE.md).
+ * task_hashes_get: the file hashes recorded by earlier verify runs, as
+ * {name: {"size", "sha256"}} (an empty object when none); NULL when the
+ * store could not be read (the pool has logged it). */
+json_t *task_hashes_get(mp_task *t);
+__attribute__((warn_unused_result)) int task_hash_put(mp_task *t, const char *name, int64_t size,
+                                                      const char *sha256);
+/* Keeps an inspect result (borrowed) for GET /v1/models/{org}/{name}. */
+__attribute__((warn_unused_result)) int task_inspection_put(mp_task *t, json_t *result);
 
 /* End the job. task_succeed steals `result`. task_fail always returns -1 so
  * a run function can `return task_fail(t, "code", "...")`. */

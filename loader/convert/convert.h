@@ -99,10 +99,4 @@ bool conv_default_name(const char *model, const char *revision, bool is_hub, cha
 int conv_confine_output(const char *path, const char *const *roots, const char *forbid,
                         const char *model_dir, char **out, mp_error *err);
 
-/* The job's "output" param confined as above, with the model roots and the
- * data dir as roots and the hub cache forbidden (convert and shard share
- * this rule). Errors name field "params.output". */
-struct mp_task_info;
-int conv_output_param(const struct mp_task_info *in, const char *param, char **out, mp_error *err);
-
 #endif

@@ -12,7 +12,6 @@
 #include <sys/stat.h>
 
 #include "loader/convert/convert.h"
-#include "util/task.h"
 #include "util/tensor/half.h"
 
 static bool ends_with(const char *s, const char *suf) {
@@ -343,35 +342,4 @@ int conv_confine_output(const char *path, const char *const *roots, const char *
     *out = strdup(resolved);
     if (!*out) return mp_err(err, "no_memory", "out of memory");
     return 0;
-}
-
-/* Model roots plus the data dir, each realpath'd (NULL-terminated, owned). */
-static char **output_roots(const mp_task_env *env) {
-    size_t n = 0;
-    while (env->model_roots && env->model_roots[n])
-        n++;
-    char **r = calloc(n + 2, sizeof *r);
-    if (!r) return NULL;
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++)
-        if ((r[k] = strdup(env->model_roots[i]))) k++;
-    if (env->data_dir && (r[k] = realpath(env->data_dir, NULL))) k++;
-    return r;
-}
-
-int conv_output_param(const mp_task_info *in, const char *param, char **out, mp_error *err) {
-    *out = NULL;
-    char **roots = output_roots(in->env);
-    if (!roots) return mp_err(err, "no_memory", "out of memory");
-    /* The hub cache may not exist yet: then its configured path is what an
-     * output must stay out of. */
-    char *hub = in->env->hub_cache ? realpath(in->env->hub_cache, NULL) : NULL;
-    if (!hub && in->env->hub_cache) hub = strdup(in->env->hub_cache);
-    int rc = conv_confine_output(param, (const char *const *)roots, hub, in->model_path, out, err);
-    free(hub);
-    for (size_t i = 0; roots[i]; i++)
-        free(roots[i]);
-    free(roots);
-    if (rc != 0 && err && !err->field[0]) snprintf(err->field, sizeof err->field, "params.output");
-    return rc;
 }

@@ -916,13 +916,7 @@ int weights_read(const mp_weights *w, const mp_tensor *t, void *dst, mp_error *e
         return 0;
     }
     if (weights_pread(w->fds[t->file_index], dst, t->nbytes, t->data_offset + start, err) != 0) {
-        if (err) {
-            char msg[sizeof err->message + 600];
-            snprintf(msg, sizeof msg, "tensor '%s' in %s: %s", t->name, w->files[t->file_index],
-                     err->message);
-            snprintf(err->message, sizeof err->message, "%.*s", (int)sizeof err->message - 1, msg);
-        }
-        return -1;
+        return mp_err_wrap(err, NULL, "tensor '%s' in %s", t->name, w->files[t->file_index]);
     }
     return 0;
 }

@@ -290,7 +290,7 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
     }
     if (strcmp(revision, l.commit) != 0 && hub_write_ref(repo_dir, revision, l.commit, err) != 0)
         goto out;
-    fs_sync_parent(snap);
+    if (fs_sync_parent(snap, err) != 0) goto out;
     *result = json_pack("{s:s,s:s,s:s,s:o,s:I,s:I,s:I,s:f}", "commit", l.commit, "revision",
                         revision, "path", snap, "files", files, "bytes_downloaded",
                         (json_int_t)stats.downloaded, "bytes_reused", (json_int_t)reused,

@@ -530,7 +530,7 @@ static int hashed(xfer *t, xfile *x, mp_error *err) {
     if (x->hash_ok) {
         if (rename(x->part, x->blob) != 0)
             return mp_err(err, "io_error", "rename %s: %s", x->blob, strerror(errno));
-        fs_sync_parent(x->blob);
+        if (fs_sync_parent(x->blob, err) != 0) return -1;
         unlink(x->ranges);
         close(x->fd);
         x->fd = -1;

@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 
 #include "loader/convert/convert.h"
+#include "loader/jobs/jobs_internal.h"
 #include "loader/formats/safetensors/safetensors.h"
 #include "loader/formats/safetensors/st_crypt.h" /* encryption_key_file (warm_load issue) */
 #include "util/fsutil.h"
@@ -25,7 +26,7 @@ static int resolve_output(const mp_task_info *in, char **out, mp_error *err) {
     const char *param = json_string_value(json_object_get(in->params, "output"));
     int rc = 0;
     if (param) {
-        rc = conv_output_param(in, param, out, err);
+        rc = job_output_param(in, param, out, err);
     } else {
         char name[NAME_MAX + 1];
         char base[PATH_MAX];

@@ -75,7 +75,14 @@ static int cb_progress(void *arg, uint64_t done, uint64_t total, const char *msg
 static void cb_checkpoint(void *arg, const char *commit, uint64_t done) {
     dl_ctx *c = arg;
     json_t *st = json_pack("{s:s,s:I}", "commit", commit, "bytes_done", (json_int_t)done);
-    if (st) task_checkpoint(c->t, st);
+    if (!st) {
+        task_log(c->t, "warn", "out of memory building a resume checkpoint");
+        return;
+    }
+    int saved = task_checkpoint(c->t, st);
+    /* Unsaved: task_checkpoint has logged and surfaced it. Resuming does not
+     * depend on it alone: the partial blobs on disk are found again by name. */
+    (void)saved;
 }
 
 static void cb_log(void *arg, const char *level, const char *msg) {

@@ -11,7 +11,6 @@
 #include <sys/stat.h>
 
 #include "loader/inspect/inspect.h"
-#include "store/store.h"
 #include "util/jobtype.h"
 
 static bool under(const char *path, const char *root) {
@@ -95,8 +94,8 @@ static int inspect_run(mp_task *t) {
     free(scales);
     if (rc != 0) return task_fail(t, err.code, "%s", err.message);
     task_progress(t, 1, 1, "files", "done");
-    if (store_inspection_put(in->env->store, in->model, in->revision, in->id, res) != 0)
-        task_log(t, "warn", "could not store the inspection");
+    if (task_inspection_put(t, res) != 0)
+        task_log(t, "warn", "the inspection could not be kept: GET /v1/models will not show it");
     return task_succeed(t, res);
 }
 

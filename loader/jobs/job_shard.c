@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "loader/convert/convert.h"
+#include "loader/jobs/jobs_internal.h"
 #include "loader/shard/shard.h"
 #include "loader/tp_rules/tp_rules.h"
 #include "util/fsutil.h"
@@ -45,7 +46,7 @@ static int tp_param(const mp_task_info *in) {
 static int resolve_output(const mp_task_info *in, bool make_default, char **out, mp_error *err) {
     *out = NULL;
     const char *param = json_string_value(json_object_get(in->params, "output"));
-    if (param) return conv_output_param(in, param, out, err);
+    if (param) return job_output_param(in, param, out, err);
     char name[NAME_MAX + 1], base[PATH_MAX];
     if (!conv_default_name(in->model, in->revision, in->is_hub_model, name, sizeof name - 16))
         return mp_err_field(err, "model", "bad_model", "no usable output name for %s", in->model);
@@ -105,7 +106,11 @@ static void cb_log(void *cb, const char *level, const char *msg) {
 }
 
 static void cb_checkpoint(void *cb, json_t *state) {
-    task_checkpoint(cb, state);
+    int saved = task_checkpoint(cb, state);
+    /* Unsaved: task_checkpoint has logged it, warned in the job's history and
+     * counts it in the result. The shard goes on; a restart would redo the
+     * parts written since the last saved checkpoint, which is safe. */
+    (void)saved;
 }
 
 static int shard_job_run(mp_task *t) {

@@ -15,7 +15,6 @@
 #include <unistd.h>
 
 #include "loader/models/cache.h"
-#include "store/store.h"
 #include "util/fsutil.h"
 #include "util/jobtype.h"
 
@@ -127,8 +126,13 @@ static int verify_run(mp_task *t) {
         return task_fail(t, "empty_model", "no files under %s", in->model_path);
     }
     qsort(l.v, l.n, sizeof *l.v, cmp_vfile);
-    struct store *st = in->env->store;
-    json_t *recorded = store_hashes_get(st, in->model, in->revision);
+    json_t *recorded = task_hashes_get(t);
+    if (!recorded) {
+        vlist_free(&l);
+        return task_fail(t, "store_unavailable",
+                         "the recorded hashes could not be read; try again, and see the server "
+                         "log if it persists");
+    }
     json_t *files = json_array();
     bool all_ok = true;
     int recorded_now = 0;
@@ -156,8 +160,7 @@ static int verify_run(mp_task *t) {
             ok = strcmp(expected, actual) == 0;
         } else {
             /* First sight of this file: record it; it verifies against itself. */
-            ok = store_hash_put(st, in->model, in->revision, l.v[i].rel, (int64_t)l.v[i].size,
-                                actual) == 0;
+            ok = task_hash_put(t, l.v[i].rel, (int64_t)l.v[i].size, actual) == 0;
             snprintf(expected, sizeof expected, "%s", actual);
             recorded_now++;
         }

@@ -10,7 +10,6 @@
 #include <sys/random.h>
 #include <unistd.h>
 
-#include "store/store.h"
 #include "util/fsutil.h"
 #include "util/timeutil.h"
 
@@ -27,7 +26,7 @@ typedef struct resident {
 struct resident_set {
     pthread_mutex_t mu;
     resident *head;
-    struct store *store;
+    res_records rec; /* all NULL when not recorded */
     gpu_set *gpus;
     res_change_fn on_change;
     void *on_change_arg;
@@ -51,11 +50,11 @@ static void res_unref(resident *r) {
     free(r);
 }
 
-resident_set *res_set_new(struct store *st, gpu_set *gpus, res_change_fn fn, void *arg) {
+resident_set *res_set_new(const res_records *records, gpu_set *gpus, res_change_fn fn, void *arg) {
     resident_set *s = calloc(1, sizeof *s);
     if (!s) return NULL;
     pthread_mutex_init(&s->mu, NULL);
-    s->store = st;
+    if (records) s->rec = *records;
     s->gpus = gpus;
     s->on_change = fn;
     s->on_change_arg = arg;
@@ -67,7 +66,7 @@ void res_set_free(resident_set *s) {
     resident *r = s->head;
     while (r) {
         resident *next = r->next;
-        if (s->store) store_resident_set_state(s->store, r->id, "gone");
+        if (s->rec.set_state) s->rec.set_state(s->rec.ctx, r->id, "gone");
         res_unref(r);
         r = next;
     }
@@ -148,8 +147,8 @@ int res_add(resident_set *s, res_spec *spec, char *id_out, mp_error *err) {
     memset(spec, 0, sizeof *spec);
     atomic_init(&r->refs, 1);
     json_t *doc = summary(r);
-    if (s->store && doc)
-        store_resident_put(s->store, r->id, r->spec.model, r->spec.revision, "resident", doc);
+    if (s->rec.put && doc)
+        s->rec.put(s->rec.ctx, r->id, r->spec.model, r->spec.revision, "resident", doc);
     json_decref(doc);
     pthread_mutex_lock(&s->mu);
     r->next = s->head;
@@ -182,16 +181,17 @@ int res_remove(resident_set *s, const char *id) {
     if (!r) return -1;
     char model[512];
     snprintf(model, sizeof model, "%s", r->spec.model);
-    if (s->store) store_resident_set_state(s->store, id, "unloaded");
+    if (s->rec.set_state) s->rec.set_state(s->rec.ctx, id, "unloaded");
     res_unref(r);
     notify(s, "removed", id, model);
     return 0;
 }
 
 json_t *res_list(resident_set *s) {
-    /* The store has every resident ever recorded, with its state; live ones
+    /* The records have every resident ever recorded, with its state; live ones
      * are refreshed from memory. */
-    json_t *all = s->store ? store_resident_list(s->store) : json_array();
+    json_t *all = s->rec.list ? s->rec.list(s->rec.ctx) : NULL;
+    if (!all) all = json_array();
     size_t i;
     json_t *it;
     json_array_foreach(all, i, it) {
@@ -208,7 +208,7 @@ json_t *res_list(resident_set *s) {
 
 json_t *res_get(resident_set *s, const char *id) {
     resident *r = acquire(s, id);
-    if (!r) return s->store ? store_resident_get(s->store, id) : NULL;
+    if (!r) return s->rec.get ? s->rec.get(s->rec.ctx, id) : NULL;
     json_t *doc = summary(r);
     if (doc) json_object_set_new(doc, "tensor_table", tensor_table(r));
     res_unref(r);

@@ -6,8 +6,8 @@
  *
  * A resident is reference counted: a digest or an export in progress keeps
  * its arenas alive even while an unload removes it from the set.
- * Residents are recorded in the store so that, after a restart, those of
- * the dead process are listed as "gone".
+ * Residents are recorded (by the server, in its store: see res_records) so
+ * that, after a restart, those of the dead process are listed as "gone".
  */
 #ifndef MP_LOADER_RESIDENTS_H
 #define MP_LOADER_RESIDENTS_H
@@ -18,8 +18,20 @@
 #include "util/tensor/tensor.h"
 #include "util/error.h"
 
-struct store;
 typedef struct resident_set resident_set;
+
+/* Where residents are recorded. The server backs it with its store; NULL
+ * (tests, tools) keeps residents in memory only. The recorder reports its
+ * own failures (a resident that could not be recorded still works; it is
+ * only missing from the list after a restart), hence no results here. */
+typedef struct res_records {
+    void *ctx;
+    void (*put)(void *ctx, const char *id, const char *model, const char *revision,
+                const char *state, json_t *doc);
+    void (*set_state)(void *ctx, const char *id, const char *state);
+    json_t *(*list)(void *ctx);                /* every recorded doc, with "state" */
+    json_t *(*get)(void *ctx, const char *id); /* NULL when unknown */
+} res_records;
 
 typedef struct res_tensor {
     char *name;     /* owned */
@@ -46,7 +58,8 @@ typedef struct res_spec {
  * add or remove; the server publishes it on the event hub. */
 typedef void (*res_change_fn)(void *arg, const char *event_json);
 
-resident_set *res_set_new(struct store *st, gpu_set *gpus, res_change_fn fn, void *arg);
+/* records is copied; may be NULL. */
+resident_set *res_set_new(const res_records *records, gpu_set *gpus, res_change_fn fn, void *arg);
 /* Frees every resident's arenas (process exit). */
 void res_set_free(resident_set *s);
 

@@ -460,11 +460,8 @@ static int write_part(shard_ctx *c, size_t pi, mp_error *err) {
             const mp_tensor *t = &c->w->tensors[tg->pieces[q]];
             if (c->o->progress) c->o->progress(c->o->cb, c->done, c->total, t->name);
             if (stream_piece(c, t, err) != 0) {
-                if (strcmp(err->code, "cancelled") != 0 && !strstr(err->message, t->name)) {
-                    char m[sizeof err->message];
-                    snprintf(m, sizeof m, "%s: %s", t->name, err->message);
-                    snprintf(err->message, sizeof err->message, "%s", m);
-                }
+                if (strcmp(err->code, "cancelled") != 0 && !strstr(err->message, t->name))
+                    mp_err_wrap(err, NULL, "%s", t->name);
                 goto out;
             }
             c->done += t->nbytes;
@@ -516,9 +513,7 @@ static int verify_file(const shard_ctx *c, int rank, size_t pi, uint32_t want_cr
     part_path(c, rank, pi, path, sizeof path);
     mp_weights w = {0};
     if (st_open(path, &w, err) != 0) {
-        char m[sizeof err->message];
-        snprintf(m, sizeof m, "re-reading %s: %s", path, err->message);
-        return mp_err(err, "verify_failed", "%s", m);
+        return mp_err_wrap(err, "verify_failed", "re-reading %s", path);
     }
     const part_plan *p = &c->parts[pi];
     int rc = 0;
@@ -1033,10 +1028,13 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
         goto out;
     }
     made_tmp = false;
-    fs_sync_parent(o->output_dir);
     if (old) {
         rm_flat(old);
         free(old);
+    }
+    if (fs_sync_parent(o->output_dir, err) != 0) {
+        json_decref(ranks);
+        goto out;
     }
     char mpath[PATH_MAX];
     snprintf(mpath, sizeof mpath, "%s/%s", o->output_dir, SHARD_MANIFEST);

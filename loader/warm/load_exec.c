@@ -567,7 +567,7 @@ int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan, const
         if (!plan->arena_bytes[d]) continue;
         int a = gpu_arena_alloc(gpus, d, plan->arena_bytes[d], &arenas[d], err);
         if (a == GPU_NOMEM)
-            rc = mp_err(err, "insufficient_device_memory", "device %d: %s", d, err->message);
+            rc = mp_err_wrap(err, "insufficient_device_memory", "device %d", d);
         else if (a != 0)
             rc = -1;
     }
@@ -618,7 +618,7 @@ int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan, const
         int s =
             gpu_staging_alloc(gpus, c.slot_bytes * (uint64_t)c.nslots, (void **)&staging_mem, err);
         if (s == GPU_NOMEM)
-            rc = mp_err(err, "insufficient_host_memory", "%s", err->message);
+            rc = mp_err_wrap(err, "insufficient_host_memory", "pinned staging");
         else if (s != 0)
             rc = -1;
         else

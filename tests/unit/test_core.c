@@ -18,8 +18,10 @@
 
 #include "loader/models/model_ref.h"
 #include "server/http.h"
+#include "loader/jobs/jobs.h"
 #include "server/jobs.h"
 #include "server/params.h"
+#include "handlers/handlers.h"
 #include "server/router.h"
 #include "store/store.h"
 #include "util/assets.h"
@@ -38,25 +40,26 @@ static void test_router_match(void **state) {
     const char *params[HTTP_MAX_PARAMS];
     int np = 0;
     char buf[256], allow[64];
-    assert_int_equal(router_match("GET", "/v1/jobs/j_1/events", &r, params, &np, buf, sizeof buf,
-                                  allow, sizeof allow),
+    assert_int_equal(router_match(h_routes, "GET", "/v1/jobs/j_1/events", &r, params, &np, buf,
+                                  sizeof buf, allow, sizeof allow),
                      ROUTE_FOUND);
     assert_string_equal(r->pattern, "/v1/jobs/{id}/events");
     assert_int_equal(np, 1);
     assert_string_equal(params[0], "j_1");
-    assert_int_equal(
-        router_match("GET", "/v1/jobs/", &r, params, &np, buf, sizeof buf, allow, sizeof allow),
-        ROUTE_NO_PATH);
-    assert_int_equal(router_match("GET", "/v1/jobs/a/b/c", &r, params, &np, buf, sizeof buf, allow,
-                                  sizeof allow),
+    assert_int_equal(router_match(h_routes, "GET", "/v1/jobs/", &r, params, &np, buf, sizeof buf,
+                                  allow, sizeof allow),
                      ROUTE_NO_PATH);
-    assert_int_equal(
-        router_match("PATCH", "/v1/jobs", &r, params, &np, buf, sizeof buf, allow, sizeof allow),
-        ROUTE_NO_METHOD);
+    assert_int_equal(router_match(h_routes, "GET", "/v1/jobs/a/b/c", &r, params, &np, buf,
+                                  sizeof buf, allow, sizeof allow),
+                     ROUTE_NO_PATH);
+    assert_int_equal(router_match(h_routes, "PATCH", "/v1/jobs", &r, params, &np, buf, sizeof buf,
+                                  allow, sizeof allow),
+                     ROUTE_NO_METHOD);
     assert_non_null(strstr(allow, "POST"));
     assert_non_null(strstr(allow, "GET"));
-    assert_int_equal(router_match("GET", "", &r, params, &np, buf, sizeof buf, allow, sizeof allow),
-                     ROUTE_NO_PATH);
+    assert_int_equal(
+        router_match(h_routes, "GET", "", &r, params, &np, buf, sizeof buf, allow, sizeof allow),
+        ROUTE_NO_PATH);
     (void)dummy_handler;
 }
 
@@ -72,7 +75,7 @@ static void test_openapi_matches_routes(void **state) {
     json_t *paths = json_object_get(doc, "paths");
     assert_true(json_is_object(paths));
     int routed = 0;
-    for (const route *r = mp_routes; r->method; r++) {
+    for (const route *r = h_routes; r->method; r++) {
         char method[16];
         size_t i = 0;
         for (; r->method[i] && i < sizeof method - 1; i++)
@@ -93,7 +96,7 @@ static void test_openapi_matches_routes(void **state) {
             if (strcmp(method, "parameters") == 0) continue;
             documented++;
             bool found = false;
-            for (const route *r = mp_routes; r->method; r++)
+            for (const route *r = h_routes; r->method; r++)
                 if (strcasecmp(r->method, method) == 0 && strcmp(r->pattern, path) == 0)
                     found = true;
             if (!found) fail_msg("openapi.yaml documents %s %s, which is not routed", method, path);
@@ -107,13 +110,19 @@ static void test_openapi_matches_routes(void **state) {
  * with the same names, JSON types and enum values as its mp_param_spec. */
 static const char *kind_json_type(mp_param_kind k) {
     switch (k) {
-    case MP_P_STRING: return "string";
-    case MP_P_INT: return "integer";
-    case MP_P_NUMBER: return "number";
-    case MP_P_BOOL: return "boolean";
+    case MP_P_STRING:
+        return "string";
+    case MP_P_INT:
+        return "integer";
+    case MP_P_NUMBER:
+        return "number";
+    case MP_P_BOOL:
+        return "boolean";
     case MP_P_STRING_ARRAY:
-    case MP_P_INT_ARRAY: return "array";
-    case MP_P_OBJECT: return "object";
+    case MP_P_INT_ARRAY:
+        return "array";
+    case MP_P_OBJECT:
+        return "object";
     }
     return "?";
 }
@@ -124,7 +133,7 @@ static void test_openapi_job_params(void **state) {
     json_t *doc = json_loadb((const char *)a->data, a->size, 0, NULL);
     assert_non_null(doc);
     json_t *schemas = json_object_get(json_object_get(doc, "components"), "schemas");
-    for (const mp_job_type *const *jt = jobs_types(); *jt; jt++) {
+    for (const mp_job_type *const *jt = job_types_all(); *jt; jt++) {
         char name[64];
         snprintf(name, sizeof name, "Params_%s", (*jt)->name);
         json_t *props = json_object_get(json_object_get(schemas, name), "properties");
@@ -138,8 +147,8 @@ static void test_openapi_job_params(void **state) {
             if (!got || strcmp(got, want) != 0)
                 fail_msg("%s.%s: type %s, spec says %s", name, p->name, got ? got : "none", want);
             if (p->kind == MP_P_STRING_ARRAY || p->kind == MP_P_INT_ARRAY) {
-                const char *it = json_string_value(
-                    json_object_get(json_object_get(prop, "items"), "type"));
+                const char *it =
+                    json_string_value(json_object_get(json_object_get(prop, "items"), "type"));
                 assert_non_null(it);
                 assert_string_equal(it, p->kind == MP_P_INT_ARRAY ? "integer" : "string");
             }
@@ -151,16 +160,19 @@ static void test_openapi_job_params(void **state) {
                     bool found = false;
                     size_t i;
                     json_t *v;
-                    json_array_foreach(en, i, v) if (strcmp(json_string_value(v), *e) == 0) found = true;
+                    json_array_foreach(en, i, v) if (strcmp(json_string_value(v), *e) == 0) found =
+                        true;
                     if (!found) fail_msg("%s.%s: enum lacks %s", name, p->name, *e);
                 }
-                if (json_array_size(en) != n) fail_msg("%s.%s: enum has extra values", name, p->name);
+                if (json_array_size(en) != n)
+                    fail_msg("%s.%s: enum has extra values", name, p->name);
             } else if (en) {
                 fail_msg("%s.%s: documented enum, spec has none", name, p->name);
             }
         }
         if (json_object_size(props) != nspec)
-            fail_msg("%s documents %zu params, the spec has %zu", name, json_object_size(props), nspec);
+            fail_msg("%s documents %zu params, the spec has %zu", name, json_object_size(props),
+                     nspec);
     }
     json_decref(doc);
 }
@@ -179,7 +191,8 @@ static void test_problem_json(void **state) {
     assert_non_null(doc);
     assert_int_equal(json_integer_value(json_object_get(doc, "status")), 400);
     assert_string_equal(json_string_value(json_object_get(doc, "title")), "Bad Request");
-    assert_string_equal(json_string_value(json_object_get(doc, "detail")), "tp_size must be in 1..8");
+    assert_string_equal(json_string_value(json_object_get(doc, "detail")),
+                        "tp_size must be in 1..8");
     assert_non_null(strstr(json_string_value(json_object_get(doc, "type")), "400"));
     json_t *e0 = json_array_get(json_object_get(doc, "errors"), 0);
     assert_string_equal(json_string_value(json_object_get(e0, "field")), "params.tp_size");
@@ -450,11 +463,14 @@ static void test_store_jobs(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_router_match),     cmocka_unit_test(test_openapi_matches_routes),
+        cmocka_unit_test(test_router_match),
+        cmocka_unit_test(test_openapi_matches_routes),
         cmocka_unit_test(test_openapi_job_params),
         cmocka_unit_test(test_problem_json),
-        cmocka_unit_test(test_params),           cmocka_unit_test(test_model_ref),
-        cmocka_unit_test(test_sbuf_json_escape), cmocka_unit_test(test_store_jobs),
+        cmocka_unit_test(test_params),
+        cmocka_unit_test(test_model_ref),
+        cmocka_unit_test(test_sbuf_json_escape),
+        cmocka_unit_test(test_store_jobs),
     };
     return cmocka_run_group_tests_name("core", tests, NULL, NULL);
 }

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "handlers/handlers.h"
 #include "server/context.h"
 #include "server/metrics.h"
 #include "util/sbuf.h"
@@ -23,7 +24,7 @@ static char *render(mp_metrics *m) {
     memset(&srv, 0, sizeof srv);
     srv.metrics = m;
     sbuf out = {0};
-    metrics_render(&srv, &out);
+    h_metrics_render(&srv, &out);
     size_t len;
     char *text = sb_take(&out, &len);
     assert_non_null(text);

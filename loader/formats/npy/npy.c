@@ -233,12 +233,7 @@ static int npy_read_fd(const char *path, int fd, mp_tensor *t, mp_error *err) {
     if (rc == 0) rc = npy_parse_header(buf, need, t, err);
     free(buf);
     if (rc != 0) {
-        char msg[sizeof err->message + 600];
-        if (err) {
-            snprintf(msg, sizeof msg, "%s: %s", path, err->message);
-            snprintf(err->message, sizeof err->message, "%.*s", (int)sizeof err->message - 1, msg);
-        }
-        return -1;
+        return mp_err_wrap(err, NULL, "%s", path);
     }
     if (t->data_offset + t->nbytes > size)
         return mp_err(err, "truncated", "%s: %llu data bytes expected, %llu present", path,

@@ -318,7 +318,7 @@ int stc_writer_finish(stc_writer *w, mp_error *err) {
     if (rc == 0 && rename(w->enc_path, w->path) != 0)
         rc = mp_err(err, "io_error", "rename %s: %s", w->path, strerror(errno));
     if (rc == 0)
-        fs_sync_parent(w->path);
+        rc = fs_sync_parent(w->path, err);
     else
         unlink(w->enc_path);
     writer_free(w);

@@ -1,8 +1,8 @@
-/* jobtypes.c - the registry: every job type the server knows, by name. A
- * new type is one `extern` and one table entry here. */
-#include <string.h>
+/* registry.c - every job type the service knows, by name. A new type is its
+ * loader/jobs/job_<name>.c, one `extern` and one table entry here. */
+#include "loader/jobs/jobs.h"
 
-#include "server/jobs.h"
+#include <string.h>
 
 extern const mp_job_type mp_job_verify;
 extern const mp_job_type mp_job_download;
@@ -12,15 +12,15 @@ extern const mp_job_type mp_job_warm_load;
 extern const mp_job_type mp_job_shard;
 
 static const mp_job_type *const TYPES[] = {
-    &mp_job_download,
-    &mp_job_verify, &mp_job_convert, &mp_job_inspect, &mp_job_warm_load, &mp_job_shard, NULL,
+    &mp_job_download, &mp_job_verify, &mp_job_convert, &mp_job_inspect, &mp_job_warm_load,
+    &mp_job_shard,    NULL,
 };
 
-const mp_job_type *const *jobs_types(void) {
+const mp_job_type *const *job_types_all(void) {
     return TYPES;
 }
 
-const mp_job_type *jobs_type_find(const char *name) {
+const mp_job_type *job_type_find(const char *name) {
     for (int i = 0; TYPES[i]; i++)
         if (strcmp(TYPES[i]->name, name) == 0) return TYPES[i];
     return NULL;

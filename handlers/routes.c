@@ -1,9 +1,10 @@
-/* routes.c - the route table. openapi/openapi.yaml must list exactly these
- * paths and methods (tests/unit/test_openapi.c checks it). */
+/* routes.c - the route table: every resource the API serves and the handler
+ * behind it. openapi/openapi.yaml must list exactly these paths and methods
+ * (test_core's test_openapi_matches_routes checks it). */
 #include "handlers/handlers.h"
 #include "server/router.h"
 
-const route mp_routes[] = {
+const route h_routes[] = {
     {"GET", "/healthz", h_healthz, "healthz", 1},
     {"GET", "/readyz", h_readyz, "readyz", 1},
     {"GET", "/openapi.json", h_openapi, "openapi", 1},

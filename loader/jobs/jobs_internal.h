@@ -1,0 +1,17 @@
+/*
+ * jobs_internal.h - helpers shared by the job adapters of loader/jobs/ and
+ * private to them.
+ */
+#ifndef MP_LOADER_JOBS_INTERNAL_H
+#define MP_LOADER_JOBS_INTERNAL_H
+
+#include "util/error.h"
+#include "util/task.h"
+
+/* The job's "output" param (a path) confined as conv_confine_output does,
+ * with the model roots and the data dir as roots and the hub cache
+ * forbidden (convert and shard share this rule). *out is the resolved path
+ * (caller frees). Errors name field "params.output". */
+int job_output_param(const mp_task_info *in, const char *param, char **out, mp_error *err);
+
+#endif
