@@ -56,7 +56,7 @@ PY := $(VENV)/bin/python
 # Keep intermediate objects (tests, tools) so relinking needs no recompiling.
 .SECONDARY:
 
-.PHONY: all run test test-build unit integration pytest bench cuda fuzz deps clean format cuda-check
+.PHONY: all run test test-build layers unit integration pytest bench cuda fuzz deps clean format cuda-check
 all: $(REL)/modelprepd $(REL_TOOLS)
 
 deps:
@@ -138,6 +138,9 @@ test: deps
 	@$(MAKE) --no-print-directory test-build
 	@$(MAKE) --no-print-directory cuda-check
 	@BUILD=$(BUILD) bash scripts/run-tests.sh
+
+layers:
+	@python3 scripts/check_layers.py
 
 unit: test-build
 	@BUILD=$(BUILD) bash scripts/run-tests.sh unit

@@ -3,8 +3,7 @@
 #include <string.h>
 
 #include "handlers/handlers.h"
-#include "loader/models/cache.h"
-#include "loader/models/model_ref.h"
+#include "loader/models/models.h"
 #include "loader/residents/residents.h"
 #include "store/store.h"
 

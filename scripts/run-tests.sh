@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the suites of `make test`: cmocka unit tests, cmocka+libcurl
+# Runs the suites of `make test`: the layering check (scripts/check_layers.py),
+# cmocka unit tests, cmocka+libcurl
 # integration tests against the real (sanitized) modelprepd, the fuzz smoke
 # runs, and the pytest suite that cross-checks against the real producers
 # (torch, safetensors, gguf, huggingface_hub). Prints one closing line.
@@ -20,6 +21,11 @@ run_bin() {
   if "$b"; then pass=$((pass+1)); else fail=$((fail+1)); failed+=("$b"); fi
 }
 
+if [ "$what" = all ] || [ "$what" = layers ]; then
+  # The dependency rules of ARCHITECTURE.md: includes and module cycles.
+  echo "== layers"
+  if python3 scripts/check_layers.py; then pass=$((pass+1)); else fail=$((fail+1)); failed+=("layers"); fi
+fi
 if [ "$what" = all ] || [ "$what" = unit ]; then
   for b in "$BUILD"/asan/tests/unit/test_*; do [ -x "$b" ] && run_bin "$b"; done
 fi

@@ -9,7 +9,7 @@
 #include <string.h>
 #include <sys/random.h>
 
-#include "loader/models/model_ref.h"
+#include "loader/models/models.h"
 #include "loader/jobs/jobs.h"
 #include "server/events.h"
 #include "server/params.h"

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loader/models/model_ref.h"
+#include "loader/models/models.h"
 #include "loader/jobs/jobs.h"
 #include "server/publish.h"
 #include "server/metrics.h"

@@ -14,7 +14,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#include "loader/models/cache.h"
+#include "loader/models/models.h"
 #include "loader/convert/convert.h"
 #include "loader/formats/gguf/gguf.h"
 #include "loader/inspect/inspect.h"

@@ -14,7 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "loader/models/cache.h"
+#include "loader/models/models.h"
 #include "util/fsutil.h"
 #include "util/jobtype.h"
 

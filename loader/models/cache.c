@@ -1,6 +1,6 @@
 /* cache.c - see cache.h. Sizes follow the snapshot symlinks into blobs/;
  * a blob named by 64 hex digits is an LFS file whose name is its sha256. */
-#include "loader/models/cache.h"
+#include "loader/models/models.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -13,7 +13,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "loader/models/model_ref.h"
 #include "util/fsutil.h"
 
 #define CACHE_HASH_SMALL (16u << 20) /* non-LFS files this small are hashed on request */

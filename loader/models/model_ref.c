@@ -1,6 +1,6 @@
 /* model_ref.c - see model_ref.h. Every check here runs before the path is
  * used, because model names come straight from HTTP requests. */
-#include "loader/models/model_ref.h"
+#include "loader/models/models.h"
 
 #include <ctype.h>
 #include <errno.h>

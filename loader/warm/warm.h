@@ -1,5 +1,5 @@
 /*
- * load.h - the warm_load pipeline (load_ prefix), free of HTTP and tasks so
+ * warm.h - the warm_load pipeline (load_ prefix), free of HTTP and tasks so
  * unit tests can drive it:
  *
  *   load_source_open  which files, in which format (auto as SGLang picks)
@@ -19,8 +19,8 @@
  * decryption of an encrypted safetensors file (chunks verified before use).
  * Only a strided PyTorch view is materialized whole in host memory first.
  */
-#ifndef MP_LOADER_LOAD_H
-#define MP_LOADER_LOAD_H
+#ifndef MP_LOADER_WARM_H
+#define MP_LOADER_WARM_H
 
 #include <jansson.h>
 #include <stdbool.h>

@@ -16,7 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "loader/models/model_ref.h"
+#include "loader/models/models.h"
 #include "server/http.h"
 #include "loader/jobs/jobs.h"
 #include "server/jobs.h"

@@ -1,0 +1,58 @@
+/*
+ * models.h - the models a node has, and what a request's "model" may name.
+ *
+ * model_ref.c (mref_): what a request's "model" names, checked before
+ * anything touches the disk: a hub repo id ("org/name") with a revision, or
+ * a local directory that must lie under one of the configured model roots.
+ *
+ * cache.c (cache_): reading and evicting what the Hugging Face-layout cache
+ * holds (models--org--name/{refs,snapshots,blobs}). Writing it is the hub
+ * client's job (loader/hub/); this is the view GET/DELETE /v1/models need.
+ */
+#ifndef MP_LOADER_MODELS_H
+#define MP_LOADER_MODELS_H
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include "util/error.h"
+
+#define MREF_MAX_LEN 1024
+
+/* True for a syntactically valid hub repo id: "org/name", each part
+ * [A-Za-z0-9._-], 1..96 chars, not starting with '.' or '-', no "..", no "--". */
+bool mref_is_repo_id(const char *s);
+/* True for a valid revision: branch, tag or commit; [A-Za-z0-9._/-], no "..",
+ * 1..255 chars, not starting with '/' or '-'. */
+bool mref_is_revision(const char *s);
+
+/* Confines a local path: absolute, no NUL (len must equal strlen), no ".."
+ * component, at most MREF_MAX_LEN, and its realpath under a root. *out is the
+ * realpath (caller frees). err->code "bad_model"/"not_found". */
+int mref_confine(const char *path, size_t len, const char *const *roots, char **out, mp_error *err);
+
+/* The HF-cache directory of a repo: <cache>/models--org--name (caller frees). */
+char *mref_repo_cache_dir(const char *hub_cache, const char *repo);
+/* The cached snapshot of repo@revision when present (refs/<revision> → commit,
+ * or the commit itself), else NULL. *commit (41 bytes) gets the commit. */
+char *mref_snapshot_dir(const char *hub_cache, const char *repo, const char *revision,
+                        char *commit);
+
+/* ---- the hub cache (cache.c) ---- */
+
+/* Every cached (repo, revision): [{"model","revision","commit","path",
+ * "size_bytes","files","formats"}], files being the count. */
+json_t *cache_list(const char *hub_cache);
+/* One repo: its revisions and, for the given revision (or main, or the only
+ * one), the files [{name,size,sha256}] of the snapshot. NULL when absent. */
+json_t *cache_model(const char *hub_cache, const char *repo, const char *revision);
+/* Removes the repo from the cache: renamed away first so no reader ever
+ * sees a half-deleted snapshot, then deleted. */
+int cache_evict(const char *hub_cache, const char *repo, mp_error *err);
+/* Weight formats present among a snapshot's file names ("safetensors",
+ * "pt", "gguf", "npy"). */
+json_t *cache_formats_of(json_t *names);
+/* For a snapshot symlink into blobs/ named by 64 hex digits (an LFS blob,
+ * named by its sha256 as the hub advertised it): that sha256 into out (65
+ * bytes). False for anything else. */
+bool cache_blob_sha256(const char *path, char *out);
+#endif
