@@ -79,7 +79,8 @@ bool config_host_is_loopback(const char *host) {
            strcmp(host, "::1") == 0 || strncmp(host, "127.", 4) == 0;
 }
 
-int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
+/* Defaults, then the environment's tokens. */
+static int config_defaults(mp_config *cfg, mp_error *err) {
     memset(cfg, 0, sizeof *cfg);
     snprintf(cfg->listen_host, sizeof cfg->listen_host, "127.0.0.1");
     cfg->listen_port = 8420;
@@ -98,130 +99,174 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
     if (tok && *tok && !(cfg->token = strdup(tok))) return mp_err(err, "no_memory", "oom");
     const char *hf = getenv("HF_TOKEN");
     if (hf && *hf && !(cfg->hf_token = strdup(hf))) return mp_err(err, "no_memory", "oom");
+    return 0;
+}
 
-    enum {
-        O_LISTEN = 256,
-        O_DATA,
-        O_ROOT,
-        O_TOKEN,
-        O_WORKERS,
-        O_HTTP,
-        O_MAXCONN,
-        O_HUB,
-        O_DEVICES,
-        O_HOSTMEM,
-        O_EXPORT,
-        O_INSECURE,
-        O_LOGFMT,
-        O_NOACCESS,
-        O_VERSION,
-        O_HELP
-    };
-    static const struct option opts[] = {
-        {"listen", required_argument, NULL, O_LISTEN},
-        {"data-dir", required_argument, NULL, O_DATA},
-        {"model-root", required_argument, NULL, O_ROOT},
-        {"token-file", required_argument, NULL, O_TOKEN},
-        {"workers", required_argument, NULL, O_WORKERS},
-        {"http-threads", required_argument, NULL, O_HTTP},
-        {"max-connections", required_argument, NULL, O_MAXCONN},
-        {"hub-endpoint", required_argument, NULL, O_HUB},
-        {"devices", required_argument, NULL, O_DEVICES},
-        {"host-device-memory", required_argument, NULL, O_HOSTMEM},
-        {"export-socket", required_argument, NULL, O_EXPORT},
-        {"insecure-listen", no_argument, NULL, O_INSECURE},
-        {"log-format", required_argument, NULL, O_LOGFMT},
-        {"no-access-log", no_argument, NULL, O_NOACCESS},
-        {"version", no_argument, NULL, O_VERSION},
-        {"help", no_argument, NULL, O_HELP},
-        {NULL, 0, NULL, 0},
-    };
+/* ---- one handler per flag: 0 done, -1 error, 1 exit now (--version,
+ * --help). v is the flag's argument (NULL for a flag without one). */
+
+static int flag_data_dir(mp_config *cfg, const char *v, mp_error *err) {
+    if (strlen(v) >= sizeof cfg->data_dir - 64)
+        return mp_err(err, "bad_flag", "--data-dir too long");
+    snprintf(cfg->data_dir, sizeof cfg->data_dir, "%s", v);
+    return 0;
+}
+
+static int flag_model_root(mp_config *cfg, const char *v, mp_error *err) {
+    if (cfg->n_model_roots >= MP_MAX_MODEL_ROOTS)
+        return mp_err(err, "bad_flag", "at most %d --model-root", MP_MAX_MODEL_ROOTS);
+    char *real = realpath(v, NULL);
+    if (!real) return mp_err(err, "bad_flag", "--model-root %s: %s", v, strerror(errno));
+    cfg->model_roots[cfg->n_model_roots++] = real;
+    return 0;
+}
+
+static int flag_token_file(mp_config *cfg, const char *v, mp_error *err) {
+    free(cfg->token);
+    if (!(cfg->token = read_token(v, err))) return -1;
+    return 0;
+}
+
+static int flag_workers(mp_config *cfg, const char *v, mp_error *err) {
+    long n;
+    if (parse_int("--workers", v, 1, 256, &n, err) != 0) return -1;
+    cfg->workers = (int)n;
+    return 0;
+}
+
+static int flag_http_threads(mp_config *cfg, const char *v, mp_error *err) {
+    long n;
+    if (parse_int("--http-threads", v, 1, 256, &n, err) != 0) return -1;
+    cfg->http_threads = (int)n;
+    return 0;
+}
+
+static int flag_max_connections(mp_config *cfg, const char *v, mp_error *err) {
+    long n;
+    if (parse_int("--max-connections", v, 4, 65536, &n, err) != 0) return -1;
+    cfg->max_connections = (int)n;
+    return 0;
+}
+
+static int flag_hub_endpoint(mp_config *cfg, const char *v, mp_error *err) {
+    if (strncmp(v, "http://", 7) != 0 && strncmp(v, "https://", 8) != 0)
+        return mp_err(err, "bad_flag", "--hub-endpoint must be an http(s) URL");
+    snprintf(cfg->hub_endpoint, sizeof cfg->hub_endpoint, "%s", v);
+    return 0;
+}
+
+static int flag_devices(mp_config *cfg, const char *v, mp_error *err) {
+    (void)err;
+    snprintf(cfg->devices, sizeof cfg->devices, "%s", v);
+    return 0;
+}
+
+static int flag_host_device_memory(mp_config *cfg, const char *v, mp_error *err) {
+    char *end;
+    errno = 0;
+    unsigned long long b = strtoull(v, &end, 10);
+    if (errno || *end || b == 0)
+        return mp_err(err, "bad_flag", "--host-device-memory wants bytes > 0");
+    cfg->host_device_bytes = b;
+    return 0;
+}
+
+static int flag_export_socket(mp_config *cfg, const char *v, mp_error *err) {
+    (void)err;
+    snprintf(cfg->export_socket, sizeof cfg->export_socket, "%s", v);
+    return 0;
+}
+
+static int flag_insecure_listen(mp_config *cfg, const char *v, mp_error *err) {
+    (void)v;
+    (void)err;
+    cfg->insecure_listen = true;
+    return 0;
+}
+
+static int flag_log_format(mp_config *cfg, const char *v, mp_error *err) {
+    if (strcmp(v, "json") == 0)
+        cfg->log_json = true;
+    else if (strcmp(v, "text") == 0)
+        cfg->log_json = false;
+    else
+        return mp_err(err, "bad_flag", "--log-format is text or json");
+    return 0;
+}
+
+static int flag_no_access_log(mp_config *cfg, const char *v, mp_error *err) {
+    (void)v;
+    (void)err;
+    cfg->access_log = false;
+    return 0;
+}
+
+static int flag_version(mp_config *cfg, const char *v, mp_error *err) {
+    (void)cfg;
+    (void)v;
+    (void)err;
+    printf("modelprepd %s (%s)\n", MP_VERSION, MP_GIT);
+    return 1;
+}
+
+static int flag_help(mp_config *cfg, const char *v, mp_error *err) {
+    (void)cfg;
+    (void)v;
+    (void)err;
+    fputs(USAGE, stdout);
+    return 1;
+}
+
+typedef struct flag_def {
+    const char *name;
+    int has_arg; /* required_argument or no_argument */
+    int (*fn)(mp_config *cfg, const char *v, mp_error *err);
+} flag_def;
+
+static const flag_def FLAGS[] = {
+    {"listen", required_argument, parse_listen},
+    {"data-dir", required_argument, flag_data_dir},
+    {"model-root", required_argument, flag_model_root},
+    {"token-file", required_argument, flag_token_file},
+    {"workers", required_argument, flag_workers},
+    {"http-threads", required_argument, flag_http_threads},
+    {"max-connections", required_argument, flag_max_connections},
+    {"hub-endpoint", required_argument, flag_hub_endpoint},
+    {"devices", required_argument, flag_devices},
+    {"host-device-memory", required_argument, flag_host_device_memory},
+    {"export-socket", required_argument, flag_export_socket},
+    {"insecure-listen", no_argument, flag_insecure_listen},
+    {"log-format", required_argument, flag_log_format},
+    {"no-access-log", no_argument, flag_no_access_log},
+    {"version", no_argument, flag_version},
+    {"help", no_argument, flag_help},
+};
+#define NFLAGS (sizeof FLAGS / sizeof *FLAGS)
+#define FLAG_VAL0 256 /* getopt_long's value for FLAGS[i]: FLAG_VAL0 + i */
+
+/* The command line, flag by flag through FLAGS. */
+static int config_flags(mp_config *cfg, int argc, char **argv, mp_error *err) {
+    struct option opts[NFLAGS + 1];
+    for (size_t i = 0; i < NFLAGS; i++)
+        opts[i] = (struct option){FLAGS[i].name, FLAGS[i].has_arg, NULL, FLAG_VAL0 + (int)i};
+    opts[NFLAGS] = (struct option){NULL, 0, NULL, 0};
     optind = 1;
     opterr = 0;
     int c;
-    long n;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case O_LISTEN:
-            if (parse_listen(cfg, optarg, err) != 0) return -1;
-            break;
-        case O_DATA:
-            if (strlen(optarg) >= sizeof cfg->data_dir - 64)
-                return mp_err(err, "bad_flag", "--data-dir too long");
-            snprintf(cfg->data_dir, sizeof cfg->data_dir, "%s", optarg);
-            break;
-        case O_ROOT: {
-            if (cfg->n_model_roots >= MP_MAX_MODEL_ROOTS)
-                return mp_err(err, "bad_flag", "at most %d --model-root", MP_MAX_MODEL_ROOTS);
-            char *real = realpath(optarg, NULL);
-            if (!real)
-                return mp_err(err, "bad_flag", "--model-root %s: %s", optarg, strerror(errno));
-            cfg->model_roots[cfg->n_model_roots++] = real;
-            break;
-        }
-        case O_TOKEN:
-            free(cfg->token);
-            if (!(cfg->token = read_token(optarg, err))) return -1;
-            break;
-        case O_WORKERS:
-            if (parse_int("--workers", optarg, 1, 256, &n, err) != 0) return -1;
-            cfg->workers = (int)n;
-            break;
-        case O_HTTP:
-            if (parse_int("--http-threads", optarg, 1, 256, &n, err) != 0) return -1;
-            cfg->http_threads = (int)n;
-            break;
-        case O_MAXCONN:
-            if (parse_int("--max-connections", optarg, 4, 65536, &n, err) != 0) return -1;
-            cfg->max_connections = (int)n;
-            break;
-        case O_HUB:
-            if (strncmp(optarg, "http://", 7) != 0 && strncmp(optarg, "https://", 8) != 0)
-                return mp_err(err, "bad_flag", "--hub-endpoint must be an http(s) URL");
-            snprintf(cfg->hub_endpoint, sizeof cfg->hub_endpoint, "%s", optarg);
-            break;
-        case O_DEVICES:
-            snprintf(cfg->devices, sizeof cfg->devices, "%s", optarg);
-            break;
-        case O_HOSTMEM: {
-            char *end;
-            errno = 0;
-            unsigned long long b = strtoull(optarg, &end, 10);
-            if (errno || *end || b == 0)
-                return mp_err(err, "bad_flag", "--host-device-memory wants bytes > 0");
-            cfg->host_device_bytes = b;
-            break;
-        }
-        case O_EXPORT:
-            snprintf(cfg->export_socket, sizeof cfg->export_socket, "%s", optarg);
-            break;
-        case O_INSECURE:
-            cfg->insecure_listen = true;
-            break;
-        case O_LOGFMT:
-            if (strcmp(optarg, "json") == 0)
-                cfg->log_json = true;
-            else if (strcmp(optarg, "text") == 0)
-                cfg->log_json = false;
-            else
-                return mp_err(err, "bad_flag", "--log-format is text or json");
-            break;
-        case O_NOACCESS:
-            cfg->access_log = false;
-            break;
-        case O_VERSION:
-            printf("modelprepd %s (%s)\n", MP_VERSION, MP_GIT);
-            return 1;
-        case O_HELP:
-            fputs(USAGE, stdout);
-            return 1;
-        default:
+        if (c < FLAG_VAL0 || c >= FLAG_VAL0 + (int)NFLAGS)
             return mp_err(err, "bad_flag", "unknown or incomplete option %s\n%s", argv[optind - 1],
                           USAGE);
-        }
+        int r = FLAGS[c - FLAG_VAL0].fn(cfg, optarg, err);
+        if (r != 0) return r;
     }
     if (optind < argc) return mp_err(err, "bad_flag", "unexpected argument %s", argv[optind]);
+    return 0;
+}
 
+/* What follows from the flags: the data directory made and made absolute,
+ * the hub cache, and the refusal to listen openly without a token. */
+static int config_finish(mp_config *cfg, mp_error *err) {
     if (fs_mkdirs(cfg->data_dir, err) != 0) return -1;
     char *real = realpath(cfg->data_dir, NULL);
     if (!real) return mp_err(err, "bad_flag", "--data-dir: %s", strerror(errno));
@@ -241,6 +286,13 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
                       "MODELPREP_TOKEN), or pass --insecure-listen",
                       cfg->listen_host);
     return 0;
+}
+
+int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
+    if (config_defaults(cfg, err) != 0) return -1;
+    int r = config_flags(cfg, argc, argv, err);
+    if (r != 0) return r;
+    return config_finish(cfg, err);
 }
 
 void config_free(mp_config *cfg) {

@@ -42,14 +42,19 @@ static json_t *new_job_doc(const char *id, const char *type, const char *model,
                      "finished_at");
 }
 
-int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job, bool *created,
-                int *http_status, mp_error *err) {
-    *job = NULL;
-    *created = false;
-    if (atomic_load(&srv->draining)) {
-        mp_err(err, "draining", "the server is shutting down and accepts no new jobs");
-        return bad(http_status, 503);
-    }
+/* A submission, as read from the request body. */
+typedef struct submit_req {
+    const mp_job_type *jt;
+    const char *model; /* borrowed from the body */
+    size_t model_len;  /* JSON length: differs from strlen with a NUL inside */
+    const char *revision;
+    json_t *params;   /* owned */
+    char *model_path; /* owned; NULL: a hub model not taken from the cache */
+    bool is_hub;
+} submit_req;
+
+/* The body's fields, checked: type, model, revision and params. */
+static int read_body(json_t *body, submit_req *rq, int *http_status, mp_error *err) {
     if (!json_is_object(body)) {
         mp_err(err, "bad_request", "the request body must be a JSON object");
         return bad(http_status, 400);
@@ -69,8 +74,8 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
         mp_err_field(err, "type", jtype ? "bad_type" : "required", "type must be a string");
         return bad(http_status, 400);
     }
-    const mp_job_type *jt = job_type_find(json_string_value(jtype));
-    if (!jt) {
+    rq->jt = job_type_find(json_string_value(jtype));
+    if (!rq->jt) {
         mp_err_field(err, "type", "unknown_type", "unknown job type %s", json_string_value(jtype));
         return bad(http_status, 400);
     }
@@ -86,93 +91,100 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
         mp_err_field(err, "params", "bad_type", "params must be an object");
         return bad(http_status, 400);
     }
-    const char *model = json_string_value(jmodel);
-    const char *revision = jrev ? json_string_value(jrev) : "main";
-    if (jrev && (json_string_length(jrev) != strlen(revision) || !mref_is_revision(revision))) {
+    rq->model = json_string_value(jmodel);
+    rq->model_len = json_string_length(jmodel);
+    rq->revision = jrev ? json_string_value(jrev) : "main";
+    if (jrev &&
+        (json_string_length(jrev) != strlen(rq->revision) || !mref_is_revision(rq->revision))) {
         mp_err_field(err, "revision", "bad_value", "revision is not a valid branch, tag or commit");
         return bad(http_status, 400);
     }
-    json_t *params = jparams ? json_incref(jparams) : json_object();
-    int rc = -1;
-    char *model_path = NULL;
-    bool is_hub = mref_is_repo_id(model) && json_string_length(jmodel) == strlen(model);
-    if (is_hub) {
+    rq->params = jparams ? json_incref(jparams) : json_object();
+    return 0;
+}
+
+/* Where the model is: a hub repo's snapshot in the cache (required by
+ * some job types, never used by hub-only ones), or a local folder under
+ * one of the model roots. */
+static int resolve_model(mp_server *srv, submit_req *rq, mp_error *err) {
+    const mp_job_type *jt = rq->jt;
+    rq->is_hub = mref_is_repo_id(rq->model) && rq->model_len == strlen(rq->model);
+    if (rq->is_hub) {
         if (!(jt->flags & MP_JOB_HUB_ONLY))
-            model_path = mref_snapshot_dir(srv->cfg.hub_cache, model, revision, NULL);
-        if ((jt->flags & MP_JOB_NEEDS_LOCAL) && !model_path) {
-            mp_err_field(err, "model", "not_cached",
-                         "%s@%s is not in the local cache; run a download job first", model,
-                         revision);
-            *http_status = 400;
-            goto out;
-        }
-    } else {
-        if (jt->flags & MP_JOB_HUB_ONLY) {
-            mp_err_field(err, "model", "bad_model", "%s jobs take a hub repo id (org/name)",
-                         jt->name);
-            *http_status = 400;
-            goto out;
-        }
-        if (mref_confine(model, json_string_length(jmodel),
-                         (const char *const *)srv->cfg.model_roots, &model_path, err) != 0) {
-            *http_status = 400;
-            goto out;
-        }
+            rq->model_path = mref_snapshot_dir(srv->cfg.hub_cache, rq->model, rq->revision, NULL);
+        if ((jt->flags & MP_JOB_NEEDS_LOCAL) && !rq->model_path)
+            return mp_err_field(err, "model", "not_cached",
+                                "%s@%s is not in the local cache; run a download job first",
+                                rq->model, rq->revision);
+        return 0;
     }
-    if (params_check(jt->params, params, err) != 0) {
-        *http_status = 400;
-        goto out;
-    }
+    if (jt->flags & MP_JOB_HUB_ONLY)
+        return mp_err_field(err, "model", "bad_model", "%s jobs take a hub repo id (org/name)",
+                            jt->name);
+    if (mref_confine(rq->model, rq->model_len, (const char *const *)srv->cfg.model_roots,
+                     &rq->model_path, err) != 0)
+        return -1;
+    return 0;
+}
+
+/* The params against the type's schema, then the type's own check. */
+static int check_params(mp_server *srv, const submit_req *rq, mp_error *err) {
+    const mp_job_type *jt = rq->jt;
+    if (params_check(jt->params, rq->params, err) != 0) return -1;
     if (jt->validate) {
         mp_task_info info = {.type = jt->name,
-                             .model = model,
-                             .revision = revision,
-                             .model_path = model_path,
-                             .is_hub_model = is_hub,
-                             .params = params,
+                             .model = rq->model,
+                             .revision = rq->revision,
+                             .model_path = rq->model_path,
+                             .is_hub_model = rq->is_hub,
+                             .params = rq->params,
                              .env = &srv->env};
-        if (jt->validate(&info, err) != 0) {
-            *http_status = 400;
-            goto out;
-        }
+        if (jt->validate(&info, err) != 0) return -1;
     }
+    return 0;
+}
 
+/* The request's fingerprint for its idempotency key: the same key with a
+ * different request is a client bug worth a 422. */
+static int request_hash(const submit_req *rq, char hash_hex[65], mp_error *err) {
+    json_t *canon = json_pack("{s:s,s:s,s:s,s:O}", "type", rq->jt->name, "model", rq->model,
+                              "revision", rq->revision, "params", rq->params);
+    char *text = canon ? json_dumps(canon, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+    json_decref(canon);
+    if (!text) return mp_err(err, "no_memory", "out of memory");
+    unsigned char md[SHA256_DIGEST_LENGTH];
+    SHA256((unsigned char *)text, strlen(text), md);
+    fs_hex(md, sizeof md, hash_hex);
+    free(text);
+    return 0;
+}
+
+/* Inserts the queued job, or finds the one an earlier request with the
+ * same idempotency key made; a new job is announced to the event hub and
+ * the workers. */
+static int create_job(mp_server *srv, const submit_req *rq, const char *idem_key, json_t **job,
+                      bool *created, int *http_status, mp_error *err) {
+    const mp_job_type *jt = rq->jt;
     char id[32], now[40], hash_hex[65] = "";
     if (new_job_id(id, sizeof id) != 0) {
         mp_err(err, "internal", "no randomness for a job id");
-        *http_status = 503;
-        goto out;
+        return bad(http_status, 503);
     }
     time_rfc3339_now(now, sizeof now);
-    json_t *doc = new_job_doc(id, jt->name, model, revision, params, now);
+    json_t *doc = new_job_doc(id, jt->name, rq->model, rq->revision, rq->params, now);
     if (!doc) {
         mp_err(err, "no_memory", "out of memory");
-        *http_status = 503;
-        goto out;
+        return bad(http_status, 503);
     }
-    if (idem_key) {
-        /* The same key with a different request is a client bug worth a 422. */
-        json_t *canon = json_pack("{s:s,s:s,s:s,s:O}", "type", jt->name, "model", model, "revision",
-                                  revision, "params", params);
-        char *text = canon ? json_dumps(canon, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
-        json_decref(canon);
-        if (!text) {
-            json_decref(doc);
-            mp_err(err, "no_memory", "out of memory");
-            *http_status = 503;
-            goto out;
-        }
-        unsigned char md[SHA256_DIGEST_LENGTH];
-        SHA256((unsigned char *)text, strlen(text), md);
-        fs_hex(md, sizeof md, hash_hex);
-        free(text);
+    if (idem_key && request_hash(rq, hash_hex, err) != 0) {
+        json_decref(doc);
+        return bad(http_status, 503);
     }
     char *existing = NULL;
-    if (store_job_insert(srv->store, id, jt->name, model, revision, doc, idem_key, hash_hex,
+    if (store_job_insert(srv->store, id, jt->name, rq->model, rq->revision, doc, idem_key, hash_hex,
                          &existing, err) != 0) {
         json_decref(doc);
-        *http_status = strcmp(err->code, "idempotency_conflict") == 0 ? 422 : 503;
-        goto out;
+        return bad(http_status, strcmp(err->code, "idempotency_conflict") == 0 ? 422 : 503);
     }
     if (existing) {
         json_decref(doc);
@@ -180,21 +192,35 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
         free(existing);
         if (!*job) {
             mp_err(err, "internal", "idempotent job vanished");
-            *http_status = 503;
-            goto out;
+            return bad(http_status, 503);
         }
-        rc = 0;
-        goto out;
+        return 0;
     }
     *created = true;
     /* The store recorded the first state event with the job itself. */
     publish_job_event(srv, id, "state", doc, false);
     workers_notify(srv->workers);
     *job = doc;
-    rc = 0;
-out:
-    free(model_path);
-    json_decref(params);
+    return 0;
+}
+
+int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job, bool *created,
+                int *http_status, mp_error *err) {
+    *job = NULL;
+    *created = false;
+    if (atomic_load(&srv->draining)) {
+        mp_err(err, "draining", "the server is shutting down and accepts no new jobs");
+        return bad(http_status, 503);
+    }
+    submit_req rq = {0};
+    if (read_body(body, &rq, http_status, err) != 0) return -1;
+    int rc = -1;
+    if (resolve_model(srv, &rq, err) != 0 || check_params(srv, &rq, err) != 0)
+        *http_status = 400;
+    else
+        rc = create_job(srv, &rq, idem_key, job, created, http_status, err);
+    free(rq.model_path);
+    json_decref(rq.params);
     return rc;
 }
 

@@ -48,6 +48,103 @@ static int wait_for_signal(mp_server *srv) {
     }
 }
 
+/* Blocks the signals before any thread starts so only main receives them. */
+static void block_signals(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+/* The hub cache, the store (with the jobs a dead process left recovered),
+ * the devices, the shared hubs and the export socket. Logs what fails. */
+static int server_open(mp_server *srv, export_server **exporter) {
+    mp_error err = {0};
+    char db_path[4200];
+    snprintf(db_path, sizeof db_path, "%s/modelprep.db", srv->cfg.data_dir);
+    if (fs_mkdirs(srv->cfg.hub_cache, &err) != 0) {
+        mp_log(&srv->log, "error", NULL, "hub cache: %s", err.message);
+        return -1;
+    }
+    if (store_open(db_path, srv->cfg.http_threads + srv->cfg.workers + 2, &srv->store, &err) != 0) {
+        mp_log(&srv->log, "error", NULL, "store: %s", err.message);
+        return -1;
+    }
+    if (jobs_recover(srv) != 0) {
+        mp_log(&srv->log, "error", NULL, "cannot recover jobs from the store");
+        return -1;
+    }
+    /* Residents live in device memory, which died with the last process. */
+    if (store_resident_mark_all_gone(srv->store) != 0)
+        mp_log(&srv->log, "warn", NULL, "cannot mark the previous process's residents gone");
+    if (gpu_set_open(srv->cfg.devices, srv->cfg.host_device_bytes, &srv->gpus, &err) != 0) {
+        mp_log(&srv->log, "error", NULL, "devices: %s", err.message);
+        return -1;
+    }
+    srv->events = events_new();
+    srv->metrics = metrics_new();
+    srv->routes = h_routes;
+    res_records rec = records_residents(srv);
+    srv->residents = res_set_new(&rec, srv->gpus, on_resident_change, srv);
+    if (!srv->events || !srv->metrics || !srv->residents) return -1;
+    if (srv->cfg.export_socket[0] &&
+        export_start(srv, srv->cfg.export_socket, exporter, &err) != 0) {
+        mp_log(&srv->log, "error", NULL, "%s", err.message);
+        return -1;
+    }
+    return 0;
+}
+
+/* The workers (with what their tasks see), then HTTP; says where it
+ * listens. Logs what fails. */
+static int server_start(mp_server *srv) {
+    mp_error err = {0};
+    srv->env = (mp_task_env){
+        .data_dir = srv->cfg.data_dir,
+        .hub_cache = srv->cfg.hub_cache,
+        .hub_endpoint = srv->cfg.hub_endpoint,
+        .hf_token = srv->cfg.hf_token,
+        .model_roots = (const char *const *)srv->cfg.model_roots,
+        .gpus = srv->gpus,
+        .residents = srv->residents,
+    };
+    if (workers_start(srv, srv->cfg.workers, &srv->workers) != 0) {
+        mp_log(&srv->log, "error", NULL, "cannot start %d workers", srv->cfg.workers);
+        return -1;
+    }
+    if (http_start(srv, &err) != 0) {
+        mp_log(&srv->log, "error", NULL, "%s", err.message);
+        return -1;
+    }
+    const char *host = srv->cfg.listen_host;
+    bool v6 = strchr(host, ':') != NULL;
+    printf("listening on http://%s%s%s:%d\n", v6 ? "[" : "", host, v6 ? "]" : "",
+           srv->cfg.listen_port);
+    fflush(stdout);
+    mp_log(&srv->log, "info", NULL,
+           "modelprepd %s ready: data %s, hub cache %s, %d workers, %d devices", MP_VERSION,
+           srv->cfg.data_dir, srv->cfg.hub_cache, srv->cfg.workers, gpu_set_count(srv->gpus));
+    return 0;
+}
+
+/* Drain: refuse new jobs, let running ones checkpoint and return, end the
+ * event streams, stop HTTP, close the store last. */
+static void server_drain(mp_server *srv, export_server *exporter) {
+    atomic_store(&srv->draining, true);
+    workers_stop(srv->workers);
+    if (srv->events) events_close(srv->events);
+    http_stop(srv);
+    export_stop(exporter);
+    res_set_free(srv->residents);
+    gpu_set_close(srv->gpus);
+    events_free(srv->events);
+    metrics_free(srv->metrics);
+    store_close(srv->store);
+    mp_log(&srv->log, "info", NULL, "stopped");
+}
+
 int main(int argc, char **argv) {
     mp_server srv;
     memset(&srv, 0, sizeof srv);
@@ -65,14 +162,7 @@ int main(int argc, char **argv) {
     srv.log.json = srv.cfg.log_json;
     srv.started_mono = time_mono();
     atomic_init(&srv.draining, false);
-
-    /* Block the signals before any thread starts so only main receives them. */
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    block_signals();
 
     /* libcurl's global state must be set up once, before worker threads. */
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
@@ -82,81 +172,12 @@ int main(int argc, char **argv) {
     }
     int exit_code = 1;
     export_server *exporter = NULL;
-    char db_path[4200];
-    snprintf(db_path, sizeof db_path, "%s/modelprep.db", srv.cfg.data_dir);
-    if (fs_mkdirs(srv.cfg.hub_cache, &err) != 0) {
-        mp_log(&srv.log, "error", NULL, "hub cache: %s", err.message);
-        goto out;
+    if (server_open(&srv, &exporter) == 0 && server_start(&srv) == 0) {
+        int sig = wait_for_signal(&srv);
+        mp_log(&srv.log, "info", NULL, "signal %d: draining", sig);
+        exit_code = 0;
     }
-    if (store_open(db_path, srv.cfg.http_threads + srv.cfg.workers + 2, &srv.store, &err) != 0) {
-        mp_log(&srv.log, "error", NULL, "store: %s", err.message);
-        goto out;
-    }
-    if (jobs_recover(&srv) != 0) {
-        mp_log(&srv.log, "error", NULL, "cannot recover jobs from the store");
-        goto out;
-    }
-    /* Residents live in device memory, which died with the last process. */
-    if (store_resident_mark_all_gone(srv.store) != 0)
-        mp_log(&srv.log, "warn", NULL, "cannot mark the previous process's residents gone");
-    if (gpu_set_open(srv.cfg.devices, srv.cfg.host_device_bytes, &srv.gpus, &err) != 0) {
-        mp_log(&srv.log, "error", NULL, "devices: %s", err.message);
-        goto out;
-    }
-    srv.events = events_new();
-    srv.metrics = metrics_new();
-    srv.routes = h_routes;
-    res_records rec = records_residents(&srv);
-    srv.residents = res_set_new(&rec, srv.gpus, on_resident_change, &srv);
-    if (!srv.events || !srv.metrics || !srv.residents) goto out;
-    if (srv.cfg.export_socket[0] &&
-        export_start(&srv, srv.cfg.export_socket, &exporter, &err) != 0) {
-        mp_log(&srv.log, "error", NULL, "%s", err.message);
-        goto out;
-    }
-    srv.env = (mp_task_env){
-        .data_dir = srv.cfg.data_dir,
-        .hub_cache = srv.cfg.hub_cache,
-        .hub_endpoint = srv.cfg.hub_endpoint,
-        .hf_token = srv.cfg.hf_token,
-        .model_roots = (const char *const *)srv.cfg.model_roots,
-        .gpus = srv.gpus,
-        .residents = srv.residents,
-    };
-    if (workers_start(&srv, srv.cfg.workers, &srv.workers) != 0) {
-        mp_log(&srv.log, "error", NULL, "cannot start %d workers", srv.cfg.workers);
-        goto out;
-    }
-    if (http_start(&srv, &err) != 0) {
-        mp_log(&srv.log, "error", NULL, "%s", err.message);
-        goto out;
-    }
-    const char *host = srv.cfg.listen_host;
-    bool v6 = strchr(host, ':') != NULL;
-    printf("listening on http://%s%s%s:%d\n", v6 ? "[" : "", host, v6 ? "]" : "",
-           srv.cfg.listen_port);
-    fflush(stdout);
-    mp_log(&srv.log, "info", NULL,
-           "modelprepd %s ready: data %s, hub cache %s, %d workers, %d devices", MP_VERSION,
-           srv.cfg.data_dir, srv.cfg.hub_cache, srv.cfg.workers, gpu_set_count(srv.gpus));
-
-    int sig = wait_for_signal(&srv);
-    mp_log(&srv.log, "info", NULL, "signal %d: draining", sig);
-    exit_code = 0;
-out:
-    /* Drain: refuse new jobs, let running ones checkpoint and return, end
-     * the event streams, stop HTTP, close the store last. */
-    atomic_store(&srv.draining, true);
-    workers_stop(srv.workers);
-    if (srv.events) events_close(srv.events);
-    http_stop(&srv);
-    export_stop(exporter);
-    res_set_free(srv.residents);
-    gpu_set_close(srv.gpus);
-    events_free(srv.events);
-    metrics_free(srv.metrics);
-    store_close(srv.store);
-    mp_log(&srv.log, "info", NULL, "stopped");
+    server_drain(&srv, exporter);
     config_free(&srv.cfg);
     curl_global_cleanup();
     return exit_code;

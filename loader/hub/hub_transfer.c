@@ -226,6 +226,11 @@ typedef struct xfer {
     atomic_bool stop;
     bool failed;
     mp_error err;
+    /* hub_transfer's own: the workers and the connections they share */
+    struct worker *ws;
+    int nworkers;
+    conn *conns;
+    int nconns;
 } xfer;
 
 typedef struct worker {
@@ -556,9 +561,10 @@ static int hashed(xfer *t, xfile *x, mp_error *err) {
 
 static uint64_t bytes_on_disk(const xfer *t) {
     uint64_t s = 0;
-    for (size_t i = 0; i < t->nfiles; i++) {
+    /* Also called on the way out of a failed xfer_init. */
+    for (size_t i = 0; t->files && i < t->nfiles; i++) {
         const xfile *x = &t->files[i];
-        for (size_t k = 0; k < x->nchunks; k++)
+        for (size_t k = 0; x->chunks && k < x->nchunks; k++)
             s += __atomic_load_n(&x->chunks[k].got, __ATOMIC_RELAXED);
     }
     return s;
@@ -637,6 +643,153 @@ static int worker_count(int connections) {
     return n < connections ? n : connections;
 }
 
+/* The transfer's arrays and locks (the locks whatever happens: xfer_free
+ * destroys them). */
+static int xfer_init(xfer *t, size_t n, mp_error *err) {
+    const hub_xfer_opts *o = t->o;
+    t->nconns = o->connections > 0 ? o->connections : HUB_DEFAULT_CONNECTIONS;
+    t->nworkers = worker_count(t->nconns);
+    t->ws = calloc((size_t)t->nworkers, sizeof *t->ws);
+    t->conns = calloc((size_t)t->nconns, sizeof *t->conns);
+    t->files = calloc(n ? n : 1, sizeof *t->files);
+    t->hs.queue = calloc(n ? n * 2 : 1, sizeof *t->hs.queue);
+    t->hs.done = calloc(n ? n * 2 : 1, sizeof *t->hs.done);
+    t->hs.qcap = n * 2;
+    t->hs.no_fsync = o->no_fsync;
+    pthread_mutex_init(&t->mu, NULL);
+    pthread_mutex_init(&t->hs.mu, NULL);
+    pthread_cond_init(&t->hs.cv, NULL);
+    if (!t->ws || !t->conns || !t->files || !t->hs.queue || !t->hs.done)
+        return mp_err(err, "internal", "out of memory");
+    for (size_t i = 0; i < n; i++)
+        t->files[i].fd = -1;
+    return 0;
+}
+
+/* Shares the connections out over the workers: a multi handle per worker,
+ * an easy handle per connection. */
+static int xfer_curl_init(xfer *t, mp_error *err) {
+    for (int i = 0, next = 0; i < t->nworkers; i++) {
+        worker *w = &t->ws[i];
+        w->t = t;
+        w->conns = t->conns + next;
+        w->nconns = t->nconns / t->nworkers + (i < t->nconns % t->nworkers);
+        next += w->nconns;
+        if (!(w->multi = curl_multi_init()))
+            return mp_err(err, "internal", "curl_multi_init failed");
+        for (int k = 0; k < w->nconns; k++) {
+            w->conns[k].multi = w->multi;
+            if (!(w->conns[k].e = curl_easy_init()))
+                return mp_err(err, "internal", "curl_easy_init failed");
+        }
+    }
+    return 0;
+}
+
+/* Opens each file's .incomplete; one that is whole already goes straight
+ * to the hasher. */
+static int xfer_open_files(xfer *t, hub_file *files, const size_t *idx, mp_error *err) {
+    for (size_t i = 0; i < t->nfiles; i++) {
+        t->files[i].f = &files[idx[i]];
+        if (xfile_open(t, &t->files[i], err) != 0) return -1;
+        if (t->files[i].nchunks == t->files[i].ndone) to_hasher(t, &t->files[i]);
+    }
+    return 0;
+}
+
+static int start_workers(xfer *t, mp_error *err) {
+    for (int i = 0; i < t->nworkers; i++) {
+        if (pthread_create(&t->ws[i].th, NULL, worker_main, &t->ws[i]) != 0) {
+            mp_err(err, "internal", "cannot start a download thread");
+            atomic_store(&t->stop, true);
+            return -1;
+        }
+        t->ws[i].started = true;
+    }
+    return 0;
+}
+
+/* Coordinates until every file is verified and in place: progress, cancel,
+ * and the files the hasher is done with. */
+static int xfer_wait(xfer *t, mp_error *err) {
+    const hub_xfer_opts *o = t->o;
+    size_t ndone_files = 0;
+    while (ndone_files < t->nfiles) {
+        if (o->progress && o->progress(o->progress_arg, bytes_on_disk(t)) != 0)
+            return mp_err(err, "cancelled", "cancelled");
+        xfile *got[64];
+        size_t ng = 0;
+        pthread_mutex_lock(&t->hs.mu);
+        while (t->hs.ndone > 0 && ng < 64)
+            got[ng++] = t->hs.done[--t->hs.ndone];
+        pthread_mutex_unlock(&t->hs.mu);
+        pthread_mutex_lock(&t->mu);
+        for (size_t i = 0; i < ng && !t->failed; i++) {
+            mp_error e;
+            if (hashed(t, got[i], &e) != 0)
+                fail_locked(t, &e);
+            else if (got[i]->state == F_DONE)
+                ndone_files++;
+        }
+        bool failed = t->failed;
+        if (failed) *err = t->err;
+        pthread_mutex_unlock(&t->mu);
+        if (failed) return -1;
+        if (ndone_files < t->nfiles) {
+            struct timespec ts = {0, 10 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    return 0;
+}
+
+/* Stops and joins the workers, then the hasher. */
+static void xfer_stop(xfer *t) {
+    atomic_store(&t->stop, true);
+    for (int i = 0; t->ws && i < t->nworkers; i++)
+        if (t->ws[i].started) pthread_join(t->ws[i].th, NULL);
+    if (t->hs.started) {
+        pthread_mutex_lock(&t->hs.mu);
+        atomic_store(&t->hs.stop, true);
+        pthread_cond_signal(&t->hs.cv);
+        pthread_mutex_unlock(&t->hs.mu);
+        pthread_join(t->hs.th, NULL);
+    }
+}
+
+/* Keeps what partial chunks hold for the next run (cancel, drain, error). */
+static void keep_partial_chunks(xfer *t) {
+    for (size_t i = 0; t->files && i < t->nfiles; i++) {
+        xfile *x = &t->files[i];
+        if (x->fd < 0 || x->state == F_DONE || x->state == F_HASHING) continue;
+        for (size_t k = 0; k < x->nchunks; k++)
+            if (x->chunks[k].state != C_DONE && x->chunks[k].got > x->chunks[k].got_at_start)
+                ranges_append(x, &x->chunks[k]);
+    }
+}
+
+static void xfer_free(xfer *t) {
+    for (int i = 0; t->conns && i < t->nconns; i++) {
+        if (t->conns[i].e) curl_easy_cleanup(t->conns[i].e);
+        curl_slist_free_all(t->conns[i].hl);
+    }
+    for (int i = 0; t->ws && i < t->nworkers; i++)
+        if (t->ws[i].multi) curl_multi_cleanup(t->ws[i].multi);
+    for (size_t i = 0; t->files && i < t->nfiles; i++) {
+        if (t->files[i].fd >= 0) close(t->files[i].fd);
+        free(t->files[i].chunks);
+        free(t->files[i].data_url);
+    }
+    pthread_mutex_destroy(&t->mu);
+    pthread_mutex_destroy(&t->hs.mu);
+    pthread_cond_destroy(&t->hs.cv);
+    free(t->files);
+    free(t->conns);
+    free(t->ws);
+    free(t->hs.queue);
+    free(t->hs.done);
+}
+
 int hub_transfer(const hub_xfer_opts *o, hub_file *files, const size_t *idx, size_t n,
                  hub_xfer_stats *stats, mp_error *err) {
     xfer t = {.o = o, .nfiles = n, .stats = stats};
@@ -644,132 +797,21 @@ int hub_transfer(const hub_xfer_opts *o, hub_file *files, const size_t *idx, siz
     int rc = -1;
     uint64_t disk0 = 0;
     memset(stats, 0, sizeof *stats);
-    int nconns = o->connections > 0 ? o->connections : HUB_DEFAULT_CONNECTIONS;
-    int nworkers = worker_count(nconns);
-    worker *ws = calloc((size_t)nworkers, sizeof *ws);
-    conn *conns = calloc((size_t)nconns, sizeof *conns);
-    t.files = calloc(n ? n : 1, sizeof *t.files);
-    t.hs.queue = calloc(n ? n * 2 : 1, sizeof *t.hs.queue);
-    t.hs.done = calloc(n ? n * 2 : 1, sizeof *t.hs.done);
-    t.hs.qcap = n * 2;
-    t.hs.no_fsync = o->no_fsync;
-    pthread_mutex_init(&t.mu, NULL);
-    pthread_mutex_init(&t.hs.mu, NULL);
-    pthread_cond_init(&t.hs.cv, NULL);
-    if (!ws || !conns || !t.files || !t.hs.queue || !t.hs.done) {
-        mp_err(err, "internal", "out of memory");
-        goto out;
-    }
-    for (size_t i = 0; i < n; i++)
-        t.files[i].fd = -1;
-    for (int i = 0, next = 0; i < nworkers; i++) {
-        worker *w = &ws[i];
-        w->t = &t;
-        w->conns = conns + next;
-        w->nconns = nconns / nworkers + (i < nconns % nworkers);
-        next += w->nconns;
-        if (!(w->multi = curl_multi_init())) {
-            mp_err(err, "internal", "curl_multi_init failed");
-            goto out;
-        }
-        for (int k = 0; k < w->nconns; k++) {
-            w->conns[k].multi = w->multi;
-            if (!(w->conns[k].e = curl_easy_init())) {
-                mp_err(err, "internal", "curl_easy_init failed");
-                goto out;
-            }
-        }
-    }
+    if (xfer_init(&t, n, err) != 0 || xfer_curl_init(&t, err) != 0) goto out;
     if (pthread_create(&t.hs.th, NULL, hasher_main, &t.hs) != 0) {
         mp_err(err, "internal", "cannot start the hash thread");
         goto out;
     }
     t.hs.started = true;
-    for (size_t i = 0; i < n; i++) {
-        t.files[i].f = &files[idx[i]];
-        if (xfile_open(&t, &t.files[i], err) != 0) goto out;
-        if (t.files[i].nchunks == t.files[i].ndone) to_hasher(&t, &t.files[i]);
-    }
+    if (xfer_open_files(&t, files, idx, err) != 0) goto out;
     disk0 = bytes_on_disk(&t);
-    for (int i = 0; i < nworkers; i++) {
-        if (pthread_create(&ws[i].th, NULL, worker_main, &ws[i]) != 0) {
-            mp_err(err, "internal", "cannot start a download thread");
-            atomic_store(&t.stop, true);
-            goto out;
-        }
-        ws[i].started = true;
-    }
-
-    /* coordinate: progress, cancel, verified files */
-    size_t ndone_files = 0;
-    while (ndone_files < n) {
-        if (o->progress && o->progress(o->progress_arg, bytes_on_disk(&t)) != 0) {
-            mp_err(err, "cancelled", "cancelled");
-            goto out;
-        }
-        xfile *got[64];
-        size_t ng = 0;
-        pthread_mutex_lock(&t.hs.mu);
-        while (t.hs.ndone > 0 && ng < 64)
-            got[ng++] = t.hs.done[--t.hs.ndone];
-        pthread_mutex_unlock(&t.hs.mu);
-        pthread_mutex_lock(&t.mu);
-        for (size_t i = 0; i < ng && !t.failed; i++) {
-            mp_error e;
-            if (hashed(&t, got[i], &e) != 0)
-                fail_locked(&t, &e);
-            else if (got[i]->state == F_DONE)
-                ndone_files++;
-        }
-        bool failed = t.failed;
-        if (failed) *err = t.err;
-        pthread_mutex_unlock(&t.mu);
-        if (failed) goto out;
-        if (ndone_files < n) {
-            struct timespec ts = {0, 10 * 1000 * 1000};
-            nanosleep(&ts, NULL);
-        }
-    }
+    if (start_workers(&t, err) != 0 || xfer_wait(&t, err) != 0) goto out;
     if (o->progress) o->progress(o->progress_arg, bytes_on_disk(&t));
     rc = 0;
 out:
-    atomic_store(&t.stop, true);
-    for (int i = 0; ws && i < nworkers; i++)
-        if (ws[i].started) pthread_join(ws[i].th, NULL);
-    if (t.hs.started) {
-        pthread_mutex_lock(&t.hs.mu);
-        atomic_store(&t.hs.stop, true);
-        pthread_cond_signal(&t.hs.cv);
-        pthread_mutex_unlock(&t.hs.mu);
-        pthread_join(t.hs.th, NULL);
-    }
+    xfer_stop(&t);
     stats->downloaded = bytes_on_disk(&t) > disk0 ? bytes_on_disk(&t) - disk0 : 0;
-    /* keep what partial chunks hold for the next run (cancel, drain, error) */
-    for (size_t i = 0; rc != 0 && t.files && i < n; i++) {
-        xfile *x = &t.files[i];
-        if (x->fd < 0 || x->state == F_DONE || x->state == F_HASHING) continue;
-        for (size_t k = 0; k < x->nchunks; k++)
-            if (x->chunks[k].state != C_DONE && x->chunks[k].got > x->chunks[k].got_at_start)
-                ranges_append(x, &x->chunks[k]);
-    }
-    for (int i = 0; conns && i < nconns; i++) {
-        if (conns[i].e) curl_easy_cleanup(conns[i].e);
-        curl_slist_free_all(conns[i].hl);
-    }
-    for (int i = 0; ws && i < nworkers; i++)
-        if (ws[i].multi) curl_multi_cleanup(ws[i].multi);
-    for (size_t i = 0; t.files && i < n; i++) {
-        if (t.files[i].fd >= 0) close(t.files[i].fd);
-        free(t.files[i].chunks);
-        free(t.files[i].data_url);
-    }
-    pthread_mutex_destroy(&t.mu);
-    pthread_mutex_destroy(&t.hs.mu);
-    pthread_cond_destroy(&t.hs.cv);
-    free(t.files);
-    free(conns);
-    free(ws);
-    free(t.hs.queue);
-    free(t.hs.done);
+    if (rc != 0) keep_partial_chunks(&t);
+    xfer_free(&t);
     return rc;
 }

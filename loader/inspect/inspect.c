@@ -453,109 +453,135 @@ static int64_t cfg_int(const json_t *cfg, const char *k) {
     return json_is_integer(v) ? (int64_t)json_integer_value(v) : -1;
 }
 
-int insp_run(const insp_opts *o, json_t **result, mp_error *err) {
-    *result = NULL;
-    double t0 = now_s();
-    json_t *warnings = json_array();
-    json_t *names = dir_names(o->model_dir, err);
-    if (!names) {
-        json_decref(warnings);
-        return -1;
+/* insp_run's state, step to step. */
+typedef struct insp_state {
+    const insp_opts *o;
+    json_t *names;    /* the folder's file names */
+    json_t *warnings; /* so far */
+    wset ws;
+    bool gguf;
+    json_t *cfg; /* config.json, one derived from the GGUF's metadata, or NULL */
+    mp_tensor *ts;
+    size_t n, ntied;
+    json_t *q; /* the quantization found */
+} insp_state;
+
+/* A GGUF without config.json: a config derived from its metadata, if any. */
+static void derive_gguf_config(insp_state *s) {
+    mp_error ge = {0};
+    s->cfg = gguf_hf_config_weights(s->ws.ws[0], &ge);
+    if (s->cfg) {
+        json_array_append_new(s->warnings, json_string("no config.json: config derived from the "
+                                                       "GGUF metadata"));
+    } else {
+        char msg[600];
+        snprintf(msg, sizeof msg, "no config.json, and none derivable from the GGUF: %s",
+                 ge.message);
+        json_array_append_new(s->warnings, json_string(msg));
     }
-    wset ws = {0};
-    json_t *cfg = NULL, *q = NULL, *res = NULL;
-    mp_tensor *ts = NULL;
-    size_t n = 0, ntied = 0;
-    int rc = 0;
+}
+
+/* The config, the weights and their tensors. */
+static int insp_open(insp_state *s, mp_error *err) {
+    const insp_opts *o = s->o;
     mp_error cerr = {0};
-    cfg = read_json(o->model_dir, "config.json", &cerr);
-    if (!cfg && strcmp(cerr.code, "not_found") != 0) {
-        rc = mp_err(err, cerr.code, "%s", cerr.message);
-        goto out;
-    }
-    if (open_weights(o->model_dir, names, &ws, warnings, err) != 0) {
-        rc = -1;
-        goto out;
-    }
-    bool gguf = ws.format == MP_FMT_GGUF;
-    const char *arch_gguf =
-        gguf ? json_string_value(json_object_get(ws.ws[0]->metadata, "general.architecture"))
-             : NULL;
-    if (!cfg && gguf) {
-        mp_error ge = {0};
-        cfg = gguf_hf_config_weights(ws.ws[0], &ge);
-        if (cfg)
-            json_array_append_new(warnings, json_string("no config.json: config derived from the "
-                                                        "GGUF metadata"));
-        else {
-            char msg[600];
-            snprintf(msg, sizeof msg, "no config.json, and none derivable from the GGUF: %s",
-                     ge.message);
-            json_array_append_new(warnings, json_string(msg));
-        }
-    }
-    if (!cfg && !gguf) {
-        rc = mp_err(err, "not_found", "config.json is missing in %s", o->model_dir);
-        goto out;
-    }
-    if (collect(&ws, &ts, &n, &ntied, err) != 0) {
-        rc = -1;
-        goto out;
-    }
-    uint64_t params = 0, bytes = 0;
-    json_t *bd = by_dtype(ts, n, &params, &bytes);
-    /* quantization */
+    s->cfg = read_json(o->model_dir, "config.json", &cerr);
+    if (!s->cfg && strcmp(cerr.code, "not_found") != 0)
+        return mp_err(err, cerr.code, "%s", cerr.message);
+    if (open_weights(o->model_dir, s->names, &s->ws, s->warnings, err) != 0) return -1;
+    s->gguf = s->ws.format == MP_FMT_GGUF;
+    if (!s->cfg && s->gguf) derive_gguf_config(s);
+    if (!s->cfg && !s->gguf)
+        return mp_err(err, "not_found", "config.json is missing in %s", o->model_dir);
+    if (collect(&s->ws, &s->ts, &s->n, &s->ntied, err) != 0) return -1;
+    return 0;
+}
+
+/* The quantization: as declared (config or a side file), else as the GGUF
+ * or the tensors show it; then checked against the tensors, and the KV
+ * scales file asked about. */
+static void insp_quantization(insp_state *s) {
     mp_error qerr = {0};
-    q = cfg ? declared_quant(cfg, o->model_dir, warnings, &qerr) : NULL;
-    if (!q && gguf) q = gguf_quant(ws.ws[0], ts, n);
-    if (!q) q = insp_quant_from_tensors(ts, n);
-    if (!q) q = null_quant();
-    if (!json_is_null(json_object_get(q, "method")) || !gguf) insp_quant_refine(q, ts, n, warnings);
-    int64_t nlayers = cfg ? cfg_int(cfg, "num_hidden_layers") : -1;
-    if (o->kv_scales_path) kv_scales(q, o, cfg, nlayers);
-    /* architecture */
+    s->q = s->cfg ? declared_quant(s->cfg, s->o->model_dir, s->warnings, &qerr) : NULL;
+    if (!s->q && s->gguf) s->q = gguf_quant(s->ws.ws[0], s->ts, s->n);
+    if (!s->q) s->q = insp_quant_from_tensors(s->ts, s->n);
+    if (!s->q) s->q = null_quant();
+    if (!json_is_null(json_object_get(s->q, "method")) || !s->gguf)
+        insp_quant_refine(s->q, s->ts, s->n, s->warnings);
+    int64_t nlayers = s->cfg ? cfg_int(s->cfg, "num_hidden_layers") : -1;
+    if (s->o->kv_scales_path) kv_scales(s->q, s->o, s->cfg, nlayers);
+}
+
+/* The weight files' base names. */
+static json_t *weight_files(const wset *ws) {
+    json_t *files = json_array();
+    for (size_t wi = 0; wi < ws->n; wi++)
+        for (uint32_t f = 0; f < ws->ws[wi]->nfiles; f++) {
+            const char *p = ws->ws[wi]->files[f];
+            const char *slash = strrchr(p, '/');
+            json_array_append_new(files, json_string(slash ? slash + 1 : p));
+        }
+    return files;
+}
+
+static int insp_result(insp_state *s, double t0, json_t **result, mp_error *err) {
+    const json_t *cfg = s->cfg;
+    uint64_t params = 0, bytes = 0;
+    json_t *bd = by_dtype(s->ts, s->n, &params, &bytes);
+    const char *arch_gguf =
+        s->gguf ? json_string_value(json_object_get(s->ws.ws[0]->metadata, "general.architecture"))
+                : NULL;
     json_t *archs = json_object_get(cfg, "architectures");
     const char *arch = json_string_value(json_array_get(archs, 0));
     const char *mt = json_string_value(json_object_get(cfg, "model_type"));
     json_t *tc = json_object_get(cfg, "text_config");
     const char *text_mt = json_string_value(json_object_get(tc, "model_type"));
     if (!arch) arch = json_string_value(json_array_get(json_object_get(tc, "architectures"), 0));
-    json_t *formats = cache_formats_of(names);
-    json_t *files = json_array();
-    for (size_t wi = 0; wi < ws.n; wi++)
-        for (uint32_t f = 0; f < ws.ws[wi]->nfiles; f++) {
-            const char *p = ws.ws[wi]->files[f];
-            const char *slash = strrchr(p, '/');
-            json_array_append_new(files, json_string(slash ? slash + 1 : p));
-        }
-    json_t *ptp = per_tp(o, cfg, ts, n, gguf, arch_gguf, bytes, warnings);
-    if (ntied) {
+    json_t *formats = cache_formats_of(s->names);
+    json_t *files = weight_files(&s->ws);
+    json_t *ptp = per_tp(s->o, cfg, s->ts, s->n, s->gguf, arch_gguf, bytes, s->warnings);
+    if (s->ntied) {
         char msg[128];
-        snprintf(msg, sizeof msg, "%zu tied tensor(s) share storage and are counted once", ntied);
-        json_array_append_new(warnings, json_string(msg));
+        snprintf(msg, sizeof msg, "%zu tied tensor(s) share storage and are counted once",
+                 s->ntied);
+        json_array_append_new(s->warnings, json_string(msg));
     }
-    res = json_pack("{s:s?,s:s?,s:s?,s:o,s:o,s:I,s:I,s:I,s:o,s:O,s:o,s:O}", "architecture", arch,
-                    "model_type", mt, "text_model_type", text_mt, "formats",
-                    formats ? formats : json_array(), "files", files, "params_total",
-                    (json_int_t)params, "bytes_total", (json_int_t)bytes, "tensors", (json_int_t)n,
-                    "tensors_by_dtype", bd, "quantization", q, "per_tp", ptp, "warnings", warnings);
-    if (!res) {
-        rc = mp_err(err, "no_memory", "out of memory");
-        goto out;
-    }
+    json_t *res = json_pack("{s:s?,s:s?,s:s?,s:o,s:o,s:I,s:I,s:I,s:o,s:O,s:o,s:O}", "architecture",
+                            arch, "model_type", mt, "text_model_type", text_mt, "formats",
+                            formats ? formats : json_array(), "files", files, "params_total",
+                            (json_int_t)params, "bytes_total", (json_int_t)bytes, "tensors",
+                            (json_int_t)s->n, "tensors_by_dtype", bd, "quantization", s->q,
+                            "per_tp", ptp, "warnings", s->warnings);
+    if (!res) return mp_err(err, "no_memory", "out of memory");
     json_object_set_new(res, "format",
-                        json_string(ws.format == MP_FMT_SAFETENSORS ? "safetensors"
-                                    : gguf                          ? "gguf"
-                                                                    : "pt"));
-    if (ws.gguf_file) json_object_set_new(res, "gguf_file", json_string(ws.gguf_file));
+                        json_string(s->ws.format == MP_FMT_SAFETENSORS ? "safetensors"
+                                    : s->gguf                          ? "gguf"
+                                                                       : "pt"));
+    if (s->ws.gguf_file) json_object_set_new(res, "gguf_file", json_string(s->ws.gguf_file));
     json_object_set_new(res, "seconds", json_real(now_s() - t0));
     *result = res;
-out:
-    free(ts);
-    wset_free(&ws);
-    json_decref(cfg);
-    json_decref(q);
-    json_decref(names);
-    json_decref(warnings);
+    return 0;
+}
+
+int insp_run(const insp_opts *o, json_t **result, mp_error *err) {
+    *result = NULL;
+    double t0 = now_s();
+    insp_state s = {.o = o, .warnings = json_array()};
+    s.names = dir_names(o->model_dir, err);
+    if (!s.names) {
+        json_decref(s.warnings);
+        return -1;
+    }
+    int rc = insp_open(&s, err);
+    if (rc == 0) {
+        insp_quantization(&s);
+        rc = insp_result(&s, t0, result, err);
+    }
+    free(s.ts);
+    wset_free(&s.ws);
+    json_decref(s.cfg);
+    json_decref(s.q);
+    json_decref(s.names);
+    json_decref(s.warnings);
     return rc;
 }

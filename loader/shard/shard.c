@@ -849,127 +849,141 @@ static double now_s(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
-    *result = NULL;
-    double t0 = now_s();
-    shard_ctx c = {.o = o};
-    crc32c_init(&c.crc);
-    int rc = -1;
-    bool made_tmp = false, pool_up = false;
-    json_t *copied = json_array(), *manifest = NULL;
-    if (o->tp < 1 || o->tp > 1024) {
-        json_decref(copied);
-        return mp_err(err, "bad_tp_size", "tp_size must be 1..1024");
-    }
-    if (tp_config_load(o->model_dir, &c.cfg, err) != 0) goto out;
-    if (tp_check(&c.cfg, o->tp, err) != 0) goto out;
+static const char *naming_name(tp_naming n) {
+    return n == TP_NAMING_HF ? "hf" : "sglang";
+}
+
+static uint64_t part_limit(const shard_opts *o) {
+    return o->max_part_bytes ? o->max_part_bytes : SHARD_DEFAULT_PART_BYTES;
+}
+
+/* How many ranks are written together (one pass over the source each). */
+static int rank_group(const shard_opts *o) {
+    return o->tp < SHARD_RANK_GROUP ? o->tp : SHARD_RANK_GROUP;
+}
+
+/* Opens the checkpoint, lays its tensors out over the ranks and cuts each
+ * rank's targets into parts. */
+static int shard_plan(shard_ctx *c, mp_error *err) {
+    const shard_opts *o = c->o;
+    if (tp_config_load(o->model_dir, &c->cfg, err) != 0) return -1;
+    if (tp_check(&c->cfg, o->tp, err) != 0) return -1;
     struct stat st;
-    if (!o->overwrite && lstat(o->output_dir, &st) == 0) {
-        mp_err(err, "output_exists", "%s already exists (set params.overwrite to replace it)",
-               o->output_dir);
-        goto out;
-    }
-    if (open_source(o->model_dir, &c.w, err) != 0) goto out;
-    map_sources(&c);
-    if (tp_layout_build(&c.cfg, c.w->tensors, c.w->ntensors, o->tp, o->naming, &c.lay, err) != 0)
-        goto out;
-    if (c.lay.ntargets == 0) {
-        mp_err(err, "not_found", "no tensors to shard in %s", o->model_dir);
-        goto out;
-    }
-    if (plan_parts(&c, err) != 0) goto out;
-    for (size_t i = 0; i < c.w->ntensors; i++)
-        c.total += c.w->tensors[i].nbytes;
-    c.source_bytes = c.total;
-    int group = o->tp < SHARD_RANK_GROUP ? o->tp : SHARD_RANK_GROUP;
-    c.total *= (uint64_t)((o->tp + group - 1) / group);
-    c.sl = calloc((size_t)o->tp, sizeof *c.sl);
-    c.rf = calloc((size_t)group, sizeof *c.rf);
-    c.files = json_array();
+    if (!o->overwrite && lstat(o->output_dir, &st) == 0)
+        return mp_err(err, "output_exists",
+                      "%s already exists (set params.overwrite to replace it)", o->output_dir);
+    if (open_source(o->model_dir, &c->w, err) != 0) return -1;
+    map_sources(c);
+    if (tp_layout_build(&c->cfg, c->w->tensors, c->w->ntensors, o->tp, o->naming, &c->lay, err) !=
+        0)
+        return -1;
+    if (c->lay.ntargets == 0)
+        return mp_err(err, "not_found", "no tensors to shard in %s", o->model_dir);
+    if (plan_parts(c, err) != 0) return -1;
+    for (size_t i = 0; i < c->w->ntensors; i++)
+        c->total += c->w->tensors[i].nbytes;
+    c->source_bytes = c->total;
+    /* Each group of ranks reads the whole source once. */
+    int group = rank_group(o);
+    c->total *= (uint64_t)((o->tp + group - 1) / group);
+    return 0;
+}
+
+/* The per-run buffers, the per-rank file lists and the temp folder's name,
+ * "<output>.tmp-<tag>" (the job's tag, so that a resumed run finds it). */
+static int shard_alloc(shard_ctx *c, mp_error *err) {
+    const shard_opts *o = c->o;
+    c->sl = calloc((size_t)o->tp, sizeof *c->sl);
+    c->rf = calloc((size_t)rank_group(o), sizeof *c->rf);
+    c->files = json_array();
     char tag[64];
     if (o->tmp_tag && plain_tag(o->tmp_tag))
         snprintf(tag, sizeof tag, "%s", o->tmp_tag);
     else
         snprintf(tag, sizeof tag, "%ld", (long)getpid());
-    if (!c.sl || !c.rf || !c.files || asprintf(&c.tmp_dir, "%s.tmp-%s", o->output_dir, tag) < 0) {
-        c.tmp_dir = NULL;
-        mp_err(err, "no_memory", "out of memory");
-        goto out;
+    if (!c->sl || !c->rf || !c->files ||
+        asprintf(&c->tmp_dir, "%s.tmp-%s", o->output_dir, tag) < 0) {
+        c->tmp_dir = NULL;
+        return mp_err(err, "no_memory", "out of memory");
     }
     for (int r = 0; r < o->tp; r++)
-        json_array_append_new(c.files, json_array());
-    {
-        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-        int nt = (int)(ncpu < 1 ? 1 : ncpu > SHARD_MAX_THREADS + 1 ? SHARD_MAX_THREADS + 1 : ncpu);
-        if (nt > group) nt = group;
-        /* nt - 1 workers: the calling thread is one of them */
-        if (pool_start(&c.pool, nt - 1) != 0) {
-            mp_err(err, "no_memory", "cannot start the worker pool");
-            goto out;
-        }
-        pool_up = true;
-    }
-    {
-        char *parent = strdup(o->output_dir);
-        char *sl = parent ? strrchr(parent, '/') : NULL;
-        if (sl && sl != parent) *sl = 0;
-        int prc = parent ? fs_mkdirs(parent, err) : mp_err(err, "no_memory", "out of memory");
-        free(parent);
-        if (prc != 0) goto out;
-    }
-    c.state =
-        json_pack("{s:i,s:s,s:i,s:s,s:I,s:I,s:{}}", "version", 1, "tmp_dir", c.tmp_dir, "tp", o->tp,
-                  "naming", o->naming == TP_NAMING_HF ? "hf" : "sglang", "max_part_bytes",
-                  (json_int_t)(o->max_part_bytes ? o->max_part_bytes : SHARD_DEFAULT_PART_BYTES),
-                  "source_bytes", (json_int_t)c.source_bytes, "files");
-    if (!c.state) {
-        mp_err(err, "no_memory", "out of memory");
-        goto out;
-    }
-    if (resume_matches(&c, o->resume) && stat(c.tmp_dir, &st) == 0 && S_ISDIR(st.st_mode)) {
-        c.resumed = json_object_get(o->resume, "files");
-        say(&c, "info", "resuming in %s (%zu files done before)", c.tmp_dir,
-            json_object_size(c.resumed));
-    } else {
-        rm_flat(c.tmp_dir); /* leftovers of an earlier run under the same tag */
-        if (mkdir(c.tmp_dir, 0755) != 0) {
-            mp_err(err, "io_error", "mkdir %s: %s", c.tmp_dir, strerror(errno));
-            goto out;
-        }
-    }
-    made_tmp = true;
-    say(&c, "info",
-        "sharding %zu tensors into %zu targets x %d ranks, %zu part(s) per rank "
-        "(%s naming), %llu bytes per rank",
-        c.w->ntensors, c.lay.ntargets, o->tp, c.nparts, o->naming == TP_NAMING_HF ? "hf" : "sglang",
-        (unsigned long long)c.lay.rank_bytes);
+        json_array_append_new(c->files, json_array());
+    return 0;
+}
 
-    for (c.r0 = 0; c.r0 < o->tp; c.r0 += group) {
-        c.r1 = c.r0 + group < o->tp ? c.r0 + group : o->tp;
-        for (size_t p = 0; p < c.nparts; p++) {
-            if (resume_part(&c, p)) {
-                c.done += part_source_bytes(&c, p);
-                c.files_resumed += (size_t)(c.r1 - c.r0);
-                say(&c, "info", "ranks %d..%d part %zu: taken over from the interrupted run", c.r0,
-                    c.r1 - 1, p);
+static int shard_start_pool(shard_ctx *c, mp_error *err) {
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int nt = (int)(ncpu < 1 ? 1 : ncpu > SHARD_MAX_THREADS + 1 ? SHARD_MAX_THREADS + 1 : ncpu);
+    if (nt > rank_group(c->o)) nt = rank_group(c->o);
+    /* nt - 1 workers: the calling thread is one of them */
+    if (pool_start(&c->pool, nt - 1) != 0)
+        return mp_err(err, "no_memory", "cannot start the worker pool");
+    return 0;
+}
+
+static int make_parent_dir(const char *path, mp_error *err) {
+    char *parent = strdup(path);
+    char *sl = parent ? strrchr(parent, '/') : NULL;
+    if (sl && sl != parent) *sl = 0;
+    int prc = parent ? fs_mkdirs(parent, err) : mp_err(err, "no_memory", "out of memory");
+    free(parent);
+    return prc;
+}
+
+/* Starts the resume checkpoint and the temp folder: the interrupted run's
+ * when the checkpoint given is of this same job, else a fresh one. */
+static int shard_open_tmp(shard_ctx *c, mp_error *err) {
+    const shard_opts *o = c->o;
+    c->state =
+        json_pack("{s:i,s:s,s:i,s:s,s:I,s:I,s:{}}", "version", 1, "tmp_dir", c->tmp_dir, "tp",
+                  o->tp, "naming", naming_name(o->naming), "max_part_bytes",
+                  (json_int_t)part_limit(o), "source_bytes", (json_int_t)c->source_bytes, "files");
+    if (!c->state) return mp_err(err, "no_memory", "out of memory");
+    struct stat st;
+    if (resume_matches(c, o->resume) && stat(c->tmp_dir, &st) == 0 && S_ISDIR(st.st_mode)) {
+        c->resumed = json_object_get(o->resume, "files");
+        say(c, "info", "resuming in %s (%zu files done before)", c->tmp_dir,
+            json_object_size(c->resumed));
+        return 0;
+    }
+    rm_flat(c->tmp_dir); /* leftovers of an earlier run under the same tag */
+    if (mkdir(c->tmp_dir, 0755) != 0)
+        return mp_err(err, "io_error", "mkdir %s: %s", c->tmp_dir, strerror(errno));
+    return 0;
+}
+
+/* Every part of every rank, one group of ranks at a time: each part is
+ * taken over from the interrupted run, or written, re-read and recorded in
+ * the checkpoint. */
+static int shard_write_groups(shard_ctx *c, mp_error *err) {
+    const shard_opts *o = c->o;
+    int group = rank_group(o);
+    for (c->r0 = 0; c->r0 < o->tp; c->r0 += group) {
+        c->r1 = c->r0 + group < o->tp ? c->r0 + group : o->tp;
+        for (size_t p = 0; p < c->nparts; p++) {
+            if (resume_part(c, p)) {
+                c->done += part_source_bytes(c, p);
+                c->files_resumed += (size_t)(c->r1 - c->r0);
+                say(c, "info", "ranks %d..%d part %zu: taken over from the interrupted run", c->r0,
+                    c->r1 - 1, p);
                 continue;
             }
-            if (write_part(&c, p, err) != 0) goto out;
+            if (write_part(c, p, err) != 0) return -1;
             /* Re-read what was just written, then record it as done. */
-            if (o->progress) o->progress(o->cb, c.done, c.total, "checking");
-            if (verify_part(&c, p, err) != 0) goto out;
-            save_checkpoint(&c, p);
-            if (cancelled(&c)) {
-                mp_err(err, "cancelled", "cancelled");
-                goto out;
-            }
+            if (o->progress) o->progress(o->cb, c->done, c->total, "checking");
+            if (verify_part(c, p, err) != 0) return -1;
+            save_checkpoint(c, p);
+            if (cancelled(c)) return mp_err(err, "cancelled", "cancelled");
         }
     }
-    if (copy_side_files(&c, copied, err) != 0) goto out;
+    return 0;
+}
 
+/* Per rank: {rank, files, bytes}. */
+static json_t *rank_summary(const shard_ctx *c) {
     json_t *ranks = json_array();
-    for (int r = 0; r < o->tp; r++) {
-        json_t *fl = json_array_get(c.files, (size_t)r);
+    for (int r = 0; r < c->o->tp; r++) {
+        json_t *fl = json_array_get(c->files, (size_t)r);
         json_int_t b = 0;
         size_t i;
         json_t *f;
@@ -977,85 +991,114 @@ int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
         json_array_append_new(ranks,
                               json_pack("{s:i,s:O,s:I}", "rank", r, "files", fl, "bytes", b));
     }
+    return ranks;
+}
+
+/* SHARD_MANIFEST in the temp folder, so that it is published with the
+ * weights. */
+static int shard_write_manifest(const shard_ctx *c, json_t *copied, json_t *ranks, mp_error *err) {
+    const shard_opts *o = c->o;
     const char *commit = commit_of(o->model_dir);
-    manifest = json_pack(
+    json_t *manifest = json_pack(
         "{s:s,s:i,s:i,s:s,s:s,s:I,s:{s:s?,s:s?,s:s?,s:s},s:s,s:s,s:o,s:O,s:I,s:O,s:I}", "format",
-        "sglang-sharded-state", "version", 1, "tp_size", o->tp, "naming",
-        o->naming == TP_NAMING_HF ? "hf" : "sglang", "pattern", SHARD_PATTERN, "max_part_bytes",
-        (json_int_t)(o->max_part_bytes ? o->max_part_bytes : SHARD_DEFAULT_PART_BYTES), "source",
-        "model", o->source_model, "revision", o->source_revision, "commit", commit, "path",
-        o->model_dir, "architecture", c.cfg.architecture, "model_type", c.cfg.model_type, "rules",
-        rules_used(&c), "ranks", ranks, "parts", (json_int_t)c.nparts, "copied_files", copied,
-        "rank_bytes", (json_int_t)c.lay.rank_bytes);
-    if (!manifest) {
-        json_decref(ranks);
-        mp_err(err, "no_memory", "out of memory");
-        goto out;
-    }
-    {
-        char *txt = json_dumps(manifest, JSON_INDENT(2) | JSON_SORT_KEYS);
-        char mp[PATH_MAX];
-        snprintf(mp, sizeof mp, "%s/%s", c.tmp_dir, SHARD_MANIFEST);
-        int wrc = txt ? fs_write_atomic(mp, txt, strlen(txt), err)
-                      : mp_err(err, "no_memory", "out of memory");
-        free(txt);
-        if (wrc != 0) {
-            json_decref(ranks);
-            goto out;
-        }
-    }
-    /* Publish: the finished folder replaces the name in one rename. */
+        "sglang-sharded-state", "version", 1, "tp_size", o->tp, "naming", naming_name(o->naming),
+        "pattern", SHARD_PATTERN, "max_part_bytes", (json_int_t)part_limit(o), "source", "model",
+        o->source_model, "revision", o->source_revision, "commit", commit, "path", o->model_dir,
+        "architecture", c->cfg.architecture, "model_type", c->cfg.model_type, "rules",
+        rules_used(c), "ranks", ranks, "parts", (json_int_t)c->nparts, "copied_files", copied,
+        "rank_bytes", (json_int_t)c->lay.rank_bytes);
+    if (!manifest) return mp_err(err, "no_memory", "out of memory");
+    char *txt = json_dumps(manifest, JSON_INDENT(2) | JSON_SORT_KEYS);
+    char mp[PATH_MAX];
+    snprintf(mp, sizeof mp, "%s/%s", c->tmp_dir, SHARD_MANIFEST);
+    int wrc = txt ? fs_write_atomic(mp, txt, strlen(txt), err)
+                  : mp_err(err, "no_memory", "out of memory");
+    free(txt);
+    json_decref(manifest);
+    return wrc;
+}
+
+/* Publish: the finished folder replaces the name in one rename (a folder
+ * already there, with overwrite, is moved aside first and removed after). */
+static int shard_publish(const shard_ctx *c, mp_error *err) {
+    const shard_opts *o = c->o;
     char *old = NULL;
+    struct stat st;
     if (lstat(o->output_dir, &st) == 0) {
-        if (!o->overwrite) {
-            json_decref(ranks);
-            mp_err(err, "output_exists", "%s appeared while sharding", o->output_dir);
-            goto out;
-        }
+        if (!o->overwrite)
+            return mp_err(err, "output_exists", "%s appeared while sharding", o->output_dir);
         if (asprintf(&old, "%s.old-%ld", o->output_dir, (long)getpid()) < 0 ||
             rename(o->output_dir, old) != 0) {
-            json_decref(ranks);
             mp_err(err, "io_error", "moving the old %s aside: %s", o->output_dir, strerror(errno));
             free(old);
-            goto out;
+            return -1;
         }
     }
-    if (rename(c.tmp_dir, o->output_dir) != 0) {
-        json_decref(ranks);
-        mp_err(err, "io_error", "rename %s: %s", c.tmp_dir, strerror(errno));
+    if (rename(c->tmp_dir, o->output_dir) != 0) {
+        mp_err(err, "io_error", "rename %s: %s", c->tmp_dir, strerror(errno));
         if (old) rename(old, o->output_dir);
         free(old);
-        goto out;
+        return -1;
     }
-    made_tmp = false;
     if (old) {
         rm_flat(old);
         free(old);
     }
-    if (fs_sync_parent(o->output_dir, err) != 0) {
-        json_decref(ranks);
-        goto out;
-    }
+    return fs_sync_parent(o->output_dir, err);
+}
+
+/* The job's result; takes ranks over. */
+static int shard_result(const shard_ctx *c, json_t *ranks, double t0, json_t **result,
+                        mp_error *err) {
+    const shard_opts *o = c->o;
     char mpath[PATH_MAX];
     snprintf(mpath, sizeof mpath, "%s/%s", o->output_dir, SHARD_MANIFEST);
     *result = json_pack("{s:s,s:s,s:i,s:s,s:I,s:o,s:I,s:I,s:I,s:f}", "output_path", o->output_dir,
-                        "manifest", mpath, "tp_size", o->tp, "naming",
-                        o->naming == TP_NAMING_HF ? "hf" : "sglang", "parts", (json_int_t)c.nparts,
-                        "ranks", ranks, "rank_bytes", (json_int_t)c.lay.rank_bytes, "bytes_read",
-                        (json_int_t)c.bytes_read, "bytes_written", (json_int_t)c.bytes_written,
-                        "seconds", now_s() - t0);
+                        "manifest", mpath, "tp_size", o->tp, "naming", naming_name(o->naming),
+                        "parts", (json_int_t)c->nparts, "ranks", ranks, "rank_bytes",
+                        (json_int_t)c->lay.rank_bytes, "bytes_read", (json_int_t)c->bytes_read,
+                        "bytes_written", (json_int_t)c->bytes_written, "seconds", now_s() - t0);
     if (*result)
-        json_object_set_new(*result, "files_resumed", json_integer((json_int_t)c.files_resumed));
-    if (!*result) {
-        mp_err(err, "no_memory", "out of memory");
-        goto out;
+        json_object_set_new(*result, "files_resumed", json_integer((json_int_t)c->files_resumed));
+    if (!*result) return mp_err(err, "no_memory", "out of memory");
+    return 0;
+}
+
+int shard_run(const shard_opts *o, json_t **result, mp_error *err) {
+    *result = NULL;
+    double t0 = now_s();
+    shard_ctx c = {.o = o};
+    crc32c_init(&c.crc);
+    int rc = -1;
+    bool made_tmp = false, pool_up = false;
+    json_t *copied = json_array(), *ranks = NULL;
+    if (o->tp < 1 || o->tp > 1024) {
+        json_decref(copied);
+        return mp_err(err, "bad_tp_size", "tp_size must be 1..1024");
     }
-    rc = 0;
+    if (shard_plan(&c, err) != 0 || shard_alloc(&c, err) != 0) goto out;
+    if (shard_start_pool(&c, err) != 0) goto out;
+    pool_up = true;
+    if (make_parent_dir(o->output_dir, err) != 0 || shard_open_tmp(&c, err) != 0) goto out;
+    made_tmp = true;
+    say(&c, "info",
+        "sharding %zu tensors into %zu targets x %d ranks, %zu part(s) per rank "
+        "(%s naming), %llu bytes per rank",
+        c.w->ntensors, c.lay.ntargets, o->tp, c.nparts, naming_name(o->naming),
+        (unsigned long long)c.lay.rank_bytes);
+
+    if (shard_write_groups(&c, err) != 0) goto out;
+    if (copy_side_files(&c, copied, err) != 0) goto out;
+    ranks = rank_summary(&c);
+    if (shard_write_manifest(&c, copied, ranks, err) != 0 || shard_publish(&c, err) != 0) goto out;
+    made_tmp = false;
+    rc = shard_result(&c, ranks, t0, result, err);
+    ranks = NULL; /* taken over by shard_result */
 out:
     if (made_tmp && !(rc != 0 && o->draining && o->draining(o->cb) && o->checkpoint))
         rm_flat(c.tmp_dir);
+    json_decref(ranks);
     json_decref(copied);
-    json_decref(manifest);
     json_decref(c.files);
     json_decref(c.state);
     free(c.tmp_dir);

@@ -452,6 +452,204 @@ static int make_target(const tp_rule *r, const char *name, const size_t *cap_off
     return 0;
 }
 
+/* What tp_slice_for works from: the request, the tensor's rule with its
+ * captures, and which parameter of its module the tensor is. */
+typedef struct slice_req {
+    const tp_model_cfg *cfg;
+    const mp_tensor *t;
+    int tp, rank;
+    tp_naming naming;
+    const tp_rule *r;
+    size_t cap_off[TP_MAX_CAPS], cap_len[TP_MAX_CAPS];
+    int ncap;
+    bool is_w, is_b, is_sc; /* weight, bias, fp8 weight_scale_inv */
+} slice_req;
+
+/* Only weights, biases and fp8 block scales can be split. */
+static int check_param(const slice_req *rq, const tp_slice *s, mp_error *err) {
+    const mp_tensor *t = rq->t;
+    if (s->kind != TP_REPLICATED && s->kind != TP_DROP && !rq->is_w && !rq->is_b && !rq->is_sc)
+        return mp_err(err, "unsupported_quantization",
+                      "tensor '%s': only weight, bias and fp8 weight_scale_inv can be split",
+                      t->name);
+    if (rq->is_sc && rq->cfg->block_n <= 0)
+        return mp_err(err, "unsupported_quantization",
+                      "tensor '%s': weight_scale_inv without quantization_config."
+                      "weight_block_size",
+                      t->name);
+    if (rq->is_sc && s->kind == TP_VOCAB)
+        return mp_err(err, "unsupported_quantization", "tensor '%s': quantized embedding", t->name);
+    return 0;
+}
+
+static int split_expert(const slice_req *rq, tp_slice *s, mp_error *err) {
+    const mp_tensor *t = rq->t;
+    if (rq->r->part != TP_PART_DOWN) return split_even(t, 0, rq->tp, rq->rank, s, err);
+    if (rq->is_w) {
+        if (t->ndim != 2)
+            return mp_err(err, "unsplittable", "%s: expert weight wants 2 dims", t->name);
+        return split_even(t, 1, rq->tp, rq->rank, s, err);
+    }
+    if (rq->is_sc) return split_even(t, 1, rq->tp, rq->rank, s, err);
+    return 0; /* a down bias is whole on every rank */
+}
+
+/* Whole heads per rank; with fewer KV heads than ranks, each rank holds a
+ * copy of the KV head it shares. */
+static int split_qkv(const slice_req *rq, tp_slice *s, mp_error *err) {
+    const tp_model_cfg *cfg = rq->cfg;
+    const mp_tensor *t = rq->t;
+    int tp = rq->tp, rank = rq->rank;
+    if (t->ndim < 1) return mp_err(err, "unsplittable", "%s: a scalar", t->name);
+    int64_t heads = rq->r->part == TP_PART_Q ? cfg->num_heads : cfg->num_kv_heads;
+    if (t->shape[0] % heads != 0)
+        return mp_err(err, "unsplittable", "%s: dim 0 (%lld) is not %lld heads", t->name,
+                      (long long)t->shape[0], (long long)heads);
+    int64_t per_head = t->shape[0] / heads;
+    s->dim = 0;
+    s->nseg = 1;
+    if (rq->r->part == TP_PART_Q || cfg->num_kv_heads >= tp) {
+        int64_t hpr = heads / tp;
+        s->seg[0].start = (int64_t)rank * hpr * per_head;
+        s->seg[0].len = hpr * per_head;
+    } else {
+        int64_t h = rank / (tp / cfg->num_kv_heads); /* replicated KV head */
+        s->seg[0].start = h * per_head;
+        s->seg[0].len = per_head;
+    }
+    return 0;
+}
+
+/* Rows of the vocab padded to TP_VOCAB_PAD; the rows past the tensor's end
+ * are a zero segment (start -1). */
+static int split_vocab(const slice_req *rq, tp_slice *s, mp_error *err) {
+    const mp_tensor *t = rq->t;
+    int tp = rq->tp;
+    if (t->ndim < 1) return mp_err(err, "unsplittable", "%s: a scalar", t->name);
+    int64_t v = t->shape[0];
+    int64_t vp = round_up(v > rq->cfg->vocab_size ? v : rq->cfg->vocab_size, TP_VOCAB_PAD);
+    if (vp % tp != 0)
+        return mp_err(err, "unsplittable", "%s: padded vocab %lld does not divide by %d", t->name,
+                      (long long)vp, tp);
+    int64_t per = vp / tp, st = (int64_t)rq->rank * per;
+    int64_t have = v > st ? (v - st < per ? v - st : per) : 0;
+    s->dim = 0;
+    s->nseg = 0;
+    if (have > 0) {
+        s->seg[s->nseg].start = st;
+        s->seg[s->nseg].len = have;
+        s->nseg++;
+    }
+    if (per - have > 0) {
+        s->seg[s->nseg].start = -1;
+        s->seg[s->nseg].len = per - have;
+        s->nseg++;
+    }
+    return 0;
+}
+
+/* The segments of the source that are this rank's, by the slice's kind. */
+static int split_piece(const slice_req *rq, tp_slice *s, mp_error *err) {
+    const mp_tensor *t = rq->t;
+    switch (s->kind) {
+    case TP_REPLICATED:
+        return 0;
+    case TP_COLUMN:
+        if (t->ndim < 1) return mp_err(err, "unsplittable", "%s: a scalar", t->name);
+        return split_even(t, 0, rq->tp, rq->rank, s, err);
+    case TP_ROW:
+        if (t->ndim != 2) return mp_err(err, "unsplittable", "%s: row split wants 2 dims", t->name);
+        return split_even(t, 1, rq->tp, rq->rank, s, err);
+    case TP_EXPERT:
+        return split_expert(rq, s, err);
+    case TP_QKV:
+        return split_qkv(rq, s, err);
+    case TP_VOCAB:
+        return split_vocab(rq, s, err);
+    default:
+        return mp_err(err, "internal", "bad rule kind");
+    }
+}
+
+/* q, k and v fuse into qkv_proj: q rows, then k, then v, each as many rows
+ * per rank as the config says (in fp8 scale rows for weight_scale_inv). */
+static int place_qkv(const slice_req *rq, tp_slice *s, mp_error *err) {
+    const tp_model_cfg *cfg = rq->cfg;
+    const tp_rule *r = rq->r;
+    int unit_div = rq->is_sc ? (int)cfg->block_n : 1; /* rows per scale row along dim 0 */
+    int64_t q_rows = cfg->num_heads / rq->tp * cfg->head_dim,
+            kv_rows = kv_per_rank(cfg, rq->tp) * cfg->head_dim;
+    if (q_rows % unit_div != 0 || kv_rows % unit_div != 0)
+        return mp_err(err, "unsplittable", "%s: q/k/v rows per rank not whole fp8 blocks",
+                      rq->t->name);
+    int64_t q = q_rows / unit_div, kv = kv_rows / unit_div;
+    if (s->shape[0] != (r->part == TP_PART_Q ? q : kv))
+        return mp_err(err, "unsplittable",
+                      "%s: %lld rows per rank, config says %lld (head_dim %lld)", rq->t->name,
+                      (long long)s->shape[0], (long long)(r->part == TP_PART_Q ? q : kv),
+                      (long long)cfg->head_dim);
+    s->tshape[0] = q + 2 * kv;
+    s->t_offset = r->part == TP_PART_Q ? 0 : r->part == TP_PART_K ? q : q + kv;
+    return 0;
+}
+
+/* Experts stack along a new dim 0 (the expert number, from the name);
+ * gate and up fuse within an expert. */
+static int place_expert(const slice_req *rq, tp_slice *s, mp_error *err) {
+    const tp_model_cfg *cfg = rq->cfg;
+    const mp_tensor *t = rq->t;
+    const tp_rule *r = rq->r;
+    if (s->ndim + 1 > MP_MAX_DIMS) return mp_err(err, "unsplittable", "too many dims");
+    char num[32];
+    size_t cl = rq->cap_len[r->expert_capture];
+    if (cl >= sizeof num) return mp_err(err, "unsplittable", "%s: expert number", t->name);
+    memcpy(num, t->name + rq->cap_off[r->expert_capture], cl);
+    num[cl] = 0;
+    errno = 0;
+    long long e = strtoll(num, NULL, 10);
+    if (errno || e < 0 || e >= cfg->num_experts)
+        return mp_err(err, "unsplittable", "%s: expert %s outside num_experts %lld", t->name, num,
+                      (long long)cfg->num_experts);
+    s->tndim = s->ndim + 1;
+    s->tshape[0] = cfg->num_experts;
+    for (int d = 0; d < s->ndim; d++)
+        s->tshape[d + 1] = s->shape[d];
+    s->t_expert = e;
+    if (r->part != TP_PART_DOWN && s->ndim >= 1) {
+        s->tshape[1] = 2 * s->shape[0];
+        s->t_offset = r->part == TP_PART_UP ? s->shape[0] : 0;
+    }
+    return 0;
+}
+
+/* Placement: the target the piece goes to under the naming asked for, the
+ * target's per-rank shape and the piece's place in it. */
+static int place_piece(const slice_req *rq, tp_slice *s, mp_error *err) {
+    const tp_model_cfg *cfg = rq->cfg;
+    const mp_tensor *t = rq->t;
+    const tp_rule *r = rq->r;
+    s->tndim = s->ndim;
+    memcpy(s->tshape, s->shape, sizeof s->tshape);
+    if (rq->naming == TP_NAMING_HF) return make_target(NULL, t->name, NULL, NULL, 0, s, err);
+    if (s->kind == TP_VOCAB && cfg->tie_word_embeddings && family_aliases_lm_head(cfg->family) &&
+        strcmp(t->name, "model.embed_tokens.weight") == 0) {
+        /* ShardedStateLoader keeps the tied pair once, under the smaller key. */
+        snprintf(s->target, sizeof s->target, "lm_head.weight");
+        return 0;
+    }
+    const tp_rule *tr = r;
+    if (s->kind == TP_REPLICATED && r->kind == TP_ROW) tr = NULL;
+    if (make_target(tr, t->name, rq->cap_off, rq->cap_len, rq->ncap, s, err) != 0) return -1;
+    if (r->kind == TP_QKV) return place_qkv(rq, s, err);
+    if (r->kind == TP_COLUMN && r->part != TP_PART_NONE) {
+        s->tshape[0] = 2 * s->shape[0];
+        s->t_offset = r->part == TP_PART_UP ? s->shape[0] : 0;
+    } else if (r->kind == TP_EXPERT) {
+        return place_expert(rq, s, err);
+    }
+    return 0;
+}
+
 int tp_slice_for(const tp_model_cfg *cfg, const mp_tensor *t, int tp, int rank, tp_naming naming,
                  tp_slice *s, mp_error *err) {
     memset(s, 0, sizeof *s);
@@ -462,27 +660,17 @@ int tp_slice_for(const tp_model_cfg *cfg, const mp_tensor *t, int tp, int rank, 
         return mp_err(err, "bad_tp_size", "rank %d outside tp_size %d", rank, tp);
     if (t->dtype == MP_DT_GGML)
         return mp_err(err, "unsplittable", "%s: ggml block types cannot be split", t->name);
-    size_t cap_off[TP_MAX_CAPS], cap_len[TP_MAX_CAPS];
-    int ncap = 0;
-    const tp_rule *r = lookup(cfg, t->name, cap_off, cap_len, &ncap);
-    if (!r)
+    slice_req rq = {.cfg = cfg, .t = t, .tp = tp, .rank = rank, .naming = naming};
+    rq.r = lookup(cfg, t->name, rq.cap_off, rq.cap_len, &rq.ncap);
+    if (!rq.r)
         return mp_err(err, "unsplittable", "tensor '%s' matches no %s rule", t->name,
                       cfg->architecture[0] ? cfg->architecture : cfg->model_type);
-    s->rule = r;
-    s->kind = r->kind;
-    bool is_w = is_param(t->name, "weight"), is_b = is_param(t->name, "bias");
-    bool is_sc = is_param(t->name, "weight_scale_inv");
-    if (s->kind != TP_REPLICATED && s->kind != TP_DROP && !is_w && !is_b && !is_sc)
-        return mp_err(err, "unsupported_quantization",
-                      "tensor '%s': only weight, bias and fp8 weight_scale_inv can be split",
-                      t->name);
-    if (is_sc && cfg->block_n <= 0)
-        return mp_err(err, "unsupported_quantization",
-                      "tensor '%s': weight_scale_inv without quantization_config."
-                      "weight_block_size",
-                      t->name);
-    if (is_sc && s->kind == TP_VOCAB)
-        return mp_err(err, "unsupported_quantization", "tensor '%s': quantized embedding", t->name);
+    s->rule = rq.r;
+    s->kind = rq.r->kind;
+    rq.is_w = is_param(t->name, "weight");
+    rq.is_b = is_param(t->name, "bias");
+    rq.is_sc = is_param(t->name, "weight_scale_inv");
+    if (check_param(&rq, s, err) != 0) return -1;
     /* Gemma's SGLang class has no lm_head (the embedding is the output
      * layer), so a checkpoint's copy has nowhere to go. */
     if (naming == TP_NAMING_SGLANG && cfg->family == TP_FAM_GEMMA &&
@@ -493,134 +681,10 @@ int tp_slice_for(const tp_model_cfg *cfg, const mp_tensor *t, int tp, int rank, 
         snprintf(s->target, sizeof s->target, "%s", t->name);
         return set_piece_shape(t, s, err);
     }
-    if (s->kind == TP_ROW && !is_w && !is_sc) s->kind = TP_REPLICATED; /* row bias: whole */
-
-    int unit_div = is_sc ? (int)cfg->block_n : 1; /* rows per scale row along dim 0 */
-    int64_t q_rows = cfg->num_heads / tp * cfg->head_dim,
-            kv_rows = kv_per_rank(cfg, tp) * cfg->head_dim;
-    switch (s->kind) {
-    case TP_REPLICATED:
-        break;
-    case TP_COLUMN:
-        if (t->ndim < 1) return mp_err(err, "unsplittable", "%s: a scalar", t->name);
-        if (split_even(t, 0, tp, rank, s, err) != 0) return -1;
-        break;
-    case TP_ROW:
-        if (t->ndim != 2) return mp_err(err, "unsplittable", "%s: row split wants 2 dims", t->name);
-        if (split_even(t, 1, tp, rank, s, err) != 0) return -1;
-        break;
-    case TP_EXPERT:
-        if (r->part == TP_PART_DOWN && is_w) {
-            if (t->ndim != 2)
-                return mp_err(err, "unsplittable", "%s: expert weight wants 2 dims", t->name);
-            if (split_even(t, 1, tp, rank, s, err) != 0) return -1;
-        } else if (r->part == TP_PART_DOWN && is_sc) {
-            if (split_even(t, 1, tp, rank, s, err) != 0) return -1;
-        } else if (r->part == TP_PART_DOWN) {
-            break; /* a down bias is whole on every rank */
-        } else if (split_even(t, 0, tp, rank, s, err) != 0) {
-            return -1;
-        }
-        break;
-    case TP_QKV: {
-        if (t->ndim < 1) return mp_err(err, "unsplittable", "%s: a scalar", t->name);
-        int64_t heads = r->part == TP_PART_Q ? cfg->num_heads : cfg->num_kv_heads;
-        if (t->shape[0] % heads != 0)
-            return mp_err(err, "unsplittable", "%s: dim 0 (%lld) is not %lld heads", t->name,
-                          (long long)t->shape[0], (long long)heads);
-        int64_t per_head = t->shape[0] / heads;
-        s->dim = 0;
-        s->nseg = 1;
-        if (r->part == TP_PART_Q || cfg->num_kv_heads >= tp) {
-            int64_t hpr = heads / tp;
-            s->seg[0].start = (int64_t)rank * hpr * per_head;
-            s->seg[0].len = hpr * per_head;
-        } else {
-            int64_t h = rank / (tp / cfg->num_kv_heads); /* replicated KV head */
-            s->seg[0].start = h * per_head;
-            s->seg[0].len = per_head;
-        }
-        break;
-    }
-    case TP_VOCAB: {
-        if (t->ndim < 1) return mp_err(err, "unsplittable", "%s: a scalar", t->name);
-        int64_t v = t->shape[0];
-        int64_t vp = round_up(v > cfg->vocab_size ? v : cfg->vocab_size, TP_VOCAB_PAD);
-        if (vp % tp != 0)
-            return mp_err(err, "unsplittable", "%s: padded vocab %lld does not divide by %d",
-                          t->name, (long long)vp, tp);
-        int64_t per = vp / tp, st = (int64_t)rank * per;
-        int64_t have = v > st ? (v - st < per ? v - st : per) : 0;
-        s->dim = 0;
-        s->nseg = 0;
-        if (have > 0) {
-            s->seg[s->nseg].start = st;
-            s->seg[s->nseg].len = have;
-            s->nseg++;
-        }
-        if (per - have > 0) {
-            s->seg[s->nseg].start = -1;
-            s->seg[s->nseg].len = per - have;
-            s->nseg++;
-        }
-        break;
-    }
-    default:
-        return mp_err(err, "internal", "bad rule kind");
-    }
+    if (s->kind == TP_ROW && !rq.is_w && !rq.is_sc) s->kind = TP_REPLICATED; /* row bias: whole */
+    if (split_piece(&rq, s, err) != 0) return -1;
     if (set_piece_shape(t, s, err) != 0) return -1;
-
-    /* Placement. */
-    s->tndim = s->ndim;
-    memcpy(s->tshape, s->shape, sizeof s->tshape);
-    if (naming == TP_NAMING_HF) return make_target(NULL, t->name, NULL, NULL, 0, s, err);
-    if (s->kind == TP_VOCAB && cfg->tie_word_embeddings && family_aliases_lm_head(cfg->family) &&
-        strcmp(t->name, "model.embed_tokens.weight") == 0) {
-        /* ShardedStateLoader keeps the tied pair once, under the smaller key. */
-        snprintf(s->target, sizeof s->target, "lm_head.weight");
-        return 0;
-    }
-    const tp_rule *tr = r;
-    if (s->kind == TP_REPLICATED && r->kind == TP_ROW) tr = NULL;
-    if (make_target(tr, t->name, cap_off, cap_len, ncap, s, err) != 0) return -1;
-    if (r->kind == TP_QKV) {
-        if (q_rows % unit_div != 0 || kv_rows % unit_div != 0)
-            return mp_err(err, "unsplittable", "%s: q/k/v rows per rank not whole fp8 blocks",
-                          t->name);
-        int64_t q = q_rows / unit_div, kv = kv_rows / unit_div;
-        if (s->shape[0] != (r->part == TP_PART_Q ? q : kv))
-            return mp_err(err, "unsplittable",
-                          "%s: %lld rows per rank, config says %lld (head_dim %lld)", t->name,
-                          (long long)s->shape[0], (long long)(r->part == TP_PART_Q ? q : kv),
-                          (long long)cfg->head_dim);
-        s->tshape[0] = q + 2 * kv;
-        s->t_offset = r->part == TP_PART_Q ? 0 : r->part == TP_PART_K ? q : q + kv;
-    } else if (r->kind == TP_COLUMN && r->part != TP_PART_NONE) {
-        s->tshape[0] = 2 * s->shape[0];
-        s->t_offset = r->part == TP_PART_UP ? s->shape[0] : 0;
-    } else if (r->kind == TP_EXPERT) {
-        if (s->ndim + 1 > MP_MAX_DIMS) return mp_err(err, "unsplittable", "too many dims");
-        char num[32];
-        size_t cl = cap_len[r->expert_capture];
-        if (cl >= sizeof num) return mp_err(err, "unsplittable", "%s: expert number", t->name);
-        memcpy(num, t->name + cap_off[r->expert_capture], cl);
-        num[cl] = 0;
-        errno = 0;
-        long long e = strtoll(num, NULL, 10);
-        if (errno || e < 0 || e >= cfg->num_experts)
-            return mp_err(err, "unsplittable", "%s: expert %s outside num_experts %lld", t->name,
-                          num, (long long)cfg->num_experts);
-        s->tndim = s->ndim + 1;
-        s->tshape[0] = cfg->num_experts;
-        for (int d = 0; d < s->ndim; d++)
-            s->tshape[d + 1] = s->shape[d];
-        s->t_expert = e;
-        if (r->part != TP_PART_DOWN && s->ndim >= 1) {
-            s->tshape[1] = 2 * s->shape[0];
-            s->t_offset = r->part == TP_PART_UP ? s->shape[0] : 0;
-        }
-    }
-    return 0;
+    return place_piece(&rq, s, err);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -719,136 +783,162 @@ static int64_t piece_extent(const tp_slice *s) {
     return s->t_expert >= 0 ? (s->ndim >= 1 ? s->shape[0] : 1) : (s->ndim >= 1 ? s->shape[0] : 1);
 }
 
+/* tp_layout_build's state: the pieces found (one per kept source tensor,
+ * owning its target name until the target takes it) and a slice to work in. */
+typedef struct layout_ctx {
+    const tp_model_cfg *cfg;
+    const mp_tensor *tensors;
+    size_t n;
+    int tp;
+    tp_naming naming;
+    tp_layout *out;
+    lpiece *ps;
+    size_t np;
+    tp_slice *sl;
+    bool have_lm_head;
+} layout_ctx;
+
+/* One piece per source tensor that is kept, with its target and place. */
+static int layout_collect(layout_ctx *lc, mp_error *err) {
+    for (size_t i = 0; i < lc->n; i++) {
+        const mp_tensor *t = &lc->tensors[i];
+        tp_slice *sl = lc->sl;
+        if (tp_slice_for(lc->cfg, t, lc->tp, 0, lc->naming, sl, err) != 0) return -1;
+        if (sl->dropped) {
+            lc->out->ndropped++;
+            continue;
+        }
+        /* Tied checkpoints that also store lm_head: one copy is enough. */
+        if (lc->naming == TP_NAMING_SGLANG && lc->have_lm_head &&
+            strcmp(t->name, "model.embed_tokens.weight") == 0 &&
+            strcmp(sl->target, "lm_head.weight") == 0) {
+            lc->out->ndropped++;
+            continue;
+        }
+        if (t->nbytes == 0) { /* ShardedStateLoader drops zero-element tensors */
+            lc->out->ndropped++;
+            continue;
+        }
+        lpiece *p = &lc->ps[lc->np];
+        p->src = i;
+        p->expert = sl->t_expert;
+        p->offset = sl->t_offset;
+        p->target = strdup(sl->target);
+        if (!p->target) return mp_err(err, "no_memory", "out of memory");
+        lc->np++;
+    }
+    return 0;
+}
+
+/* The pieces ps[i..j) must tile target tg exactly, in order: same dtype,
+ * no gap, and their bytes adding up to the target's. */
+static int layout_check_tiling(layout_ctx *lc, tp_target *tg, size_t i, size_t j, mp_error *err) {
+    tp_slice *sl = lc->sl;
+    const mp_tensor *t0 = &lc->tensors[lc->ps[i].src];
+    uint64_t sum = 0;
+    int64_t expect_e = sl->t_expert >= 0 ? 0 : -1, expect_off = 0;
+    for (size_t k = i; k < j; k++) {
+        const mp_tensor *t = &lc->tensors[lc->ps[k].src];
+        tg->pieces[k - i] = lc->ps[k].src;
+        if (t->dtype != tg->dtype)
+            return mp_err(err, "unsplittable", "%s and %s fuse into %s but differ in dtype",
+                          t0->name, t->name, tg->name);
+        if (tp_slice_for(lc->cfg, t, lc->tp, 0, lc->naming, sl, err) != 0) return -1;
+        if (sl->t_expert != expect_e || sl->t_offset != expect_off)
+            return mp_err(err, "incomplete",
+                          "%s: a piece is missing before %s (expert %lld, "
+                          "offset %lld)",
+                          tg->name, t->name, (long long)expect_e, (long long)expect_off);
+        expect_off += piece_extent(sl);
+        int64_t full = sl->t_expert >= 0 ? (sl->tndim >= 2 ? sl->tshape[1] : 1)
+                                         : (sl->tndim >= 1 ? sl->tshape[0] : 1);
+        if (expect_off == full && expect_e >= 0) {
+            expect_e++;
+            expect_off = 0;
+        }
+        sum += sl->bytes;
+    }
+    if (sum != tg->bytes)
+        return mp_err(err, "incomplete",
+                      "%s: its pieces (%zu of them) do not fill it — is q, k, "
+                      "v, gate, up or an expert missing?",
+                      tg->name, j - i);
+    return 0;
+}
+
+/* The target of the (sorted) pieces ps[i..j), which share its name: its
+ * shape from the first piece, checked to be tiled by them all. */
+static int layout_add_target(layout_ctx *lc, size_t i, size_t j, mp_error *err) {
+    tp_layout *out = lc->out;
+    tp_target *tg = &out->targets[out->ntargets++];
+    tg->name = lc->ps[i].target;
+    lc->ps[i].target = NULL;
+    tg->pieces = malloc((j - i) * sizeof *tg->pieces);
+    if (!tg->pieces) return mp_err(err, "no_memory", "out of memory");
+    tg->npieces = j - i;
+    const mp_tensor *t0 = &lc->tensors[lc->ps[i].src];
+    tg->dtype = t0->dtype;
+    if (tp_slice_for(lc->cfg, t0, lc->tp, 0, lc->naming, lc->sl, err) != 0) return -1;
+    tg->ndim = lc->sl->tndim;
+    memcpy(tg->shape, lc->sl->tshape, sizeof tg->shape);
+    if (!mp_tensor_bytes(tg->dtype, tg->shape, tg->ndim, &tg->bytes))
+        return mp_err(err, "unsplittable", "%s: bad target shape", tg->name);
+    if (layout_check_tiling(lc, tg, i, j, err) != 0) return -1;
+    uint64_t nb;
+    if (__builtin_add_overflow(out->rank_bytes, tg->bytes, &nb))
+        return mp_err(err, "too_large", "model size overflows");
+    out->rank_bytes = nb;
+    return 0;
+}
+
+/* The pieces by target, then one target per run of equal names. */
+static int layout_group(layout_ctx *lc, mp_error *err) {
+    qsort(lc->ps, lc->np, sizeof *lc->ps, cmp_lpiece);
+    lc->out->targets = calloc(lc->np ? lc->np : 1, sizeof *lc->out->targets);
+    if (!lc->out->targets) return mp_err(err, "no_memory", "out of memory");
+    for (size_t i = 0; i < lc->np;) {
+        size_t j = i;
+        while (j < lc->np && strcmp(lc->ps[j].target, lc->ps[i].target) == 0)
+            j++;
+        if (layout_add_target(lc, i, j, err) != 0) return -1;
+        i = j;
+    }
+    return 0;
+}
+
 int tp_layout_build(const tp_model_cfg *cfg, const mp_tensor *tensors, size_t n, int tp,
                     tp_naming naming, tp_layout *out, mp_error *err) {
     memset(out, 0, sizeof *out);
     out->tp = tp;
     out->naming = naming;
     if (tp_check(cfg, tp, err) != 0) return -1;
-    lpiece *ps = calloc(n ? n : 1, sizeof *ps);
-    tp_slice *sl = malloc(sizeof *sl);
-    if (!ps || !sl) {
-        free(ps);
-        free(sl);
+    layout_ctx lc = {
+        .cfg = cfg, .tensors = tensors, .n = n, .tp = tp, .naming = naming, .out = out};
+    lc.ps = calloc(n ? n : 1, sizeof *lc.ps);
+    lc.sl = malloc(sizeof *lc.sl);
+    if (!lc.ps || !lc.sl) {
+        free(lc.ps);
+        free(lc.sl);
         return mp_err(err, "no_memory", "out of memory");
     }
-    size_t np = 0;
     int rc = -1;
-    bool have_lm_head = false;
     for (size_t i = 0; i < n; i++)
-        if (strcmp(tensors[i].name, "lm_head.weight") == 0) have_lm_head = true;
-    for (size_t i = 0; i < n; i++) {
-        const mp_tensor *t = &tensors[i];
-        if (tp_slice_for(cfg, t, tp, 0, naming, sl, err) != 0) goto out;
-        if (sl->dropped) {
-            out->ndropped++;
-            continue;
-        }
-        /* Tied checkpoints that also store lm_head: one copy is enough. */
-        if (naming == TP_NAMING_SGLANG && have_lm_head &&
-            strcmp(t->name, "model.embed_tokens.weight") == 0 &&
-            strcmp(sl->target, "lm_head.weight") == 0) {
-            out->ndropped++;
-            continue;
-        }
-        if (t->nbytes == 0) { /* ShardedStateLoader drops zero-element tensors */
-            out->ndropped++;
-            continue;
-        }
-        ps[np].src = i;
-        ps[np].expert = sl->t_expert;
-        ps[np].offset = sl->t_offset;
-        ps[np].target = strdup(sl->target);
-        if (!ps[np].target) {
-            mp_err(err, "no_memory", "out of memory");
-            goto out;
-        }
-        np++;
-    }
-    if (naming == TP_NAMING_SGLANG && family_is_moe(cfg->family) && !have_lm_head) {
+        if (strcmp(tensors[i].name, "lm_head.weight") == 0) lc.have_lm_head = true;
+    if (layout_collect(&lc, err) != 0) goto out;
+    if (naming == TP_NAMING_SGLANG && family_is_moe(cfg->family) && !lc.have_lm_head) {
         mp_err(err, "incomplete",
                "lm_head.weight is missing: SGLang's %s holds its own lm_head "
                "even when tie_word_embeddings is set",
                cfg->architecture);
         goto out;
     }
-    qsort(ps, np, sizeof *ps, cmp_lpiece);
-    out->targets = calloc(np ? np : 1, sizeof *out->targets);
-    if (!out->targets) {
-        mp_err(err, "no_memory", "out of memory");
-        goto out;
-    }
-    for (size_t i = 0; i < np;) {
-        size_t j = i;
-        while (j < np && strcmp(ps[j].target, ps[i].target) == 0)
-            j++;
-        tp_target *tg = &out->targets[out->ntargets++];
-        tg->name = ps[i].target;
-        ps[i].target = NULL;
-        tg->pieces = malloc((j - i) * sizeof *tg->pieces);
-        if (!tg->pieces) {
-            mp_err(err, "no_memory", "out of memory");
-            goto out;
-        }
-        tg->npieces = j - i;
-        const mp_tensor *t0 = &tensors[ps[i].src];
-        tg->dtype = t0->dtype;
-        if (tp_slice_for(cfg, t0, tp, 0, naming, sl, err) != 0) goto out;
-        tg->ndim = sl->tndim;
-        memcpy(tg->shape, sl->tshape, sizeof tg->shape);
-        if (!mp_tensor_bytes(tg->dtype, tg->shape, tg->ndim, &tg->bytes)) {
-            mp_err(err, "unsplittable", "%s: bad target shape", tg->name);
-            goto out;
-        }
-        /* The pieces must tile the target exactly, in order. */
-        uint64_t sum = 0;
-        int64_t expect_e = sl->t_expert >= 0 ? 0 : -1, expect_off = 0;
-        for (size_t k = i; k < j; k++) {
-            const mp_tensor *t = &tensors[ps[k].src];
-            tg->pieces[k - i] = ps[k].src;
-            if (t->dtype != tg->dtype) {
-                mp_err(err, "unsplittable", "%s and %s fuse into %s but differ in dtype", t0->name,
-                       t->name, tg->name);
-                goto out;
-            }
-            if (tp_slice_for(cfg, t, tp, 0, naming, sl, err) != 0) goto out;
-            if (sl->t_expert != expect_e || sl->t_offset != expect_off) {
-                mp_err(err, "incomplete",
-                       "%s: a piece is missing before %s (expert %lld, "
-                       "offset %lld)",
-                       tg->name, t->name, (long long)expect_e, (long long)expect_off);
-                goto out;
-            }
-            expect_off += piece_extent(sl);
-            int64_t full = sl->t_expert >= 0 ? (sl->tndim >= 2 ? sl->tshape[1] : 1)
-                                             : (sl->tndim >= 1 ? sl->tshape[0] : 1);
-            if (expect_off == full && expect_e >= 0) {
-                expect_e++;
-                expect_off = 0;
-            }
-            sum += sl->bytes;
-        }
-        if (sum != tg->bytes) {
-            mp_err(err, "incomplete",
-                   "%s: its pieces (%zu of them) do not fill it — is q, k, "
-                   "v, gate, up or an expert missing?",
-                   tg->name, j - i);
-            goto out;
-        }
-        uint64_t nb;
-        if (__builtin_add_overflow(out->rank_bytes, tg->bytes, &nb)) {
-            mp_err(err, "too_large", "model size overflows");
-            goto out;
-        }
-        out->rank_bytes = nb;
-        i = j;
-    }
+    if (layout_group(&lc, err) != 0) goto out;
     rc = 0;
 out:
-    for (size_t i = 0; i < np; i++)
-        free(ps[i].target);
-    free(ps);
-    free(sl);
+    for (size_t i = 0; i < lc.np; i++)
+        free(lc.ps[i].target);
+    free(lc.ps);
+    free(lc.sl);
     if (rc != 0) tp_layout_free(out);
     return rc;
 }

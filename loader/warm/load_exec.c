@@ -57,6 +57,10 @@ typedef struct run_ctx {
     atomic_uint_fast64_t done;
     atomic_uint_fast64_t host_cur, host_peak;
     atomic_int running;
+    /* load_run's own */
+    int ndev, nreaders;
+    struct reader *rd;
+    unsigned char *staging_mem;
 } run_ctx;
 
 typedef struct reader {
@@ -538,6 +542,232 @@ static int fill_dummies(run_ctx *c, mp_error *err) {
     return 0;
 }
 
+/* Fails when a device does not have the free memory its arena needs;
+ * records each device's free bytes. */
+static int check_free_memory(gpu_set *gpus, const load_plan *plan, int ndev, load_stats *st,
+                             mp_error *err) {
+    for (int d = 0; d < ndev; d++) {
+        gpu_device_info info;
+        if (gpu_device_info_get(gpus, d, &info, err) != 0) return -1;
+        st->free_before[d] = info.free_bytes;
+        if (plan->arena_bytes[d] > info.free_bytes)
+            return mp_err(
+                err, "insufficient_device_memory", "device %d: %llu bytes needed, %llu free", d,
+                (unsigned long long)plan->arena_bytes[d], (unsigned long long)info.free_bytes);
+    }
+    return 0;
+}
+
+/* One arena per device the plan uses; those made before a failure stay in
+ * arenas[] for the caller to free. */
+static int alloc_arenas(gpu_set *gpus, const load_plan *plan, int ndev,
+                        gpu_arena *arenas[GPU_MAX_DEVICES], mp_error *err) {
+    for (int d = 0; d < ndev; d++) {
+        if (!plan->arena_bytes[d]) continue;
+        int a = gpu_arena_alloc(gpus, d, plan->arena_bytes[d], &arenas[d], err);
+        if (a == GPU_NOMEM)
+            return mp_err_wrap(err, "insufficient_device_memory", "device %d", d);
+        else if (a != 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void run_ctx_init(run_ctx *c, gpu_set *gpus, const load_source *src, const load_plan *plan,
+                         const load_run_opts *o, gpu_arena **arenas, int ndev) {
+    memset(c, 0, sizeof *c);
+    c->gpus = gpus;
+    c->src = src;
+    c->plan = plan;
+    c->o = o;
+    c->arenas = arenas;
+    c->ndev = ndev;
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->exit_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    atomic_init(&c->abort, false);
+    atomic_init(&c->done, 0);
+    atomic_init(&c->host_cur, 0);
+    atomic_init(&c->host_peak, 0);
+    atomic_init(&c->running, 0);
+}
+
+/* Sizes the staging ring and the reader count: no more staging than the
+ * plan can fill, two slots per reader at least, 64 slots at most, and one
+ * slot more than readers. */
+static void size_ring(run_ctx *c) {
+    const load_run_opts *o = c->o;
+    uint64_t staging = o->staging_bytes ? o->staging_bytes : LOAD_DEFAULT_STAGING;
+    uint64_t need = c->plan->total_bytes + DIO_ALIGN;
+    if (staging > need) staging = need;
+    if (staging < LOAD_MIN_STAGING) staging = LOAD_MIN_STAGING;
+    int nreaders = o->readers > 0 ? o->readers : default_readers();
+    uint64_t nslots = staging / (4ull << 20);
+    if (nslots < (uint64_t)nreaders * 2) nslots = (uint64_t)nreaders * 2;
+    if (nslots > 64) nslots = 64;
+    c->slot_bytes = staging / nslots / DIO_ALIGN * DIO_ALIGN;
+    if (c->slot_bytes < DIO_ALIGN) c->slot_bytes = DIO_ALIGN;
+    c->nslots = (int)nslots;
+    if (nreaders > c->nslots - 1) nreaders = c->nslots - 1;
+    c->nreaders = nreaders;
+}
+
+/* The readers' array, the slots over one staging buffer, a fence per slot
+ * and device, and the free-slot FIFO. */
+static int ring_alloc(run_ctx *c, mp_error *err) {
+    c->rd = calloc((size_t)c->nreaders, sizeof *c->rd);
+    c->slots = calloc((size_t)c->nslots, sizeof *c->slots);
+    c->fifo = calloc((size_t)c->nslots, sizeof *c->fifo);
+    for (int i = 0; c->rd && i < c->nreaders; i++)
+        c->rd[i].pipe_fd[0] = c->rd[i].pipe_fd[1] = -1;
+    if (!c->rd || !c->slots || !c->fifo) return mp_err(err, "no_memory", "out of memory");
+    uint64_t bytes = c->slot_bytes * (uint64_t)c->nslots;
+    int s = gpu_staging_alloc(c->gpus, bytes, (void **)&c->staging_mem, err);
+    if (s == GPU_NOMEM) return mp_err_wrap(err, "insufficient_host_memory", "pinned staging");
+    if (s != 0) return -1;
+    host_add(c, (int64_t)bytes);
+    for (int i = 0; i < c->nslots; i++) {
+        c->slots[i].buf = c->staging_mem + (uint64_t)i * c->slot_bytes;
+        c->slots[i].pending_dev = -1;
+        c->fifo[i] = i;
+        for (int d = 0; d < c->ndev; d++)
+            if (c->arenas[d] && gpu_fence_create(c->gpus, d, &c->slots[i].fences[d], err) != 0)
+                return -1;
+    }
+    return 0;
+}
+
+/* The memfds of exportable host arenas, for splice (-1 elsewhere). */
+static void export_arena_fds(run_ctx *c) {
+    for (int d = 0; d < GPU_MAX_DEVICES; d++) {
+        gpu_export ex;
+        mp_error ee;
+        c->arena_fd[d] = c->arenas[d] && gpu_arena_host_ptr(c->arenas[d]) &&
+                                 gpu_arena_export(c->arenas[d], &ex, &ee) == 0
+                             ? ex.fd
+                             : -1;
+    }
+}
+
+static int readers_init(run_ctx *c, mp_error *err) {
+    bool dio = c->o->direct_io;
+    for (int i = 0; i < c->nreaders; i++) {
+        reader *r = &c->rd[i];
+        r->c = c;
+        r->scratch_cap = 2 * c->slot_bytes;
+        r->dio_cap = dio ? c->slot_bytes + 2 * DIO_ALIGN : 0;
+        if (dio && posix_memalign((void **)&r->dio, DIO_ALIGN, r->dio_cap) != 0)
+            return mp_err(err, "no_memory", "out of memory");
+        host_add(c, (int64_t)r->dio_cap);
+    }
+    return 0;
+}
+
+/* Starts the readers; a thread that cannot start fails the run (the ones
+ * started see the abort). Returns how many started. */
+static int start_readers(run_ctx *c) {
+    int started = 0;
+    for (int i = 0; i < c->nreaders; i++) {
+        atomic_fetch_add(&c->running, 1);
+        if (pthread_create(&c->rd[i].th, NULL, reader_main, &c->rd[i]) != 0) {
+            atomic_fetch_sub(&c->running, 1);
+            mp_error e;
+            mp_err(&e, "internal", "cannot start a reader thread");
+            fail(c, &e);
+            break;
+        }
+        started++;
+    }
+    return started;
+}
+
+/* Until the last reader ends: the caller's progress and cancel, from this
+ * thread only. */
+static void watch_readers(run_ctx *c) {
+    const load_run_opts *o = c->o;
+    bool cancelled = false;
+    for (;;) {
+        /* Wake on a reader's exit, or every 20 ms for progress and cancel. */
+        pthread_mutex_lock(&c->mu);
+        if (atomic_load(&c->running) > 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            ts.tv_nsec += 20000000;
+            if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+            }
+            pthread_cond_timedwait(&c->exit_cv, &c->mu, &ts);
+        }
+        bool more = atomic_load(&c->running) > 0;
+        pthread_mutex_unlock(&c->mu);
+        if (!more) break;
+        if (o->progress) o->progress(o->cb, atomic_load(&c->done), c->plan->total_bytes);
+        if (!cancelled && o->cancelled && o->cancelled(o->cb)) {
+            cancelled = true;
+            mp_error e;
+            mp_err(&e, "cancelled", "cancelled");
+            fail(c, &e);
+        }
+    }
+}
+
+/* The dummies, then the readers to their end; rc is the setup's outcome
+ * (nothing runs unless 0). The devices are synced either way, so that no
+ * copy is in flight when the ring is freed. */
+static int run_pipeline(run_ctx *c, int rc, mp_error *err) {
+    const load_run_opts *o = c->o;
+    if (rc == 0) {
+        double f0 = time_mono();
+        rc = fill_dummies(c, err);
+        c->copy_s += time_mono() - f0;
+    }
+    int started = rc == 0 ? start_readers(c) : 0;
+    watch_readers(c);
+    for (int i = 0; i < started; i++)
+        pthread_join(c->rd[i].th, NULL);
+    if (rc == 0 && c->err_set) {
+        *err = c->err;
+        rc = -1;
+    }
+    if (rc == 0 && o->cancelled && o->cancelled(o->cb)) rc = mp_err(err, "cancelled", "cancelled");
+    double s0 = time_mono();
+    for (int d = 0; d < c->ndev; d++) {
+        mp_error se = {0};
+        if (c->arenas[d] && gpu_device_sync(c->gpus, d, &se) != 0 && rc == 0) {
+            *err = se;
+            rc = -1;
+        }
+    }
+    c->copy_s += time_mono() - s0;
+    if (rc == 0 && o->progress) o->progress(o->cb, atomic_load(&c->done), c->plan->total_bytes);
+    return rc;
+}
+
+static void run_teardown(run_ctx *c) {
+    for (int i = 0; i < c->nreaders && c->rd; i++) {
+        free(c->rd[i].scratch);
+        free(c->rd[i].dio);
+        stc_cache_free(&c->rd[i].cache);
+        if (c->rd[i].pipe_fd[0] >= 0) close(c->rd[i].pipe_fd[0]);
+        if (c->rd[i].pipe_fd[1] >= 0) close(c->rd[i].pipe_fd[1]);
+    }
+    free(c->rd);
+    for (int i = 0; c->slots && i < c->nslots; i++)
+        for (int d = 0; d < GPU_MAX_DEVICES; d++)
+            gpu_fence_free(c->slots[i].fences[d]);
+    free(c->slots);
+    free(c->fifo);
+    if (c->staging_mem) gpu_staging_free(c->gpus, c->staging_mem);
+    pthread_mutex_destroy(&c->mu);
+    pthread_cond_destroy(&c->cv);
+    pthread_cond_destroy(&c->exit_cv);
+}
+
 int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan, const load_run_opts *o,
              gpu_arena *arenas[GPU_MAX_DEVICES], load_stats *st, mp_error *err) {
     memset(st, 0, sizeof *st);
@@ -553,191 +783,30 @@ int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan, const
 
     /* Free memory first: nothing is allocated unless everything fits. */
     double t0 = time_mono();
-    for (int d = 0; d < ndev; d++) {
-        gpu_device_info info;
-        if (gpu_device_info_get(gpus, d, &info, err) != 0) return -1;
-        st->free_before[d] = info.free_bytes;
-        if (plan->arena_bytes[d] > info.free_bytes)
-            return mp_err(
-                err, "insufficient_device_memory", "device %d: %llu bytes needed, %llu free", d,
-                (unsigned long long)plan->arena_bytes[d], (unsigned long long)info.free_bytes);
-    }
-    int rc = 0;
-    for (int d = 0; d < ndev && rc == 0; d++) {
-        if (!plan->arena_bytes[d]) continue;
-        int a = gpu_arena_alloc(gpus, d, plan->arena_bytes[d], &arenas[d], err);
-        if (a == GPU_NOMEM)
-            rc = mp_err_wrap(err, "insufficient_device_memory", "device %d", d);
-        else if (a != 0)
-            rc = -1;
-    }
+    if (check_free_memory(gpus, plan, ndev, st, err) != 0) return -1;
+    int rc = alloc_arenas(gpus, plan, ndev, arenas, err);
     st->alloc_s = time_mono() - t0;
 
+    /* From here on every step runs only while rc is 0, but the pipeline's
+     * device sync and the teardown run whatever happened. */
     run_ctx c;
-    memset(&c, 0, sizeof c);
-    c.gpus = gpus;
-    c.src = src;
-    c.plan = plan;
-    c.o = o;
-    c.arenas = arenas;
-    pthread_mutex_init(&c.mu, NULL);
-    pthread_cond_init(&c.cv, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&c.exit_cv, &ca);
-    pthread_condattr_destroy(&ca);
-    atomic_init(&c.abort, false);
-    atomic_init(&c.done, 0);
-    atomic_init(&c.host_cur, 0);
-    atomic_init(&c.host_peak, 0);
-    atomic_init(&c.running, 0);
-
-    uint64_t staging = o->staging_bytes ? o->staging_bytes : LOAD_DEFAULT_STAGING;
-    /* No more staging than the plan can fill. */
-    uint64_t need = plan->total_bytes + DIO_ALIGN;
-    if (staging > need) staging = need;
-    if (staging < LOAD_MIN_STAGING) staging = LOAD_MIN_STAGING;
-    int nreaders = o->readers > 0 ? o->readers : default_readers();
-    uint64_t nslots = staging / (4ull << 20);
-    if (nslots < (uint64_t)nreaders * 2) nslots = (uint64_t)nreaders * 2;
-    if (nslots > 64) nslots = 64;
-    c.slot_bytes = staging / nslots / DIO_ALIGN * DIO_ALIGN;
-    if (c.slot_bytes < DIO_ALIGN) c.slot_bytes = DIO_ALIGN;
-    c.nslots = (int)nslots;
-    if (nreaders > c.nslots - 1) nreaders = c.nslots - 1;
-
-    unsigned char *staging_mem = NULL;
-    reader *rd = calloc((size_t)nreaders, sizeof *rd);
-    c.slots = calloc((size_t)c.nslots, sizeof *c.slots);
-    c.fifo = calloc((size_t)c.nslots, sizeof *c.fifo);
-    for (int i = 0; rd && i < nreaders; i++)
-        rd[i].pipe_fd[0] = rd[i].pipe_fd[1] = -1;
-    if (rc == 0 && (!rd || !c.slots || !c.fifo)) rc = mp_err(err, "no_memory", "out of memory");
-    if (rc == 0) {
-        int s =
-            gpu_staging_alloc(gpus, c.slot_bytes * (uint64_t)c.nslots, (void **)&staging_mem, err);
-        if (s == GPU_NOMEM)
-            rc = mp_err_wrap(err, "insufficient_host_memory", "pinned staging");
-        else if (s != 0)
-            rc = -1;
-        else
-            host_add(&c, (int64_t)(c.slot_bytes * (uint64_t)c.nslots));
-    }
-    for (int i = 0; rc == 0 && i < c.nslots; i++) {
-        c.slots[i].buf = staging_mem + (uint64_t)i * c.slot_bytes;
-        c.slots[i].pending_dev = -1;
-        c.fifo[i] = i;
-        for (int d = 0; d < ndev && rc == 0; d++)
-            if (arenas[d]) rc = gpu_fence_create(gpus, d, &c.slots[i].fences[d], err);
-    }
+    run_ctx_init(&c, gpus, src, plan, o, arenas, ndev);
+    size_ring(&c);
+    if (rc == 0) rc = ring_alloc(&c, err);
     c.fifo_n = c.nslots;
-    bool dio = o->direct_io;
-    for (int d = 0; d < GPU_MAX_DEVICES; d++) {
-        gpu_export ex;
-        mp_error ee;
-        c.arena_fd[d] =
-            arenas[d] && gpu_arena_host_ptr(arenas[d]) && gpu_arena_export(arenas[d], &ex, &ee) == 0
-                ? ex.fd
-                : -1;
-    }
-    for (int i = 0; rc == 0 && i < nreaders; i++) {
-        rd[i].c = &c;
-        rd[i].scratch_cap = 2 * c.slot_bytes;
-        rd[i].dio_cap = dio ? c.slot_bytes + 2 * DIO_ALIGN : 0;
-        if (dio && posix_memalign((void **)&rd[i].dio, DIO_ALIGN, rd[i].dio_cap) != 0)
-            rc = mp_err(err, "no_memory", "out of memory");
-        else
-            host_add(&c, (int64_t)rd[i].dio_cap);
-    }
+    export_arena_fds(&c);
+    if (rc == 0) rc = readers_init(&c, err);
 
-    /* The pipeline. */
     double p0 = time_mono();
-    uint64_t total = plan->total_bytes;
-    if (rc == 0) {
-        double f0 = time_mono();
-        rc = fill_dummies(&c, err);
-        c.copy_s += time_mono() - f0;
-    }
-    int started = 0;
-    for (int i = 0; rc == 0 && i < nreaders; i++) {
-        atomic_fetch_add(&c.running, 1);
-        if (pthread_create(&rd[i].th, NULL, reader_main, &rd[i]) != 0) {
-            atomic_fetch_sub(&c.running, 1);
-            mp_error e;
-            mp_err(&e, "internal", "cannot start a reader thread");
-            fail(&c, &e);
-            break;
-        }
-        started++;
-    }
-    bool cancelled = false;
-    for (;;) {
-        /* Wake on a reader's exit, or every 20 ms for progress and cancel. */
-        pthread_mutex_lock(&c.mu);
-        if (atomic_load(&c.running) > 0) {
-            struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            ts.tv_nsec += 20000000;
-            if (ts.tv_nsec >= 1000000000) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000;
-            }
-            pthread_cond_timedwait(&c.exit_cv, &c.mu, &ts);
-        }
-        bool more = atomic_load(&c.running) > 0;
-        pthread_mutex_unlock(&c.mu);
-        if (!more) break;
-        if (o->progress) o->progress(o->cb, atomic_load(&c.done), total);
-        if (!cancelled && o->cancelled && o->cancelled(o->cb)) {
-            cancelled = true;
-            mp_error e;
-            mp_err(&e, "cancelled", "cancelled");
-            fail(&c, &e);
-        }
-    }
-    for (int i = 0; i < started; i++)
-        pthread_join(rd[i].th, NULL);
-    if (rc == 0 && c.err_set) {
-        *err = c.err;
-        rc = -1;
-    }
-    if (rc == 0 && o->cancelled && o->cancelled(o->cb)) rc = mp_err(err, "cancelled", "cancelled");
-    double s0 = time_mono();
-    for (int d = 0; d < ndev; d++) {
-        mp_error se = {0};
-        if (arenas[d] && gpu_device_sync(gpus, d, &se) != 0 && rc == 0) {
-            *err = se;
-            rc = -1;
-        }
-    }
-    c.copy_s += time_mono() - s0;
-    if (rc == 0 && o->progress) o->progress(o->cb, atomic_load(&c.done), total);
+    rc = run_pipeline(&c, rc, err);
     st->pipeline_s = time_mono() - p0;
-
-    for (int i = 0; i < nreaders && rd; i++) {
-        free(rd[i].scratch);
-        free(rd[i].dio);
-        stc_cache_free(&rd[i].cache);
-        if (rd[i].pipe_fd[0] >= 0) close(rd[i].pipe_fd[0]);
-        if (rd[i].pipe_fd[1] >= 0) close(rd[i].pipe_fd[1]);
-    }
-    free(rd);
-    for (int i = 0; c.slots && i < c.nslots; i++)
-        for (int d = 0; d < GPU_MAX_DEVICES; d++)
-            gpu_fence_free(c.slots[i].fences[d]);
-    free(c.slots);
-    free(c.fifo);
-    if (staging_mem) gpu_staging_free(gpus, staging_mem);
-    pthread_mutex_destroy(&c.mu);
-    pthread_cond_destroy(&c.cv);
-    pthread_cond_destroy(&c.exit_cv);
+    run_teardown(&c);
 
     st->read_s = c.read_s;
     st->copy_s = c.copy_s;
     st->bytes_read = c.bytes_read;
     st->peak_host_bytes = atomic_load(&c.host_peak);
-    st->readers = nreaders;
+    st->readers = c.nreaders;
     st->slots = c.nslots;
     st->slot_bytes = c.slot_bytes;
     if (rc != 0)

@@ -100,32 +100,26 @@ static int plan_tp_slice(const tp_model_cfg *cfg, const mp_tensor *t, int tp, in
     return 0;
 }
 
-int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *plan,
-                    mp_error *err) {
-    memset(plan, 0, sizeof *plan);
-    int tp = o->tp_size;
-    if (tp < 1 || tp > GPU_MAX_DEVICES) return mp_err(err, "bad_request", "tp_size out of range");
-    plan->tp_size = tp;
-    for (int r = 0; r < tp; r++)
-        plan->devices[r] = o->devices[r];
-    if (o->dtype != MP_DT_INVALID && !is_target(o->dtype))
-        return mp_err(err, "bad_request", "dtype must be bf16, fp16 or fp32");
-    bool sharded = src->format == LOAD_FMT_SHARDED_STATE;
-    if (src->format == LOAD_FMT_GGUF && tp > 1)
+/* With tp > 1 on an unsharded checkpoint, the split rules come from its
+ * config.json; cfg is zeroed otherwise. */
+static int plan_tp_config(const load_source *src, int tp, bool sharded, tp_model_cfg *cfg,
+                          mp_error *err) {
+    memset(cfg, 0, sizeof *cfg);
+    if (tp <= 1 || sharded) return 0;
+    if (!src->config)
         return mp_err_field(err, "params.tp_size", "bad_request",
-                            "a GGUF checkpoint loads on one device (tp_size 1)");
-
-    tp_model_cfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    if (tp > 1 && !sharded) {
-        if (!src->config)
-            return mp_err_field(err, "params.tp_size", "bad_request",
-                                "tp_size > 1 needs the model's config.json for the split rules");
-        if (tp_config_from_json(src->config, &cfg, err) != 0 || tp_check(&cfg, tp, err) != 0) {
-            snprintf(err->field, sizeof err->field, "params.tp_size");
-            return -1;
-        }
+                            "tp_size > 1 needs the model's config.json for the split rules");
+    if (tp_config_from_json(src->config, cfg, err) != 0 || tp_check(cfg, tp, err) != 0) {
+        snprintf(err->field, sizeof err->field, "params.tp_size");
+        return -1;
     }
+    return 0;
+}
+
+/* Every tensor of every file: refs (to be put in file order) and names
+ * with their rank (to find a tensor two files hold). */
+static int plan_refs(const load_source *src, bool sharded, tref **refs_out, nref **names_out,
+                     size_t *n_out, mp_error *err) {
     size_t n = 0;
     for (size_t f = 0; f < src->nfiles; f++)
         n += src->files[f].w->ntensors;
@@ -145,81 +139,140 @@ int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *
             names[k].rank = sharded ? src->files[f].rank : 0;
             k++;
         }
-    int rc = 0;
+    *refs_out = refs;
+    *names_out = names;
+    *n_out = n;
+    return 0;
+}
+
+static int check_unique_names(nref *names, size_t n, mp_error *err) {
     qsort(names, n, sizeof *names, cmp_nref);
-    for (size_t i = 1; i < n && rc == 0; i++)
+    for (size_t i = 1; i < n; i++)
         if (cmp_nref(&names[i - 1], &names[i]) == 0)
-            rc = mp_err(err, "bad_header", "tensor %s appears in two files", names[i].name);
+            return mp_err(err, "bad_header", "tensor %s appears in two files", names[i].name);
+    return 0;
+}
+
+typedef struct plan_ctx {
+    const load_source *src;
+    const load_plan_opts *o;
+    const tp_model_cfg *cfg;
+    bool sharded;
+    load_plan *plan;
+} plan_ctx;
+
+/* How the item is produced and in which dtype: GGML blocks are dequantized
+ * when a dtype is asked for and they can be, else kept as they are; other
+ * dtypes are cast when they can be. */
+static void item_kind(const load_plan_opts *o, const mp_tensor *t, load_item *it) {
+    bool want = o->dtype != MP_DT_INVALID;
+    if (t->dtype == MP_DT_GGML) {
+        if (want && gguf_can_dequant(t->ggml_type)) {
+            it->kind = LOAD_K_DEQUANT;
+            it->out_dtype = o->dtype;
+        } else {
+            it->kind = o->dummy ? LOAD_K_ZERO : LOAD_K_FILE;
+        }
+    } else {
+        if (want && castable_from(t->dtype)) it->out_dtype = o->dtype;
+        if (o->dummy)
+            it->kind = is_target(it->out_dtype) ? LOAD_K_DUMMY : LOAD_K_ZERO;
+        else
+            it->kind = contiguous_view(t) ? LOAD_K_FILE : LOAD_K_VIEW;
+    }
+}
+
+/* The item's bytes, at the next aligned offset of its device's arena. */
+static int item_place(load_plan *plan, const mp_tensor *t, load_item *it, mp_error *err) {
+    if (it->out_dtype == MP_DT_GGML) {
+        it->bytes = t->data_bytes;
+    } else if (!mp_tensor_bytes(it->out_dtype, it->shape, it->ndim, &it->bytes)) {
+        return mp_err(err, "bad_header", "tensor %s: size overflows", t->name);
+    }
+    uint64_t *end = &plan->arena_bytes[it->device];
+    uint64_t off = (*end + GPU_ARENA_ALIGN - 1) / GPU_ARENA_ALIGN * GPU_ARENA_ALIGN;
+    if (off < *end || off + it->bytes < off)
+        return mp_err(err, "too_large", "arena size overflows");
+    it->offset = off;
+    *end = off + it->bytes;
+    plan->total_bytes += it->bytes;
+    return 0;
+}
+
+/* Rank r's item of tensor ref: appended to the plan unless the tp rules
+ * drop the tensor. */
+static int plan_item(const plan_ctx *pc, const tref *ref, int r, mp_error *err) {
+    const load_plan_opts *o = pc->o;
+    const mp_tensor *t = ref->t;
+    load_plan *plan = pc->plan;
+    load_item *it = &plan->items[plan->nitems];
+    memset(it, 0, sizeof *it);
+    it->file = ref->file;
+    it->src = t;
+    it->rank = r;
+    it->device = o->devices[r];
+    it->ndim = t->ndim;
+    it->ggml_type = t->ggml_type;
+    it->out_dtype = t->dtype;
+    item_kind(o, t, it);
+    if (pc->sharded || t->dtype == MP_DT_GGML) {
+        memcpy(it->shape, t->shape, sizeof t->shape);
+        it->slice.dim = -1;
+    } else {
+        bool dropped;
+        if (plan_tp_slice(pc->cfg, t, o->tp_size, r, &it->slice, it->shape, &dropped, err) != 0)
+            return -1;
+        if (dropped) return 0;
+    }
+    if (it->slice.dim >= 0 && mp_dtype_bits(t->dtype) % 8 != 0)
+        return mp_err(err, "bad_request", "cannot split %s (sub-byte dtype)", t->name);
+    if (item_place(plan, t, it, err) != 0) return -1;
+    plan->nitems++;
+    return 0;
+}
+
+/* One item per (tensor, rank): the rank of its file for a sharded
+ * checkpoint, every rank otherwise; refs are in file order. */
+static int plan_items(const plan_ctx *pc, const tref *refs, size_t n, mp_error *err) {
+    size_t per = pc->sharded ? 1 : (size_t)pc->o->tp_size, cap = 0;
+    if (__builtin_mul_overflow(n, per, &cap)) return mp_err(err, "too_large", "too many tensors");
+    if (!(pc->plan->items = calloc(cap ? cap : 1, sizeof *pc->plan->items)))
+        return mp_err(err, "no_memory", "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        int r0 = pc->sharded ? pc->src->files[refs[i].file].rank : 0;
+        int r1 = pc->sharded ? r0 + 1 : pc->o->tp_size;
+        for (int r = r0; r < r1; r++)
+            if (plan_item(pc, &refs[i], r, err) != 0) return -1;
+    }
+    return 0;
+}
+
+int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *plan,
+                    mp_error *err) {
+    memset(plan, 0, sizeof *plan);
+    int tp = o->tp_size;
+    if (tp < 1 || tp > GPU_MAX_DEVICES) return mp_err(err, "bad_request", "tp_size out of range");
+    plan->tp_size = tp;
+    for (int r = 0; r < tp; r++)
+        plan->devices[r] = o->devices[r];
+    if (o->dtype != MP_DT_INVALID && !is_target(o->dtype))
+        return mp_err(err, "bad_request", "dtype must be bf16, fp16 or fp32");
+    bool sharded = src->format == LOAD_FMT_SHARDED_STATE;
+    if (src->format == LOAD_FMT_GGUF && tp > 1)
+        return mp_err_field(err, "params.tp_size", "bad_request",
+                            "a GGUF checkpoint loads on one device (tp_size 1)");
+
+    tp_model_cfg cfg;
+    if (plan_tp_config(src, tp, sharded, &cfg, err) != 0) return -1;
+    tref *refs = NULL;
+    nref *names = NULL;
+    size_t n = 0;
+    if (plan_refs(src, sharded, &refs, &names, &n, err) != 0) return -1;
+    int rc = check_unique_names(names, n, err);
     free(names);
     qsort(refs, n, sizeof *refs, cmp_tref_pos);
-
-    size_t per = sharded ? 1 : (size_t)tp, cap = 0;
-    if (rc == 0 && __builtin_mul_overflow(n, per, &cap))
-        rc = mp_err(err, "too_large", "too many tensors");
-    if (rc == 0 && !(plan->items = calloc(cap ? cap : 1, sizeof *plan->items)))
-        rc = mp_err(err, "no_memory", "out of memory");
-    for (size_t i = 0; i < n && rc == 0; i++) {
-        const mp_tensor *t = refs[i].t;
-        int r0 = sharded ? src->files[refs[i].file].rank : 0;
-        int r1 = sharded ? r0 + 1 : tp;
-        for (int r = r0; r < r1 && rc == 0; r++) {
-            load_item *it = &plan->items[plan->nitems];
-            memset(it, 0, sizeof *it);
-            it->file = refs[i].file;
-            it->src = t;
-            it->rank = r;
-            it->device = o->devices[r];
-            it->ndim = t->ndim;
-            it->ggml_type = t->ggml_type;
-            it->out_dtype = t->dtype;
-            bool want = o->dtype != MP_DT_INVALID;
-            if (t->dtype == MP_DT_GGML) {
-                if (want && gguf_can_dequant(t->ggml_type)) {
-                    it->kind = LOAD_K_DEQUANT;
-                    it->out_dtype = o->dtype;
-                } else {
-                    it->kind = o->dummy ? LOAD_K_ZERO : LOAD_K_FILE;
-                }
-            } else {
-                if (want && castable_from(t->dtype)) it->out_dtype = o->dtype;
-                if (o->dummy)
-                    it->kind = is_target(it->out_dtype) ? LOAD_K_DUMMY : LOAD_K_ZERO;
-                else
-                    it->kind = contiguous_view(t) ? LOAD_K_FILE : LOAD_K_VIEW;
-            }
-            if (sharded || t->dtype == MP_DT_GGML) {
-                memcpy(it->shape, t->shape, sizeof t->shape);
-                it->slice.dim = -1;
-            } else {
-                bool dropped;
-                if (plan_tp_slice(&cfg, t, tp, r, &it->slice, it->shape, &dropped, err) != 0) {
-                    rc = -1;
-                    break;
-                }
-                if (dropped) continue;
-            }
-            if (it->slice.dim >= 0 && mp_dtype_bits(t->dtype) % 8 != 0) {
-                rc = mp_err(err, "bad_request", "cannot split %s (sub-byte dtype)", t->name);
-                break;
-            }
-            if (it->out_dtype == MP_DT_GGML) {
-                it->bytes = t->data_bytes;
-            } else if (!mp_tensor_bytes(it->out_dtype, it->shape, it->ndim, &it->bytes)) {
-                rc = mp_err(err, "bad_header", "tensor %s: size overflows", t->name);
-                break;
-            }
-            uint64_t *end = &plan->arena_bytes[it->device];
-            uint64_t off = (*end + GPU_ARENA_ALIGN - 1) / GPU_ARENA_ALIGN * GPU_ARENA_ALIGN;
-            if (off < *end || off + it->bytes < off) {
-                rc = mp_err(err, "too_large", "arena size overflows");
-                break;
-            }
-            it->offset = off;
-            *end = off + it->bytes;
-            plan->total_bytes += it->bytes;
-            plan->nitems++;
-        }
-    }
+    plan_ctx pc = {.src = src, .o = o, .cfg = &cfg, .sharded = sharded, .plan = plan};
+    if (rc == 0) rc = plan_items(&pc, refs, n, err);
     free(refs);
     if (rc != 0) load_plan_free(plan);
     return rc;
