@@ -103,6 +103,9 @@ int main(int argc, char **argv) {
         mp_log(&srv.log, "error", NULL, "devices: %s", err.message);
         goto out;
     }
+    if (gpu_set_cuda_error(srv.gpus)[0])
+        mp_log(&srv.log, "warn", NULL, "devices: no CUDA device usable: %s",
+               gpu_set_cuda_error(srv.gpus));
     srv.events = events_new();
     srv.metrics = metrics_new();
     srv.routes = h_routes;
