@@ -600,6 +600,6 @@ int gpu_fill_dummy(gpu_arena *a, uint64_t off, mp_dtype dt, uint64_t n, const ch
     uint64_t tseed = gpu_dummy_tensor_seed(p->seed, name);
     void *dp = (char *)a->ptr + off;
     if (dev_ready(a->set, a->dev, err) != 0) return -1;
-    return a->set->be->fill_dummy(&a->set->dev[a->dev], dp, dt, n, p->first, tseed, p->low,
-                                  p->high, err);
+    return a->set->be->fill_dummy(&a->set->dev[a->dev], dp, dt, n, p->first, tseed, p->low, p->high,
+                                  err);
 }

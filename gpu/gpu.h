@@ -111,7 +111,8 @@ gpu_kind gpu_set_kind(const gpu_set *s); /* all devices of a set are one kind */
 /* Why CUDA discovery found no device ("auto" or CUDA ordinals in a CUDA
  * build): the CUDA error, e.g. a driver too old for the runtime; "" when
  * discovery did not fail (or the build has no CUDA). */
-const char *gpu_set_cuda_error(const gpu_set *s);/* Current info of device `index` (memory figures are queried now). */
+const char *gpu_set_cuda_error(
+    const gpu_set *s); /* Current info of device `index` (memory figures are queried now). */
 int gpu_device_info_get(gpu_set *s, int index, gpu_device_info *out, mp_error *err);
 /* Resident bytes of device index as accounted by the set (cheap, no query). */
 uint64_t gpu_device_resident(gpu_set *s, int index);
@@ -141,8 +142,8 @@ void *gpu_arena_host_ptr(const gpu_arena *a);
 
 /* A handle another process can map the arena with. */
 typedef struct gpu_export {
-    gpu_kind kind;        /* how to map it: GPU_KIND_HOST (a memfd: host and
-                             async arenas) or GPU_KIND_CUDA (an IPC handle) */
+    gpu_kind kind; /* how to map it: GPU_KIND_HOST (a memfd: host and
+                      async arenas) or GPU_KIND_CUDA (an IPC handle) */
     uint64_t size;
     int fd;               /* host: the arena's memfd (still owned by the arena;
                              dup() it or pass it over SCM_RIGHTS); -1 on cuda */

@@ -219,8 +219,8 @@ static int gpu_async_enqueue(gpu_dev *d, gpu_async_op *op, mp_error *err) {
     return 0;
 }
 
-static gpu_async_op *gpu_async_op_new(gpu_async_kind kind, void *dst, const void *src,
-                                      uint64_t n, mp_error *err) {
+static gpu_async_op *gpu_async_op_new(gpu_async_kind kind, void *dst, const void *src, uint64_t n,
+                                      mp_error *err) {
     gpu_async_op *op = calloc(1, sizeof *op);
     if (!op) {
         mp_err(err, "out_of_memory", "async operation");

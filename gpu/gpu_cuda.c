@@ -226,7 +226,7 @@ static void cuda_fence_free(gpu_dev *d, gpu_fence *f) {
 }
 
 static int cuda_cast(gpu_dev *d, void *dst, mp_dtype dst_dt, const void *src, mp_dtype src_dt,
-                  uint64_t n, mp_error *err) {
+                     uint64_t n, mp_error *err) {
     CU_TRY(cudaSetDevice(d->ordinal), "cudaSetDevice");
     CU_TRY((cudaError_t)gpuk_cast(dst, (int)dst_dt, src, (int)src_dt, n, d->stream),
            "cast kernel launch");
@@ -234,7 +234,7 @@ static int cuda_cast(gpu_dev *d, void *dst, mp_dtype dst_dt, const void *src, mp
 }
 
 static int cuda_dequant(gpu_dev *d, void *dst, mp_dtype dst_dt, const void *src, int ggml_type,
-                     uint64_t n, mp_error *err) {
+                        uint64_t n, mp_error *err) {
     CU_TRY(cudaSetDevice(d->ordinal), "cudaSetDevice");
     CU_TRY((cudaError_t)gpuk_dequant(dst, (int)dst_dt, src, ggml_type, n, d->stream),
            "dequant kernel launch");
@@ -242,7 +242,7 @@ static int cuda_dequant(gpu_dev *d, void *dst, mp_dtype dst_dt, const void *src,
 }
 
 static int cuda_fill_dummy(gpu_dev *d, void *dst, mp_dtype dt, uint64_t n, uint64_t first,
-                        uint64_t tseed, float low, float high, mp_error *err) {
+                           uint64_t tseed, float low, float high, mp_error *err) {
     CU_TRY(cudaSetDevice(d->ordinal), "cudaSetDevice");
     CU_TRY((cudaError_t)gpuk_fill_dummy(dst, (int)dt, n, first, tseed, low, high, d->stream),
            "dummy kernel launch");

@@ -291,8 +291,8 @@ static int host_cast_op(gpu_dev *d, void *dst, mp_dtype dst_dt, const void *src,
                         uint64_t n, mp_error *err) {
     (void)d;
     if (gpu_host_cast(dst, dst_dt, src, src_dt, n) != 0)
-        return mp_err(err, "unsupported_dtype", "no host cast from %s to %s",
-                      mp_dtype_name(src_dt), mp_dtype_name(dst_dt));
+        return mp_err(err, "unsupported_dtype", "no host cast from %s to %s", mp_dtype_name(src_dt),
+                      mp_dtype_name(dst_dt));
     return 0;
 }
 

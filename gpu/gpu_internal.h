@@ -34,8 +34,8 @@ struct gpu_set {
     const gpu_backend *be;
     int n;
     pthread_mutex_t mu;
-    long live;         /* arenas + fences not yet freed: a bug check in gpu_set_close */
-    bool host_private; /* host memory arenas: anonymous THP mappings, not memfds */
+    long live;            /* arenas + fences not yet freed: a bug check in gpu_set_close */
+    bool host_private;    /* host memory arenas: anonymous THP mappings, not memfds */
     char cuda_error[256]; /* why CUDA discovery found no device, "" when it did not fail */
     gpu_dev dev[GPU_MAX_DEVICES];
 };
