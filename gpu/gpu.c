@@ -1,8 +1,9 @@
 /*
- * gpu.c - the device set behind gpu.h: parsing --devices, per-device
- * accounting of resident bytes, argument checks (bounds, alignment, dtypes,
- * overlap) for every arena operation, and dispatch to the host or CUDA
- * backend. Backends trust what reaches them.
+ * gpu.c - the device set behind gpu.h: parsing --devices (which picks the
+ * set's backend table, once), per-device accounting of resident bytes,
+ * argument checks (bounds, alignment, dtypes, overlap) for every arena
+ * operation, then a call through the table. Backends trust what reaches
+ * them; nothing here knows which backend it talks to.
  */
 #include "gpu/gpu_internal.h"
 #include "gpu/dummy.h"
@@ -65,37 +66,70 @@ static int parse_size(const char *s, uint64_t *out) {
     return 0;
 }
 
-static void init_host(gpu_set *s, int n, uint64_t cap) {
-    s->kind = GPU_KIND_HOST;
+static void init_devices(gpu_set *s, const gpu_backend *be, int n, uint64_t cap,
+                         unsigned delay_us) {
+    s->be = be;
     s->n = n;
     for (int i = 0; i < n; i++) {
-        s->dev[i].kind = GPU_KIND_HOST;
+        s->dev[i].index = i;
         s->dev[i].ordinal = i;
         s->dev[i].cap = cap;
+        s->dev[i].delay_us = delay_us;
     }
 }
 
-static int parse_host(gpu_set *s, const char *spec, uint64_t cap, mp_error *err) {
-    const char *p = spec + 4; /* after "host" */
+#define ASYNC_DEFAULT_DELAY_US 200u
+#define ASYNC_MAX_DELAY_US 1000000u
+
+/* "host[:N][@SIZE]" and "async[:N][@SIZE][/US]"; plen: the length of the
+ * backend's word. */
+static int parse_host(gpu_set *s, const char *spec, size_t plen, const gpu_backend *be,
+                      uint64_t cap, mp_error *err) {
+    const char *p = spec + plen;
+    bool async = be == &gpu_backend_async;
     long n = 1;
     if (*p == ':') {
         char *end;
         errno = 0;
         n = strtol(p + 1, &end, 10);
         if (end == p + 1 || errno || n < 1 || n > GPU_MAX_DEVICES)
-            return mp_err_field(err, "devices", "invalid_devices",
-                                "\"%s\": host:N needs N in 1..%d", spec, GPU_MAX_DEVICES);
+            return mp_err_field(err, "devices", "invalid_devices", "\"%s\": %s:N needs N in 1..%d",
+                                spec, be->name, GPU_MAX_DEVICES);
         p = end;
     }
     if (*p == '@') {
-        if (parse_size(p + 1, &cap) != 0)
+        /* The cap ends at the delay's '/', if any. */
+        char num[32];
+        size_t len = async ? strcspn(p + 1, "/") : strlen(p + 1);
+        if (len >= sizeof num)
             return mp_err_field(err, "devices", "invalid_devices",
                                 "\"%s\": bad memory cap after '@'", spec);
-    } else if (*p) {
-        return mp_err_field(err, "devices", "invalid_devices",
-                            "\"%s\": expected auto, host, host:N or CUDA indices like 0,1", spec);
+        memcpy(num, p + 1, len);
+        num[len] = '\0';
+        if (parse_size(num, &cap) != 0)
+            return mp_err_field(err, "devices", "invalid_devices",
+                                "\"%s\": bad memory cap after '@'", spec);
+        p += 1 + len;
     }
-    init_host(s, (int)n, cap);
+    unsigned long delay = ASYNC_DEFAULT_DELAY_US;
+    if (async && *p == '/') {
+        char *end;
+        errno = 0;
+        if (!isdigit((unsigned char)p[1]))
+            return mp_err_field(err, "devices", "invalid_devices",
+                                "\"%s\": bad delay after '/' (microseconds)", spec);
+        delay = strtoul(p + 1, &end, 10);
+        if (errno || *end || delay > ASYNC_MAX_DELAY_US)
+            return mp_err_field(err, "devices", "invalid_devices",
+                                "\"%s\": delay after '/' must be 0..%u microseconds", spec,
+                                ASYNC_MAX_DELAY_US);
+        p = end;
+    }
+    if (*p)
+        return mp_err_field(err, "devices", "invalid_devices",
+                            "\"%s\": expected auto, host, host:N, async:N or CUDA indices like 0,1",
+                            spec);
+    init_devices(s, be, (int)n, cap, async ? (unsigned)delay : 0);
     return 0;
 }
 
@@ -104,9 +138,9 @@ static int parse_cuda_list(gpu_set *s, const char *spec, mp_error *err) {
     const char *p = spec;
     for (;;) {
         if (!isdigit((unsigned char)*p))
-            return mp_err_field(err, "devices", "invalid_devices",
-                                "\"%s\": expected auto, host, host:N or CUDA indices like 0,1",
-                                spec);
+            return mp_err_field(
+                err, "devices", "invalid_devices",
+                "\"%s\": expected auto, host, host:N, async:N or CUDA indices like 0,1", spec);
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
@@ -126,17 +160,15 @@ static int parse_cuda_list(gpu_set *s, const char *spec, mp_error *err) {
         p = end + 1;
     }
 #if MP_HAVE_CUDA
-    int have = gpu_cuda_count();
+    int have = gpu_cuda_count(s->cuda_error, sizeof s->cuda_error);
     for (int i = 0; i < n; i++)
         if (ord[i] >= have)
             return mp_err_field(err, "devices", "device_unavailable",
-                                "CUDA device %d is not present (%d found)", ord[i], have);
-    s->kind = GPU_KIND_CUDA;
-    s->n = n;
-    for (int i = 0; i < n; i++) {
-        s->dev[i].kind = GPU_KIND_CUDA;
+                                "CUDA device %d is not present (%d found%s%s)", ord[i], have,
+                                s->cuda_error[0] ? ": " : "", s->cuda_error);
+    init_devices(s, &gpu_backend_cuda, n, 0, 0);
+    for (int i = 0; i < n; i++)
         s->dev[i].ordinal = ord[i];
-    }
     return 0;
 #else
     (void)s;
@@ -149,23 +181,19 @@ int gpu_set_open(const char *spec, uint64_t host_cap_bytes, gpu_set **out, mp_er
     *out = NULL;
     gpu_set *s = calloc(1, sizeof *s);
     if (!s) return mp_err(err, "out_of_memory", "gpu set");
-    int rc;
+    int rc = 0;
     if (!spec || !*spec || strcmp(spec, "auto") == 0) {
-        rc = 0;
         int have = 0;
 #if MP_HAVE_CUDA
-        have = gpu_cuda_count();
+        have = gpu_cuda_count(s->cuda_error, sizeof s->cuda_error);
         if (have > GPU_MAX_DEVICES) have = GPU_MAX_DEVICES;
-        s->kind = GPU_KIND_CUDA;
-        s->n = have;
-        for (int i = 0; i < have; i++) {
-            s->dev[i].kind = GPU_KIND_CUDA;
-            s->dev[i].ordinal = i;
-        }
+        if (have > 0) init_devices(s, &gpu_backend_cuda, have, 0, 0);
 #endif
-        if (have == 0) init_host(s, 1, host_cap_bytes);
+        if (have == 0) init_devices(s, &gpu_backend_host, 1, host_cap_bytes, 0);
     } else if (strncmp(spec, "host", 4) == 0) {
-        rc = parse_host(s, spec, host_cap_bytes, err);
+        rc = parse_host(s, spec, 4, &gpu_backend_host, host_cap_bytes, err);
+    } else if (strncmp(spec, "async", 5) == 0) {
+        rc = parse_host(s, spec, 5, &gpu_backend_async, host_cap_bytes, err);
     } else {
         rc = parse_cuda_list(s, spec, err);
     }
@@ -183,10 +211,8 @@ int gpu_set_open(const char *spec, uint64_t host_cap_bytes, gpu_set **out, mp_er
 
 void gpu_set_close(gpu_set *s) {
     if (!s) return;
-#if MP_HAVE_CUDA
     for (int i = 0; i < s->n; i++)
-        if (s->dev[i].kind == GPU_KIND_CUDA) gpu_cuda_stream_destroy(&s->dev[i]);
-#endif
+        if (s->dev[i].ready) s->be->stream_destroy(&s->dev[i]);
     pthread_mutex_destroy(&s->mu);
     free(s);
 }
@@ -202,7 +228,22 @@ int gpu_set_count(const gpu_set *s) {
 }
 
 gpu_kind gpu_set_kind(const gpu_set *s) {
-    return s->kind;
+    return s->be->kind;
+}
+
+const char *gpu_set_cuda_error(const gpu_set *s) {
+    return s->cuda_error;
+}
+
+const char *gpu_kind_name(gpu_kind k) {
+    switch (k) {
+    case GPU_KIND_CUDA:
+        return "cuda";
+    case GPU_KIND_ASYNC:
+        return "async";
+    default:
+        return "host";
+    }
 }
 
 static int check_index(const gpu_set *s, int index, mp_error *err) {
@@ -212,28 +253,26 @@ static int check_index(const gpu_set *s, int index, mp_error *err) {
     return 0;
 }
 
+/* Free memory of a device: under set->mu where the backend's accounting
+ * lives there (host memory), else straight from the backend. */
+static int mem_info(gpu_set *s, gpu_dev *d, uint64_t *total, uint64_t *avail, mp_error *err) {
+    if (!s->be->host_memory) return s->be->mem_info(d, total, avail, err);
+    pthread_mutex_lock(&s->mu);
+    int rc = s->be->mem_info(d, total, avail, err);
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
 int gpu_device_info_get(gpu_set *s, int index, gpu_device_info *out, mp_error *err) {
     if (check_index(s, index, err) != 0) return -1;
     memset(out, 0, sizeof *out);
     gpu_dev *d = &s->dev[index];
     out->index = index;
-    out->kind = d->kind;
+    out->kind = s->be->kind;
     out->ordinal = d->ordinal;
-    pthread_mutex_lock(&s->mu);
-    out->resident_bytes = d->resident;
-    int rc = 0;
-    if (d->kind == GPU_KIND_HOST) {
-        snprintf(out->name, sizeof out->name, "host");
-        rc = gpu_host_mem_info(d, &out->total_bytes, &out->free_bytes, err);
-    }
-    pthread_mutex_unlock(&s->mu);
-#if MP_HAVE_CUDA
-    if (d->kind == GPU_KIND_CUDA) {
-        rc = gpu_cuda_describe(d->ordinal, out, err);
-        if (rc == 0) rc = gpu_cuda_mem_info(d->ordinal, &out->total_bytes, &out->free_bytes, err);
-    }
-#endif
-    return rc;
+    out->resident_bytes = gpu_device_resident(s, index);
+    if (s->be->describe(d, out, err) != 0) return -1;
+    return mem_info(s, d, &out->total_bytes, &out->free_bytes, err);
 }
 
 uint64_t gpu_device_resident(gpu_set *s, int index) {
@@ -244,27 +283,22 @@ uint64_t gpu_device_resident(gpu_set *s, int index) {
     return r;
 }
 
-/* The CUDA copy stream of device index, created on first use. */
+/* The copy stream of device index, created on first use. */
 static int dev_ready(gpu_set *s, int index, mp_error *err) {
-#if MP_HAVE_CUDA
     gpu_dev *d = &s->dev[index];
-    if (d->kind != GPU_KIND_CUDA) return 0;
     pthread_mutex_lock(&s->mu);
-    int rc = d->stream ? 0 : gpu_cuda_stream_init(d, err);
+    int rc = 0;
+    if (!d->ready) {
+        rc = s->be->stream_init(d, err);
+        d->ready = rc == 0;
+    }
     pthread_mutex_unlock(&s->mu);
     return rc;
-#else
-    (void)s, (void)index, (void)err;
-    return 0;
-#endif
 }
 
 int gpu_device_sync(gpu_set *s, int index, mp_error *err) {
     if (check_index(s, index, err) != 0 || dev_ready(s, index, err) != 0) return -1;
-#if MP_HAVE_CUDA
-    if (s->dev[index].kind == GPU_KIND_CUDA) return gpu_cuda_sync(&s->dev[index], err);
-#endif
-    return 0;
+    return s->be->sync(&s->dev[index], err);
 }
 
 bool gpu_cuda_versions(int *runtime, int *driver) {
@@ -284,6 +318,9 @@ int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_e
     *out = NULL;
     if (check_index(s, index, err) != 0) return -1;
     if (bytes == 0) return mp_err(err, "invalid_argument", "arena of 0 bytes");
+    /* The arena's stream exists before the arena: freeing it syncs it. */
+    if (dev_ready(s, index, err) != 0) return -1;
+    const gpu_backend *be = s->be;
     gpu_dev *d = &s->dev[index];
     gpu_arena *a = calloc(1, sizeof *a);
     if (!a) return mp_err(err, "out_of_memory", "arena handle");
@@ -291,21 +328,21 @@ int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_e
     a->dev = index;
     a->size = bytes;
     a->fd = -1;
-    int rc;
-    if (d->kind == GPU_KIND_HOST) {
+    int rc = 0;
+    if (be->host_memory) {
         /* Check and reserve under the lock so that concurrent loads cannot
          * both pass the check and together exceed the cap. */
         uint64_t total, avail;
         pthread_mutex_lock(&s->mu);
-        bool priv = s->host_private;
-        rc = gpu_host_mem_info(d, &total, &avail, err);
+        a->priv = s->host_private;
+        rc = be->mem_info(d, &total, &avail, err);
         if (rc == 0 && bytes > avail)
-            rc = gpu_nomem(err, "device %d (host): %" PRIu64 " bytes asked, %" PRIu64 " free",
-                           index, bytes, avail);
+            rc = gpu_nomem(err, "device %d (%s): %" PRIu64 " bytes asked, %" PRIu64 " free", index,
+                           be->name, bytes, avail);
         if (rc == 0) d->resident += bytes;
         pthread_mutex_unlock(&s->mu);
         if (rc == 0) {
-            rc = gpu_host_arena_alloc(a, priv, err);
+            rc = be->arena_alloc(a, err);
             if (rc != 0) {
                 pthread_mutex_lock(&s->mu);
                 d->resident -= bytes;
@@ -313,16 +350,12 @@ int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_e
             }
         }
     } else {
-#if MP_HAVE_CUDA
-        rc = gpu_cuda_arena_alloc(a, err);
+        rc = be->arena_alloc(a, err);
         if (rc == 0) {
             pthread_mutex_lock(&s->mu);
             d->resident += bytes;
             pthread_mutex_unlock(&s->mu);
         }
-#else
-        rc = mp_err(err, "internal", "CUDA device in a build without CUDA");
-#endif
     }
     if (rc != 0) {
         free(a);
@@ -339,11 +372,7 @@ void gpu_arena_free(gpu_arena *a) {
     if (!a) return;
     gpu_set *s = a->set;
     gpu_dev *d = &s->dev[a->dev];
-    if (d->kind == GPU_KIND_HOST) gpu_host_arena_free(a);
-#if MP_HAVE_CUDA
-    else
-        gpu_cuda_arena_free(a);
-#endif
+    s->be->arena_free(a);
     pthread_mutex_lock(&s->mu);
     d->resident -= a->size;
     s->live--;
@@ -360,26 +389,14 @@ int gpu_arena_device(const gpu_arena *a) {
 }
 
 void *gpu_arena_host_ptr(const gpu_arena *a) {
-    return a->set->dev[a->dev].kind == GPU_KIND_HOST ? a->ptr : NULL;
+    return a->set->be->cpu_addressable ? a->ptr : NULL;
 }
 
 int gpu_arena_export(gpu_arena *a, gpu_export *out, mp_error *err) {
     memset(out, 0, sizeof *out);
     out->size = a->size;
     out->fd = -1;
-    out->kind = a->set->dev[a->dev].kind;
-    if (out->kind == GPU_KIND_HOST) {
-        if (a->fd < 0)
-            return mp_err(err, "not_exportable",
-                          "host arena is private (the set was opened without export)");
-        out->fd = a->fd;
-        return 0;
-    }
-#if MP_HAVE_CUDA
-    return gpu_cuda_arena_export(a, out->ipc_handle, sizeof out->ipc_handle, err);
-#else
-    return mp_err(err, "internal", "CUDA arena in a build without CUDA");
-#endif
+    return a->set->be->arena_export(a, out, err);
 }
 
 /* ---- staging ---- */
@@ -387,23 +404,12 @@ int gpu_arena_export(gpu_arena *a, gpu_export *out, mp_error *err) {
 int gpu_staging_alloc(gpu_set *s, size_t bytes, void **out, mp_error *err) {
     *out = NULL;
     if (bytes == 0) return mp_err(err, "invalid_argument", "staging buffer of 0 bytes");
-#if MP_HAVE_CUDA
-    if (s->kind == GPU_KIND_CUDA) return gpu_cuda_staging_alloc(bytes, out, err);
-#endif
-    (void)s;
-    return gpu_host_staging_alloc(bytes, out, err);
+    return s->be->staging_alloc(s, bytes, out, err);
 }
 
 void gpu_staging_free(gpu_set *s, void *p) {
     if (!p) return;
-#if MP_HAVE_CUDA
-    if (s->kind == GPU_KIND_CUDA) {
-        gpu_cuda_staging_free(p);
-        return;
-    }
-#endif
-    (void)s;
-    gpu_host_staging_free(p);
+    s->be->staging_free(s, p);
 }
 
 /* ---- transfers ---- */
@@ -416,56 +422,33 @@ static int check_span(const gpu_arena *a, uint64_t off, uint64_t bytes, mp_error
     return 0;
 }
 
-static inline bool is_cuda(const gpu_arena *a) {
-    return a->set->dev[a->dev].kind == GPU_KIND_CUDA;
-}
-
 int gpu_copy_h2d(gpu_arena *a, uint64_t off, const void *src, size_t n, mp_error *err) {
     if (check_span(a, off, n, err) != 0) return -1;
     if (n == 0) return 0;
-    if (!is_cuda(a)) {
-        memcpy((char *)a->ptr + off, src, n);
-        return 0;
-    }
-#if MP_HAVE_CUDA
     if (dev_ready(a->set, a->dev, err) != 0) return -1;
-    return gpu_cuda_copy_h2d(&a->set->dev[a->dev], (char *)a->ptr + off, src, n, err);
-#else
-    return mp_err(err, "internal", "no CUDA");
-#endif
+    return a->set->be->copy_h2d(&a->set->dev[a->dev], (char *)a->ptr + off, src, n, err);
 }
 
 int gpu_read(gpu_arena *a, uint64_t off, void *dst, size_t n, mp_error *err) {
     if (check_span(a, off, n, err) != 0) return -1;
     if (n == 0) return 0;
-    if (!is_cuda(a)) {
-        memcpy(dst, (char *)a->ptr + off, n);
-        return 0;
-    }
-#if MP_HAVE_CUDA
     if (dev_ready(a->set, a->dev, err) != 0) return -1;
-    return gpu_cuda_read(&a->set->dev[a->dev], (char *)a->ptr + off, dst, n, err);
-#else
-    return mp_err(err, "internal", "no CUDA");
-#endif
+    return a->set->be->read(&a->set->dev[a->dev], (char *)a->ptr + off, dst, n, err);
 }
 
 /* ---- fences ---- */
 
 int gpu_fence_create(gpu_set *s, int index, gpu_fence **out, mp_error *err) {
     *out = NULL;
-    if (check_index(s, index, err) != 0) return -1;
+    if (check_index(s, index, err) != 0 || dev_ready(s, index, err) != 0) return -1;
     gpu_fence *f = calloc(1, sizeof *f);
     if (!f) return mp_err(err, "out_of_memory", "fence");
     f->set = s;
     f->dev = index;
-#if MP_HAVE_CUDA
-    if (s->dev[index].kind == GPU_KIND_CUDA &&
-        (dev_ready(s, index, err) != 0 || gpu_cuda_fence_create(&s->dev[index], f, err) != 0)) {
+    if (s->be->fence_create(&s->dev[index], f, err) != 0) {
         free(f);
         return -1;
     }
-#endif
     pthread_mutex_lock(&s->mu);
     s->live++;
     pthread_mutex_unlock(&s->mu);
@@ -474,39 +457,25 @@ int gpu_fence_create(gpu_set *s, int index, gpu_fence **out, mp_error *err) {
 }
 
 int gpu_fence_record(gpu_fence *f, mp_error *err) {
+    if (f->set->be->fence_record(&f->set->dev[f->dev], f, err) != 0) return -1;
     f->recorded = 1;
-#if MP_HAVE_CUDA
-    if (f->set->dev[f->dev].kind == GPU_KIND_CUDA)
-        return gpu_cuda_fence_record(&f->set->dev[f->dev], f, err);
-#endif
-    (void)err;
     return 0;
 }
 
 int gpu_fence_wait(gpu_fence *f, mp_error *err) {
-#if MP_HAVE_CUDA
-    if (f->recorded && f->set->dev[f->dev].kind == GPU_KIND_CUDA)
-        return gpu_cuda_fence_wait(&f->set->dev[f->dev], f, err);
-#endif
-    (void)err;
-    return 0;
+    if (!f->recorded) return 0;
+    return f->set->be->fence_wait(&f->set->dev[f->dev], f, err);
 }
 
 int gpu_fence_query(gpu_fence *f, mp_error *err) {
-#if MP_HAVE_CUDA
-    if (f->recorded && f->set->dev[f->dev].kind == GPU_KIND_CUDA)
-        return gpu_cuda_fence_query(&f->set->dev[f->dev], f, err);
-#endif
-    (void)err;
-    return 1;
+    if (!f->recorded) return 1;
+    return f->set->be->fence_query(&f->set->dev[f->dev], f, err);
 }
 
 void gpu_fence_free(gpu_fence *f) {
     if (!f) return;
     gpu_set *s = f->set;
-#if MP_HAVE_CUDA
-    if (s->dev[f->dev].kind == GPU_KIND_CUDA) gpu_cuda_fence_free(&s->dev[f->dev], f);
-#endif
+    s->be->fence_free(&s->dev[f->dev], f);
     pthread_mutex_lock(&s->mu);
     s->live--;
     pthread_mutex_unlock(&s->mu);
@@ -582,13 +551,8 @@ int gpu_cast(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena 
     if (n == 0) return 0;
     void *dp = (char *)dst->ptr + dst_off;
     const void *sp = (const char *)src->ptr + src_off;
-    if (!is_cuda(dst)) return gpu_host_cast(dp, dst_dt, sp, src_dt, n);
-#if MP_HAVE_CUDA
     if (dev_ready(dst->set, dst->dev, err) != 0) return -1;
-    return gpu_cuda_cast(&dst->set->dev[dst->dev], dp, dst_dt, sp, src_dt, n, err);
-#else
-    return mp_err(err, "internal", "no CUDA");
-#endif
+    return dst->set->be->cast(&dst->set->dev[dst->dev], dp, dst_dt, sp, src_dt, n, err);
 }
 
 int gpu_dequant(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena *src,
@@ -616,13 +580,8 @@ int gpu_dequant(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_are
     if (n == 0) return 0;
     void *dp = (char *)dst->ptr + dst_off;
     const void *sp = (const char *)src->ptr + src_off;
-    if (!is_cuda(dst)) return gpu_host_dequant(dp, dst_dt, sp, ggml_type, n);
-#if MP_HAVE_CUDA
     if (dev_ready(dst->set, dst->dev, err) != 0) return -1;
-    return gpu_cuda_dequant(&dst->set->dev[dst->dev], dp, dst_dt, sp, ggml_type, n, err);
-#else
-    return mp_err(err, "internal", "no CUDA");
-#endif
+    return dst->set->be->dequant(&dst->set->dev[dst->dev], dp, dst_dt, sp, ggml_type, n, err);
 }
 
 int gpu_fill_dummy(gpu_arena *a, uint64_t off, mp_dtype dt, uint64_t n, const char *name,
@@ -640,15 +599,7 @@ int gpu_fill_dummy(gpu_arena *a, uint64_t off, mp_dtype dt, uint64_t n, const ch
     if (n == 0) return 0;
     uint64_t tseed = gpu_dummy_tensor_seed(p->seed, name);
     void *dp = (char *)a->ptr + off;
-    if (!is_cuda(a)) {
-        gpu_dummy_fill_cpu(dp, dt, n, p->first, tseed, p->low, p->high);
-        return 0;
-    }
-#if MP_HAVE_CUDA
     if (dev_ready(a->set, a->dev, err) != 0) return -1;
-    return gpu_cuda_fill_dummy(&a->set->dev[a->dev], dp, dt, n, p->first, tseed, p->low, p->high,
-                               err);
-#else
-    return mp_err(err, "internal", "no CUDA");
-#endif
+    return a->set->be->fill_dummy(&a->set->dev[a->dev], dp, dt, n, p->first, tseed, p->low, p->high,
+                                  err);
 }

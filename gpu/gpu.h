@@ -1,9 +1,12 @@
 /*
- * gpu.h - the one interface to the devices weights are placed on. Two
- * backends sit behind it: CUDA (only in a build with MP_HAVE_CUDA, see
- * gpu_cuda.c) and "host" (gpu_host.c: arenas are memfd-backed mappings, so a
- * machine without a GPU, or a test, can run every code path that places
- * weights). Nothing outside gpu/ includes a CUDA header.
+ * gpu.h - the one interface to the devices weights are placed on. Three
+ * backends sit behind it (a table of functions each, gpu_internal.h): CUDA
+ * (only in a build with MP_HAVE_CUDA, see gpu_cuda.c), "host" (gpu_host.c:
+ * arenas are memfd-backed mappings, so a machine without a GPU, or a test,
+ * can run every code path that places weights) and "async" (gpu_async.c: host
+ * memory, but copies complete late on a worker thread per device and fences
+ * signal only then, so tests catch what the host backend's done-on-return
+ * copies hide). Nothing outside gpu/ includes a CUDA header.
  *
  * Model: a gpu_set is the list of devices the process was told to use
  * (--devices). Devices are addressed by their position in the set, 0..n-1
@@ -41,7 +44,10 @@
 #define GPU_MAX_DEVICES 64
 #define GPU_ARENA_ALIGN 256 /* offsets the caller hands out should be multiples of this */
 
-typedef enum gpu_kind { GPU_KIND_HOST = 0, GPU_KIND_CUDA = 1 } gpu_kind;
+typedef enum gpu_kind { GPU_KIND_HOST = 0, GPU_KIND_CUDA = 1, GPU_KIND_ASYNC = 2 } gpu_kind;
+
+/* "host", "cuda", "async": the kind as /v1/devices and metrics show it. */
+const char *gpu_kind_name(gpu_kind k);
 
 typedef struct gpu_set gpu_set;
 typedef struct gpu_arena gpu_arena;
@@ -51,7 +57,7 @@ typedef struct gpu_device_info {
     int index; /* position in the set: what every call takes */
     gpu_kind kind;
     int ordinal;                 /* CUDA device ordinal; host: same as index */
-    char name[256];              /* "NVIDIA H200", "host" */
+    char name[256];              /* "NVIDIA H200", "host", "async" */
     uint64_t total_bytes;        /* cuda: cudaMemGetInfo; host: cap or MemTotal */
     uint64_t free_bytes;         /* cuda: cudaMemGetInfo; host: cap - resident or MemAvailable */
     uint64_t resident_bytes;     /* bytes of this set's live arenas on the device */
@@ -66,12 +72,23 @@ typedef struct gpu_device_info {
  *                       none), else one host device
  *   "host"              one host device
  *   "host:N"            N host devices (1..64), for tensor-parallel tests
+ *   "async", "async:N"  N (default 1) async test devices: host memory whose
+ *                       copies, casts, dequantizations and fills run late, in
+ *                       order, on one worker thread per device; a fence
+ *                       signals only once the work before it is done; a copy
+ *                       whose source changes while it is pending fails the
+ *                       device (sticky error "staging_reused") and poisons
+ *                       its destination with 0xA5. Arenas are not
+ *                       CPU-addressable (gpu_arena_host_ptr is NULL).
  *   "0,1"               these CUDA ordinals; error "device_unavailable" if
  *                       one is absent or the build has no CUDA
- * A host spec may end in "@SIZE" (bytes, or with K/M/G/T suffix, powers of
- * 1024): a per-host-device memory cap, e.g. "host:2@64M". host_cap_bytes,
- * when nonzero, sets the same cap (the spec's wins). Caps make
- * out-of-memory reproducible without a GPU. Errors name field "devices". */
+ * A host or async spec may end in "@SIZE" (bytes, or with K/M/G/T suffix,
+ * powers of 1024): a per-device memory cap, e.g. "host:2@64M".
+ * host_cap_bytes, when nonzero, sets the same cap (the spec's wins). Caps
+ * make out-of-memory reproducible without a GPU. An async spec may then end
+ * in "/US": each queued operation is held back a random 0..US microseconds
+ * (default 200; "/0" none), e.g. "async:2@64M/1000". Errors name field
+ * "devices". */
 int gpu_set_open(const char *spec, uint64_t host_cap_bytes, gpu_set **out, mp_error *err);
 /* Host devices: whether arenas must be exportable (the default). An
  * exportable host arena is a fallocate'd memfd that gpu_arena_export hands
@@ -91,7 +108,11 @@ void gpu_set_host_exportable(gpu_set *s, bool exportable);
 void gpu_set_close(gpu_set *s);
 int gpu_set_count(const gpu_set *s);
 gpu_kind gpu_set_kind(const gpu_set *s); /* all devices of a set are one kind */
-/* Current info of device `index` (memory figures are queried now). */
+/* Why CUDA discovery found no device ("auto" or CUDA ordinals in a CUDA
+ * build): the CUDA error, e.g. a driver too old for the runtime; "" when
+ * discovery did not fail (or the build has no CUDA). */
+const char *gpu_set_cuda_error(
+    const gpu_set *s); /* Current info of device `index` (memory figures are queried now). */
 int gpu_device_info_get(gpu_set *s, int index, gpu_device_info *out, mp_error *err);
 /* Resident bytes of device index as accounted by the set (cheap, no query). */
 uint64_t gpu_device_resident(gpu_set *s, int index);
@@ -115,17 +136,24 @@ int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_e
 void gpu_arena_free(gpu_arena *a);
 uint64_t gpu_arena_size(const gpu_arena *a);
 int gpu_arena_device(const gpu_arena *a);
-/* Host backend only: the arena's mapping (CPU-addressable); NULL on CUDA. */
+/* Host backend only: the arena's mapping (CPU-addressable); NULL on CUDA
+ * and async. */
 void *gpu_arena_host_ptr(const gpu_arena *a);
 
 /* A handle another process can map the arena with. */
 typedef struct gpu_export {
-    gpu_kind kind;
+    gpu_kind kind; /* how to map it: GPU_KIND_HOST (a memfd: host and
+                      async arenas) or GPU_KIND_CUDA (an IPC handle) */
     uint64_t size;
     int fd;               /* host: the arena's memfd (still owned by the arena;
                              dup() it or pass it over SCM_RIGHTS); -1 on cuda */
     char ipc_handle[132]; /* cuda: cudaIpcMemHandle_t as 128 lowercase hex
                              digits (offsets are from the arena start); "" on host */
+    bool borrowed;        /* the handle does not keep the memory alive: once
+                             the arena is freed an importer's mapping is
+                             invalid (CUDA IPC; async arenas claim the same
+                             so that tests see the rule). A memfd is not:
+                             the kernel frees it after the last mapping. */
 } gpu_export;
 int gpu_arena_export(gpu_arena *a, gpu_export *out, mp_error *err);
 
@@ -192,5 +220,12 @@ typedef struct gpu_dummy_params {
  * are identical on both backends and to gpu_dummy_fill_cpu. */
 int gpu_fill_dummy(gpu_arena *a, uint64_t off, mp_dtype dt, uint64_t n, const char *name,
                    const gpu_dummy_params *p, mp_error *err);
+
+/* ---- tests ---- */
+
+/* Async devices only: while held, device index's worker starts no queued
+ * operation, so a test can see a fence pending and a copy not yet done.
+ * Releasing lets the queue drain. -1 with err on other kinds. */
+int gpu_async_hold(gpu_set *s, int index, bool hold, mp_error *err);
 
 #endif

@@ -9,9 +9,12 @@
  * allocation error instead of a SIGBUS on first write. A set that never
  * exports (gpu_set_host_exportable) gets private anonymous arenas on
  * transparent huge pages instead, which fill much faster. Staging memory is
- * plain aligned memory and a copy is a memcpy that is done on return.
+ * plain aligned memory and a copy is a memcpy that is done on return, so
+ * streams and fences are no-ops here (the async backend, gpu_async.c, reuses
+ * this file's memory functions with late copies and real fences).
  */
 #include "gpu/gpu_internal.h"
+#include "gpu/dummy.h"
 #include "util/tensor/scalar.h"
 
 #include <errno.h>
@@ -209,3 +212,130 @@ int gpu_host_dequant(void *dst, mp_dtype dst_dt, const void *src, int ggml_type,
     }
     return 0;
 }
+
+/* ---- the backend table ---- */
+
+/* Everything below is done on return: the stream, fences and syncs have
+ * nothing to wait for. */
+
+static int host_describe(const gpu_dev *d, gpu_device_info *info, mp_error *err) {
+    (void)d, (void)err;
+    snprintf(info->name, sizeof info->name, "host");
+    return 0;
+}
+
+static int host_arena_alloc(gpu_arena *a, mp_error *err) {
+    return gpu_host_arena_alloc(a, a->priv, err);
+}
+
+static int host_arena_export(gpu_arena *a, gpu_export *out, mp_error *err) {
+    out->kind = GPU_KIND_HOST;
+    if (a->fd < 0)
+        return mp_err(err, "not_exportable",
+                      "host arena is private (the set was opened without export)");
+    out->fd = a->fd;
+    return 0;
+}
+
+static int host_staging_alloc(gpu_set *s, size_t bytes, void **out, mp_error *err) {
+    (void)s;
+    return gpu_host_staging_alloc(bytes, out, err);
+}
+
+static void host_staging_free(gpu_set *s, void *p) {
+    (void)s;
+    gpu_host_staging_free(p);
+}
+
+static int host_stream_init(gpu_dev *d, mp_error *err) {
+    (void)d, (void)err;
+    return 0;
+}
+
+static void host_stream_destroy(gpu_dev *d) {
+    (void)d;
+}
+
+static int host_copy_h2d(gpu_dev *d, void *dst, const void *src, size_t n, mp_error *err) {
+    (void)d, (void)err;
+    memcpy(dst, src, n);
+    return 0;
+}
+
+static int host_read(gpu_dev *d, const void *src, void *dst, size_t n, mp_error *err) {
+    (void)d, (void)err;
+    memcpy(dst, src, n);
+    return 0;
+}
+
+static int host_done(gpu_dev *d, mp_error *err) {
+    (void)d, (void)err;
+    return 0;
+}
+
+static int host_fence_op(gpu_dev *d, gpu_fence *f, mp_error *err) {
+    (void)d, (void)f, (void)err;
+    return 0;
+}
+
+static int host_fence_query(gpu_dev *d, gpu_fence *f, mp_error *err) {
+    (void)d, (void)f, (void)err;
+    return 1;
+}
+
+static void host_fence_free(gpu_dev *d, gpu_fence *f) {
+    (void)d, (void)f;
+}
+
+static int host_cast_op(gpu_dev *d, void *dst, mp_dtype dst_dt, const void *src, mp_dtype src_dt,
+                        uint64_t n, mp_error *err) {
+    (void)d;
+    if (gpu_host_cast(dst, dst_dt, src, src_dt, n) != 0)
+        return mp_err(err, "unsupported_dtype", "no host cast from %s to %s", mp_dtype_name(src_dt),
+                      mp_dtype_name(dst_dt));
+    return 0;
+}
+
+static int host_dequant_op(gpu_dev *d, void *dst, mp_dtype dst_dt, const void *src, int ggml_type,
+                           uint64_t n, mp_error *err) {
+    (void)d;
+    if (gpu_host_dequant(dst, dst_dt, src, ggml_type, n) != 0)
+        return mp_err(err, "unsupported_dtype", "no host dequantization of ggml type %d",
+                      ggml_type);
+    return 0;
+}
+
+static int host_fill_dummy(gpu_dev *d, void *dst, mp_dtype dt, uint64_t n, uint64_t first,
+                           uint64_t tseed, float low, float high, mp_error *err) {
+    (void)d;
+    if (gpu_dummy_fill_cpu(dst, dt, n, first, tseed, low, high) != 0)
+        return mp_err(err, "unsupported_dtype", "dummy weights of dtype %s", mp_dtype_name(dt));
+    return 0;
+}
+
+const gpu_backend gpu_backend_host = {
+    .name = "host",
+    .kind = GPU_KIND_HOST,
+    .host_memory = true,
+    .cpu_addressable = true,
+    .describe = host_describe,
+    .mem_info = gpu_host_mem_info,
+    .arena_alloc = host_arena_alloc,
+    .arena_free = gpu_host_arena_free,
+    .arena_export = host_arena_export,
+    .staging_alloc = host_staging_alloc,
+    .staging_free = host_staging_free,
+    .stream_init = host_stream_init,
+    .stream_destroy = host_stream_destroy,
+    .copy_h2d = host_copy_h2d,
+    .read = host_read,
+    .sync = host_done,
+    .fence_create = host_fence_op,
+    .fence_record = host_fence_op,
+    .fence_wait = host_fence_op,
+    .fence_query = host_fence_query,
+    .fence_free = host_fence_free,
+    .cast = host_cast_op,
+    .dequant = host_dequant_op,
+    .fill_dummy = host_fill_dummy,
+};

@@ -1,4 +1,5 @@
-/* devices.c - GET /v1/devices: what the process can place weights on. */
+/* devices.c - GET /v1/devices: what the process can place weights on, and
+ * why CUDA discovery found nothing when it failed ("cuda_error"). */
 #include "gpu/gpu.h"
 #include "handlers/handlers.h"
 
@@ -17,10 +18,13 @@ void h_devices(http_req *rq, http_resp *rs) {
         json_array_append_new(
             list,
             json_pack("{s:i,s:s,s:s,s:I,s:I,s:I,s:o,s:o}", "index", d.index, "kind",
-                      d.kind == GPU_KIND_CUDA ? "cuda" : "host", "name", d.name, "total_bytes",
+                      gpu_kind_name(d.kind), "name", d.name, "total_bytes",
                       (json_int_t)d.total_bytes, "free_bytes", (json_int_t)d.free_bytes,
                       "resident_bytes", (json_int_t)d.resident_bytes, "compute_capability",
                       str_or_null(d.compute_capability), "pci_bus_id", str_or_null(d.pci_bus_id)));
     }
-    resp_json(rs, 200, json_pack("{s:o}", "devices", list));
+    /* Zero CUDA devices because discovery failed (a driver older than the
+     * runtime, say) is not the same as a machine without a GPU: say why. */
+    const char *why = srv->gpus ? gpu_set_cuda_error(srv->gpus) : "";
+    resp_json(rs, 200, json_pack("{s:o,s:o}", "devices", list, "cuda_error", str_or_null(why)));
 }

@@ -118,8 +118,7 @@ static void render_devices(mp_server *srv, sbuf *out) {
             if (!ok[i]) continue;
             char idx[16];
             snprintf(idx, sizeof idx, "%d", i);
-            const char *kv[] = {"device", idx,
-                                "kind",   infos[i].kind == GPU_KIND_CUDA ? "cuda" : "host",
+            const char *kv[] = {"device", idx,          "kind", gpu_kind_name(infos[i].kind),
                                 "name",   infos[i].name};
             uint64_t v = k == 0   ? infos[i].total_bytes
                          : k == 1 ? infos[i].free_bytes

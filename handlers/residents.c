@@ -1,5 +1,7 @@
 /* residents.c - /v1/residents: warm-loaded weights held by the server: list,
- * one with its tensor table, unload, and a read-back digest of every tensor. */
+ * one with its tensor table, unload (refused with 409 while an exported CUDA
+ * IPC handle may be in use, unless ?force=true), and a read-back digest of
+ * every tensor. */
 #include <string.h>
 
 #include "handlers/handlers.h"
@@ -19,7 +21,22 @@ void h_residents_get(http_req *rq, http_resp *rs) {
 }
 
 void h_residents_delete(http_req *rq, http_resp *rs) {
-    if (res_remove(rq->srv->residents, rq->params[0]) != 0) {
+    const char *f = http_query(rq, "force");
+    bool force = f && (strcmp(f, "true") == 0 || strcmp(f, "1") == 0);
+    if (f && !force && strcmp(f, "false") != 0 && strcmp(f, "0") != 0) {
+        resp_problem(rs, 400, "force must be true or false", NULL);
+        return;
+    }
+    int rc = res_remove(rq->srv->residents, rq->params[0], force);
+    if (rc == RES_EXPORTED) {
+        resp_problem(rs, 409,
+                     "this resident's device memory was exported (a CUDA IPC handle was handed "
+                     "out): another process may still use it; unload with ?force=true once it "
+                     "let go",
+                     NULL);
+        return;
+    }
+    if (rc != 0) {
         json_t *doc = res_get(rq->srv->residents, rq->params[0]);
         if (doc) {
             json_decref(doc);

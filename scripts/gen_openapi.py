@@ -61,7 +61,8 @@ schemas = {
                            "finished_at": {"type": "string", "format": "date-time", "nullable": True}}},
     "JobList": {"type": "object", "properties": {"jobs": {"type": "array", "items": ref("Job")},
                                                  "next_cursor": {"type": "string", "nullable": True}}},
-    "Device": {"type": "object", "properties": {"index": {"type": "integer"}, "kind": {"type": "string", "enum": ["cuda", "host"]},
+    "Device": {"type": "object", "properties": {"index": {"type": "integer"}, "kind": {"type": "string", "enum": ["cuda", "host", "async"],
+                                                         "description": "async: the test backend of --devices async:N (host memory, late copies, real fences)"},
                                                 "name": {"type": "string"}, "total_bytes": {"type": "integer"},
                                                 "free_bytes": {"type": "integer"}, "resident_bytes": {"type": "integer"},
                                                 "compute_capability": {"type": "string", "nullable": True},
@@ -136,7 +137,9 @@ paths = {
     "/v1/jobs/{id}/events": {"get": op("progress, log and state events until the job ends", {"200": SSE, "404": PROBLEM, **ERR}, params=[path_param("id")])},
     "/v1/events": {"get": op("every job and resident change (SSE), resumable with Last-Event-ID", {"200": SSE, **ERR},
                              params=[{"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}}])},
-    "/v1/devices": {"get": op("devices weights can be placed on", {"200": resp("devices", {"type": "object", "properties": {"devices": {"type": "array", "items": ref("Device")}}}), **ERR})},
+    "/v1/devices": {"get": op("devices weights can be placed on", {"200": resp("devices", {"type": "object", "properties": {"devices": {"type": "array", "items": ref("Device")},
+                                                                                                       "cuda_error": {"type": "string", "nullable": True,
+                                                                                                                      "description": "why CUDA discovery found no device (e.g. a driver older than the runtime); null when it did not fail"}}}), **ERR})},
     "/v1/models": {"get": op("what the local hub cache holds", {"200": resp("models", {"type": "object", "properties": {"models": {"type": "array", "items": ref("Model")}}}), **ERR})},
     "/v1/models/{org}/{name}": {
         "get": op("one cached model with its files and last inspection", {"200": resp("model", ref("Model")), "404": PROBLEM, **ERR},
@@ -147,7 +150,10 @@ paths = {
     "/v1/residents": {"get": op("warm-loaded weights held by the server", {"200": resp("residents", {"type": "object", "properties": {"residents": {"type": "array", "items": ref("Resident")}}}), **ERR})},
     "/v1/residents/{id}": {
         "get": op("one resident with its tensor table", {"200": resp("resident", ref("Resident")), "404": PROBLEM, **ERR}, params=[path_param("id")]),
-        "delete": op("unload: frees its device memory", {"200": resp("unloaded", {"type": "object"}), "404": PROBLEM, "409": PROBLEM, **ERR}, params=[path_param("id")]),
+        "delete": op("unload: frees its device memory. 409 when it is not loaded, or when its CUDA IPC handle was handed out over the export socket "
+                     "(another process may still map the memory) unless force=true",
+                     {"200": resp("unloaded", {"type": "object"}), "404": PROBLEM, "409": PROBLEM, **ERR},
+                     params=[path_param("id"), query("force", {"type": "boolean", "default": False})]),
     },
     "/v1/residents/{id}/digest": {"get": op("sha256 of every tensor read back from its device", {"200": resp("digests", {"type": "object", "properties": {"tensors": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}, "sha256": {"type": "string"}}}}}}), "404": PROBLEM, **ERR}, params=[path_param("id")])},
     "/metrics": {"get": op("Prometheus text exposition", {"200": resp("metrics", {"type": "string"}, "text/plain"), "401": PROBLEM})},

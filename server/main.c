@@ -83,6 +83,9 @@ static int server_open(mp_server *srv, export_server **exporter) {
         mp_log(&srv->log, "error", NULL, "devices: %s", err.message);
         return -1;
     }
+    if (gpu_set_cuda_error(srv->gpus)[0])
+        mp_log(&srv->log, "warn", NULL, "devices: no CUDA device usable: %s",
+               gpu_set_cuda_error(srv->gpus));
     srv->events = events_new();
     srv->metrics = metrics_new();
     srv->routes = h_routes;

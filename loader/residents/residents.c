@@ -20,6 +20,7 @@ typedef struct resident {
     char created_at[40];
     res_spec spec;
     atomic_int refs;
+    atomic_bool borrowed_out; /* a borrowed export handle was handed out */
     struct resident *next;
 } resident;
 
@@ -146,6 +147,7 @@ int res_add(resident_set *s, res_spec *spec, char *id_out, mp_error *err) {
     r->spec = *spec;
     memset(spec, 0, sizeof *spec);
     atomic_init(&r->refs, 1);
+    atomic_init(&r->borrowed_out, false);
     json_t *doc = summary(r);
     if (s->rec.put && doc)
         s->rec.put(s->rec.ctx, r->id, r->spec.model, r->spec.revision, "resident", doc);
@@ -170,12 +172,18 @@ static resident *acquire(resident_set *s, const char *id) {
     return r;
 }
 
-int res_remove(resident_set *s, const char *id) {
+int res_remove(resident_set *s, const char *id, bool force) {
     pthread_mutex_lock(&s->mu);
     resident **pp = &s->head;
     while (*pp && strcmp((*pp)->id, id) != 0)
         pp = &(*pp)->next;
     resident *r = *pp;
+    /* Checked under the list lock, which res_export holds while it marks the
+     * resident, so that an export cannot slip in between. */
+    if (r && !force && atomic_load(&r->borrowed_out)) {
+        pthread_mutex_unlock(&s->mu);
+        return RES_EXPORTED;
+    }
     if (r) *pp = r->next;
     pthread_mutex_unlock(&s->mu);
     if (!r) return -1;
@@ -287,6 +295,7 @@ int res_export(resident_set *s, const char *id, json_t **desc, int *fds, int *nf
     if (!r) return mp_err(err, "not_found", "no live resident %s", id);
     json_t *arenas = json_array();
     int rc = 0;
+    bool borrowed = false;
     for (int i = 0; i < GPU_MAX_DEVICES && rc == 0; i++) {
         gpu_arena *a = r->spec.arenas[i];
         if (!a) continue;
@@ -296,7 +305,7 @@ int res_export(resident_set *s, const char *id, json_t **desc, int *fds, int *nf
             break;
         }
         json_t *row = json_pack("{s:i,s:I,s:s}", "device", i, "size", (json_int_t)ex.size, "kind",
-                                ex.kind == GPU_KIND_CUDA ? "cuda" : "host");
+                                gpu_kind_name(ex.kind));
         if (ex.kind == GPU_KIND_CUDA) {
             json_object_set_new(row, "ipc_handle", json_string(ex.ipc_handle));
         } else {
@@ -310,6 +319,21 @@ int res_export(resident_set *s, const char *id, json_t **desc, int *fds, int *nf
             fds[(*nfds)++] = fd;
         }
         json_array_append_new(arenas, row);
+        if (ex.borrowed) borrowed = true;
+    }
+    if (rc == 0 && borrowed) {
+        /* From now on another process may map the memory: unloading needs
+         * force. Under the list lock (see res_remove); a resident already
+         * removed meanwhile is not handed out. */
+        pthread_mutex_lock(&s->mu);
+        resident *it = s->head;
+        while (it && it != r)
+            it = it->next;
+        if (it)
+            atomic_store(&r->borrowed_out, true);
+        else
+            rc = mp_err(err, "not_found", "resident %s was unloaded", id);
+        pthread_mutex_unlock(&s->mu);
     }
     if (rc == 0) {
         *desc = summary(r);

@@ -12,6 +12,7 @@
 #ifndef MP_LOADER_RESIDENTS_H
 #define MP_LOADER_RESIDENTS_H
 #include <jansson.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "gpu/gpu.h"
@@ -66,8 +67,15 @@ void res_set_free(resident_set *s);
 /* Adds a resident; *id_out (>= 32 bytes) receives "r_<hex>". On failure the
  * spec is still consumed (arenas freed). */
 int res_add(resident_set *s, res_spec *spec, char *id_out, mp_error *err);
-/* Unloads: 0 done, -1 unknown id. Memory is freed once no reader holds it. */
-int res_remove(resident_set *s, const char *id);
+/* res_remove's answer when a borrowed handle was handed out. */
+#define RES_EXPORTED (-2)
+/* Unloads: 0 done, -1 unknown id. Memory is freed once no reader holds it.
+ * RES_EXPORTED (nothing done) when res_export handed out a handle that does
+ * not keep the memory alive (gpu_export.borrowed: a CUDA IPC handle) and
+ * force is false: another process may still use the memory, and freeing it
+ * would pull it from under that process (a memfd needs no such care: the
+ * kernel keeps it until the last mapping goes). */
+int res_remove(resident_set *s, const char *id, bool force);
 /* Summaries of live residents plus those recorded as gone/unloaded. */
 json_t *res_list(resident_set *s);
 /* One resident with its tensor table; NULL when unknown. Gone residents

@@ -103,6 +103,7 @@ static void test_info(void **state) {
     assert_true(rt >= 12000);
     assert_true(dr > 0);
     printf("figure: cuda runtime %d driver %d devices %d\n", rt, dr, gpu_set_count(s));
+    assert_string_equal(gpu_set_cuda_error(s), ""); /* discovery did not fail */
     for (int i = 0; i < gpu_set_count(s); i++) {
         gpu_device_info info;
         CHECK(gpu_device_info_get(s, i, &info, E));
@@ -362,6 +363,7 @@ static void test_ipc_export(void **state) {
     assert_int_equal(ex.size, size);
     assert_int_equal(ex.fd, -1);
     assert_int_equal(strlen(ex.ipc_handle), 128);
+    assert_true(ex.borrowed); /* our cudaFree would pull it from under the importer */
     const uint64_t off = 4096 * 3, len = size / 2 + 777;
     unsigned char *back = malloc(len);
     assert_non_null(back);

@@ -1,8 +1,13 @@
-"""warm_load end to end on host devices (no GPU): every load format, tensor-
-parallel placement on host:4, dtype casts, dummy weights, cancel, out of
-device memory, the export socket, encrypted safetensors, residents across a
-restart and the 409 on evicting a resident model. Expected bytes come from the
-real producers (torch, safetensors, numpy, gguf-py), never from modelprepd."""
+"""warm_load end to end without a GPU: every load format, tensor-parallel
+placement on four devices, dtype casts, dummy weights, cancel, out of device
+memory, the export socket, encrypted safetensors, residents across a restart
+and the 409 on evicting a resident model. Every test runs twice: on `host:4`
+(copies are memcpys done on return, plain tensors spliced into the arena) and
+on `async:4` (gpu/gpu_async.c: arenas not CPU-addressable, so everything goes
+through the staging ring; copies complete late on a worker thread, fences
+signal only then, and a staging slot refilled early fails the load), so that
+the loader keeps the rules a GPU enforces. Expected bytes come from the real
+producers (torch, safetensors, numpy, gguf-py), never from modelprepd."""
 import hashlib
 import json
 import os
@@ -16,7 +21,13 @@ import safetensors.torch as st
 
 from conftest import tool
 
-HOST4 = ["--devices", "host:4"]
+BACKENDS = ["host", "async"]
+
+
+@pytest.fixture(params=BACKENDS)
+def dev4(request):
+    """--devices for four devices of each backend in turn."""
+    return ["--devices", request.param + ":4"]
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
          "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 100,
@@ -104,10 +115,10 @@ def devices(srv):
 
 # --------------------------------------------------------------------------- formats
 
-def test_safetensors_single_and_result_figures(make_server, model_root):
+def test_safetensors_single_and_result_figures(dev4, make_server, model_root):
     ts = llama_tensors()
     m = write_model(model_root / "m", ts)
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     r = ok(load(srv, m, load_format="auto"))
     assert r["load_format"] == "safetensors"
     assert r["tensors"] == len(ts)
@@ -131,9 +142,10 @@ def test_safetensors_single_and_result_figures(make_server, model_root):
         end = row["offset"] + row["bytes"]
         assert row["dtype"] == "BF16" and row["shape"] == list(ts[row["name"]].shape)
     assert devices(srv)[0]["resident_bytes"] >= r["bytes"]
+    assert [d["kind"] for d in devices(srv)] == [dev4[1].split(":")[0]] * 4
 
 
-def test_sharded_safetensors_with_index(make_server, model_root):
+def test_sharded_safetensors_with_index(dev4, make_server, model_root):
     ts = llama_tensors(torch.float16)
     d = model_root / "sh"
     names = sorted(ts)
@@ -146,7 +158,7 @@ def test_sharded_safetensors_with_index(make_server, model_root):
     wm = {k: "model-00001-of-00002.safetensors" for k in part1}
     wm.update({k: "model-00002-of-00002.safetensors" for k in part2})
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     r = ok(load(srv, str(d), load_format="safetensors", host_direct=False, staging_bytes=65536))
     assert digests(srv, r["resident_id"]) == {(k, 0): sha(v) for k, v in ts.items()}
     # O_DIRECT reads (aligned bounce buffer; page cache where the fs refuses it)
@@ -156,7 +168,7 @@ def test_sharded_safetensors_with_index(make_server, model_root):
                                              for k, v in ts.items() for rk in range(2)}
 
 
-def test_pt_bin_with_views(make_server, model_root):
+def test_pt_bin_with_views(dev4, make_server, model_root):
     d = model_root / "pt"
     d.mkdir()
     base = torch.randn(48, 40)
@@ -166,13 +178,13 @@ def test_pt_bin_with_views(make_server, model_root):
           "d.weight": torch.randn(8, 8).to(torch.bfloat16)}
     torch.save(sd, str(d / "pytorch_model.bin"))
     torch.save({"x": torch.zeros(2)}, str(d / "optimizer.bin"))  # training state: skipped
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     r = ok(load(srv, str(d)))
     assert r["load_format"] == "pt"
     assert digests(srv, r["resident_id"]) == {(k, 0): sha(v) for k, v in sd.items()}
 
 
-def test_gguf_blocks_kept_and_dequantized(make_server, model_root):
+def test_gguf_blocks_kept_and_dequantized(dev4, make_server, model_root):
     gguf = pytest.importorskip("gguf")
     from gguf import quants
     d = model_root / "gg"
@@ -188,7 +200,7 @@ def test_gguf_blocks_kept_and_dequantized(make_server, model_root):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     r = ok(load(srv, str(d), load_format="gguf"))
     assert digests(srv, r["resident_id"]) == {("blk.0.ffn_up.weight", 0): sha(q),
                                              ("output_norm.weight", 0): sha(f)}
@@ -201,7 +213,7 @@ def test_gguf_blocks_kept_and_dequantized(make_server, model_root):
                                              ("output_norm.weight", 0): sha(f)}
 
 
-def test_npcache(make_server, model_root):
+def test_npcache(dev4, make_server, model_root):
     d = model_root / "npc"
     (d / "np").mkdir(parents=True)
     arrs = {"w.a": np.arange(24, dtype=np.float32).reshape(4, 6),
@@ -210,12 +222,12 @@ def test_npcache(make_server, model_root):
         with open(d / "np" / k, "wb") as f:
             np.save(f, v)
     (d / "np" / "weight_names.json").write_text(json.dumps(list(arrs)))
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     r = ok(load(srv, str(d), load_format="npcache"))
     assert digests(srv, r["resident_id"]) == {(k, 0): sha(v) for k, v in arrs.items()}
 
 
-def test_sharded_state_each_rank_to_its_device(make_server, model_root):
+def test_sharded_state_each_rank_to_its_device(dev4, make_server, model_root):
     d = model_root / "ss"
     d.mkdir()
     ranks = []
@@ -226,7 +238,7 @@ def test_sharded_state_each_rank_to_its_device(make_server, model_root):
         st.save_file(a, str(d / ("model-rank-%d-part-0.safetensors" % rk)))
         st.save_file(b, str(d / ("model-rank-%d-part-1.safetensors" % rk)))
         ranks.append({**a, **b})
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     r = ok(load(srv, str(d), load_format="sharded_state", tp_size=2, devices=[3, 1]))
     want = {(k, rk): sha(v) for rk in range(2) for k, v in ranks[rk].items()}
     assert digests(srv, r["resident_id"]) == want
@@ -240,10 +252,10 @@ def test_sharded_state_each_rank_to_its_device(make_server, model_root):
 # --------------------------------------------------------------------------- tensor parallel
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_tp_placement(make_server, model_root, tp):
+def test_tp_placement(dev4, make_server, model_root, tp):
     ts = llama_tensors()
     m = write_model(model_root / "tp", ts)
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     r = ok(load(srv, m, tp_size=tp, staging_bytes=65536, host_direct=False, readers=3))
     assert [d["index"] for d in r["devices"]] == list(range(tp))
     want = {(k, rk): sha(tp_piece(k, v, tp, rk)) for k, v in ts.items() for rk in range(tp)}
@@ -254,10 +266,10 @@ def test_tp_placement(make_server, model_root, tp):
         assert row["shape"] == list(tp_piece(row["name"], ts[row["name"]], tp, row["rank"]).shape)
 
 
-def test_tp_devices_order_and_cast(make_server, model_root):
+def test_tp_devices_order_and_cast(dev4, make_server, model_root):
     ts = llama_tensors()
     m = write_model(model_root / "tpc", ts)
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     r = ok(load(srv, m, tp_size=2, devices=[2, 0], dtype="fp32"))
     want = {(k, rk): sha(tp_piece(k, v, 2, rk).float()) for k, v in ts.items() for rk in range(2)}
     assert digests(srv, r["resident_id"]) == want
@@ -266,9 +278,9 @@ def test_tp_devices_order_and_cast(make_server, model_root):
     assert {t["dtype"] for t in doc["tensor_table"]} == {"F32"}
 
 
-def test_bad_params(make_server, model_root):
+def test_bad_params(dev4, make_server, model_root):
     m = write_model(model_root / "bp", llama_tensors())
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     for params, field in [({"tp_size": 8}, "params.tp_size"),
                           ({"devices": [0, 9]}, "params.devices"),
                           ({"devices": [1, 1]}, "params.devices"),
@@ -283,12 +295,12 @@ def test_bad_params(make_server, model_root):
 
 # --------------------------------------------------------------------------- dummy
 
-def test_dummy_deterministic_in_range(make_server, model_root):
+def test_dummy_deterministic_in_range(dev4, make_server, model_root):
     ts = llama_tensors()
     ts["model.int_buffer"] = torch.arange(7, dtype=torch.int32)
     m = write_model(model_root / "dm", ts)
     srv = make_server(args=["--model-root", str(model_root), "--export-socket",
-                            str(model_root / "x.sock")] + HOST4)
+                            str(model_root / "x.sock")] + dev4)
     p = {"load_format": "dummy", "dummy": {"low": -0.5, "high": 0.25, "seed": 7}, "dtype": "fp32"}
     a = ok(load(srv, m, **p))
     b = ok(load(srv, m, **p))
@@ -312,11 +324,11 @@ def test_dummy_deterministic_in_range(make_server, model_root):
             assert row["dtype"] == "F32"
 
 
-def test_dummy_values_within_bounds(make_server, model_root, tmp_path):
+def test_dummy_values_within_bounds(dev4, make_server, model_root, tmp_path):
     """Read a dummy tensor's values back through the exported memfd."""
     m = write_model(model_root / "dv", {"w": torch.zeros(64, 64, dtype=torch.bfloat16)}, config=None)
     sock = str(tmp_path / "e.sock")
-    srv = make_server(args=["--model-root", str(model_root), "--export-socket", sock] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root), "--export-socket", sock] + dev4)
     r = ok(load(srv, m, load_format="dummy", dummy={"low": 2.0, "high": 3.0, "seed": 1}))
     vals = read_exported(sock, r["resident_id"])["w"].view(torch.bfloat16).float()
     assert vals.min() >= 2.0 and vals.max() <= 3.0 and vals.std() > 0.1
@@ -346,10 +358,10 @@ def dummy_values(name, seed, low, high, n):
     return out
 
 
-def test_dummy_values_match_the_documented_generator(make_server, model_root, tmp_path):
+def test_dummy_values_match_the_documented_generator(dev4, make_server, model_root, tmp_path):
     m = write_model(model_root / "dg", {"a.weight": torch.zeros(10, 7)}, config=None)
     sock = str(tmp_path / "g.sock")
-    srv = make_server(args=["--model-root", str(model_root), "--export-socket", sock] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root), "--export-socket", sock] + dev4)
     r = ok(load(srv, m, load_format="dummy", dummy={"low": -0.75, "high": 0.5, "seed": 99}))
     got = read_exported(sock, r["resident_id"])["a.weight"].view(torch.float32).numpy()
     assert got.tobytes() == dummy_values("a.weight", 99, -0.75, 0.5, 70).tobytes()
@@ -394,11 +406,11 @@ def read_exported(sock, rid):
 
 # --------------------------------------------------------------------------- export
 
-def test_export_socket_matches_digests(make_server, model_root, tmp_path):
+def test_export_socket_matches_digests(dev4, make_server, model_root, tmp_path):
     ts = llama_tensors()
     m = write_model(model_root / "ex", ts)
     sock = str(tmp_path / "export.sock")
-    srv = make_server(args=["--model-root", str(model_root), "--export-socket", sock] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root), "--export-socket", sock] + dev4)
     r = ok(load(srv, m, tp_size=2))
     out = subprocess.run([tool("export_consumer"), sock, r["resident_id"]], capture_output=True,
                          text=True, timeout=60)
@@ -418,10 +430,10 @@ def test_export_socket_matches_digests(make_server, model_root, tmp_path):
 
 # --------------------------------------------------------------------------- residents
 
-def test_keep_resident_false_frees(make_server, model_root):
+def test_keep_resident_false_frees(dev4, make_server, model_root):
     ts = llama_tensors()
     m = write_model(model_root / "kr", ts)
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     r = ok(load(srv, m, keep_resident=False, tp_size=4))
     assert r["resident_id"] is None and r["bytes"] > 0 and r["throughput_bytes_per_s"] > 0
     assert all(d["resident_bytes"] == 0 for d in devices(srv))
@@ -429,11 +441,11 @@ def test_keep_resident_false_frees(make_server, model_root):
     assert doc["residents"] == []
 
 
-def test_unload_and_restart_lists_gone(make_server, model_root, tmp_path):
+def test_unload_and_restart_lists_gone(dev4, make_server, model_root, tmp_path):
     ts = llama_tensors()
     m = write_model(model_root / "rs", ts)
     data = tmp_path / "data-restart"
-    args = ["--model-root", str(model_root)] + HOST4
+    args = ["--model-root", str(model_root)] + dev4
     srv = make_server(args=args, data_dir=data)
     a = ok(load(srv, m))["resident_id"]
     b = ok(load(srv, m))["resident_id"]
@@ -452,7 +464,7 @@ def test_unload_and_restart_lists_gone(make_server, model_root, tmp_path):
     assert all(d["resident_bytes"] == 0 for d in devices(srv2))
 
 
-def test_delete_model_conflicts_while_resident(make_server, tmp_path):
+def test_delete_model_conflicts_while_resident(dev4, make_server, tmp_path):
     data = tmp_path / "data-hub"
     snap = data / "hub" / "models--org--tiny" / "snapshots" / ("ab" * 20)
     snap.mkdir(parents=True)
@@ -460,7 +472,7 @@ def test_delete_model_conflicts_while_resident(make_server, tmp_path):
     (data / "hub" / "models--org--tiny" / "refs" / "main").write_text("ab" * 20)
     ts = llama_tensors()
     write_model(snap, ts)
-    srv = make_server(args=HOST4, data_dir=data)
+    srv = make_server(args=dev4, data_dir=data)
     r = ok(load(srv, "org/tiny"))
     assert digests(srv, r["resident_id"]) == {(k, 0): sha(v) for k, v in ts.items()}
     s, doc = srv.delete("/v1/models/org/tiny")
@@ -472,11 +484,11 @@ def test_delete_model_conflicts_while_resident(make_server, tmp_path):
 
 # --------------------------------------------------------------------------- failures
 
-def test_insufficient_device_memory_leaves_nothing(make_server, model_root):
+def test_insufficient_device_memory_leaves_nothing(dev4, make_server, model_root):
     ts = {"big": torch.zeros(300, 1024)}  # 1.2 MB
     m = write_model(model_root / "oom", ts, config=None)
-    srv = make_server(args=["--model-root", str(model_root), "--devices", "host:4",
-                            "--host-device-memory", str(1 << 20)])
+    srv = make_server(args=["--model-root", str(model_root), "--host-device-memory",
+                            str(1 << 20)] + dev4)
     job = load(srv, m)
     assert job["state"] == "failed" and job["error"]["code"] == "insufficient_device_memory", job
     assert all(d["resident_bytes"] == 0 for d in devices(srv))
@@ -487,12 +499,12 @@ def test_insufficient_device_memory_leaves_nothing(make_server, model_root):
     assert all(d["resident_bytes"] == 0 for d in devices(srv))
 
 
-def test_cancel_releases_everything(make_server, model_root):
+def test_cancel_releases_everything(dev4, make_server, model_root):
     # 48 MB of bf16 cast to fp32 and split by columns, through 64 KiB of
     # staging on one reader under ASan: long enough for the cancel to land.
     ts = {"model.layers.0.mlp.down_proj.weight": torch.ones(1024, 24 * 1024, dtype=torch.bfloat16)}
     m = write_model(model_root / "cx", ts)
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     job = srv.submit({"type": "warm_load", "model": m,
                       "params": {"tp_size": 2, "dtype": "fp32", "staging_bytes": 65536,
                                  "readers": 1, "host_direct": False}})
@@ -510,11 +522,11 @@ def test_cancel_releases_everything(make_server, model_root):
     assert srv.get("/v1/residents")[1]["residents"] == []
 
 
-def test_missing_weights_and_formats(make_server, model_root):
+def test_missing_weights_and_formats(dev4, make_server, model_root):
     d = model_root / "empty"
     d.mkdir()
     (d / "config.json").write_text("{}")
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     job = load(srv, str(d))
     assert job["state"] == "failed" and job["error"]["code"] == "not_found"
     m = write_model(model_root / "st", llama_tensors())
@@ -530,7 +542,7 @@ def write_key(path, raw):
     return str(path)
 
 
-def test_encrypted_safetensors_round_trip(make_server, model_root):
+def test_encrypted_safetensors_round_trip(dev4, make_server, model_root):
     ts = llama_tensors()
     plain = write_model(model_root / "plain", ts)
     key = write_key(model_root / "k.key", bytes(range(32)))
@@ -547,7 +559,7 @@ def test_encrypted_safetensors_round_trip(make_server, model_root):
         assert sorted(f.keys()) == sorted(ts)
         assert f.metadata()["encryption"] == "aes-256-gcm-chunked-v1"
         assert f.get_slice("model.norm.weight").get_shape() == [32]
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     res = ok(load(srv, str(enc), decryption_key_file=key, tp_size=2))
     assert res["encrypted"] is True
     want = {(k, rk): sha(tp_piece(k, v, 2, rk)) for k, v in ts.items() for rk in range(2)}
@@ -577,14 +589,14 @@ def test_encrypted_safetensors_round_trip(make_server, model_root):
     assert job["state"] == "succeeded", job
 
 
-def test_convert_with_encryption_key(make_server, model_root):
+def test_convert_with_encryption_key(dev4, make_server, model_root):
     d = model_root / "cv"
     d.mkdir()
     sd = {k: v for k, v in llama_tensors(torch.float32).items()}
     torch.save(sd, str(d / "pytorch_model.bin"))
     (d / "config.json").write_text(json.dumps(LLAMA))
     key = write_key(model_root / "ck.key", bytes(range(100, 132)))
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     out = str(model_root / "cv-enc")
     job = srv.run_job({"type": "convert", "model": str(d),
                        "params": {"output": out, "encryption_key_file": key}})
@@ -596,12 +608,12 @@ def test_convert_with_encryption_key(make_server, model_root):
     assert job["error"]["code"] == "decryption_key_required"
 
 
-def test_dummy_shapes_from_config_only(make_server, model_root):
+def test_dummy_shapes_from_config_only(dev4, make_server, model_root):
     """No weight files: a dense llama's tensor list comes from config.json."""
     d = model_root / "cfg-only"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(LLAMA))
-    srv = make_server(args=["--model-root", str(model_root)] + HOST4)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
     r = ok(load(srv, str(d), load_format="dummy", tp_size=2))
     assert r["bytes_read"] == 0
     s, doc = srv.get("/v1/residents/" + r["resident_id"])

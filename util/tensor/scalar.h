@@ -17,6 +17,16 @@
 #include <stdint.h>
 #include <string.h>
 
+/* No FMA contraction in the C compiles either: a*b+c fused rounds once, not
+ * twice, and host bytes would stop matching the device's. clang honours the
+ * standard pragma (and contracts by default otherwise); gcc ignores it with a
+ * -Wunknown-pragmas warning (an error under -Werror), but in ISO C mode
+ * (-std=c11, our build) its default is -ffp-contract=off already. CUDA
+ * compiles use __fmul_rn & co. below instead. */
+#if defined(__clang__) && !defined(__CUDACC__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
 #ifdef __CUDACC__
 #define GPU_HD static inline __host__ __device__
 #else
@@ -61,7 +71,10 @@ GPU_HD float gpu_sc_f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16;
     uint32_t exp = (h >> 10) & 0x1f;
     uint32_t man = h & 0x3ff;
-    if (exp == 0x1f) return gpu_sc_bits_f32(sign | 0x7f800000u | (man << 13));
+    /* A NaN widens quiet (bit 22 set), keeping its sign and payload: a
+     * signalling one would trap or be quieted by whatever touches it next. */
+    if (exp == 0x1f)
+        return gpu_sc_bits_f32(sign | 0x7f800000u | (man << 13) | (man ? 0x00400000u : 0u));
     if (exp == 0) {
         /* man * 2^-24 is exact in f32. */
         float v = GPU_FMUL((float)man, 5.9604644775390625e-8f);
