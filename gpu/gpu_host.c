@@ -12,6 +12,7 @@
  * plain aligned memory and a copy is a memcpy that is done on return.
  */
 #include "gpu/gpu_internal.h"
+#include "util/tensor/ggml_blocks.h"
 #include "util/tensor/scalar.h"
 
 #include <errno.h>
@@ -198,14 +199,14 @@ int gpu_host_cast(void *dst, mp_dtype dst_dt, const void *src, mp_dtype src_dt, 
 }
 
 int gpu_host_dequant(void *dst, mp_dtype dst_dt, const void *src, int ggml_type, uint64_t n) {
-    unsigned be = gpu_sc_block_elems(ggml_type), bb = gpu_sc_block_bytes(ggml_type);
+    unsigned be = ggml_blk_elems(ggml_type), bb = ggml_blk_bytes(ggml_type);
     if (!be) return -1;
     unsigned char *d = dst;
     const unsigned char *s = src;
     for (uint64_t b = 0; b < n / be; b++) {
         const uint8_t *blk = s + b * bb;
         for (unsigned j = 0; j < be; j++)
-            store_elem(d, dst_dt, b * be + j, gpu_sc_dequant(ggml_type, blk, j));
+            store_elem(d, dst_dt, b * be + j, ggml_blk_value(ggml_type, blk, j));
     }
     return 0;
 }

@@ -10,7 +10,7 @@
 #include <math.h>
 #include <string.h>
 
-/* The scalar conversions are written once, in gpu/gpu_scalar.h, so that the
+/* The scalar conversions are written once, in util/tensor/scalar.h, so that the
  * CUDA kernels and every CPU path (convert, GGUF dequantization, the host
  * backend) produce the same bits. */
 float half_f16_to_f32(uint16_t h) {
