@@ -4,8 +4,9 @@
  * The block decoders are util/tensor/ggml_blocks.h, shared with the CUDA
  * kernels and the host backend: each follows ggml's dequantize_row_*
  * operation for operation, so that results are bit-identical to ggml and
- * to gguf-py's numpy port. This file adds the plain float types, the
- * narrowing to f16/bf16 and the streaming from a file.
+ * to gguf-py's numpy port. The plain float types and the narrowing to
+ * f16/bf16 are tensor_cast's (util/tensor/cast.h); this file adds the
+ * checks and the streaming from a file.
  */
 #include "loader/formats/gguf/gguf.h"
 
@@ -13,8 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "util/tensor/cast.h"
 #include "util/tensor/ggml_blocks.h"
-#include "util/tensor/half.h"
 
 /* ggml_blocks.h names the types by ggml's ids, as gguf.h does. */
 #define SAME_ID(x) ((int)GGUF_T_##x == (int)GGML_BLK_##x)
@@ -30,30 +31,13 @@ bool gguf_can_dequant(int t) {
            ggml_blk_elems(t) != 0;
 }
 
-/* n elements of plain or block type t to f32. restrict: without it the
- * compiler must assume each float store may change the source bytes, and
- * leaves the block decoders' loops scalar. */
-static void to_f32(int t, const uint8_t *restrict src, int64_t n, float *restrict dst) {
-    switch (t) {
-    case GGUF_T_F32:
-        memcpy(dst, src, (size_t)n * 4);
-        return;
-    case GGUF_T_F16:
-        half_f16_to_f32_n(src, dst, (size_t)n);
-        return;
-    case GGUF_T_BF16:
-        half_bf16_to_f32_n(src, dst, (size_t)n);
-        return;
-    case GGUF_T_F64:
-        for (int64_t i = 0; i < n; i++) {
-            double d;
-            memcpy(&d, src + 8 * i, 8);
-            dst[i] = (float)d;
-        }
-        return;
-    default:
-        ggml_blk_decode(t, src, (uint64_t)n / ggml_blk_elems(t), dst);
-    }
+/* n elements (whole blocks) of block type t to f32. restrict, and not
+ * inlined so that it holds: without it the compiler must assume each float
+ * store may change the source bytes, and leaves the decoders' loops
+ * scalar. */
+__attribute__((noinline)) static void blocks_to_f32(int t, const uint8_t *restrict src, int64_t n,
+                                                    float *restrict dst) {
+    ggml_blk_decode(t, src, (uint64_t)n / ggml_blk_elems(t), dst);
 }
 
 static size_t out_elem_size(mp_dtype out) {
@@ -73,27 +57,23 @@ int gguf_dequant(int t, const void *src, size_t src_bytes, int64_t n, mp_dtype o
     if (n < 0 || !gguf_row_bytes(t, n, &need) || need != src_bytes)
         return mp_err(err, "bad_header", "%s: %" PRId64 " elements do not match %zu source bytes",
                       gguf_type_name(t), n, src_bytes);
-    const uint8_t *s = src;
-    /* Same-width copies need no float round trip (keeps NaN payloads). */
-    if ((t == GGUF_T_F32 && out == MP_DT_F32) || (t == GGUF_T_F16 && out == MP_DT_F16) ||
-        (t == GGUF_T_BF16 && out == MP_DT_BF16)) {
-        memcpy(dst, src, src_bytes);
+    mp_dtype plain = gguf_type_dtype(t);
+    if (plain != MP_DT_GGML) { /* F32 F16 BF16 F64: a cast (same width: a copy) */
+        tensor_cast(plain, src, out, dst, (size_t)n);
         return 0;
     }
     if (out == MP_DT_F32) {
-        to_f32(t, s, n, dst);
+        blocks_to_f32(t, src, n, dst);
         return 0;
     }
     float tmp[DQ_CHUNK];
-    unsigned blck = gguf_type_block_size(t), bytes = gguf_type_block_bytes(t);
+    unsigned blck = ggml_blk_elems(t), bytes = ggml_blk_bytes(t);
+    const uint8_t *s = src;
     uint8_t *o = dst;
     for (int64_t done = 0; done < n;) {
         int64_t k = n - done < DQ_CHUNK ? n - done : DQ_CHUNK;
-        to_f32(t, s + (size_t)(done / blck) * bytes, k, tmp);
-        if (out == MP_DT_F16)
-            half_f32_to_f16_n(tmp, o + (size_t)done * 2, (size_t)k);
-        else
-            half_f32_to_bf16_n(tmp, o + (size_t)done * 2, (size_t)k);
+        blocks_to_f32(t, s + (size_t)(done / blck) * bytes, k, tmp);
+        tensor_cast(MP_DT_F32, tmp, out, o + (size_t)done * 2, (size_t)k);
         done += k;
     }
     return 0;
