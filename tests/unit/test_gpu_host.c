@@ -560,7 +560,7 @@ static void test_cast_rne_special(void **state) {
     cast_close(&e);
 }
 
-/* Every f16 and bf16 value, and a million random f32s, agree with loader/half.c. */
+/* Every f16 and bf16 value, and a million random f32s, agree with util/tensor/half.c. */
 static void test_cast_matches_half(void **state) {
     (void)state;
     const size_t n = 1 << 20;
