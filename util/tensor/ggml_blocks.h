@@ -3,15 +3,14 @@
  * for every CPU path (gguf_dequant.c, the host backend) and for the CUDA
  * kernels, so that all of them write the same bits.
  *
- * Each type has one function giving element j of one block, which is what
- * a CUDA thread computes; ggml_blk_decode runs it over a whole block for
- * the CPU. The float operations are ggml's dequantize_row_<type>
- * (ggml-quants.c; layouts in reference §3.5-3.6), in its order, one
- * rounding each and never fused (GPU_FMUL & co., see scalar.h), so results
- * are bit-identical to ggml and to gguf-py's numpy port. Type ids are
- * ggml's (the GGUF_T_* of loader/formats/gguf/gguf.h, which checks that
- * they agree). Lookup tables are packed into integer constants, which C
- * and device code can both read.
+ * Each type is a pair of functions (see "the types" below) from which
+ * ggml_blk_value gives one element, what a CUDA thread computes, and
+ * ggml_blk_decode whole blocks for the CPU. The float operations are
+ * ggml's dequantize_row_<type> (ggml-quants.c; layouts in reference
+ * §3.5-3.6), in its order, one rounding each and never fused (GPU_FMUL &
+ * co., see scalar.h), so results are bit-identical to ggml and to gguf-py's
+ * numpy port. Type ids are ggml's (the GGUF_T_* of
+ * loader/formats/gguf/gguf.h, which checks that they agree).
  */
 #ifndef MP_UTIL_TENSOR_GGML_BLOCKS_H
 #define MP_UTIL_TENSOR_GGML_BLOCKS_H
@@ -447,7 +446,9 @@ GPU_HD float ggml_blk_value(int t, const uint8_t *blk, unsigned j) {
  * for an unknown t. The switch is outside the loops so that each type's
  * loop is its two functions inlined, its factors computed once per group;
  * __restrict__ (GCC, clang and nvcc all take it) lets the compiler
- * vectorize the per-element loop, with the same IEEE operations. */
+ * vectorize the per-element loop, with the same IEEE operations. Inlined
+ * into a caller whose own pointers are not restrict-qualified, GCC loses
+ * that: call it from a function whose are (gguf_dequant.c does). */
 GPU_HD int ggml_blk_decode(int t, const uint8_t *__restrict__ src, uint64_t nblocks,
                            float *__restrict__ y) {
     switch (t) {
