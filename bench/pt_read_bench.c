@@ -16,6 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loader/formats/pytorch/pytorch.h"
 #include "loader/formats/weights.h"
 
 static double now(void) {

@@ -7,6 +7,7 @@
  */
 #include "gpu/gpu_internal.h"
 #include "gpu/dummy.h"
+#include "util/tensor/ggml_blocks.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -508,7 +509,7 @@ bool gpu_cast_supported(mp_dtype from, mp_dtype to) {
 }
 
 bool gpu_dequant_supported(int ggml_type) {
-    return gpu_sc_block_elems(ggml_type) != 0;
+    return ggml_blk_elems(ggml_type) != 0;
 }
 
 /* Offset aligned for the element type and span inside the arena. */
@@ -557,7 +558,7 @@ int gpu_cast(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena 
 
 int gpu_dequant(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena *src,
                 uint64_t src_off, int ggml_type, uint64_t n, mp_error *err) {
-    unsigned be = gpu_sc_block_elems(ggml_type), bb = gpu_sc_block_bytes(ggml_type);
+    unsigned be = ggml_blk_elems(ggml_type), bb = ggml_blk_bytes(ggml_type);
     if (!be)
         return mp_err(err, "unsupported_dtype", "no device dequantization of ggml type %d",
                       ggml_type);

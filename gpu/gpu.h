@@ -198,8 +198,9 @@ bool gpu_cast_supported(mp_dtype from, mp_dtype to);
 int gpu_cast(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_arena *src,
              uint64_t src_off, mp_dtype src_dt, uint64_t n, mp_error *err);
 
-/* Whether gpu_dequant handles this ggml type: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
- * Q2_K Q3_K Q4_K Q5_K Q6_K (ids as in loader/gguf.h). F32/F16/BF16 sources are
+/* Whether gpu_dequant handles this ggml type: every block type of
+ * util/tensor/ggml_blocks.h (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K..Q6_K Q8_K IQ4_NL
+ * IQ4_XS TQ1_0 TQ2_0 MXFP4 NVFP4; ggml's ids). F32/F16/BF16 sources are
  * gpu_cast's job. */
 bool gpu_dequant_supported(int ggml_type);
 /* Dequantizes n elements (a multiple of the type's block size) of ggml

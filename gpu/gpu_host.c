@@ -15,6 +15,8 @@
  */
 #include "gpu/gpu_internal.h"
 #include "gpu/dummy.h"
+#include "util/tensor/cast.h"
+#include "util/tensor/ggml_blocks.h"
 #include "util/tensor/scalar.h"
 
 #include <errno.h>
@@ -142,28 +144,6 @@ void gpu_host_staging_free(void *p) {
     free(p);
 }
 
-static float load_elem(const unsigned char *src, mp_dtype dt, uint64_t i) {
-    uint16_t h;
-    uint32_t u;
-    switch (dt) {
-    case MP_DT_F32:
-        memcpy(&u, src + 4 * i, 4);
-        return gpu_sc_bits_f32(u);
-    case MP_DT_F16:
-        memcpy(&h, src + 2 * i, 2);
-        return gpu_sc_f16_to_f32(h);
-    case MP_DT_BF16:
-        memcpy(&h, src + 2 * i, 2);
-        return gpu_sc_bf16_to_f32(h);
-    case MP_DT_F8_E4M3:
-        return gpu_sc_e4m3_to_f32(src[i]);
-    case MP_DT_F8_E5M2:
-        return gpu_sc_e5m2_to_f32(src[i]);
-    default:
-        return 0.0f;
-    }
-}
-
 static void store_elem(unsigned char *dst, mp_dtype dt, uint64_t i, float v) {
     uint16_t h;
     uint32_t u;
@@ -185,30 +165,25 @@ static void store_elem(unsigned char *dst, mp_dtype dt, uint64_t i, float v) {
     }
 }
 
+/* The CPU's one cast (util/tensor/cast.c): the same scalar conversions as
+ * kernels.cu, so host and CUDA arenas hold the same bits. gpu.c has
+ * checked the pair, and in place only with equal element sizes. */
 int gpu_host_cast(void *dst, mp_dtype dst_dt, const void *src, mp_dtype src_dt, uint64_t n) {
-    unsigned char *d = dst;
-    const unsigned char *s = src;
-    if (dst_dt == src_dt) {
-        if (dst != src) memmove(dst, src, (size_t)(n * (mp_dtype_bits(dst_dt) / 8)));
-        return 0;
-    }
-    /* f16 -> f32 -> f16 round trips are exact, so going through f32 gives
-     * the correctly rounded result for every pair. In place is safe: equal
-     * element sizes, each element read before it is written. */
-    for (uint64_t i = 0; i < n; i++)
-        store_elem(d, dst_dt, i, load_elem(s, src_dt, i));
-    return 0;
+    return tensor_cast(src_dt, src, dst_dt, dst, (size_t)n) ? 0 : -1;
 }
 
+/* Element by element through ggml_blk_value, as the CUDA kernel goes, so
+ * that test_gpu_host, comparing this with gguf_dequant (ggml_blk_decode),
+ * also checks the device's entry point. */
 int gpu_host_dequant(void *dst, mp_dtype dst_dt, const void *src, int ggml_type, uint64_t n) {
-    unsigned be = gpu_sc_block_elems(ggml_type), bb = gpu_sc_block_bytes(ggml_type);
+    unsigned be = ggml_blk_elems(ggml_type), bb = ggml_blk_bytes(ggml_type);
     if (!be) return -1;
     unsigned char *d = dst;
     const unsigned char *s = src;
     for (uint64_t b = 0; b < n / be; b++) {
         const uint8_t *blk = s + b * bb;
         for (unsigned j = 0; j < be; j++)
-            store_elem(d, dst_dt, b * be + j, gpu_sc_dequant(ggml_type, blk, j));
+            store_elem(d, dst_dt, b * be + j, ggml_blk_value(ggml_type, blk, j));
     }
     return 0;
 }

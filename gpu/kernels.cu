@@ -1,8 +1,8 @@
 /*
  * kernels.cu - the CUDA kernels of the CUDA backend: dtype casts, ggml
  * dequantization and the dummy-weights fill. The arithmetic is the shared
- * code of gpu_scalar.h / dummy.h, so every kernel writes exactly the bytes
- * the host backend writes for the same input (tests/cuda checks it).
+ * code of util/tensor/scalar.h, util/tensor/ggml_blocks.h and dummy.h, so every kernel writes
+ * exactly the bytes the host backend writes for the same input (tests/cuda checks it).
  *
  * One thread per output element with a grid-stride loop over 64-bit
  * indices: these kernels are bound by memory bandwidth, not by the
@@ -12,8 +12,9 @@
 #include <stdint.h>
 
 #include "gpu/dummy.h"
-#include "util/tensor/scalar.h"
 #include "gpu/kernels.h"
+#include "util/tensor/ggml_blocks.h"
+#include "util/tensor/scalar.h"
 #include "util/tensor/tensor.h"
 
 namespace {
@@ -77,7 +78,7 @@ __global__ void k_dequant(void *dst, int dst_dt, const uint8_t *src, int t, unsi
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (uint64_t)gridDim.x * blockDim.x) {
         uint64_t b = i / be;
-        store_elem(dst, dst_dt, i, gpu_sc_dequant(t, src + b * bb, (unsigned)(i - b * be)));
+        store_elem(dst, dst_dt, i, ggml_blk_value(t, src + b * bb, (unsigned)(i - b * be)));
     }
 }
 
@@ -109,7 +110,7 @@ extern "C" int gpuk_cast(void *dst, int dst_dt, const void *src, int src_dt, uin
 
 extern "C" int gpuk_dequant(void *dst, int dst_dt, const void *src, int ggml_type, uint64_t n,
                             void *stream) {
-    unsigned be = gpu_sc_block_elems(ggml_type), bb = gpu_sc_block_bytes(ggml_type);
+    unsigned be = ggml_blk_elems(ggml_type), bb = ggml_blk_bytes(ggml_type);
     if (!be) return (int)cudaErrorInvalidValue;
     k_dequant<<<grid_for(n), kThreads, 0, (cudaStream_t)stream>>>(dst, dst_dt, (const uint8_t *)src,
                                                                   ggml_type, be, bb, n);

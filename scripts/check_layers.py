@@ -12,8 +12,11 @@ fails (exit 1, one line per violation) when:
   - the task contract (util/task.h, util/jobtype.h) is used in loader/
     outside loader/jobs/;
   - modules include each other in a cycle. A module is a folder, except in
-    server/, where each file pair (x.c, x.h) is one; server/main.c, the
-    composition root, is left out.
+    loader/, where it is loader/<name> with everything below it (the format
+    families under loader/formats/ are parts of one module: the directory
+    and index logic of weights.c sits above them, the mp_weights they fill
+    below them), and in server/, where each file pair (x.c, x.h) is one;
+    server/main.c, the composition root, is left out.
 
 Usage: scripts/check_layers.py [repo root]
 """
@@ -71,6 +74,8 @@ def module_of(path):
     top = path.split("/")[0]
     if top == "server":
         return "server/" + os.path.splitext(os.path.basename(path))[0]
+    if top == "loader":
+        return "/".join(path.split("/")[:2])
     return os.path.dirname(path)
 
 

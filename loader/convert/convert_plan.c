@@ -12,7 +12,7 @@
 #include <sys/stat.h>
 
 #include "loader/convert/convert.h"
-#include "util/tensor/half.h"
+#include "util/tensor/cast.h"
 
 static bool ends_with(const char *s, const char *suf) {
     size_t a = strlen(s), b = strlen(suf);
@@ -175,51 +175,10 @@ bool conv_castable(mp_dtype dt) {
     return dt == MP_DT_F16 || dt == MP_DT_BF16 || dt == MP_DT_F32 || dt == MP_DT_F64;
 }
 
-#define CAST_BLOCK 4096
-
 bool conv_cast(mp_dtype from, mp_dtype to, const void *src, void *dst, size_t n) {
     if (!conv_castable(from) || (to != MP_DT_F16 && to != MP_DT_BF16 && to != MP_DT_F32))
         return false;
-    if (from == to) {
-        memcpy(dst, src, n * (mp_dtype_bits(from) / 8));
-        return true;
-    }
-    const char *s = src;
-    char *d = dst;
-    size_t ses = mp_dtype_bits(from) / 8, des = mp_dtype_bits(to) / 8;
-    float tmp[CAST_BLOCK];
-    for (size_t i = 0; i < n; i += CAST_BLOCK) {
-        size_t k = n - i < CAST_BLOCK ? n - i : CAST_BLOCK;
-        float *f = to == MP_DT_F32 ? (float *)(void *)(d + i * des) : tmp;
-        /* dst of an F32 target may be unaligned only if the caller's buffer
-         * is; ours are malloc'd, but stay safe through tmp. */
-        if (((uintptr_t)f & (sizeof(float) - 1)) != 0) f = tmp;
-        switch (from) {
-        case MP_DT_F16:
-            half_f16_to_f32_n(s + i * ses, f, k);
-            break;
-        case MP_DT_BF16:
-            half_bf16_to_f32_n(s + i * ses, f, k);
-            break;
-        case MP_DT_F32:
-            memcpy(f, s + i * ses, k * 4);
-            break;
-        default: /* F64: torch also goes through float (c10::Half/BFloat16 take a float) */
-            for (size_t j = 0; j < k; j++) {
-                double v;
-                memcpy(&v, s + (i + j) * 8, 8);
-                f[j] = (float)v;
-            }
-            break;
-        }
-        if (to == MP_DT_F16)
-            half_f32_to_f16_n(f, d + i * des, k);
-        else if (to == MP_DT_BF16)
-            half_f32_to_bf16_n(f, d + i * des, k);
-        else if (f == tmp)
-            memcpy(d + i * des, tmp, k * 4);
-    }
-    return true;
+    return tensor_cast(from, src, to, dst, n);
 }
 
 bool conv_parse_dtype(const char *s, mp_dtype *out) {

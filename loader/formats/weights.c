@@ -1,10 +1,12 @@
 /*
- * weights.c - format detection and dispatch, the mp_weights container, and
+ * weights.c - format detection and dispatch through the handler table of
+ * registry.c, the mp_weights container, and
  * weights_read: the one place that turns a descriptor into bytes, gathering
  * PyTorch views through their strides. A directory or an *.index.json opens
  * every shard and merges them into one table.
  */
 #include "loader/formats/weights.h"
+#include "loader/formats/formats_internal.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -222,42 +224,46 @@ static char *path_join(const char *dir, const char *name) {
     return p;
 }
 
-static mp_format detect_bytes(const unsigned char *b, size_t n, uint64_t size) {
-    if (n >= 4 && memcmp(b, "PK\x03\x04", 4) == 0) return MP_FMT_PT_ZIP;
-    if (n >= 4 && memcmp(b, "PK\x05\x06", 4) == 0) return MP_FMT_PT_ZIP; /* empty archive */
-    if (n >= 4 && memcmp(b, "GGUF", 4) == 0) return MP_FMT_GGUF;
-    if (n >= 6 && memcmp(b, "\x93NUMPY", 6) == 0) return MP_FMT_NPY;
-    if (n >= 9 && size >= 8) {
-        uint64_t hl = 0;
-        for (int i = 7; i >= 0; i--)
-            hl = (hl << 8) | b[i];
-        if (hl >= 2 && hl <= ST_MAX_HEADER && hl <= size - 8) {
-            for (size_t i = 8; i < n; i++) {
-                if (b[i] == '{') return MP_FMT_SAFETENSORS;
-                if (b[i] != ' ' && b[i] != '\t' && b[i] != '\n' && b[i] != '\r') break;
-            }
+/* "safetensors, PyTorch, GGUF or npy": each family of the table once, in
+ * mp_format order (the order this message has always had). */
+static void family_list(char *out, size_t cap) {
+    const char *seen[32];
+    size_t nseen = 0, len = 0;
+    const mp_format_handler *const *h;
+    int maxf = 0;
+    for (h = mp_format_handlers; *h; h++)
+        if ((int)(*h)->format > maxf) maxf = (int)(*h)->format;
+    for (int f = 0; f <= maxf; f++)
+        for (h = mp_format_handlers; *h; h++) {
+            if ((int)(*h)->format != f) continue;
+            bool dup = false;
+            for (size_t i = 0; i < nseen && !dup; i++)
+                dup = strcmp(seen[i], (*h)->name) == 0;
+            if (!dup && nseen < sizeof seen / sizeof *seen) seen[nseen++] = (*h)->name;
         }
+    out[0] = 0;
+    for (size_t i = 0; i < nseen && len < cap; i++) {
+        const char *sep = i == 0 ? "" : i + 1 == nseen ? " or " : ", ";
+        int k = snprintf(out + len, cap - len, "%s%s", sep, seen[i]);
+        if (k < 0) break;
+        len += (size_t)k;
     }
-    /* torch.save's legacy stream starts with a protocol-2 pickle of its magic
-     * number. Checked after safetensors: a header length of 640 also starts
-     * with 80 02. */
-    if (n >= 2 && b[0] == 0x80 && b[1] >= 2 && b[1] <= 5) return MP_FMT_PT_LEGACY;
-    return MP_FMT_UNKNOWN;
 }
 
-static mp_format detect_file(const char *path, mp_error *err) {
+/* The handler for a single file, or NULL with err set. */
+static const mp_format_handler *detect_file(const char *path, mp_error *err) {
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         mp_err(err, errno == ENOENT ? "not_found" : "io_error", "%s: %s", path, strerror(errno));
-        return MP_FMT_UNKNOWN;
+        return NULL;
     }
     struct stat st;
-    unsigned char b[64];
+    unsigned char b[MP_FORMAT_HEAD_BYTES];
     ssize_t n = -1;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         close(fd);
         mp_err(err, "unsupported_format", "%s: not a regular file", path);
-        return MP_FMT_UNKNOWN;
+        return NULL;
     }
     do
         n = pread(fd, b, sizeof b, 0);
@@ -266,12 +272,19 @@ static mp_format detect_file(const char *path, mp_error *err) {
     close(fd);
     if (n < 0) {
         mp_err(err, "io_error", "%s: %s", path, strerror(e));
-        return MP_FMT_UNKNOWN;
+        return NULL;
     }
-    mp_format f = detect_bytes(b, (size_t)n, (uint64_t)st.st_size);
-    if (f == MP_FMT_UNKNOWN)
-        mp_err(err, "unsupported_format", "%s: not a safetensors, PyTorch, GGUF or npy file", path);
-    return f;
+    for (const mp_format_handler *const *h = mp_format_handlers; *h; h++)
+        if ((*h)->detect(path, b, (size_t)n, (uint64_t)st.st_size)) return *h;
+    char families[256];
+    family_list(families, sizeof families);
+    mp_err(err, "unsupported_format", "%s: not a %s file", path, families);
+    return NULL;
+}
+
+static mp_format detect_file_format(const char *path, mp_error *err) {
+    const mp_format_handler *h = detect_file(path, err);
+    return h ? h->format : MP_FMT_UNKNOWN;
 }
 
 /* The file a directory is opened through, or NULL; *kind: 'i' index,
@@ -328,7 +341,7 @@ static mp_format detect_index(const char *path, mp_error *err) {
             shard = path_join(*dir ? dir : ".", idx.files[0]);
         }
         if (shard)
-            f = detect_file(shard, err);
+            f = detect_file_format(shard, err);
         else
             mp_err(err, "io_error", "out of memory");
         free(shard);
@@ -360,7 +373,7 @@ mp_format weights_detect(const char *path, mp_error *err) {
         return f;
     }
     if (ends_with(path, ".index.json")) return detect_index(path, err);
-    return detect_file(path, err);
+    return detect_file_format(path, err);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -556,20 +569,8 @@ static int open_st_dir(const char *dir, mp_weights *w, mp_error *err) {
 }
 
 static int open_single(const char *path, mp_weights *w, mp_error *err) {
-    mp_format f = detect_file(path, err);
-    switch (f) {
-    case MP_FMT_SAFETENSORS:
-        return st_open(path, w, err);
-    case MP_FMT_PT_ZIP:
-    case MP_FMT_PT_LEGACY:
-        return pt_open(path, w, err);
-    case MP_FMT_GGUF:
-        return gguf_open(path, w, err);
-    case MP_FMT_NPY:
-        return npy_open(path, w, err);
-    default:
-        return -1;
-    }
+    const mp_format_handler *h = detect_file(path, err);
+    return h ? h->open(path, w, err) : -1;
 }
 
 int weights_open(const char *path, mp_weights **out, mp_error *err) {

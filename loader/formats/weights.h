@@ -3,9 +3,12 @@
  * GGUF, npy) and get the same thing back: a list of files and a table of
  * mp_tensor descriptors, plus a way to read one tensor's bytes.
  *
- * Format readers fill an mp_weights through their own *_open function
- * (st_open, pt_open, gguf_open, npy_open); weights_open detects the format
- * from the file's first bytes and dispatches.
+ * This is the consumer API. weights_open detects the format from the file's
+ * first bytes and hands it to that format's reader, found in the table of
+ * loader/formats/registry.c (readers register there: formats_internal.h).
+ * A caller that knows the format can call a reader directly through its
+ * family header (safetensors.h, pytorch.h, gguf.h, npy.h), which also holds
+ * what only that family has (writers, GGUF metadata, ...).
  */
 #ifndef MP_LOADER_WEIGHTS_H
 #define MP_LOADER_WEIGHTS_H
@@ -47,27 +50,14 @@ void weights_close(mp_weights *w);
  * (a view is gathered through its strides). dst must hold t->nbytes. */
 int weights_read(const mp_weights *w, const mp_tensor *t, void *dst, mp_error *err);
 
-/* Per-format openers; each fills a zeroed *w. */
-int st_open(const char *path, mp_weights *w, mp_error *err);
-int pt_open(const char *path, mp_weights *w, mp_error *err);
-int gguf_open(const char *path, mp_weights *w, mp_error *err);
-int npy_open(const char *path, mp_weights *w, mp_error *err);
-
-/* Helpers for format readers. */
-int weights_add_file(mp_weights *w, const char *path, int fd, mp_error *err);
-mp_tensor *weights_add_tensor(mp_weights *w, mp_error *err); /* zeroed, appended */
 /* Frees everything *w owns (closes fds, runs impl_free) and zeroes it; safe
- * on a zeroed or half-filled struct. weights_close = this + free(w). */
+ * on a zeroed or half-filled struct: what a caller of a family's *_open on
+ * its own mp_weights ends with. weights_close = this + free(w). */
 void weights_free_fields(mp_weights *w);
-/* Maps file i whole, read-only, so that weights_read copies tensors out of
- * the page cache with memcpy instead of pread (faster: no per-call copy
- * setup, and the kernel maps large page-cache folios with huge entries).
- * Best effort: returns 0 and leaves the file unmapped when it is empty or
- * mmap fails; -1 only for a bad index. weights_read checks the file's
- * current size before touching the mapping, so a file truncated after
- * opening fails with "truncated" rather than SIGBUS (a truncation racing
- * with the copy itself can still fault, as with any mapped file). */
-int weights_map_file(mp_weights *w, uint32_t i, mp_error *err);
+/* Appends a zeroed tensor (ggml_type and storage_id -1) for a table built
+ * by hand, as readers and the dummy-weights source do; the pointer is valid
+ * until the next call. */
+mp_tensor *weights_add_tensor(mp_weights *w, mp_error *err);
 /* pread exactly len bytes at off (retries short reads and EINTR).
  * Errors: "truncated" at end of file, "io_error". */
 int weights_pread(int fd, void *buf, size_t len, uint64_t off, mp_error *err);

@@ -20,7 +20,7 @@
 #include <unistd.h>
 
 #include "loader/formats/gguf/gguf.h"
-#include "util/tensor/half.h"
+#include "util/tensor/cast.h"
 #include "loader/warm/warm.h"
 #include "util/timeutil.h"
 
@@ -204,58 +204,11 @@ static int fetch(reader *r, const load_item *it, uint64_t off, void *dst, uint64
 
 /* ---- converting ---- */
 
-static float to_f32(mp_dtype d, const unsigned char *p) {
-    uint16_t h;
-    float f;
-    switch (d) {
-    case MP_DT_F32:
-        memcpy(&f, p, 4);
-        return f;
-    case MP_DT_F16:
-        memcpy(&h, p, 2);
-        return half_f16_to_f32(h);
-    case MP_DT_BF16:
-        memcpy(&h, p, 2);
-        return half_bf16_to_f32(h);
-    case MP_DT_F8_E4M3:
-        return half_fp8_e4m3_to_f32(*p);
-    case MP_DT_F8_E5M2:
-        return half_fp8_e5m2_to_f32(*p);
-    case MP_DT_F8_E4M3FNUZ:
-        return half_fp8_e4m3fnuz_to_f32(*p);
-    case MP_DT_F8_E5M2FNUZ:
-        return half_fp8_e5m2fnuz_to_f32(*p);
-    case MP_DT_F8_E8M0:
-        return half_fp8_e8m0_to_f32(*p);
-    default:
-        return 0;
-    }
-}
-
+/* The plan only asks for casts tensor_cast does (castable_from and
+ * is_target in load_plan.c). */
 static void convert(mp_dtype from, const unsigned char *in, mp_dtype to, unsigned char *out,
                     uint64_t count) {
-    if (from == to) {
-        memcpy(out, in, count * esize(from));
-        return;
-    }
-    unsigned ei = esize(from);
-    for (uint64_t i = 0; i < count; i++) {
-        float v = to_f32(from, in + i * ei);
-        uint16_t h;
-        switch (to) {
-        case MP_DT_F32:
-            memcpy(out + 4 * i, &v, 4);
-            break;
-        case MP_DT_F16:
-            h = half_f32_to_f16(v);
-            memcpy(out + 2 * i, &h, 2);
-            break;
-        default: /* BF16: the plan allows no other target */
-            h = half_f32_to_bf16(v);
-            memcpy(out + 2 * i, &h, 2);
-            break;
-        }
-    }
+    (void)tensor_cast(from, in, to, out, (size_t)count);
 }
 
 /* The run of output elements starting at e: its length (<= left) and its

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "loader/formats/formats_internal.h" /* weights_add_file */
 #include "loader/formats/npy/npy.h"
 #include "loader/formats/safetensors/safetensors.h"
 #include "loader/formats/weights.h"

@@ -82,3 +82,19 @@ def test_cycles_between_modules(tmp_path):
     assert rc == 1, out
     assert "cycle: loader/x -> loader/y -> loader/x" in out
     assert "cycle: server/a -> server/b -> server/a" in out
+
+
+def test_loader_modules_include_their_sub_folders(tmp_path):
+    """A family folder below a loader module is part of it (formats/npy and
+    formats/ may use each other), but it cannot carry a cycle between two
+    loader modules."""
+    base_tree(tmp_path)
+    write(tmp_path, "loader/f/f.h", '#include "loader/f/a/a.h"\n')
+    write(tmp_path, "loader/f/a/a.h", '#include "loader/f/f.h"\n')
+    rc, out = run(tmp_path)
+    assert rc == 0, out
+    write(tmp_path, "loader/g/g.h", '#include "loader/f/f.h"\n')
+    write(tmp_path, "loader/f/a/a.c", '#include "loader/g/g.h"\n')
+    rc, out = run(tmp_path)
+    assert rc == 1, out
+    assert "cycle: loader/f -> loader/g -> loader/f" in out

@@ -4,7 +4,8 @@
  * copy / fence / read-back, memfd export seen through a second mapping,
  * the dummy-weights generator against an independent transcription of its
  * definition, dtype casts (round to nearest even, NaN, Inf) against
- * loader/half.c, and dequantization against loader/gguf_dequant.c.
+ * util/tensor/half.c, and dequantization (element by element, as the CUDA
+ * kernel does) against loader/formats/gguf/gguf_dequant.c (block by block).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -559,7 +560,7 @@ static void test_cast_rne_special(void **state) {
     cast_close(&e);
 }
 
-/* Every f16 and bf16 value, and a million random f32s, agree with loader/half.c. */
+/* Every f16 and bf16 value, and a million random f32s, agree with util/tensor/half.c. */
 static void test_cast_matches_half(void **state) {
     (void)state;
     const size_t n = 1 << 20;
@@ -668,8 +669,16 @@ static void random_blocks(int t, unsigned nblocks, unsigned bb, uint8_t *p, uint
         if (t == GGUF_T_Q6_K) offs[0] = 208;
         if (t == GGUF_T_Q3_K) offs[0] = 108;
         if (t == GGUF_T_Q2_K) offs[0] = 80, offs[1] = 82, nf = 2;
+        if (t == GGUF_T_TQ1_0) offs[0] = 52;
+        if (t == GGUF_T_TQ2_0) offs[0] = 64;
+        /* MXFP4's and NVFP4's 8-bit scales are finite whatever the bits */
+        if (t == GGUF_T_MXFP4 || t == GGUF_T_NVFP4) nf = 0;
         for (unsigned k = 0; k < nf; k++) {
             float v = ((float)(xs_next(seed) % 2001) - 1000.0f) * 1e-5f;
+            if (t == GGUF_T_Q8_K) { /* an f32 scale */
+                memcpy(blk + offs[k], &v, 4);
+                continue;
+            }
             uint16_t h = half_f32_to_f16(v);
             memcpy(blk + offs[k], &h, 2);
         }
@@ -678,8 +687,10 @@ static void random_blocks(int t, unsigned nblocks, unsigned bb, uint8_t *p, uint
 
 static void test_dequant_matches_gguf(void **state) {
     (void)state;
-    const int types[] = {GGUF_T_Q4_0, GGUF_T_Q4_1, GGUF_T_Q5_0, GGUF_T_Q5_1, GGUF_T_Q8_0,
-                         GGUF_T_Q2_K, GGUF_T_Q3_K, GGUF_T_Q4_K, GGUF_T_Q5_K, GGUF_T_Q6_K};
+    const int types[] = {GGUF_T_Q4_0,  GGUF_T_Q4_1,   GGUF_T_Q5_0,   GGUF_T_Q5_1,  GGUF_T_Q8_0,
+                         GGUF_T_Q2_K,  GGUF_T_Q3_K,   GGUF_T_Q4_K,   GGUF_T_Q5_K,  GGUF_T_Q6_K,
+                         GGUF_T_Q8_K,  GGUF_T_IQ4_NL, GGUF_T_IQ4_XS, GGUF_T_TQ1_0, GGUF_T_TQ2_0,
+                         GGUF_T_MXFP4, GGUF_T_NVFP4};
     const mp_dtype outs[] = {MP_DT_F32, MP_DT_F16, MP_DT_BF16};
     gpu_set *s = open_set("host", 0);
     mp_error err = {0};
@@ -722,8 +733,10 @@ static void test_dequant_matches_gguf(void **state) {
     assert_int_equal(gpu_read(dst, 0, y, sizeof y, &err), 0);
     assert_true(y[0] == -3.5f && y[15] == -3.5f && y[16] == 3.5f && y[31] == 3.5f);
 
-    assert_false(gpu_dequant_supported(GGUF_T_IQ4_XS));
-    assert_int_equal(gpu_dequant(dst, 0, MP_DT_F16, src, 0, GGUF_T_IQ4_XS, 256, &err), -1);
+    /* ggml types neither decoder has: IQ2_XXS (16), and F16 is no block */
+    assert_false(gpu_dequant_supported(16));
+    assert_false(gpu_dequant_supported(GGUF_T_F16));
+    assert_int_equal(gpu_dequant(dst, 0, MP_DT_F16, src, 0, 16, 256, &err), -1);
     assert_string_equal(err.code, "unsupported_dtype");
     assert_int_equal(gpu_dequant(dst, 0, MP_DT_F16, src, 0, GGUF_T_Q8_0, 33, &err), -1);
     assert_int_equal(gpu_dequant(dst, 0, MP_DT_I8, src, 0, GGUF_T_Q8_0, 32, &err), -1);
@@ -754,7 +767,8 @@ static void test_private_arenas(void **state) {
     assert_non_null(p);
     assert_int_equal((uintptr_t)p & ((2u << 20) - 1), 0);
     unsigned char src[4096], back[4096];
-    for (int i = 0; i < 4096; i++) src[i] = (unsigned char)(i * 7);
+    for (int i = 0; i < 4096; i++)
+        src[i] = (unsigned char)(i * 7);
     assert_int_equal(gpu_copy_h2d(a, size - 4096, src, 4096, &err), 0);
     assert_int_equal(gpu_read(a, size - 4096, back, 4096, &err), 0);
     assert_memory_equal(src, back, 4096);

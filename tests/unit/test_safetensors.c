@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "loader/formats/formats_internal.h" /* weights_add_file */
 #include "loader/formats/npy/npy.h"
 #include "loader/formats/safetensors/safetensors.h"
 #include "loader/formats/weights.h"

@@ -10,7 +10,7 @@
 #include <math.h>
 #include <string.h>
 
-/* The scalar conversions are written once, in gpu/gpu_scalar.h, so that the
+/* The scalar conversions are written once, in util/tensor/scalar.h, so that the
  * CUDA kernels and every CPU path (convert, GGUF dequantization, the host
  * backend) produce the same bits. */
 float half_f16_to_f32(uint16_t h) {
@@ -62,38 +62,4 @@ float half_fp8_e5m2fnuz_to_f32(uint8_t b) {
 float half_fp8_e8m0_to_f32(uint8_t b) {
     if (b == 0xff) return NAN;
     return ldexpf(1.0f, (int)b - 127);
-}
-
-void half_f16_to_f32_n(const void *src, float *dst, size_t n) {
-    const unsigned char *p = src;
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h = (uint16_t)(p[2 * i] | (p[2 * i + 1] << 8));
-        dst[i] = half_f16_to_f32(h);
-    }
-}
-
-void half_bf16_to_f32_n(const void *src, float *dst, size_t n) {
-    const unsigned char *p = src;
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h = (uint16_t)(p[2 * i] | (p[2 * i + 1] << 8));
-        dst[i] = half_bf16_to_f32(h);
-    }
-}
-
-void half_f32_to_f16_n(const float *src, void *dst, size_t n) {
-    unsigned char *p = dst;
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h = half_f32_to_f16(src[i]);
-        p[2 * i] = (unsigned char)(h & 0xff);
-        p[2 * i + 1] = (unsigned char)(h >> 8);
-    }
-}
-
-void half_f32_to_bf16_n(const float *src, void *dst, size_t n) {
-    unsigned char *p = dst;
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h = half_f32_to_bf16(src[i]);
-        p[2 * i] = (unsigned char)(h & 0xff);
-        p[2 * i + 1] = (unsigned char)(h >> 8);
-    }
 }

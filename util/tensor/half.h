@@ -1,14 +1,11 @@
 /*
- * half.h - scalar float format conversions shared by the format readers and
- * convert's dtype casts: IEEE binary16 and bfloat16 both ways (round to
- * nearest even, NaN and Inf kept), and the 8-bit float formats of the
- * reference's appendix (e4m3fn, e5m2, their fnuz variants, e8m0) to f32.
- *
- * Sources of the _n variants may be unaligned byte buffers in file order
- * (little-endian); they are read with memcpy.
+ * half.h - scalar float format conversions, out of line: IEEE binary16 and
+ * bfloat16 both ways (round to nearest even, NaN and Inf kept), and the
+ * 8-bit float formats of the reference's appendix (e4m3fn, e5m2, their fnuz
+ * variants, e8m0) to f32. Whole buffers are cast by tensor_cast (cast.h).
  */
-#ifndef MP_LOADER_HALF_H
-#define MP_LOADER_HALF_H
+#ifndef MP_UTIL_TENSOR_HALF_H
+#define MP_UTIL_TENSOR_HALF_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -23,11 +20,5 @@ float half_fp8_e5m2_to_f32(uint8_t b);     /* IEEE-like, top byte of an f16 */
 float half_fp8_e4m3fnuz_to_f32(uint8_t b); /* bias 8, 0x80 is the only NaN */
 float half_fp8_e5m2fnuz_to_f32(uint8_t b); /* bias 16, 0x80 is the only NaN */
 float half_fp8_e8m0_to_f32(uint8_t b);     /* 2^(b-127), 0xFF NaN */
-
-/* Bulk forms; src and dst may be unaligned, must not overlap. */
-void half_f16_to_f32_n(const void *src, float *dst, size_t n);
-void half_bf16_to_f32_n(const void *src, float *dst, size_t n);
-void half_f32_to_f16_n(const float *src, void *dst, size_t n);
-void half_f32_to_bf16_n(const float *src, void *dst, size_t n);
 
 #endif

@@ -1,18 +1,22 @@
 /*
- * gpu_scalar.h - scalar float conversions and ggml block decoders written
- * once for both the host backend (C) and the CUDA kernels (kernels.cu), so
- * that the two produce identical bytes. Internal to gpu/.
+ * scalar.h - scalar float conversions written once for C and for the CUDA
+ * kernels (gpu/kernels.cu), so that every CPU path (half.c, the casts, GGUF
+ * dequantization, the host backend) and the device produce identical bytes:
+ * IEEE binary16 and bfloat16 both ways (round to nearest even, NaN kept
+ * quiet with its sign and top payload bits), e4m3fn and e5m2 to f32. The
+ * ggml block decoders built on them are in ggml_blocks.h.
  *
  * Identical bytes need identical float operations: every product and sum
- * here goes through GPU_FMUL/GPU_FADD/GPU_FSUB, which are __fmul_rn & co. on
- * the device (nvcc would otherwise contract a*b-c into one FMA, rounding
- * once instead of twice) and plain operators in C (-std=c11 turns GCC's
- * contraction off). The conversions are the bit-exact algorithms of
- * loader/half.c (round to nearest even, NaN kept quiet with its sign and
- * top payload bits); test_gpu_host checks they agree with it.
+ * here and in ggml_blocks.h goes through GPU_FMUL/GPU_FADD/GPU_FSUB, which
+ * are __fmul_rn & co. on the device (nvcc would otherwise contract a*b-c
+ * into one FMA, rounding once instead of twice) and plain operators in C.
+ * A C compiler must not contract them either: GCC does not under -std=c11,
+ * clang does unless told so by the pragma below, which holds for the rest
+ * of every file that includes this one. test_gpu_host checks that the
+ * device code's host twin agrees with half.c and gguf_dequant.c.
  */
-#ifndef MP_GPU_GPU_SCALAR_H
-#define MP_GPU_GPU_SCALAR_H
+#ifndef MP_UTIL_TENSOR_SCALAR_H
+#define MP_UTIL_TENSOR_SCALAR_H
 
 #include <stdint.h>
 #include <string.h>
@@ -135,179 +139,6 @@ GPU_HD float gpu_sc_e4m3_to_f32(uint8_t b) {
 /* e5m2: the top byte of an IEEE half. */
 GPU_HD float gpu_sc_e5m2_to_f32(uint8_t b) {
     return gpu_sc_f16_to_f32((uint16_t)((uint16_t)b << 8));
-}
-
-/* ---- ggml blocks: element j of one block starting at blk ---- */
-
-enum {
-    GPU_GGML_Q4_0 = 2,
-    GPU_GGML_Q4_1 = 3,
-    GPU_GGML_Q5_0 = 6,
-    GPU_GGML_Q5_1 = 7,
-    GPU_GGML_Q8_0 = 8,
-    GPU_GGML_Q2_K = 10,
-    GPU_GGML_Q3_K = 11,
-    GPU_GGML_Q4_K = 12,
-    GPU_GGML_Q5_K = 13,
-    GPU_GGML_Q6_K = 14,
-};
-
-/* Elements and bytes per block of the types gpu_sc_dequant knows; 0 else. */
-GPU_HD unsigned gpu_sc_block_elems(int t) {
-    switch (t) {
-    case GPU_GGML_Q4_0:
-    case GPU_GGML_Q4_1:
-    case GPU_GGML_Q5_0:
-    case GPU_GGML_Q5_1:
-    case GPU_GGML_Q8_0:
-        return 32;
-    case GPU_GGML_Q2_K:
-    case GPU_GGML_Q3_K:
-    case GPU_GGML_Q4_K:
-    case GPU_GGML_Q5_K:
-    case GPU_GGML_Q6_K:
-        return 256;
-    default:
-        return 0;
-    }
-}
-
-GPU_HD unsigned gpu_sc_block_bytes(int t) {
-    switch (t) {
-    case GPU_GGML_Q4_0:
-        return 18;
-    case GPU_GGML_Q4_1:
-        return 20;
-    case GPU_GGML_Q5_0:
-        return 22;
-    case GPU_GGML_Q5_1:
-        return 24;
-    case GPU_GGML_Q8_0:
-        return 34;
-    case GPU_GGML_Q2_K:
-        return 84;
-    case GPU_GGML_Q3_K:
-        return 110;
-    case GPU_GGML_Q4_K:
-        return 144;
-    case GPU_GGML_Q5_K:
-        return 176;
-    case GPU_GGML_Q6_K:
-        return 210;
-    default:
-        return 0;
-    }
-}
-
-/* Q4_K's 6-bit (scale, min) pair k of scales[12]. */
-GPU_HD void gpu_sc_q4k_scale_min(const uint8_t *s, unsigned k, unsigned *sc, unsigned *mn) {
-    if (k < 4) {
-        *sc = s[k] & 63;
-        *mn = s[k + 4] & 63;
-    } else {
-        *sc = (s[k + 4] & 15) | ((s[k - 4] >> 6) << 4);
-        *mn = (s[k + 4] >> 4) | ((s[k] >> 6) << 4);
-    }
-}
-
-/* The float ggml's dequantize_row_<t> writes for element j of block blk, in
- * the same operation order. t must be one gpu_sc_block_elems knows. */
-GPU_HD float gpu_sc_dequant(int t, const uint8_t *blk, unsigned j) {
-    switch (t) {
-    case GPU_GGML_Q4_0: {
-        float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk));
-        uint8_t q = blk[2 + (j & 15)];
-        int x = (j < 16 ? (q & 15) : (q >> 4)) - 8;
-        return GPU_FMUL((float)x, d);
-    }
-    case GPU_GGML_Q4_1: {
-        float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk));
-        float m = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 2));
-        uint8_t q = blk[4 + (j & 15)];
-        int x = j < 16 ? (q & 15) : (q >> 4);
-        return GPU_FADD(GPU_FMUL((float)x, d), m);
-    }
-    case GPU_GGML_Q5_0:
-    case GPU_GGML_Q5_1: {
-        int q51 = t == GPU_GGML_Q5_1;
-        float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk));
-        const uint8_t *p = blk + (q51 ? 4 : 2);
-        uint32_t qh = (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
-                      ((uint32_t)p[3] << 24);
-        uint8_t q = p[4 + (j & 15)];
-        int x = (j < 16 ? (q & 15) : (q >> 4)) | (int)(((qh >> j) & 1) << 4);
-        if (!q51) return GPU_FMUL((float)(x - 16), d);
-        float m = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 2));
-        return GPU_FADD(GPU_FMUL((float)x, d), m);
-    }
-    case GPU_GGML_Q8_0: {
-        float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk));
-        return GPU_FMUL((float)(int8_t)blk[2 + j], d);
-    }
-    case GPU_GGML_Q2_K:
-    case GPU_GGML_Q3_K: {
-        /* Two halves of 128; in each, 4 shifts x two 16-element groups, each
-         * group with its own scale; hmask (Q3_K) is indexed like q without
-         * the half's offset. */
-        unsigned h = j / 128, r = j % 128, jj = r / 32, w = r % 32, second = w >= 16;
-        unsigned is = 8 * h + 2 * jj + second, lq = (w % 16) + 16 * second;
-        if (t == GPU_GGML_Q2_K) {
-            float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 80));
-            float dmin = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 82));
-            uint8_t sc = blk[is];
-            float dl = GPU_FMUL(d, (float)(sc & 15u));
-            float ml = GPU_FMUL(dmin, (float)(sc >> 4));
-            unsigned q = (blk[16 + 32 * h + lq] >> (2 * jj)) & 3u;
-            return GPU_FSUB(GPU_FMUL(dl, (float)q), ml);
-        }
-        const uint8_t *sb = blk + 96;
-        float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 108));
-        int low = is < 8 ? (sb[is] & 15) : (sb[is - 8] >> 4);
-        int high = (sb[8 + is % 4] >> (2 * (is / 4))) & 3;
-        float dl = GPU_FMUL(d, (float)((low | high << 4) - 32));
-        int q = (int)((blk[32 + 32 * h + lq] >> (2 * jj)) & 3u) -
-                ((blk[lq] & (1u << (4 * h + jj))) ? 0 : 4);
-        return GPU_FMUL(dl, (float)q);
-    }
-    case GPU_GGML_Q4_K: {
-        float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk));
-        float dmin = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 2));
-        unsigned c = j / 64, w = j % 64, l = w % 32;
-        unsigned k = 2 * c + (w >= 32), sc, mn;
-        gpu_sc_q4k_scale_min(blk + 4, k, &sc, &mn);
-        uint8_t q = blk[16 + 32 * c + l];
-        unsigned x = w < 32 ? (q & 15u) : (q >> 4);
-        float d1 = GPU_FMUL(d, (float)sc);
-        float m1 = GPU_FMUL(dmin, (float)mn);
-        return GPU_FSUB(GPU_FMUL(d1, (float)x), m1);
-    }
-    case GPU_GGML_Q5_K: {
-        float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk));
-        float dmin = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 2));
-        unsigned c = j / 64, w = j % 64, l = w % 32;
-        unsigned k = 2 * c + (w >= 32), sc, mn;
-        gpu_sc_q4k_scale_min(blk + 4, k, &sc, &mn);
-        uint8_t q = blk[48 + 32 * c + l], qh = blk[16 + l];
-        unsigned x = w < 32 ? (q & 15u) + ((qh & (1u << (2 * c))) ? 16u : 0u)
-                            : (unsigned)(q >> 4) + ((qh & (2u << (2 * c))) ? 16u : 0u);
-        float d1 = GPU_FMUL(d, (float)sc);
-        float m1 = GPU_FMUL(dmin, (float)mn);
-        return GPU_FSUB(GPU_FMUL(d1, (float)x), m1);
-    }
-    case GPU_GGML_Q6_K: {
-        float d = gpu_sc_f16_to_f32(gpu_sc_load_u16(blk + 208));
-        unsigned h = j / 128, r = j % 128, quarter = r / 32, l = r % 32, is = l / 16;
-        const uint8_t *ql = blk + 64 * h;
-        const uint8_t *qh = blk + 128 + 32 * h;
-        const int8_t *sc = (const int8_t *)(blk + 192 + 8 * h);
-        unsigned lo = (quarter & 1) ? ql[l + 32] : ql[l];
-        lo = quarter < 2 ? (lo & 15u) : (lo >> 4);
-        int x = (int)(lo | (((qh[l] >> (2 * quarter)) & 3u) << 4)) - 32;
-        return GPU_FMUL(GPU_FMUL(d, (float)sc[is + 2 * quarter]), (float)x);
-    }
-    default:
-        return 0.0f;
-    }
 }
 
 #endif

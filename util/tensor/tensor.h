@@ -8,8 +8,8 @@
  * are kept as they are so that a consumer can materialize them, and so that
  * tied weights are recognizable by (file, storage) identity.
  */
-#ifndef MP_LOADER_TENSOR_H
-#define MP_LOADER_TENSOR_H
+#ifndef MP_UTIL_TENSOR_TENSOR_H
+#define MP_UTIL_TENSOR_TENSOR_H
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -57,22 +57,22 @@ typedef enum mp_format {
 } mp_format;
 
 typedef struct mp_tensor {
-    char *name;                 /* owned, NUL-terminated */
+    char *name; /* owned, NUL-terminated */
     mp_dtype dtype;
-    int ggml_type;              /* valid when dtype == MP_DT_GGML, else -1 */
-    int ndim;                   /* 0 for a scalar */
-    int64_t shape[MP_MAX_DIMS]; /* logical shape, row-major (outermost first) */
+    int ggml_type;                /* valid when dtype == MP_DT_GGML, else -1 */
+    int ndim;                     /* 0 for a scalar */
+    int64_t shape[MP_MAX_DIMS];   /* logical shape, row-major (outermost first) */
     int64_t strides[MP_MAX_DIMS]; /* in elements; contiguous row-major when !is_view */
-    int64_t storage_offset;     /* in elements, from the storage's start */
-    bool is_view;               /* strides/offset not plain contiguous */
+    int64_t storage_offset;       /* in elements, from the storage's start */
+    bool is_view;                 /* strides/offset not plain contiguous */
     /* Where the backing bytes live. For safetensors/GGUF/npy: the tensor's own
      * byte range. For PyTorch: the whole storage's byte range (a view selects
      * from it using strides and storage_offset). */
-    uint32_t file_index;        /* index into the reader's file list */
-    uint64_t data_offset;       /* absolute byte offset in that file */
-    uint64_t data_bytes;        /* bytes of that range */
-    uint64_t nbytes;            /* bytes of the materialized, contiguous tensor */
-    int64_t storage_id;         /* tensors sharing a storage share this id; -1 if none */
+    uint32_t file_index;  /* index into the reader's file list */
+    uint64_t data_offset; /* absolute byte offset in that file */
+    uint64_t data_bytes;  /* bytes of that range */
+    uint64_t nbytes;      /* bytes of the materialized, contiguous tensor */
+    int64_t storage_id;   /* tensors sharing a storage share this id; -1 if none */
 } mp_tensor;
 
 /* Name of a dtype as safetensors spells it ("F32", "BF16", "BOOL", ...).

@@ -10,6 +10,7 @@
  * value/byte budget so that a small file cannot make us build a huge tree.
  */
 #include "loader/formats/gguf/gguf.h"
+#include "loader/formats/formats_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -804,3 +805,14 @@ int gguf_open(const char *path, mp_weights *w, mp_error *err) {
     if (r.fd >= 0) close(r.fd);
     return rc;
 }
+
+static bool gguf_detect(const char *path, const unsigned char *b, size_t n, uint64_t size) {
+    return n >= 4 && memcmp(b, "GGUF", 4) == 0;
+}
+
+const mp_format_handler mp_format_gguf = {
+    .name = "GGUF",
+    .format = MP_FMT_GGUF,
+    .detect = gguf_detect,
+    .open = gguf_open,
+};

@@ -1,6 +1,6 @@
 /*
  * gguf.h - GGUF v2/v3 (llama.cpp / ggml) weight files: the reader
- * (gguf_open, declared in weights.h), the ggml type table, dequantization
+ * (gguf_open), the ggml type table, dequantization
  * of block-quantized rows, and the GGUF -> Hugging Face name / config map
  * for llama-family models.
  *
@@ -105,6 +105,9 @@ bool gguf_row_bytes(int ggml_type, int64_t ne0, uint64_t *out);
 mp_dtype gguf_type_dtype(int ggml_type);
 /* Name of a metadata value type ("UINT32", "STRING", ...), NULL if invalid. */
 const char *gguf_value_type_name(int vtype);
+
+/* Opens one GGUF file into a zeroed *w (see above). */
+int gguf_open(const char *path, mp_weights *w, mp_error *err);
 
 /* File facts kept by gguf_open (w must come from gguf_open). */
 typedef struct gguf_info {

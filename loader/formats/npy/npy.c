@@ -5,6 +5,7 @@
  * than anything that evaluates it.
  */
 #include "loader/formats/npy/npy.h"
+#include "loader/formats/formats_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -242,6 +243,10 @@ static int npy_read_fd(const char *path, int fd, mp_tensor *t, mp_error *err) {
         return mp_err(err, "bad_header", "%s: %llu bytes after the array data", path,
                       (unsigned long long)(size - t->data_offset - t->nbytes));
     return 0;
+}
+
+static bool npy_detect(const char *path, const unsigned char *b, size_t n, uint64_t size) {
+    return n >= 6 && memcmp(b, "\x93NUMPY", 6) == 0;
 }
 
 int npy_open(const char *path, mp_weights *w, mp_error *err) {
@@ -608,3 +613,10 @@ out:
     free(dp);
     return rc;
 }
+
+const mp_format_handler mp_format_npy = {
+    .name = "npy",
+    .format = MP_FMT_NPY,
+    .detect = npy_detect,
+    .open = npy_open,
+};

@@ -1,5 +1,5 @@
 /*
- * npy.h - NumPy .npy files (v1/v2/v3; npy_open in weights.h) and the
+ * npy.h - NumPy .npy files (v1/v2/v3) and the
  * vLLM/SGLang "npcache" directory: one np.save file per tensor, named by the
  * tensor's name verbatim (no extension, as np_cache_weights_iterator writes
  * them), plus weight_names.json (a JSON list of names in load order, written
@@ -18,6 +18,9 @@
 #include "loader/formats/weights.h"
 
 #define NPY_MAX_HEADER (1u << 20) /* numpy itself refuses > 10000 untrusted */
+
+/* Opens one .npy file into a zeroed *w: one tensor named after the file. */
+int npy_open(const char *path, mp_weights *w, mp_error *err);
 
 /* Parse the bytes of a .npy preamble+header (buf holds at least the first
  * `len` bytes of the file). Fills dtype, ndim, shape, strides/is_view (for

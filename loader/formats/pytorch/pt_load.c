@@ -23,7 +23,7 @@
 
 #include "loader/formats/pytorch/pickle_internal.h"
 #include "loader/formats/pytorch/pt_zip_internal.h"
-#include "loader/formats/weights.h"
+#include "loader/formats/formats_internal.h"
 
 #define PT_MAX_PICKLE ((uint64_t)1 << 30)
 #define PT_LEGACY_FIRST_READ ((size_t)4 << 20)
@@ -1086,3 +1086,31 @@ bool pt_same_view(const mp_tensor *a, const mp_tensor *b) {
         if (a->shape[d] != b->shape[d] || a->strides[d] != b->strides[d]) return false;
     return true;
 }
+
+/* Two handlers, one reader: the zip is recognised before safetensors and
+ * the legacy stream after it (registry.c); pt_open tells them apart again
+ * by the same bytes. */
+static bool pt_detect_zip(const char *path, const unsigned char *b, size_t n, uint64_t size) {
+    return n >= 4 && (memcmp(b, "PK\x03\x04", 4) == 0 ||
+                      memcmp(b, "PK\x05\x06", 4) == 0); /* the latter: an empty archive */
+}
+
+/* torch.save's legacy stream starts with a protocol-2 pickle of its magic
+ * number. */
+static bool pt_detect_legacy(const char *path, const unsigned char *b, size_t n, uint64_t size) {
+    return n >= 2 && b[0] == 0x80 && b[1] >= 2 && b[1] <= 5;
+}
+
+const mp_format_handler mp_format_pytorch_zip = {
+    .name = "PyTorch",
+    .format = MP_FMT_PT_ZIP,
+    .detect = pt_detect_zip,
+    .open = pt_open,
+};
+
+const mp_format_handler mp_format_pytorch_legacy = {
+    .name = "PyTorch",
+    .format = MP_FMT_PT_LEGACY,
+    .detect = pt_detect_legacy,
+    .open = pt_open,
+};

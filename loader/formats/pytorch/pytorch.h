@@ -1,6 +1,6 @@
 /*
- * pt_load.h - PyTorch checkpoints (torch.save zip >= 1.6 and the legacy
- * pre-zip stream). pt_open (declared in weights.h) unpickles data.pkl with a
+ * pytorch.h - PyTorch checkpoints (torch.save zip >= 1.6 and the legacy
+ * pre-zip stream). pt_open unpickles data.pkl with a
  * fixed allowlist of torch globals, never executing anything, and turns each
  * tensor of the state dict into an mp_tensor that points at its storage's
  * bytes in the file (views keep their strides and storage offset).
@@ -9,15 +9,20 @@
  * consumer can tell a tied weight (same view) from a slice of a fused
  * storage (same storage, different view) with the helpers below.
  */
-#ifndef MP_LOADER_PT_LOAD_H
-#define MP_LOADER_PT_LOAD_H
+#ifndef MP_LOADER_PYTORCH_H
+#define MP_LOADER_PYTORCH_H
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
+#include "loader/formats/weights.h"
 #include "util/tensor/tensor.h"
 #include "util/error.h"
+
+/* Opens one checkpoint (zip or legacy) into a zeroed *w. Errors as
+ * weights_open's; "unsafe_pickle" names the refused global. */
+int pt_open(const char *path, mp_weights *w, mp_error *err);
 
 /* Identity of the bytes a tensor starts at: the storage and the byte offset
  * of element 0 in it. torch's data_ptr() grouping (used by the HF/SGLang

@@ -5,6 +5,7 @@
  * rejected instead of surfacing later as a hole in the offsets.
  */
 #include "loader/formats/safetensors/safetensors.h"
+#include "loader/formats/formats_internal.h"
 #include "util/sbuf.h"
 
 #include <errno.h>
@@ -300,6 +301,28 @@ int st_open(const char *path, mp_weights *w, mp_error *err) {
     free(hdr);
     return 0;
 }
+
+/* An 8-byte little-endian header length that fits the file and the
+ * reference's cap, then (after optional whitespace) the JSON's '{'. */
+static bool st_detect(const char *path, const unsigned char *b, size_t n, uint64_t size) {
+    if (n < 9 || size < 8) return false;
+    uint64_t hl = 0;
+    for (int i = 7; i >= 0; i--)
+        hl = (hl << 8) | b[i];
+    if (hl < 2 || hl > ST_MAX_HEADER || hl > size - 8) return false;
+    for (size_t i = 8; i < n; i++) {
+        if (b[i] == '{') return true;
+        if (b[i] != ' ' && b[i] != '\t' && b[i] != '\n' && b[i] != '\r') break;
+    }
+    return false;
+}
+
+const mp_format_handler mp_format_safetensors = {
+    .name = "safetensors",
+    .format = MP_FMT_SAFETENSORS,
+    .detect = st_detect,
+    .open = st_open,
+};
 
 typedef struct st_map {
     void *base;

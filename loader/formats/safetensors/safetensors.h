@@ -1,7 +1,7 @@
 /*
- * safetensors.h - the safetensors reader (st_open in weights.h), a mapped
- * variant, a streaming writer that reproduces the reference's bytes exactly,
- * and the sharded-checkpoint index (model.safetensors.index.json).
+ * safetensors.h - the safetensors reader (st_open), a mapped variant, a streaming writer that
+ * reproduces the reference's bytes exactly, and the sharded-checkpoint index
+ * (model.safetensors.index.json).
  *
  * Layout and the reference's rules: /work/shared/reference/weight-formats.md §1.
  */
@@ -22,6 +22,9 @@
  * and the fuzzer. */
 int st_parse_header(const char *header, size_t n, uint64_t file_size, mp_weights *w, mp_error *err);
 
+/* Opens one .safetensors file into a zeroed *w (weights_open does this for
+ * any format; this skips detection). Errors as weights_open's. */
+int st_open(const char *path, mp_weights *w, mp_error *err);
 /* Like st_open, and also maps the file read-only; st_data() then points at a
  * tensor's bytes in the map and weights_read copies from it (no syscalls). */
 int st_open_mmap(const char *path, mp_weights *w, mp_error *err);
