@@ -70,6 +70,9 @@ def test_text_lines_one_per_event(make_server, model_root):
     job = srv.run_job({"type": "verify", "model": str(model)})
     srv.get("/inject%0A2026-01-01T00:00:00Z%20error%20forged")
     wait_for(srv, "route=unmatched")
+    # The worker logs the job's end just after publishing its state, which
+    # is what run_job saw: the line may still be on its way.
+    wait_for(srv, "job verify succeeded")
     lines = lines_of(srv)
     for ln in lines:
         assert TEXT_LINE.match(ln), ln

@@ -4,6 +4,7 @@ and the values move as jobs and requests happen."""
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -144,7 +145,17 @@ def test_metrics_needs_the_token(make_server):
     status, doc = srv.get("/metrics")
     assert status == 401 and doc["status"] == 401
     srv.token = "t0k3n"
-    _, fam = scrape(srv)
+    # A request is counted when MHD reports it complete, which can be just
+    # after the client has read the response: poll briefly.
+    deadline = time.time() + 5
+    while True:
+        _, fam = scrape(srv)
+        found = [s for f in fam.values() for s in f.samples
+                 if s.name == "modelprep_http_requests_total"
+                 and s.labels == {"route": "metrics", "status": "401"}]
+        if found or time.time() > deadline:
+            break
+        time.sleep(0.05)
     assert sample(fam, "modelprep_http_requests_total", route="metrics", status="401") == 1
 
 
