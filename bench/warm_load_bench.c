@@ -1,5 +1,5 @@
 /*
- * warm_load_bench.c - the warm_load pipeline (loader/load.h) onto one host
+ * warm_load_bench.c - the warm_load pipeline (loader/warm/warm.h) onto one host
  * device vs a plain read() of the same file into a buffer, same process,
  * page cache warm, best of REPS. Prints "key value" lines for
  * bench/warm_load.sh:

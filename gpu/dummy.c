@@ -26,7 +26,7 @@ int gpu_dummy_fill_cpu(void *dst, mp_dtype dt, uint64_t n, uint64_t first, uint6
     switch (dt) {
     case MP_DT_F32:
         for (uint64_t k = 0; k < n; k++) {
-            uint32_t b = gpu_sc_f32_bits(gpu_dummy_value(tseed, first + k, low, high));
+            uint32_t b = scalar_f32_bits(gpu_dummy_value(tseed, first + k, low, high));
             memcpy(p + 4 * k, &b, 4);
         }
         return 0;
@@ -34,7 +34,7 @@ int gpu_dummy_fill_cpu(void *dst, mp_dtype dt, uint64_t n, uint64_t first, uint6
     case MP_DT_BF16:
         for (uint64_t k = 0; k < n; k++) {
             float v = gpu_dummy_value(tseed, first + k, low, high);
-            uint16_t h = dt == MP_DT_F16 ? gpu_sc_f32_to_f16(v) : gpu_sc_f32_to_bf16(v);
+            uint16_t h = dt == MP_DT_F16 ? scalar_f32_to_f16(v) : scalar_f32_to_bf16(v);
             memcpy(p + 2 * k, &h, 2);
         }
         return 0;

@@ -35,7 +35,7 @@
 #include "util/tensor/scalar.h"
 #include "util/tensor/tensor.h"
 
-GPU_HD uint64_t gpu_dummy_splitmix64(uint64_t x) {
+SCALAR_HD uint64_t gpu_dummy_splitmix64(uint64_t x) {
     uint64_t z = x + 0x9e3779b97f4a7c15ull;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
@@ -43,10 +43,10 @@ GPU_HD uint64_t gpu_dummy_splitmix64(uint64_t x) {
 }
 
 /* Value number i of the tensor with seed tseed, as float32. */
-GPU_HD float gpu_dummy_value(uint64_t tseed, uint64_t i, float low, float high) {
-    float u = GPU_FMUL((float)(uint32_t)(gpu_dummy_splitmix64(tseed + i) >> 40),
-                       5.9604644775390625e-8f); /* 2^-24 */
-    return GPU_FADD(low, GPU_FMUL(GPU_FSUB(high, low), u));
+SCALAR_HD float gpu_dummy_value(uint64_t tseed, uint64_t i, float low, float high) {
+    float u = SCALAR_FMUL((float)(uint32_t)(gpu_dummy_splitmix64(tseed + i) >> 40),
+                          5.9604644775390625e-8f); /* 2^-24 */
+    return SCALAR_FADD(low, SCALAR_FMUL(SCALAR_FSUB(high, low), u));
 }
 
 /* FNV-1a 64 of a NUL-terminated name. */

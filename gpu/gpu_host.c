@@ -149,15 +149,15 @@ static void store_elem(unsigned char *dst, mp_dtype dt, uint64_t i, float v) {
     uint32_t u;
     switch (dt) {
     case MP_DT_F32:
-        u = gpu_sc_f32_bits(v);
+        u = scalar_f32_bits(v);
         memcpy(dst + 4 * i, &u, 4);
         break;
     case MP_DT_F16:
-        h = gpu_sc_f32_to_f16(v);
+        h = scalar_f32_to_f16(v);
         memcpy(dst + 2 * i, &h, 2);
         break;
     case MP_DT_BF16:
-        h = gpu_sc_f32_to_bf16(v);
+        h = scalar_f32_to_bf16(v);
         memcpy(dst + 2 * i, &h, 2);
         break;
     default:

@@ -32,13 +32,13 @@ __device__ inline float load_elem(const void *src, int dt, uint64_t i) {
     case MP_DT_F32:
         return ((const float *)src)[i];
     case MP_DT_F16:
-        return gpu_sc_f16_to_f32(((const uint16_t *)src)[i]);
+        return scalar_f16_to_f32(((const uint16_t *)src)[i]);
     case MP_DT_BF16:
-        return gpu_sc_bf16_to_f32(((const uint16_t *)src)[i]);
+        return scalar_bf16_to_f32(((const uint16_t *)src)[i]);
     case MP_DT_F8_E4M3:
-        return gpu_sc_e4m3_to_f32(((const uint8_t *)src)[i]);
+        return scalar_e4m3_to_f32(((const uint8_t *)src)[i]);
     case MP_DT_F8_E5M2:
-        return gpu_sc_e5m2_to_f32(((const uint8_t *)src)[i]);
+        return scalar_e5m2_to_f32(((const uint8_t *)src)[i]);
     default:
         return 0.0f;
     }
@@ -48,13 +48,13 @@ __device__ inline float load_elem(const void *src, int dt, uint64_t i) {
 __device__ inline void store_elem(void *dst, int dt, uint64_t i, float v) {
     switch (dt) {
     case MP_DT_F32:
-        ((uint32_t *)dst)[i] = gpu_sc_f32_bits(v);
+        ((uint32_t *)dst)[i] = scalar_f32_bits(v);
         break;
     case MP_DT_F16:
-        ((uint16_t *)dst)[i] = gpu_sc_f32_to_f16(v);
+        ((uint16_t *)dst)[i] = scalar_f32_to_f16(v);
         break;
     case MP_DT_BF16:
-        ((uint16_t *)dst)[i] = gpu_sc_f32_to_bf16(v);
+        ((uint16_t *)dst)[i] = scalar_f32_to_bf16(v);
         break;
     default:
         break;

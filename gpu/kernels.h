@@ -3,7 +3,7 @@
  * launches one kernel on `stream` (a cudaStream_t) and returns the
  * cudaError_t of the launch (0 = cudaSuccess); completion is the stream's.
  * Pointers are device pointers; arguments were checked by gpu.c.
- * dtypes are mp_dtype values, ggml types the ids of loader/gguf.h.
+ * dtypes are mp_dtype values, ggml types the ids of util/tensor/ggml_blocks.h.
  */
 #ifndef MP_GPU_KERNELS_H
 #define MP_GPU_KERNELS_H

@@ -1,5 +1,5 @@
 /* hub_curl.h - libcurl plumbing shared by hub_http.c and hub_transfer.c (not
- * for use outside loader/hub_*.c). */
+ * for use outside loader/hub/). */
 #ifndef MP_LOADER_HUB_CURL_H
 #define MP_LOADER_HUB_CURL_H
 

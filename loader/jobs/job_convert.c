@@ -15,7 +15,6 @@
 #include "loader/convert/convert.h"
 #include "loader/jobs/jobs_internal.h"
 #include "loader/formats/safetensors/safetensors.h"
-#include "loader/formats/safetensors/st_crypt.h" /* encryption_key_file (warm_load issue) */
 #include "util/fsutil.h"
 #include "util/jobtype.h"
 
@@ -90,7 +89,7 @@ static void cb_log(void *cb, const char *level, const char *msg) {
     task_log(cb, level, "%s", msg);
 }
 
-/* ---- encryption_key_file (added by the warm_load issue; loader/st_crypt.h)
+/* ---- encryption_key_file (added by the warm_load issue; loader/formats/safetensors/safetensors.h)
  * Each output shard is re-written encrypted in place (aes-256-gcm-chunked-v1)
  * once the conversion has been verified; the sizes in the result are
  * refreshed. A failure here fails the job with the crypt error. */

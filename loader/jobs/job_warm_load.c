@@ -111,7 +111,7 @@ static int parse_params(const json_t *p, wl_params *w, mp_error *err) {
     return 0;
 }
 
-/* The key file, confined like models (loader/st_crypt.h). */
+/* The key file, confined like models (loader/formats/safetensors/safetensors.h). */
 static int key_path(const mp_task_info *in, const char *given, char *out, mp_error *err) {
     return stc_key_resolve(given, in->model_path, in->env ? in->env->data_dir : NULL,
                            in->env ? in->env->model_roots : NULL, "params.decryption_key_file", out,

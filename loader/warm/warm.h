@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #include "gpu/gpu.h"
-#include "loader/formats/safetensors/st_crypt.h"
+#include "loader/formats/safetensors/safetensors.h"
 #include "loader/formats/weights.h"
 #include "util/error.h"
 

@@ -1,13 +1,13 @@
 /*
  * st_encrypt.c - writes an encrypted copy of a safetensors file with the
- * loader's own writer (stc_encrypt_file, loader/st_crypt.c), for tests that
+ * loader's own writer (stc_encrypt_file, loader/formats/safetensors/st_crypt.c), for tests that
  * need one without going through the convert job:
  *   st_encrypt IN.safetensors OUT.safetensors KEYFILE [CHUNK_BYTES]
  */
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "loader/formats/safetensors/st_crypt.h"
+#include "loader/formats/safetensors/safetensors.h"
 
 int main(int argc, char **argv) {
     if (argc < 4 || argc > 5) {

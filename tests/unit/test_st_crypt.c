@@ -16,7 +16,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "loader/formats/safetensors/st_crypt.h"
+#include "loader/formats/safetensors/safetensors.h"
 
 static char dir[64];
 static unsigned char KEY[32];

@@ -41,11 +41,11 @@ static void widen(mp_dtype d, const unsigned char *s, size_t k, float *f) {
         break;
     case MP_DT_F16:
         for (size_t i = 0; i < k; i++)
-            f[i] = gpu_sc_f16_to_f32(gpu_sc_load_u16(s + 2 * i));
+            f[i] = scalar_f16_to_f32(scalar_load_u16(s + 2 * i));
         break;
     case MP_DT_BF16:
         for (size_t i = 0; i < k; i++)
-            f[i] = gpu_sc_bf16_to_f32(gpu_sc_load_u16(s + 2 * i));
+            f[i] = scalar_bf16_to_f32(scalar_load_u16(s + 2 * i));
         break;
     case MP_DT_F64:
         for (size_t i = 0; i < k; i++) {
@@ -56,11 +56,11 @@ static void widen(mp_dtype d, const unsigned char *s, size_t k, float *f) {
         break;
     case MP_DT_F8_E4M3:
         for (size_t i = 0; i < k; i++)
-            f[i] = gpu_sc_e4m3_to_f32(s[i]);
+            f[i] = scalar_e4m3_to_f32(s[i]);
         break;
     case MP_DT_F8_E5M2:
         for (size_t i = 0; i < k; i++)
-            f[i] = gpu_sc_e5m2_to_f32(s[i]);
+            f[i] = scalar_e5m2_to_f32(s[i]);
         break;
     case MP_DT_F8_E4M3FNUZ:
         for (size_t i = 0; i < k; i++)
@@ -85,14 +85,14 @@ static void narrow(mp_dtype d, const float *f, size_t k, unsigned char *o) {
         break;
     case MP_DT_F16:
         for (size_t i = 0; i < k; i++) {
-            uint16_t h = gpu_sc_f32_to_f16(f[i]);
+            uint16_t h = scalar_f32_to_f16(f[i]);
             o[2 * i] = (unsigned char)(h & 0xff);
             o[2 * i + 1] = (unsigned char)(h >> 8);
         }
         break;
     default: /* MP_DT_BF16 */
         for (size_t i = 0; i < k; i++) {
-            uint16_t h = gpu_sc_f32_to_bf16(f[i]);
+            uint16_t h = scalar_f32_to_bf16(f[i]);
             o[2 * i] = (unsigned char)(h & 0xff);
             o[2 * i + 1] = (unsigned char)(h >> 8);
         }

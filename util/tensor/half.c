@@ -14,27 +14,27 @@
  * CUDA kernels and every CPU path (convert, GGUF dequantization, the host
  * backend) produce the same bits. */
 float half_f16_to_f32(uint16_t h) {
-    return gpu_sc_f16_to_f32(h);
+    return scalar_f16_to_f32(h);
 }
 
 uint16_t half_f32_to_f16(float f) {
-    return gpu_sc_f32_to_f16(f);
+    return scalar_f32_to_f16(f);
 }
 
 float half_bf16_to_f32(uint16_t h) {
-    return gpu_sc_bf16_to_f32(h);
+    return scalar_bf16_to_f32(h);
 }
 
 uint16_t half_f32_to_bf16(float f) {
-    return gpu_sc_f32_to_bf16(f);
+    return scalar_f32_to_bf16(f);
 }
 
 float half_fp8_e4m3_to_f32(uint8_t b) {
-    return gpu_sc_e4m3_to_f32(b);
+    return scalar_e4m3_to_f32(b);
 }
 
 float half_fp8_e5m2_to_f32(uint8_t b) {
-    return gpu_sc_e5m2_to_f32(b);
+    return scalar_e5m2_to_f32(b);
 }
 
 float half_fp8_e4m3fnuz_to_f32(uint8_t b) {

@@ -7,7 +7,7 @@
  * ggml block decoders built on them are in ggml_blocks.h.
  *
  * Identical bytes need identical float operations: every product and sum
- * here and in ggml_blocks.h goes through GPU_FMUL/GPU_FADD/GPU_FSUB, which
+ * here and in ggml_blocks.h goes through SCALAR_FMUL/SCALAR_FADD/SCALAR_FSUB, which
  * are __fmul_rn & co. on the device (nvcc would otherwise contract a*b-c
  * into one FMA, rounding once instead of twice) and plain operators in C.
  * A C compiler must not contract them either: GCC does not under -std=c11,
@@ -32,22 +32,22 @@
 #endif
 
 #ifdef __CUDACC__
-#define GPU_HD static inline __host__ __device__
+#define SCALAR_HD static inline __host__ __device__
 #else
-#define GPU_HD static inline
+#define SCALAR_HD static inline
 #endif
 
 #ifdef __CUDA_ARCH__
-#define GPU_FMUL(a, b) __fmul_rn((a), (b))
-#define GPU_FADD(a, b) __fadd_rn((a), (b))
-#define GPU_FSUB(a, b) __fsub_rn((a), (b))
+#define SCALAR_FMUL(a, b) __fmul_rn((a), (b))
+#define SCALAR_FADD(a, b) __fadd_rn((a), (b))
+#define SCALAR_FSUB(a, b) __fsub_rn((a), (b))
 #else
-#define GPU_FMUL(a, b) ((a) * (b))
-#define GPU_FADD(a, b) ((a) + (b))
-#define GPU_FSUB(a, b) ((a) - (b))
+#define SCALAR_FMUL(a, b) ((a) * (b))
+#define SCALAR_FADD(a, b) ((a) + (b))
+#define SCALAR_FSUB(a, b) ((a) - (b))
 #endif
 
-GPU_HD uint32_t gpu_sc_f32_bits(float f) {
+SCALAR_HD uint32_t scalar_f32_bits(float f) {
 #ifdef __CUDA_ARCH__
     return __float_as_uint(f);
 #else
@@ -57,7 +57,7 @@ GPU_HD uint32_t gpu_sc_f32_bits(float f) {
 #endif
 }
 
-GPU_HD float gpu_sc_bits_f32(uint32_t u) {
+SCALAR_HD float scalar_bits_f32(uint32_t u) {
 #ifdef __CUDA_ARCH__
     return __uint_as_float(u);
 #else
@@ -67,28 +67,28 @@ GPU_HD float gpu_sc_bits_f32(uint32_t u) {
 #endif
 }
 
-GPU_HD uint16_t gpu_sc_load_u16(const uint8_t *p) {
+SCALAR_HD uint16_t scalar_load_u16(const uint8_t *p) {
     return (uint16_t)(p[0] | (p[1] << 8));
 }
 
-GPU_HD float gpu_sc_f16_to_f32(uint16_t h) {
+SCALAR_HD float scalar_f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16;
     uint32_t exp = (h >> 10) & 0x1f;
     uint32_t man = h & 0x3ff;
     /* A NaN widens quiet (bit 22 set), keeping its sign and payload: a
      * signalling one would trap or be quieted by whatever touches it next. */
     if (exp == 0x1f)
-        return gpu_sc_bits_f32(sign | 0x7f800000u | (man << 13) | (man ? 0x00400000u : 0u));
+        return scalar_bits_f32(sign | 0x7f800000u | (man << 13) | (man ? 0x00400000u : 0u));
     if (exp == 0) {
         /* man * 2^-24 is exact in f32. */
-        float v = GPU_FMUL((float)man, 5.9604644775390625e-8f);
+        float v = SCALAR_FMUL((float)man, 5.9604644775390625e-8f);
         return sign ? -v : v;
     }
-    return gpu_sc_bits_f32(sign | ((exp + 112) << 23) | (man << 13));
+    return scalar_bits_f32(sign | ((exp + 112) << 23) | (man << 13));
 }
 
-GPU_HD uint16_t gpu_sc_f32_to_f16(float f) {
-    uint32_t x = gpu_sc_f32_bits(f);
+SCALAR_HD uint16_t scalar_f32_to_f16(float f) {
+    uint32_t x = scalar_f32_bits(f);
     uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
     uint32_t ax = x & 0x7fffffffu;
     if (ax >= 0x7f800000u) {
@@ -113,32 +113,32 @@ GPU_HD uint16_t gpu_sc_f32_to_f16(float f) {
     return (uint16_t)(sign | h);
 }
 
-GPU_HD float gpu_sc_bf16_to_f32(uint16_t h) {
-    return gpu_sc_bits_f32((uint32_t)h << 16);
+SCALAR_HD float scalar_bf16_to_f32(uint16_t h) {
+    return scalar_bits_f32((uint32_t)h << 16);
 }
 
-GPU_HD uint16_t gpu_sc_f32_to_bf16(float f) {
-    uint32_t x = gpu_sc_f32_bits(f);
+SCALAR_HD uint16_t scalar_f32_to_bf16(float f) {
+    uint32_t x = scalar_f32_bits(f);
     if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x0040); /* quiet NaN */
     x += 0x7fffu + ((x >> 16) & 1);
     return (uint16_t)(x >> 16);
 }
 
 /* e4m3fn: bias 7, no Inf, S.1111.111 is NaN. */
-GPU_HD float gpu_sc_e4m3_to_f32(uint8_t b) {
+SCALAR_HD float scalar_e4m3_to_f32(uint8_t b) {
     uint32_t sign = (uint32_t)(b & 0x80) << 24;
     uint32_t e = (b >> 3) & 0xf, m = b & 7;
-    if (e == 0xf && m == 7) return gpu_sc_bits_f32(sign | 0x7fc00000u);
+    if (e == 0xf && m == 7) return scalar_bits_f32(sign | 0x7fc00000u);
     if (e == 0) {
-        float v = GPU_FMUL((float)m, 0.001953125f); /* m/8 * 2^-6, exact */
+        float v = SCALAR_FMUL((float)m, 0.001953125f); /* m/8 * 2^-6, exact */
         return sign ? -v : v;
     }
-    return gpu_sc_bits_f32(sign | ((e + 120) << 23) | (m << 20));
+    return scalar_bits_f32(sign | ((e + 120) << 23) | (m << 20));
 }
 
 /* e5m2: the top byte of an IEEE half. */
-GPU_HD float gpu_sc_e5m2_to_f32(uint8_t b) {
-    return gpu_sc_f16_to_f32((uint16_t)((uint16_t)b << 8));
+SCALAR_HD float scalar_e5m2_to_f32(uint8_t b) {
+    return scalar_f16_to_f32((uint16_t)((uint16_t)b << 8));
 }
 
 #endif

@@ -1,9 +1,8 @@
-/* st_crypt.c - see st_crypt.h. The writer lets st_writer produce the file
- * (so header and ordering are the reference's) with a placeholder of zeros
- * for enc_tags, then patches the real tags into the header in place before
- * the final rename: the tags' hex has a fixed width, so the header's length
- * never changes. */
-#include "loader/formats/safetensors/st_crypt.h"
+/* st_crypt.c - see the encrypted-safetensors section of safetensors.h. The writer lets st_writer
+ * produce the file (so header and ordering are the reference's) with a placeholder of zeros for
+ * enc_tags, then patches the real tags into the header in place before the final rename: the tags'
+ * hex has a fixed width, so the header's length never changes. */
+#include "loader/formats/safetensors/safetensors.h"
 
 #include <ctype.h>
 #include <limits.h>
@@ -108,7 +107,7 @@ static int gcm(bool enc, const unsigned char *key, const unsigned char nonce[STC
     return 0;
 }
 
-/* The header digest (see st_crypt.h) from a tensor list in data order. */
+/* The header digest (see safetensors.h) from a tensor list in data order. */
 static int header_digest(json_t *tensors, const json_t *metadata, unsigned char out[32],
                          mp_error *err) {
     json_t *meta = metadata ? json_deep_copy(metadata) : json_object();
