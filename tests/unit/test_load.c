@@ -173,6 +173,23 @@ static void done(load_source *src, load_plan *plan, gpu_arena **arenas) {
     load_source_free(src);
 }
 
+/* Every item of the "big"/"small" ring model reads back from the arena as
+ * the pattern write_model put in the file. */
+static void expect_ring_bytes(const load_plan *plan, gpu_arena *arena) {
+    mp_error err = {0};
+    for (size_t i = 0; i < plan->nitems; i++) {
+        const load_item *it = &plan->items[i];
+        size_t ti = strcmp(it->src->name, "big") == 0 ? 0 : 1;
+        unsigned char *buf = malloc(it->bytes);
+        assert_non_null(buf);
+        assert_int_equal(gpu_read(arena, it->offset, buf, it->bytes, &err), 0);
+        for (uint64_t k = 0; k < it->bytes; k++)
+            if (buf[k] != pat(ti, k))
+                fail_msg("%s byte %llu", it->src->name, (unsigned long long)k);
+        free(buf);
+    }
+}
+
 static void test_ring_wraps_and_bytes_match(void **state) {
     (void)state;
     /* 600 KB through 64 KiB of staging, and the direct-to-arena path. */
@@ -189,16 +206,7 @@ static void test_ring_wraps_and_bytes_match(void **state) {
             run(g, "ring", 1, MP_DT_INVALID, 65536, direct, NULL, &src, &plan, arenas, &err), 0);
         assert_non_null(arenas[0]);
         assert_null(arenas[1]);
-        for (size_t i = 0; i < plan.nitems; i++) {
-            const load_item *it = &plan.items[i];
-            size_t ti = strcmp(it->src->name, "big") == 0 ? 0 : 1;
-            unsigned char *buf = malloc(it->bytes);
-            assert_int_equal(gpu_read(arenas[0], it->offset, buf, it->bytes, &err), 0);
-            for (uint64_t k = 0; k < it->bytes; k++)
-                if (buf[k] != pat(ti, k))
-                    fail_msg("%s byte %llu", it->src->name, (unsigned long long)k);
-            free(buf);
-        }
+        expect_ring_bytes(&plan, arenas[0]);
         done(&src, &plan, arenas);
     }
     assert_int_equal(gpu_device_resident(g, 0), 0);
@@ -222,16 +230,7 @@ static void test_ring_on_async_devices(void **state) {
         int rc = run(g, "ring_async", 1, MP_DT_INVALID, 65536, round == 1, NULL, &src, &plan,
                      arenas, &err);
         if (rc != 0) fail_msg("%s: %s", err.code, err.message);
-        for (size_t i = 0; i < plan.nitems; i++) {
-            const load_item *it = &plan.items[i];
-            size_t ti = strcmp(it->src->name, "big") == 0 ? 0 : 1;
-            unsigned char *buf = malloc(it->bytes);
-            assert_int_equal(gpu_read(arenas[0], it->offset, buf, it->bytes, &err), 0);
-            for (uint64_t k = 0; k < it->bytes; k++)
-                if (buf[k] != pat(ti, k))
-                    fail_msg("%s byte %llu", it->src->name, (unsigned long long)k);
-            free(buf);
-        }
+        expect_ring_bytes(&plan, arenas[0]);
         done(&src, &plan, arenas);
     }
     gpu_set_close(g);
