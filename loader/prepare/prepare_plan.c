@@ -89,7 +89,9 @@ size_t prep_plan(const prep_facts *f, const prep_request *r, prep_step out[PREP_
         add(out, &n, PREP_CONVERT, run, reason);
         weights_rebuilt |= run;
     }
-    add(out, &n, PREP_INSPECT, needs_run(f, PREP_INSPECT, weights_rebuilt, &why), why);
+    /* run first: an argument list would read `why` in no defined order */
+    bool inspect_run = needs_run(f, PREP_INSPECT, weights_rebuilt, &why);
+    add(out, &n, PREP_INSPECT, inspect_run, why);
     bool sharded_rebuilt = f->ran[PREP_SHARD];
     if (prep_engine_shards(r->engine, r->tp)) {
         bool run = needs_run(f, PREP_SHARD, weights_rebuilt, &why);
