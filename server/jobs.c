@@ -121,7 +121,12 @@ static int create_job(mp_server *srv, const submit_req *rq, const char *idem_key
         json_decref(doc);
         int code = 503;
         if (strcmp(err->code, "idempotency_conflict") == 0) code = 422;
-        if (strcmp(err->code, "output_busy") == 0) code = 409;
+        if (strcmp(err->code, "output_busy") == 0) {
+            /* The output (given or default) is what is at fault: naming it
+             * puts the code in the problem's errors[] for clients. */
+            if (!err->field[0]) snprintf(err->field, sizeof err->field, "params.output");
+            code = 409;
+        }
         return bad(http_status, code);
     }
     if (existing) {
