@@ -70,8 +70,14 @@ int job_output_default(const mp_task_info *in, const char *sub, const char *suff
 
 int job_output_lock(const char *out, int *fd, mp_error *err) {
     *fd = -1;
+    /* ".<name>.lock" beside the folder: hidden, so listings of a model root
+     * (ours and ls) do not show it, and on the same file system. */
+    const char *slash = strrchr(out, '/');
+    const char *base = slash ? slash + 1 : out;
+    int dirlen = slash ? (int)(slash - out) : 1;
     char path[PATH_MAX];
-    if (snprintf(path, sizeof path, "%s.lock", out) >= (int)sizeof path)
+    if (!base[0] || snprintf(path, sizeof path, "%.*s/.%s.lock", dirlen, slash ? out : ".", base) >=
+                        (int)sizeof path)
         return mp_err(err, "bad_output", "output path too long");
     int f = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (f < 0) {

@@ -18,7 +18,7 @@
  *   overwrite       replace an existing output folder (default false; else
  *                   the job fails output_exists). One job at a time per
  *                   output folder (output_busy at submit, and a flock on
- *                   "<output>.lock" while it runs).
+ *                   ".<name>.lock" beside it while it runs).
  * The result's next_model is the output folder (<data_dir>/sharded is a
  * model root).
  * Resumable: the temp folder is named after the job id, and after every

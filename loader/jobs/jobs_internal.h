@@ -17,7 +17,7 @@
 int job_output_param(const mp_task_info *in, const char *param, char **out, mp_error *err);
 
 /* Run-time exclusion of one output folder: an exclusive, non-blocking flock
- * on "<out>.lock" next to it, held until job_output_unlock. A second job on
+ * on ".<name>.lock" next to it, held until job_output_unlock. A second job on
  * the same folder gets "output_busy" (the submit-time check catches the
  * usual case; this one also covers other processes and races). *fd is -1
  * when no lock could be taken because the parent folder does not exist

@@ -132,8 +132,9 @@ def test_same_output_refused_while_active(make_server, model_root):
     ok(s.run_job({"type": "convert", "model": str(model_root / "m"),
                   "params": {"dtype": "fp32", "overwrite": True}}))
     # the run-time lock: another holder of <output>.lock
-    out = os.path.join(os.path.realpath(s.data_dir), "converted", "m")
-    with open(out + ".lock", "w") as lk:
+    lock = os.path.join(os.path.realpath(s.data_dir), "converted", ".m.lock")
+    assert os.path.exists(lock)
+    with open(lock, "w") as lk:
         fcntl.flock(lk, fcntl.LOCK_EX)
         d = s.run_job({"type": "convert", "model": str(model_root / "m"),
                        "params": {"overwrite": True}})
