@@ -319,3 +319,30 @@ def test_prepare_resumes_after_kill9(make_server, hub, tmp_path):
     for k in kids:
         if k["id"] not in {x["job"] for x in d["steps"]}:
             assert k["state"] == "failed" and k["error"]["code"] == "interrupted", k
+
+
+def test_prepare_drain_requeues_and_resumes(make_server, hub, tmp_path):
+    """SIGTERM mid-step: the child ends interrupted, the prepare goes back to
+    the queue and finishes after the restart (the download resuming)."""
+    h = hub("--slow", "1000000")
+    data = tmp_path / "data"
+    s = make_server(args=["--hub-endpoint", h.url], data_dir=data)
+    j = s.submit({"type": "prepare", "model": "acme/llama-big", "params": {"for": "vllm"}})
+    deadline = time.time() + 60
+    kids = []
+    while time.time() < deadline:
+        kids = children(s, j["id"])
+        if kids and kids[0]["progress"]["done"] > 0:
+            break
+        time.sleep(0.05)
+    assert s.stop() == 0
+    s2 = make_server(args=["--hub-endpoint", h.url], data_dir=data, start=False)
+    s2.start()
+    first = s2.get("/v1/jobs/" + kids[0]["id"])[1]
+    assert first["state"] == "failed" and first["error"]["code"] == "interrupted", first
+    d = s2.wait_job(j["id"], timeout=120)
+    ok(d)
+    dl = [k for k in children(s2, j["id"]) if k["type"] == "download"]
+    assert len(dl) == 2
+    done = [k for k in dl if k["state"] == "succeeded"][0]
+    assert done["result"]["bytes_resumed"] > 0
