@@ -303,6 +303,8 @@ def test_prepare_resumes_after_kill9(make_server, hub, tmp_path):
         if steps.get("download") == "succeeded" or doc["state"] != "running":
             break
         time.sleep(0.02)
+    if doc["state"] == "succeeded":
+        pytest.skip("the prepare finished before the kill; nothing to resume")
     assert doc["state"] == "running", doc
     first_download = [x for x in doc["steps"] if x["type"] == "download"][0]["job"]
     s.kill9()
