@@ -82,8 +82,9 @@ void h_jobs_list(http_req *rq, http_resp *rs) {
     }
     sbuf out = {0};
     mp_error err = {0};
-    if (store_job_list(rq->srv->store, state, type, http_query(rq, "model"), limit,
-                       http_query(rq, "cursor"), &out, &err) != 0) {
+    if (store_job_list(rq->srv->store, state, type, http_query(rq, "model"),
+                       http_query(rq, "parent"), limit, http_query(rq, "cursor"), &out,
+                       &err) != 0) {
         sb_free(&out);
         resp_error(rs, err.field[0] ? 400 : 503, &err);
         return;

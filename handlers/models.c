@@ -1,5 +1,7 @@
-/* models.c - /v1/models: what the local hub cache holds, one model with its
- * files and last inspection, and eviction (409 while resident or in use). */
+/* models.c - /v1/models: every model a job can take (the hub cache, the
+ * model roots, our convert and shard outputs, each with its kind), one
+ * cached model with its files and last inspection, and eviction (409 while
+ * resident or in use). */
 #include <string.h>
 
 #include "handlers/handlers.h"
@@ -18,7 +20,21 @@ static bool repo_from_params(http_req *rq, http_resp *rs, char *repo, size_t len
 }
 
 void h_models_list(http_req *rq, http_resp *rs) {
-    resp_json(rs, 200, json_pack("{s:o}", "models", cache_list(rq->srv->cfg.hub_cache)));
+    const mp_config *cfg = &rq->srv->cfg;
+    json_t *models = cache_list(cfg->hub_cache);
+    int rc = models ? 0 : -1;
+    for (int i = 0; rc == 0 && i < cfg->n_model_roots; i++)
+        rc = mref_list_root(cfg->model_roots[i], "local", models);
+    if (rc == 0 && cfg->output_roots[0])
+        rc = mref_list_root(cfg->output_roots[0], "converted", models);
+    if (rc == 0 && cfg->output_roots[1])
+        rc = mref_list_root(cfg->output_roots[1], "sharded", models);
+    if (rc != 0) {
+        json_decref(models);
+        resp_problem(rs, 503, "out of memory", NULL);
+        return;
+    }
+    resp_json(rs, 200, json_pack("{s:o}", "models", models));
 }
 
 void h_models_get(http_req *rq, http_resp *rs) {

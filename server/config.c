@@ -265,6 +265,26 @@ static int config_flags(mp_config *cfg, int argc, char **argv, mp_error *err) {
     return 0;
 }
 
+/* The output folders of convert and shard, made now so that they can be
+ * realpath'd, and the list of every root a local model may live under. */
+static int config_roots(mp_config *cfg, mp_error *err) {
+    static const char *const OUTS[] = {"converted", "sharded"};
+    for (int i = 0; i < 2; i++) {
+        char dir[4200];
+        snprintf(dir, sizeof dir, "%s/%s", cfg->data_dir, OUTS[i]);
+        if (fs_mkdirs(dir, err) != 0) return -1;
+        cfg->output_roots[i] = realpath(dir, NULL);
+        if (!cfg->output_roots[i]) return mp_err(err, "bad_flag", "%s: %s", dir, strerror(errno));
+    }
+    int n = 0;
+    for (int i = 0; i < cfg->n_model_roots; i++)
+        cfg->roots[n++] = cfg->model_roots[i];
+    for (int i = 0; cfg->output_roots[i]; i++)
+        cfg->roots[n++] = cfg->output_roots[i];
+    cfg->roots[n] = NULL;
+    return 0;
+}
+
 /* What follows from the flags: the data directory made and made absolute,
  * the hub cache, and the refusal to listen openly without a token. */
 static int config_finish(mp_config *cfg, mp_error *err) {
@@ -280,6 +300,7 @@ static int config_finish(mp_config *cfg, mp_error *err) {
         snprintf(cfg->hub_cache, sizeof cfg->hub_cache, "%s/hub", hh);
     else
         snprintf(cfg->hub_cache, sizeof cfg->hub_cache, "%s/hub", cfg->data_dir);
+    if (config_roots(cfg, err) != 0) return -1;
 
     if (!cfg->token && !cfg->insecure_listen && !config_host_is_loopback(cfg->listen_host))
         return mp_err(err, "insecure_listen",
@@ -301,5 +322,7 @@ void config_free(mp_config *cfg) {
     free(cfg->hf_token);
     for (int i = 0; i < cfg->n_model_roots; i++)
         free(cfg->model_roots[i]);
+    for (int i = 0; cfg->output_roots[i]; i++)
+        free(cfg->output_roots[i]);
     memset(cfg, 0, sizeof *cfg);
 }

@@ -7,51 +7,21 @@
 #include <openssl/sha.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 
 #include "loader/models/models.h"
 #include "loader/jobs/jobs.h"
 #include "server/events.h"
-#include "server/params.h"
+#include "server/submit.h"
 #include "server/publish.h"
 #include "server/workers.h"
 #include "store/store.h"
 #include "util/fsutil.h"
 #include "util/timeutil.h"
 
-static int new_job_id(char *out, size_t len) {
-    unsigned char rnd[10];
-    if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) return -1;
-    char hex[21];
-    fs_hex(rnd, sizeof rnd, hex);
-    snprintf(out, len, "j_%s", hex);
-    return 0;
-}
-
 static int bad(int *status, int code) {
     *status = code;
     return -1;
 }
-
-static json_t *new_job_doc(const char *id, const char *type, const char *model,
-                           const char *revision, json_t *params, const char *now) {
-    return json_pack("{s:s,s:s,s:s,s:s,s:O,s:s,s:{s:i,s:i,s:s,s:f,s:s},s:n,s:n,s:s,s:n,s:n}", "id",
-                     id, "type", type, "model", model, "revision", revision, "params", params,
-                     "state", "queued", "progress", "done", 0, "total", 0, "unit", "bytes", "rate",
-                     0.0, "message", "queued", "result", "error", "created_at", now, "started_at",
-                     "finished_at");
-}
-
-/* A submission, as read from the request body. */
-typedef struct submit_req {
-    const mp_job_type *jt;
-    const char *model; /* borrowed from the body */
-    size_t model_len;  /* JSON length: differs from strlen with a NUL inside */
-    const char *revision;
-    json_t *params;   /* owned */
-    char *model_path; /* owned; NULL: a hub model not taken from the cache */
-    bool is_hub;
-} submit_req;
 
 /* The body's fields, checked: type, model, revision and params. */
 static int read_body(json_t *body, submit_req *rq, int *http_status, mp_error *err) {
@@ -103,47 +73,6 @@ static int read_body(json_t *body, submit_req *rq, int *http_status, mp_error *e
     return 0;
 }
 
-/* Where the model is: a hub repo's snapshot in the cache (required by
- * some job types, never used by hub-only ones), or a local folder under
- * one of the model roots. */
-static int resolve_model(mp_server *srv, submit_req *rq, mp_error *err) {
-    const mp_job_type *jt = rq->jt;
-    rq->is_hub = mref_is_repo_id(rq->model) && rq->model_len == strlen(rq->model);
-    if (rq->is_hub) {
-        if (!(jt->flags & MP_JOB_HUB_ONLY))
-            rq->model_path = mref_snapshot_dir(srv->cfg.hub_cache, rq->model, rq->revision, NULL);
-        if ((jt->flags & MP_JOB_NEEDS_LOCAL) && !rq->model_path)
-            return mp_err_field(err, "model", "not_cached",
-                                "%s@%s is not in the local cache; run a download job first",
-                                rq->model, rq->revision);
-        return 0;
-    }
-    if (jt->flags & MP_JOB_HUB_ONLY)
-        return mp_err_field(err, "model", "bad_model", "%s jobs take a hub repo id (org/name)",
-                            jt->name);
-    if (mref_confine(rq->model, rq->model_len, (const char *const *)srv->cfg.model_roots,
-                     &rq->model_path, err) != 0)
-        return -1;
-    return 0;
-}
-
-/* The params against the type's schema, then the type's own check. */
-static int check_params(mp_server *srv, const submit_req *rq, mp_error *err) {
-    const mp_job_type *jt = rq->jt;
-    if (params_check(jt->params, rq->params, err) != 0) return -1;
-    if (jt->validate) {
-        mp_task_info info = {.type = jt->name,
-                             .model = rq->model,
-                             .revision = rq->revision,
-                             .model_path = rq->model_path,
-                             .is_hub_model = rq->is_hub,
-                             .params = rq->params,
-                             .env = &srv->env};
-        if (jt->validate(&info, err) != 0) return -1;
-    }
-    return 0;
-}
-
 /* The request's fingerprint for its idempotency key: the same key with a
  * different request is a client bug worth a 422. */
 static int request_hash(const submit_req *rq, char hash_hex[65], mp_error *err) {
@@ -166,12 +95,12 @@ static int create_job(mp_server *srv, const submit_req *rq, const char *idem_key
                       bool *created, int *http_status, mp_error *err) {
     const mp_job_type *jt = rq->jt;
     char id[32], now[40], hash_hex[65] = "";
-    if (new_job_id(id, sizeof id) != 0) {
+    if (submit_new_id(id, sizeof id) != 0) {
         mp_err(err, "internal", "no randomness for a job id");
         return bad(http_status, 503);
     }
     time_rfc3339_now(now, sizeof now);
-    json_t *doc = new_job_doc(id, jt->name, rq->model, rq->revision, rq->params, now);
+    json_t *doc = submit_new_doc(id, jt->name, rq->model, rq->revision, rq->params, now);
     if (!doc) {
         mp_err(err, "no_memory", "out of memory");
         return bad(http_status, 503);
@@ -180,11 +109,25 @@ static int create_job(mp_server *srv, const submit_req *rq, const char *idem_key
         json_decref(doc);
         return bad(http_status, 503);
     }
-    char *existing = NULL;
-    if (store_job_insert(srv->store, id, jt->name, rq->model, rq->revision, doc, idem_key, hash_hex,
-                         &existing, err) != 0) {
+    char *existing = NULL, *output = NULL;
+    if (submit_output(srv, rq, &output, err) != 0) {
         json_decref(doc);
-        return bad(http_status, strcmp(err->code, "idempotency_conflict") == 0 ? 422 : 503);
+        return bad(http_status, 400);
+    }
+    int rc = store_job_insert(srv->store, id, jt->name, rq->model, rq->revision, doc, output,
+                              idem_key, hash_hex, &existing, err);
+    free(output);
+    if (rc != 0) {
+        json_decref(doc);
+        int code = 503;
+        if (strcmp(err->code, "idempotency_conflict") == 0) code = 422;
+        if (strcmp(err->code, "output_busy") == 0) {
+            /* The output (given or default) is what is at fault: naming it
+             * puts the code in the problem's errors[] for clients. */
+            if (!err->field[0]) snprintf(err->field, sizeof err->field, "params.output");
+            code = 409;
+        }
+        return bad(http_status, code);
     }
     if (existing) {
         json_decref(doc);
@@ -215,12 +158,11 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
     submit_req rq = {0};
     if (read_body(body, &rq, http_status, err) != 0) return -1;
     int rc = -1;
-    if (resolve_model(srv, &rq, err) != 0 || check_params(srv, &rq, err) != 0)
+    if (submit_resolve_model(srv, &rq, err) != 0 || submit_check_params(srv, &rq, err) != 0)
         *http_status = 400;
     else
         rc = create_job(srv, &rq, idem_key, job, created, http_status, err);
-    free(rq.model_path);
-    json_decref(rq.params);
+    submit_req_free(&rq);
     return rc;
 }
 
@@ -247,8 +189,11 @@ int jobs_cancel(mp_server *srv, const char *id, json_t **job) {
     return 1;
 }
 
-static bool resume_decider(void *arg, const char *type) {
+/* A child job is never re-queued on its own: its parent (re-queued when
+ * resumable) re-plans and runs what is still missing. */
+static bool resume_decider(void *arg, const char *type, json_t *doc) {
     (void)arg;
+    if (json_is_string(json_object_get(doc, "parent"))) return false;
     const mp_job_type *jt = job_type_find(type);
     return jt && (jt->flags & MP_JOB_RESUMABLE);
 }

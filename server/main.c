@@ -109,7 +109,7 @@ static int server_start(mp_server *srv) {
         .hub_cache = srv->cfg.hub_cache,
         .hub_endpoint = srv->cfg.hub_endpoint,
         .hf_token = srv->cfg.hf_token,
-        .model_roots = (const char *const *)srv->cfg.model_roots,
+        .model_roots = srv->cfg.roots,
         .gpus = srv->gpus,
         .residents = srv->residents,
     };

@@ -16,6 +16,7 @@
 #include "loader/jobs/jobs.h"
 #include "server/publish.h"
 #include "server/metrics.h"
+#include "server/submit.h"
 #include "store/store.h"
 #include "util/timeutil.h"
 
@@ -29,6 +30,11 @@ struct mp_task {
     mp_task_info info;
     json_t *doc;
     atomic_bool cancel;
+    /* A child job (task_run_child) runs on its parent's thread: it sees the
+     * parent's cancel, and the pool finds it through the parent's `child`
+     * (guarded by the pool's mu) to cancel it on its own. */
+    mp_task *parent;
+    mp_task *child;
     /* progress */
     uint64_t done, total;
     char unit[16];
@@ -63,8 +69,15 @@ const mp_task_info *task_info(mp_task *t) {
     return &t->info;
 }
 
+/* A cancel asked of this job or of any job it is a step of. */
+static bool cancel_requested(mp_task *t) {
+    for (; t; t = t->parent)
+        if (atomic_load(&t->cancel)) return true;
+    return false;
+}
+
 bool task_cancelled(mp_task *t) {
-    return atomic_load(&t->cancel) || atomic_load(&t->srv->draining);
+    return cancel_requested(t) || atomic_load(&t->srv->draining);
 }
 
 bool task_draining(mp_task *t) {
@@ -180,6 +193,131 @@ int task_fail(mp_task *t, const char *code, const char *fmt, ...) {
     return -1;
 }
 
+void task_steps(mp_task *t, json_t *steps) {
+    json_object_set(t->doc, "steps", steps);
+    json_t *ev = json_pack("{s:s,s:O}", "id", t->info.id, "steps", steps);
+    if (!ev) return;
+    mp_error err = {0};
+    /* Persisted with the document, so GET /v1/jobs/{id} and a replayed
+     * stream agree with the live one. */
+    if (store_job_update(t->srv->store, t->info.id, t->doc, "steps", ev, &err) != 0)
+        mp_log(&t->srv->log, "warn", t->info.id, "cannot persist the steps: %s", err.message);
+    publish_job_event(t->srv, t->info.id, "steps", ev, false);
+    json_decref(ev);
+}
+
+static void finish(mp_task *t, const char *now);
+
+/* Makes c the running child of t (or none), where workers_cancel looks. */
+static void link_child(mp_task *t, mp_task *c) {
+    worker_pool *p = t->srv->workers;
+    pthread_mutex_lock(&p->mu);
+    t->child = c;
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* Runs the child's type on this thread and finishes it like the pool does a
+ * top-level job. Takes doc. Returns 0 with *result, or -1 with err set to
+ * the child's error. */
+static int run_child_task(mp_task *t, const submit_req *rq, json_t *doc, json_t **result,
+                          mp_error *err) {
+    mp_task *c = calloc(1, sizeof *c);
+    if (!c) {
+        json_decref(doc);
+        return mp_err(err, "no_memory", "out of memory");
+    }
+    c->srv = t->srv;
+    c->type = rq->jt;
+    c->doc = doc;
+    c->parent = t;
+    c->info.id = json_string_value(json_object_get(doc, "id"));
+    c->info.type = rq->jt->name;
+    c->info.model = json_string_value(json_object_get(doc, "model"));
+    c->info.revision = json_string_value(json_object_get(doc, "revision"));
+    c->info.params = json_object_get(doc, "params");
+    c->info.model_path = rq->model_path;
+    c->info.is_hub_model = rq->is_hub;
+    c->info.env = &t->srv->env;
+    snprintf(c->unit, sizeof c->unit, "bytes");
+    c->t_start = c->rate_t = c->last_persist = time_mono();
+    link_child(t, c);
+    mp_log(&t->srv->log, "info", c->info.id, "job %s started on %s (a step of %s)", rq->jt->name,
+           c->info.model, t->info.id);
+    task_progress(c, 0, 0, NULL, "started");
+    rq->jt->run(c);
+    char now[40];
+    time_rfc3339_now(now, sizeof now);
+    finish(c, now);
+    link_child(t, NULL);
+    int rc = 0;
+    if (c->outcome == 1) {
+        *result = json_incref(json_object_get(c->doc, "result"));
+    } else {
+        json_t *e = json_object_get(c->doc, "error");
+        const char *code = json_string_value(json_object_get(e, "code"));
+        const char *msg = json_string_value(json_object_get(e, "message"));
+        rc = mp_err(err, code ? code : c->err_code, "%s", msg ? msg : c->err_msg);
+    }
+    json_decref(c->result);
+    json_decref(c->doc);
+    free(c);
+    return rc;
+}
+
+int task_run_child(mp_task *t, const mp_child_req *cr, json_t **result, mp_error *err) {
+    mp_server *srv = t->srv;
+    *result = NULL;
+    if (task_cancelled(t))
+        return mp_err(err, task_draining(t) ? "interrupted" : "cancelled",
+                      "the job was stopped before this step");
+    submit_req rq = {.jt = job_type_find(cr->type),
+                     .model = cr->model,
+                     .model_len = strlen(cr->model),
+                     .revision = cr->revision ? cr->revision : "main",
+                     .params = cr->params ? json_incref(cr->params) : json_object()};
+    if (!rq.jt) {
+        submit_req_free(&rq);
+        return mp_err(err, "internal", "unknown job type %s", cr->type);
+    }
+    char *output = NULL, *existing = NULL;
+    char id[32], now[40];
+    json_t *doc = NULL;
+    int rc = -1;
+    /* Exactly what a submission goes through, so a step is refused for
+     * the same reasons, with the same codes, as the job submitted alone. */
+    if (submit_resolve_model(srv, &rq, err) != 0 || submit_check_params(srv, &rq, err) != 0 ||
+        submit_output(srv, &rq, &output, err) != 0)
+        goto out;
+    if (submit_new_id(id, sizeof id) != 0) {
+        mp_err(err, "internal", "no randomness for a job id");
+        goto out;
+    }
+    time_rfc3339_now(now, sizeof now);
+    doc = submit_new_doc(id, rq.jt->name, rq.model, rq.revision, rq.params, now);
+    if (!doc) {
+        mp_err(err, "no_memory", "out of memory");
+        goto out;
+    }
+    /* Inserted running: no worker may claim it, its parent runs it now. */
+    json_object_set_new(doc, "state", json_string("running"));
+    json_object_set_new(doc, "started_at", json_string(now));
+    json_object_set_new(doc, "parent", json_string(t->info.id));
+    json_object_set_new(json_object_get(doc, "progress"), "message", json_string("started"));
+    if (store_job_insert(srv->store, id, rq.jt->name, rq.model, rq.revision, doc, output, NULL, "",
+                         &existing, err) != 0)
+        goto out;
+    free(existing);
+    publish_job_event(srv, id, "state", doc, false);
+    if (cr->started) cr->started(cr->arg, id);
+    rc = run_child_task(t, &rq, doc, result, err);
+    doc = NULL; /* run_child_task took it */
+out:
+    free(output);
+    json_decref(doc);
+    submit_req_free(&rq);
+    return rc;
+}
+
 /* ---- pool ---------------------------------------------------------------- */
 
 static bool take_pending_cancel(worker_pool *p, const char *id) {
@@ -199,6 +337,10 @@ static void finish(mp_task *t, const char *now) {
     bool requeue = false;
     if (t->outcome == 1) {
         state = "succeeded";
+        /* What to pass as "model" to the next job: a job that writes a model
+         * says where (convert, shard); for the others it is their own model. */
+        if (json_is_object(t->result) && !json_object_get(t->result, "next_model"))
+            json_object_set_new(t->result, "next_model", json_string(t->info.model));
         if (t->checkpoint_failures && json_is_object(t->result))
             json_object_set_new(t->result, "checkpoint_failures",
                                 json_integer(t->checkpoint_failures));
@@ -210,10 +352,18 @@ static void finish(mp_task *t, const char *now) {
             snprintf(t->err_code, sizeof t->err_code, "internal");
             snprintf(t->err_msg, sizeof t->err_msg, "the job ended without a result");
         }
-        if (atomic_load(&srv->draining) && !atomic_load(&t->cancel)) {
+        if (atomic_load(&srv->draining) && !cancel_requested(t)) {
             /* Stopped by a drain, not by a client: resumable jobs go back to
-             * the queue with their checkpoint; others are interrupted. */
-            if (t->type->flags & MP_JOB_RESUMABLE) {
+             * the queue with their checkpoint; others are interrupted. A
+             * child never goes back on its own: its parent re-plans. */
+            if (t->parent) {
+                state = "failed";
+                snprintf(t->err_code, sizeof t->err_code, "interrupted");
+                snprintf(t->err_msg, sizeof t->err_msg,
+                         "the server shut down during this step; job %s resumes it at the next "
+                         "start",
+                         t->parent->info.id);
+            } else if (t->type->flags & MP_JOB_RESUMABLE) {
                 requeue = true;
                 state = "queued";
             } else {
@@ -221,7 +371,7 @@ static void finish(mp_task *t, const char *now) {
                 snprintf(t->err_code, sizeof t->err_code, "interrupted");
                 snprintf(t->err_msg, sizeof t->err_msg, "the server shut down during the job");
             }
-        } else if (atomic_load(&t->cancel)) {
+        } else if (cancel_requested(t)) {
             state = "cancelled";
             snprintf(t->err_code, sizeof t->err_code, "cancelled");
             snprintf(t->err_msg, sizeof t->err_msg, "cancelled by request");
@@ -300,8 +450,7 @@ static void run_one(worker_pool *p, int slot, json_t *doc, json_t *checkpoint) {
                 model_path =
                     mref_snapshot_dir(srv->cfg.hub_cache, t->info.model, t->info.revision, NULL);
         } else {
-            mref_confine(t->info.model, strlen(t->info.model),
-                         (const char *const *)srv->cfg.model_roots, &model_path, &err);
+            mref_confine(t->info.model, strlen(t->info.model), srv->cfg.roots, &model_path, &err);
         }
         t->info.model_path = model_path;
         if ((t->type->flags & MP_JOB_NEEDS_LOCAL) && !model_path) {
@@ -413,9 +562,11 @@ void workers_cancel(worker_pool *p, const char *job_id) {
     pthread_mutex_lock(&p->mu);
     bool found = false;
     for (int i = 0; i < p->n; i++) {
-        if (p->running[i] && strcmp(p->running[i]->info.id, job_id) == 0) {
-            atomic_store(&p->running[i]->cancel, true);
-            found = true;
+        for (mp_task *t = p->running[i]; t; t = t->child) {
+            if (strcmp(t->info.id, job_id) == 0) {
+                atomic_store(&t->cancel, true);
+                found = true;
+            }
         }
     }
     /* Claimed but not yet registered by its worker: remember the request. */

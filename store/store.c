@@ -32,12 +32,20 @@ static const char *const MIGRATIONS[] = {
     " result TEXT NOT NULL, at TEXT NOT NULL, PRIMARY KEY(model, revision));"
     "CREATE TABLE residents(id TEXT PRIMARY KEY, model TEXT NOT NULL, revision TEXT NOT NULL,"
     " state TEXT NOT NULL, doc TEXT NOT NULL, created_at TEXT NOT NULL);",
+    /* 2: child jobs (a prepare's steps) name their parent; jobs that write a
+     * model folder name it, so two active jobs never target the same one. */
+    "ALTER TABLE jobs ADD COLUMN parent TEXT;"
+    "ALTER TABLE jobs ADD COLUMN output TEXT;"
+    "CREATE INDEX jobs_parent ON jobs(parent, seq);"
+    "CREATE INDEX jobs_output ON jobs(output, state) WHERE output IS NOT NULL;",
 };
 enum { N_MIGRATIONS = sizeof MIGRATIONS / sizeof MIGRATIONS[0] };
 
 static const char *const SQL[Q_COUNT] = {
-    [Q_JOB_INSERT] = "INSERT INTO jobs(id,type,model,revision,state,doc,created_at)"
-                     " VALUES(?1,?2,?3,?4,'queued',?5,?6)",
+    [Q_JOB_INSERT] = "INSERT INTO jobs(id,type,model,revision,state,doc,created_at,parent,output)"
+                     " VALUES(?1,?2,?3,?4,?7,?5,?6,?8,?9)",
+    [Q_JOB_OUTPUT_BUSY] = "SELECT id FROM jobs WHERE output=?1 AND state IN ('queued','running')"
+                          " LIMIT 1",
     [Q_JOB_GET] = "SELECT doc FROM jobs WHERE id=?1",
     [Q_JOB_UPDATE] = "UPDATE jobs SET state=?2, doc=?3 WHERE id=?1",
     [Q_JOB_CLAIM] = "UPDATE jobs SET state='running' WHERE seq=(SELECT seq FROM jobs"
@@ -48,7 +56,8 @@ static const char *const SQL[Q_COUNT] = {
     [Q_JOB_SET_CHECKPOINT] = "UPDATE jobs SET checkpoint=?2 WHERE id=?1",
     [Q_JOB_LIST] = "SELECT seq, doc FROM jobs WHERE seq < ?1"
                    " AND (?2 IS NULL OR state=?2) AND (?3 IS NULL OR type=?3)"
-                   " AND (?4 IS NULL OR model=?4) ORDER BY seq DESC LIMIT ?5",
+                   " AND (?4 IS NULL OR model=?4) AND (?6 IS NULL OR parent=?6)"
+                   " ORDER BY seq DESC LIMIT ?5",
     [Q_JOB_RUNNING] = "SELECT id, type, doc FROM jobs WHERE state='running'",
     [Q_JOB_COUNTS] = "SELECT type, state, count(*) FROM jobs GROUP BY type, state",
     [Q_JOB_ACTIVE_MODEL] = "SELECT 1 FROM jobs WHERE model=?1 AND state IN ('queued','running')"

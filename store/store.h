@@ -31,12 +31,20 @@ MP_MUST_USE bool store_ping(store *s);
 MP_MUST_USE int64_t store_size_bytes(store *s);
 
 /* ---- jobs ---------------------------------------------------------------- */
-/* Inserts a queued job and its first "state" event. When idem_key is non-NULL and already known,
- * nothing is inserted and *existing_id receives the first job's id (caller frees); when the key is
- * known but request_hash differs, returns -1 with code "idempotency_conflict". */
+/* Inserts a job and its first "state" event. Its state column is doc's
+ * "state" ("queued", or "running" for a child job that its parent runs
+ * inline) and its parent column doc's "parent" (a string or absent). When
+ * idem_key is non-NULL and already known, nothing is inserted and
+ * *existing_id receives the first job's id (caller frees); when the key is
+ * known but request_hash differs, returns -1 with code
+ * "idempotency_conflict". output (or NULL) is the folder the job will write:
+ * when a queued or running job already targets it, nothing is inserted and
+ * the call fails with code "output_busy" (checked in the same transaction
+ * as the insert, so two racing submissions cannot both pass). */
 MP_MUST_USE int store_job_insert(store *s, const char *id, const char *type, const char *model,
-                                 const char *revision, json_t *doc, const char *idem_key,
-                                 const char *request_hash, char **existing_id, mp_error *err);
+                                 const char *revision, json_t *doc, const char *output,
+                                 const char *idem_key, const char *request_hash, char **existing_id,
+                                 mp_error *err);
 /* The job's API object, or NULL when unknown. */
 MP_MUST_USE json_t *store_job_get(store *s, const char *id);
 /* Writes doc (and the filter columns derived from it) and, when event is
@@ -55,10 +63,12 @@ MP_MUST_USE int store_job_set_checkpoint(store *s, const char *id, json_t *check
 /* Appends the list response {"jobs":[...],"next_cursor":...} to out. Filters
  * may be NULL. cursor is the opaque value of a previous next_cursor. */
 MP_MUST_USE int store_job_list(store *s, const char *state, const char *type, const char *model,
-                               int limit, const char *cursor, sbuf *out, mp_error *err);
-/* Start-up recovery: each job left "running" is handed to decide(), which
- * returns true to re-queue it (resumable) or false to fail it. */
-typedef bool (*store_resume_fn)(void *arg, const char *type);
+                               const char *parent, int limit, const char *cursor, sbuf *out,
+                               mp_error *err);
+/* Start-up recovery: each job left "running" is handed to decide() with its
+ * type and document, which returns true to re-queue it (resumable) or false
+ * to fail it. */
+typedef bool (*store_resume_fn)(void *arg, const char *type, json_t *doc);
 MP_MUST_USE int store_job_recover(store *s, const char *now, store_resume_fn decide, void *arg,
                                   int *requeued, int *failed);
 /* Counts by (type, state) for metrics: calls fn for each group. */

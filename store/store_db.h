@@ -9,6 +9,7 @@
 
 typedef enum stmt_id {
     Q_JOB_INSERT,
+    Q_JOB_OUTPUT_BUSY,
     Q_JOB_GET,
     Q_JOB_UPDATE,
     Q_JOB_CLAIM,

@@ -25,9 +25,17 @@ static char *doc_text(json_t *doc) {
     return json_dumps(doc, JSON_COMPACT | JSON_ENSURE_ASCII);
 }
 
+static void bind_opt(sqlite3_stmt *st, int i, const char *v) {
+    if (v)
+        sqlite3_bind_text(st, i, v, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, i);
+}
+
 /* One submission waiting for its group commit. */
 typedef struct insert_req {
     const char *id, *type, *model, *revision, *created, *idem_key, *hash;
+    const char *state, *parent, *output;
     char *text;
     char *existing;
     int rc;
@@ -58,6 +66,22 @@ static void insert_one(store_conn *c, insert_req *r) {
         }
         sqlite3_reset(st);
     }
+    if (r->output) {
+        /* After the idempotency check, so a retried request still gets its
+         * first job back rather than being told its own job is busy. */
+        st = store_stmt(c, Q_JOB_OUTPUT_BUSY);
+        sqlite3_bind_text(st, 1, r->output, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_ROW) {
+            r->rc = mp_err(&r->err, "output_busy",
+                           "job %s is already writing %s; wait for it to end or cancel it, or "
+                           "choose another params.output",
+                           TEXT(st, 0), r->output);
+            sqlite3_reset(st);
+            tx(c, Q_RELEASE);
+            return;
+        }
+        sqlite3_reset(st);
+    }
     st = store_stmt(c, Q_JOB_INSERT);
     sqlite3_bind_text(st, 1, r->id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, r->type, -1, SQLITE_STATIC);
@@ -65,6 +89,9 @@ static void insert_one(store_conn *c, insert_req *r) {
     sqlite3_bind_text(st, 4, r->revision, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 5, r->text, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 6, r->created, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 7, r->state, -1, SQLITE_STATIC);
+    bind_opt(st, 8, r->parent);
+    bind_opt(st, 9, r->output);
     int ok = step_done(c, st, &r->err) == 0;
     sqlite3_reset(st);
     if (ok && r->idem_key) {
@@ -96,9 +123,10 @@ static void insert_one(store_conn *c, insert_req *r) {
  * leader, takes every queued request and commits them in one transaction;
  * the others wait for it. Under load this turns N commits into one. */
 int store_job_insert(store *s, const char *id, const char *type, const char *model,
-                     const char *revision, json_t *doc, const char *idem_key,
+                     const char *revision, json_t *doc, const char *output, const char *idem_key,
                      const char *request_hash, char **existing_id, mp_error *err) {
     const char *created = json_string_value(json_object_get(doc, "created_at"));
+    const char *state = json_string_value(json_object_get(doc, "state"));
     insert_req req = {.id = id,
                       .type = type,
                       .model = model,
@@ -106,6 +134,9 @@ int store_job_insert(store *s, const char *id, const char *type, const char *mod
                       .created = created ? created : "",
                       .idem_key = idem_key,
                       .hash = request_hash,
+                      .state = state ? state : "queued",
+                      .parent = json_string_value(json_object_get(doc, "parent")),
+                      .output = output,
                       .text = doc_text(doc)};
     if (!req.text) return mp_err(err, "no_memory", "cannot serialize job");
     pthread_mutex_lock(&s->gmu);
@@ -304,15 +335,8 @@ int store_job_set_checkpoint(store *s, const char *id, json_t *checkpoint) {
     return rc;
 }
 
-static void bind_opt(sqlite3_stmt *st, int i, const char *v) {
-    if (v)
-        sqlite3_bind_text(st, i, v, -1, SQLITE_STATIC);
-    else
-        sqlite3_bind_null(st, i);
-}
-
-int store_job_list(store *s, const char *state, const char *type, const char *model, int limit,
-                   const char *cursor, sbuf *out, mp_error *err) {
+int store_job_list(store *s, const char *state, const char *type, const char *model,
+                   const char *parent, int limit, const char *cursor, sbuf *out, mp_error *err) {
     int64_t before = INT64_MAX;
     if (cursor && *cursor) {
         char *end = NULL;
@@ -331,6 +355,7 @@ int store_job_list(store *s, const char *state, const char *type, const char *mo
     bind_opt(st, 3, type);
     bind_opt(st, 4, model);
     sqlite3_bind_int(st, 5, limit + 1);
+    bind_opt(st, 6, parent);
     sb_puts(out, "{\"jobs\":[");
     int n = 0;
     int64_t last = 0;
@@ -376,7 +401,7 @@ int store_job_recover(store *s, const char *now, store_resume_fn decide, void *a
         const char *id = json_string_value(json_object_get(it, "id"));
         const char *type = json_string_value(json_object_get(it, "type"));
         json_t *doc = json_object_get(it, "doc");
-        bool resume = decide(arg, type);
+        bool resume = decide(arg, type, doc);
         if (resume) {
             json_object_set_new(doc, "state", json_string("queued"));
             json_object_set_new(doc, "started_at", json_null());

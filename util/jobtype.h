@@ -47,6 +47,11 @@ typedef struct mp_job_type {
     int (*validate)(const mp_task_info *info, mp_error *err);
     int (*run)(mp_task *t);
     unsigned flags;
+    /* Types that write a model folder (convert, shard): the folder this
+     * request would write, resolved but not created (*out, caller frees).
+     * The service refuses a second active job on the same folder
+     * ("output_busy"). NULL for the others. */
+    int (*output)(const mp_task_info *info, char **out, mp_error *err);
 } mp_job_type;
 
 #endif

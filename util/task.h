@@ -16,6 +16,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "util/error.h"
+
 typedef struct mp_task mp_task;
 struct gpu_set;
 struct resident_set;
@@ -23,11 +25,14 @@ struct resident_set;
 /* Everything a run function may need to know about where it runs. Owned by
  * the pool; valid for the duration of the run call. */
 typedef struct mp_task_env {
-    const char *data_dir;           /* --data-dir, absolute */
-    const char *hub_cache;          /* HF_HUB_CACHE / HF_HOME/hub / data_dir/hub */
-    const char *hub_endpoint;       /* --hub-endpoint / HF_ENDPOINT / default */
-    const char *hf_token;           /* HF_TOKEN or NULL */
-    const char *const *model_roots; /* NULL-terminated, each realpath'd */
+    const char *data_dir;     /* --data-dir, absolute */
+    const char *hub_cache;    /* HF_HUB_CACHE / HF_HOME/hub / data_dir/hub */
+    const char *hub_endpoint; /* --hub-endpoint / HF_ENDPOINT / default */
+    const char *hf_token;     /* HF_TOKEN or NULL */
+    /* Where a local model may live, NULL-terminated, each realpath'd: the
+     * --model-root folders, then <data_dir>/converted and <data_dir>/sharded
+     * (our own outputs are models too). */
+    const char *const *model_roots;
     struct gpu_set *gpus;
     struct resident_set *residents;
 } mp_task_env;
@@ -85,6 +90,27 @@ __attribute__((warn_unused_result)) int task_hash_put(mp_task *t, const char *na
                                                       const char *sha256);
 /* Keeps an inspect result (borrowed) for GET /v1/models/{org}/{name}. */
 __attribute__((warn_unused_result)) int task_inspection_put(mp_task *t, json_t *result);
+
+/* Steps: a job made of other jobs (prepare) runs each step as a child job,
+ * inline on its own thread (so parents holding every worker cannot
+ * deadlock). The child is checked exactly like a submission of the same
+ * type, model, revision and params (400-class problems come back as err
+ * with the field named), appears in the API with "parent": <this job's id>,
+ * reports its own progress, logs and state, sees this job's cancel, and is
+ * never re-queued on its own after a crash (this job re-plans instead).
+ * started(arg, child_id), when set, is called once the child exists, before
+ * it runs. Returns 0 with *result (the child's result, caller owns), or -1
+ * with err = the child's error code and message. */
+typedef struct mp_child_req {
+    const char *type, *model, *revision; /* revision NULL: "main" */
+    json_t *params;                      /* borrowed; NULL: {} */
+    void (*started)(void *arg, const char *child_id);
+    void *arg;
+} mp_child_req;
+int task_run_child(mp_task *t, const mp_child_req *rq, json_t **result, mp_error *err);
+/* Sets the job's "steps" (borrowed; an array of {type, job, state, ...}),
+ * persists it and sends a "steps" event. */
+void task_steps(mp_task *t, json_t *steps);
 
 /* End the job. task_succeed steals `result`. task_fail always returns -1 so
  * a run function can `return task_fail(t, "code", "...")`. */

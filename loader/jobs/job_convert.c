@@ -3,7 +3,11 @@
  * or GGUF checkpoint of a local model or cached snapshot -> a safetensors
  * folder (loader/convert.h does the work). The output lands under
  * <data_dir>/converted/ unless params.output names a folder inside a model
- * root or the data dir; never inside the hub cache.
+ * root or the data dir; never inside the hub cache. One job at a time per
+ * output folder (output_busy), and an existing one is replaced only with
+ * params.overwrite (else output_exists). The result's next_model is the
+ * output folder: <data_dir>/converted is a model root, so it can be the
+ * model of the next job.
  */
 #include <errno.h>
 #include <limits.h>
@@ -20,31 +24,17 @@
 
 static const char *const dtype_values[] = {"keep", "bf16", "fp16", "fp32", NULL};
 
-/* Resolves where the output goes; *out owned by the caller. */
-static int resolve_output(const mp_task_info *in, char **out, mp_error *err) {
+/* Resolves where the output goes; *out owned by the caller. make: create
+ * <data_dir>/converted for the default folder (run time only). */
+static int resolve_output(const mp_task_info *in, bool make, char **out, mp_error *err) {
+    *out = NULL;
     const char *param = json_string_value(json_object_get(in->params, "output"));
-    int rc = 0;
-    if (param) {
-        rc = job_output_param(in, param, out, err);
-    } else {
-        char name[NAME_MAX + 1];
-        char base[PATH_MAX];
-        if (!conv_default_name(in->model, in->revision, in->is_hub_model, name, sizeof name))
-            rc = mp_err_field(err, "model", "bad_model", "no usable output name for %s", in->model);
-        else if (snprintf(base, sizeof base, "%s/converted", in->env->data_dir) >= (int)sizeof base)
-            rc = mp_err(err, "bad_output", "data dir path too long");
-        else if (fs_mkdirs(base, err) != 0)
-            rc = -1;
-        else {
-            char *rb = realpath(base, NULL);
-            if (!rb || asprintf(out, "%s/%s", rb, name) < 0) {
-                *out = NULL;
-                rc = mp_err(err, "io_error", "%s: %s", base, strerror(errno));
-            }
-            free(rb);
-        }
-    }
-    return rc;
+    if (param) return job_output_param(in, param, out, err);
+    return job_output_default(in, "converted", "", make, out, err);
+}
+
+static int convert_output(const mp_task_info *in, char **out, mp_error *err) {
+    return resolve_output(in, false, out, err);
 }
 
 static int convert_validate(const mp_task_info *in, mp_error *err) {
@@ -70,7 +60,7 @@ static int convert_validate(const mp_task_info *in, mp_error *err) {
         char *out = NULL;
         /* Only the explicit output is checked here: the default one is made
          * (and its parent created) when the job runs. */
-        if (resolve_output(in, &out, err) != 0) {
+        if (resolve_output(in, false, &out, err) != 0) {
             if (!err->field[0]) snprintf(err->field, sizeof err->field, "params.output");
             return -1;
         }
@@ -138,7 +128,14 @@ static int convert_run(mp_task *t) {
     if (encryption_key(in, key, &have_key, &err) != 0)
         return task_fail(t, err.code, "%s", err.message);
     char *out = NULL;
-    if (resolve_output(in, &out, &err) != 0) return task_fail(t, err.code, "%s", err.message);
+    int lock = -1;
+    if (resolve_output(in, true, &out, &err) != 0 || job_output_lock(out, &lock, &err) != 0 ||
+        job_output_fresh(out, json_is_true(json_object_get(in->params, "overwrite")), &err) != 0) {
+        job_output_unlock(lock);
+        free(out);
+        memset(key, 0, sizeof key);
+        return task_fail(t, err.code, "%s", err.message);
+    }
     char src[PATH_MAX];
     const char *file = json_string_value(json_object_get(in->params, "file"));
     if (file)
@@ -159,6 +156,7 @@ static int convert_run(mp_task *t) {
     };
     json_t *result = NULL;
     int rc = conv_run(&o, &result, &err);
+    job_output_unlock(lock);
     free(out);
     if (rc == 0 && have_key && encrypt_output(result, key, &err) != 0) { /* encryption_key_file */
         json_decref(result);
@@ -166,6 +164,7 @@ static int convert_run(mp_task *t) {
     }
     memset(key, 0, sizeof key);
     if (rc != 0) return task_fail(t, err.code, "%s", err.message);
+    json_object_set(result, "next_model", json_object_get(result, "output_path"));
     return task_succeed(t, result);
 }
 
@@ -175,6 +174,7 @@ static const mp_param_spec convert_params[] = {
     {"output", MP_P_STRING, NULL, 0, 0},
     {"file", MP_P_STRING, NULL, 0, 0},
     {"encryption_key_file", MP_P_STRING, NULL, 0, 0}, /* see encrypt_output() */
+    {"overwrite", MP_P_BOOL, NULL, 0, 0},
     {NULL, 0, NULL, 0, 0},
 };
 
@@ -184,4 +184,5 @@ const mp_job_type mp_job_convert = {
     .validate = convert_validate,
     .run = convert_run,
     .flags = MP_JOB_NEEDS_LOCAL | MP_JOB_RESUMABLE,
+    .output = convert_output,
 };

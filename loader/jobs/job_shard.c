@@ -15,7 +15,12 @@
  *                   rank its slice; the vocab padded all the same).
  *   output          folder; default <data_dir>/sharded/<name>-tp<N>. Given,
  *                   it must resolve inside a model root or the data dir.
- *   overwrite       replace an existing output folder (default false).
+ *   overwrite       replace an existing output folder (default false; else
+ *                   the job fails output_exists). One job at a time per
+ *                   output folder (output_busy at submit, and a flock on
+ *                   ".<name>.lock" beside it while it runs).
+ * The result's next_model is the output folder (<data_dir>/sharded is a
+ * model root).
  * Resumable: the temp folder is named after the job id, and after every
  * part (written and re-checked for all ranks) the job saves a checkpoint;
  * a run resumed after a drain or crash re-checks those files and writes
@@ -41,27 +46,19 @@ static int tp_param(const mp_task_info *in) {
     return json_is_integer(v) ? (int)json_integer_value(v) : 0;
 }
 
-/* Where the output goes (*out owned by the caller). make_default: create
+/* Where the output goes (*out owned by the caller). make: create
  * <data_dir>/sharded for the default name (only at run time). */
-static int resolve_output(const mp_task_info *in, bool make_default, char **out, mp_error *err) {
+static int resolve_output(const mp_task_info *in, bool make, char **out, mp_error *err) {
     *out = NULL;
     const char *param = json_string_value(json_object_get(in->params, "output"));
     if (param) return job_output_param(in, param, out, err);
-    char name[NAME_MAX + 1], base[PATH_MAX];
-    if (!conv_default_name(in->model, in->revision, in->is_hub_model, name, sizeof name - 16))
-        return mp_err_field(err, "model", "bad_model", "no usable output name for %s", in->model);
-    if (snprintf(base, sizeof base, "%s/sharded", in->env->data_dir) >= (int)sizeof base)
-        return mp_err(err, "bad_output", "data dir path too long");
-    if (!make_default) return 0;
-    if (fs_mkdirs(base, err) != 0) return -1;
-    char *rb = realpath(base, NULL);
-    int rc = 0;
-    if (!rb || asprintf(out, "%s/%s-tp%d", rb, name, tp_param(in)) < 0) {
-        *out = NULL;
-        rc = mp_err(err, "io_error", "%s: %s", base, strerror(errno));
-    }
-    free(rb);
-    return rc;
+    char suffix[24];
+    snprintf(suffix, sizeof suffix, "-tp%d", tp_param(in));
+    return job_output_default(in, "sharded", suffix, make, out, err);
+}
+
+static int shard_output(const mp_task_info *in, char **out, mp_error *err) {
+    return resolve_output(in, false, out, err);
 }
 
 static int shard_validate(const mp_task_info *in, mp_error *err) {
@@ -118,7 +115,14 @@ static int shard_job_run(mp_task *t) {
     mp_error err = {0};
     if (!in->model_path) return task_fail(t, "not_found", "%s is not available locally", in->model);
     char *out = NULL;
-    if (resolve_output(in, true, &out, &err) != 0) return task_fail(t, err.code, "%s", err.message);
+    int lock = -1;
+    bool overwrite = json_is_true(json_object_get(in->params, "overwrite"));
+    if (resolve_output(in, true, &out, &err) != 0 || job_output_lock(out, &lock, &err) != 0 ||
+        job_output_fresh(out, overwrite, &err) != 0) {
+        job_output_unlock(lock);
+        free(out);
+        return task_fail(t, err.code, "%s", err.message);
+    }
     const char *naming = json_string_value(json_object_get(in->params, "naming"));
     json_t *mp = json_object_get(in->params, "max_part_bytes");
     shard_opts o = {
@@ -127,7 +131,7 @@ static int shard_job_run(mp_task *t) {
         .tp = tp_param(in),
         .max_part_bytes = mp ? (uint64_t)json_integer_value(mp) : 0,
         .naming = naming && strcmp(naming, "hf") == 0 ? TP_NAMING_HF : TP_NAMING_SGLANG,
-        .overwrite = json_is_true(json_object_get(in->params, "overwrite")),
+        .overwrite = overwrite,
         .source_model = in->model,
         .source_revision = in->is_hub_model ? in->revision : NULL,
         .tmp_tag = in->id,
@@ -141,11 +145,13 @@ static int shard_job_run(mp_task *t) {
     };
     json_t *result = NULL;
     int rc = shard_run(&o, &result, &err);
+    job_output_unlock(lock);
     free(out);
     if (rc != 0) {
         if (strcmp(err.code, "cancelled") == 0) return task_fail(t, "cancelled", "cancelled");
         return task_fail(t, err.code, "%s", err.message);
     }
+    json_object_set(result, "next_model", json_object_get(result, "output_path"));
     return task_succeed(t, result);
 }
 
@@ -161,4 +167,5 @@ const mp_job_type mp_job_shard = {
     .validate = shard_validate,
     .run = shard_job_run,
     .flags = MP_JOB_NEEDS_LOCAL | MP_JOB_RESUMABLE,
+    .output = shard_output,
 };

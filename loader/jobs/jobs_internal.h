@@ -5,6 +5,8 @@
 #ifndef MP_LOADER_JOBS_INTERNAL_H
 #define MP_LOADER_JOBS_INTERNAL_H
 
+#include <stdbool.h>
+
 #include "util/error.h"
 #include "util/task.h"
 
@@ -13,5 +15,21 @@
  * forbidden (convert and shard share this rule). *out is the resolved path
  * (caller frees). Errors name field "params.output". */
 int job_output_param(const mp_task_info *in, const char *param, char **out, mp_error *err);
+
+/* Run-time exclusion of one output folder: an exclusive, non-blocking flock
+ * on ".<name>.lock" next to it, held until job_output_unlock. A second job on
+ * the same folder gets "output_busy" (the submit-time check catches the
+ * usual case; this one also covers other processes and races). *fd is -1
+ * when no lock could be taken because the parent folder does not exist
+ * (the job then fails on its own terms). */
+int job_output_lock(const char *out, int *fd, mp_error *err);
+void job_output_unlock(int fd);
+/* "output_exists" unless overwrite, when the folder is already there. */
+int job_output_fresh(const char *out, bool overwrite, mp_error *err);
+/* The folder a job writes when params.output is not given:
+ * <data_dir>/<sub>/<default name of the model><suffix>. make: create
+ * <data_dir>/<sub> first (run time only). */
+int job_output_default(const mp_task_info *in, const char *sub, const char *suffix, bool make,
+                       char **out, mp_error *err);
 
 #endif

@@ -110,11 +110,11 @@ static void list_refs(const char *hub_cache, const char *repo, json_t *out) {
             json_t *names = json_array();
             uint64_t bytes = 0;
             walk_snapshot(snap, "", 0, names, NULL, &bytes);
-            json_array_append_new(out, json_pack("{s:s,s:s,s:s,s:s,s:I,s:I,s:o}", "model", repo,
-                                                 "revision", e->d_name, "commit", commit, "path",
-                                                 snap, "size_bytes", (json_int_t)bytes, "files",
-                                                 (json_int_t)json_array_size(names), "formats",
-                                                 cache_formats_of(names)));
+            json_array_append_new(
+                out, json_pack("{s:s,s:s,s:s,s:s,s:s,s:I,s:I,s:o}", "model", repo, "kind", "hub",
+                               "revision", e->d_name, "commit", commit, "path", snap, "size_bytes",
+                               (json_int_t)bytes, "files", (json_int_t)json_array_size(names),
+                               "formats", cache_formats_of(names)));
             json_decref(names);
             free(snap);
         }

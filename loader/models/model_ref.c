@@ -79,7 +79,19 @@ int mref_confine(const char *path, size_t len, const char *const *roots, char **
         }
     }
     free(real);
-    return mp_err_field(err, "model", "bad_model", "model path is outside the model roots");
+    /* Name the roots: the fix is either a path under one of them or
+     * another --model-root, and the user needs to know which. */
+    char list[400] = "";
+    size_t used = 0;
+    for (int i = 0; roots[i] && used < sizeof list; i++) {
+        int w = snprintf(list + used, sizeof list - used, "%s%s", i ? ", " : "", roots[i]);
+        if (w < 0) break;
+        used += (size_t)w;
+    }
+    return mp_err_field(err, "model", "bad_model",
+                        "model path %.200s is outside the model roots (%s); use a path under one "
+                        "of them, or start the server with --model-root for its folder",
+                        path, list);
 }
 
 char *mref_repo_cache_dir(const char *hub_cache, const char *repo) {

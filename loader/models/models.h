@@ -5,6 +5,9 @@
  * anything touches the disk: a hub repo id ("org/name") with a revision, or
  * a local directory that must lie under one of the configured model roots.
  *
+ * local_models.c (mref_list_root): the models in folders (model roots and
+ * our own output folders).
+ *
  * cache.c (cache_): reading and evicting what the Hugging Face-layout cache
  * holds (models--org--name/{refs,snapshots,blobs}). Writing it is the hub
  * client's job (loader/hub/); this is the view GET/DELETE /v1/models need.
@@ -36,6 +39,14 @@ char *mref_repo_cache_dir(const char *hub_cache, const char *repo);
  * or the commit itself), else NULL. *commit (41 bytes) gets the commit. */
 char *mref_snapshot_dir(const char *hub_cache, const char *repo, const char *revision,
                         char *commit);
+
+/* ---- folders of models (local_models.c) ---- */
+
+/* Appends to out one entry {"model","kind","revision":null,"path",
+ * "size_bytes","files","formats"} per model under root: the root itself
+ * when it holds weight files, else each sub-folder that does ("model" is
+ * the path: what a job takes). kind: "local", "converted" or "sharded". */
+int mref_list_root(const char *root, const char *kind, json_t *out);
 
 /* ---- the hub cache (cache.c) ---- */
 

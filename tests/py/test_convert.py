@@ -110,8 +110,10 @@ def test_keep_is_bit_exact_with_tied_and_views(make_server, model_root):
     # the model folder itself is untouched
     assert sorted(os.listdir(m)) == ["config.json", "pytorch_model.bin", "tokenizer.json",
                                      "training_args.bin"]
-    # a second run replaces our own earlier output
+    # a second run replaces our own earlier output, when asked to
     job2 = convert(s, m)
+    assert job2["state"] == "failed" and job2["error"]["code"] == "output_exists", job2
+    job2 = convert(s, m, overwrite=True)
     assert job2["state"] == "succeeded", job2
     assert no_leftovers(os.path.dirname(out))
 

@@ -340,8 +340,9 @@ static json_t *job_doc(const char *id) {
                      "2026-01-01T00:00:00Z");
 }
 
-static bool always_resume(void *arg, const char *type) {
+static bool always_resume(void *arg, const char *type, json_t *doc) {
     (void)arg;
+    (void)doc;
     return strcmp(type, "download") == 0;
 }
 
@@ -356,21 +357,25 @@ static void test_store_jobs(void **state) {
         snprintf(id, sizeof id, "j_%d", i);
         json_t *d = job_doc(id);
         assert_int_equal(
-            store_job_insert(s, id, "verify", "o/m", "main", d, NULL, "", &existing, &err), 0);
+            store_job_insert(s, id, "verify", "o/m", "main", d, NULL, NULL, "", &existing, &err),
+            0);
         json_decref(d);
     }
     /* idempotency: same key, same hash → the first id; other hash → conflict */
     json_t *d = job_doc("j_k1");
     assert_int_equal(
-        store_job_insert(s, "j_k1", "verify", "o/m", "main", d, "k", "h1", &existing, &err), 0);
+        store_job_insert(s, "j_k1", "verify", "o/m", "main", d, NULL, "k", "h1", &existing, &err),
+        0);
     assert_null(existing);
     assert_int_equal(
-        store_job_insert(s, "j_k2", "verify", "o/m", "main", d, "k", "h1", &existing, &err), 0);
+        store_job_insert(s, "j_k2", "verify", "o/m", "main", d, NULL, "k", "h1", &existing, &err),
+        0);
     assert_string_equal(existing, "j_k1");
     free(existing);
     existing = NULL;
     assert_int_equal(
-        store_job_insert(s, "j_k3", "verify", "o/m", "main", d, "k", "h2", &existing, &err), -1);
+        store_job_insert(s, "j_k3", "verify", "o/m", "main", d, NULL, "k", "h2", &existing, &err),
+        -1);
     assert_string_equal(err.code, "idempotency_conflict");
     json_decref(d);
     assert_null(store_job_get(s, "j_k2"));
@@ -393,7 +398,7 @@ static void test_store_jobs(void **state) {
 
     /* list: newest first, paging by cursor */
     sbuf out = {0};
-    assert_int_equal(store_job_list(s, NULL, NULL, NULL, 2, NULL, &out, &err), 0);
+    assert_int_equal(store_job_list(s, NULL, NULL, NULL, NULL, 2, NULL, &out, &err), 0);
     json_t *list = json_loads(out.buf, 0, NULL);
     sb_free(&out);
     assert_int_equal(json_array_size(json_object_get(list, "jobs")), 2);
@@ -402,19 +407,19 @@ static void test_store_jobs(void **state) {
         "j_k1");
     const char *cur = json_string_value(json_object_get(list, "next_cursor"));
     assert_non_null(cur);
-    assert_int_equal(store_job_list(s, NULL, NULL, NULL, 10, cur, &out, &err), 0);
+    assert_int_equal(store_job_list(s, NULL, NULL, NULL, NULL, 10, cur, &out, &err), 0);
     json_t *list2 = json_loads(out.buf, 0, NULL);
     sb_free(&out);
     assert_int_equal(json_array_size(json_object_get(list2, "jobs")), 2);
     assert_true(json_is_null(json_object_get(list2, "next_cursor")));
     json_decref(list);
     json_decref(list2);
-    assert_int_equal(store_job_list(s, "running", NULL, NULL, 10, NULL, &out, &err), 0);
+    assert_int_equal(store_job_list(s, "running", NULL, NULL, NULL, 10, NULL, &out, &err), 0);
     list = json_loads(out.buf, 0, NULL);
     sb_free(&out);
     assert_int_equal(json_array_size(json_object_get(list, "jobs")), 1);
     json_decref(list);
-    assert_int_equal(store_job_list(s, NULL, NULL, NULL, 10, "-5", &out, &err), -1);
+    assert_int_equal(store_job_list(s, NULL, NULL, NULL, NULL, 10, "-5", &out, &err), -1);
     sb_free(&out);
 
     /* recovery: the running verify job is failed as interrupted */
@@ -461,8 +466,81 @@ static void test_store_jobs(void **state) {
     assert_int_equal(system(cmd), 0);
 }
 
+static bool resume_unless_child(void *arg, const char *type, json_t *doc) {
+    (void)arg;
+    (void)type;
+    return !json_is_string(json_object_get(doc, "parent"));
+}
+
+/* Outputs are exclusive among active jobs; children carry and filter by
+ * their parent; recovery sees the document so children are not re-queued. */
+static void test_store_outputs_and_children(void **state) {
+    (void)state;
+    char dir[600];
+    store *s = open_store(dir);
+    mp_error err = {0};
+    char *existing = NULL;
+    json_t *a = job_doc("j_a");
+    assert_int_equal(store_job_insert(s, "j_a", "convert", "o/m", "main", a, "/d/converted/x", NULL,
+                                      "", &existing, &err),
+                     0);
+    json_t *b = job_doc("j_b");
+    assert_int_equal(store_job_insert(s, "j_b", "convert", "o/m", "main", b, "/d/converted/x", NULL,
+                                      "", &existing, &err),
+                     -1);
+    assert_string_equal(err.code, "output_busy");
+    assert_non_null(strstr(err.message, "j_a"));
+    assert_null(store_job_get(s, "j_b"));
+    /* once the first has ended, the folder is free again */
+    json_object_set_new(a, "state", json_string("failed"));
+    assert_int_equal(store_job_update(s, "j_a", a, NULL, NULL, &err), 0);
+    assert_int_equal(store_job_insert(s, "j_b", "convert", "o/m", "main", b, "/d/converted/x", NULL,
+                                      "", &existing, &err),
+                     0);
+    /* a child, inserted running under its parent */
+    json_t *p = job_doc("j_p");
+    json_object_set_new(p, "type", json_string("prepare"));
+    assert_int_equal(
+        store_job_insert(s, "j_p", "prepare", "o/m", "main", p, NULL, NULL, "", &existing, &err),
+        0);
+    json_t *c = job_doc("j_c");
+    json_object_set_new(c, "state", json_string("running"));
+    json_object_set_new(c, "parent", json_string("j_p"));
+    assert_int_equal(
+        store_job_insert(s, "j_c", "inspect", "o/m", "main", c, NULL, NULL, "", &existing, &err),
+        0);
+    sbuf out = {0};
+    assert_int_equal(store_job_list(s, NULL, NULL, NULL, "j_p", 10, NULL, &out, &err), 0);
+    json_t *list = json_loads(out.buf, 0, NULL);
+    sb_free(&out);
+    assert_int_equal(json_array_size(json_object_get(list, "jobs")), 1);
+    assert_string_equal(
+        json_string_value(json_object_get(json_array_get(json_object_get(list, "jobs"), 0), "id")),
+        "j_c");
+    json_decref(list);
+    /* the parent running too, then a crash: the child fails, the parent is re-queued */
+    json_object_set_new(p, "state", json_string("running"));
+    assert_int_equal(store_job_update(s, "j_p", p, NULL, NULL, &err), 0);
+    int rq = 0, fl = 0;
+    assert_int_equal(store_job_recover(s, "t", resume_unless_child, NULL, &rq, &fl), 0);
+    assert_int_equal(rq, 1);
+    assert_int_equal(fl, 1);
+    json_t *g = store_job_get(s, "j_c");
+    assert_string_equal(json_string_value(json_object_get(g, "state")), "failed");
+    json_decref(g);
+    json_decref(a);
+    json_decref(b);
+    json_decref(p);
+    json_decref(c);
+    store_close(s);
+    char cmd[700];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_store_outputs_and_children),
         cmocka_unit_test(test_router_match),
         cmocka_unit_test(test_openapi_matches_routes),
         cmocka_unit_test(test_openapi_job_params),
