@@ -142,6 +142,14 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
         *http_status = 400;
         goto out;
     }
+    /* Every file the job (and its validator) may open, not only the folder. */
+    if (model_path &&
+        mref_confine_model_files(model_path, model, is_hub, srv->cfg.hub_cache,
+                                 (const char *const *)srv->cfg.model_roots, err) != 0) {
+        if (!err->field[0]) snprintf(err->field, sizeof err->field, "model");
+        *http_status = 400;
+        goto out;
+    }
     if (jt->validate) {
         mp_task_info info = {.type = jt->name,
                              .model = model,

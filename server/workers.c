@@ -295,6 +295,13 @@ static void run_one(worker_pool *p, int slot, json_t *doc, json_t *checkpoint) {
         if ((t->type->flags & MP_JOB_NEEDS_LOCAL) && !model_path) {
             task_fail(t, err.code[0] ? err.code : "not_found", "%s",
                       err.message[0] ? err.message : "the model is not available locally");
+        } else if (model_path &&
+                   mref_confine_model_files(model_path, t->info.model, t->info.is_hub_model,
+                                            srv->cfg.hub_cache,
+                                            (const char *const *)srv->cfg.model_roots, &err) != 0) {
+            /* Checked again here, not only at submit: links may have changed
+             * while the job was queued. */
+            task_fail(t, err.code, "%s", err.message);
         } else {
             mp_log(&srv->log, "info", t->info.id, "job %s started on %s", type, t->info.model);
             task_progress(t, 0, 0, NULL, "started");

@@ -3,6 +3,7 @@
 #include "loader/models/model_ref.h"
 
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -80,6 +81,111 @@ int mref_confine(const char *path, size_t len, const char *const *roots, char **
     }
     free(real);
     return mp_err_field(err, "model", "bad_model", "model path is outside the model roots");
+}
+
+#define CONFINE_MAX_DEPTH 16
+#define CONFINE_MAX_ENTRIES 1000000
+
+static bool under(const char *real, const char *root) {
+    size_t rl = strlen(root);
+    while (rl > 1 && root[rl - 1] == '/')
+        rl--;
+    return strncmp(real, root, rl) == 0 && (real[rl] == '/' || real[rl] == 0);
+}
+
+typedef struct confine_walk {
+    const char *top;
+    const char *const *allowed;
+    const char *why;
+    size_t entries;
+} confine_walk;
+
+/* rel: the path under the model dir ("" for the top). Only symlinks need a
+ * realpath: anything else lies where its (already checked) parent does. */
+static int confine_dir(confine_walk *w, const char *rel, int depth, mp_error *err) {
+    if (depth > CONFINE_MAX_DEPTH)
+        return mp_err(err, "too_deep", "%s: folders nested over %d levels", w->top,
+                      CONFINE_MAX_DEPTH);
+    char path[PATH_MAX];
+    if (snprintf(path, sizeof path, "%s%s%s", w->top, rel[0] ? "/" : "", rel) >= (int)sizeof path)
+        return mp_err(err, "bad_path", "path too long under %s", w->top);
+    DIR *d = opendir(path);
+    if (!d) return mp_err(err, "io_error", "open %s: %s", path, strerror(errno));
+    int rc = 0;
+    struct dirent *e;
+    while (rc == 0 && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        if (++w->entries > CONFINE_MAX_ENTRIES) {
+            rc = mp_err(err, "too_many_files", "%s holds over %d files", w->top,
+                        CONFINE_MAX_ENTRIES);
+            break;
+        }
+        char sub[PATH_MAX], abs[PATH_MAX];
+        if (snprintf(sub, sizeof sub, "%s%s%s", rel, rel[0] ? "/" : "", e->d_name) >=
+                (int)sizeof sub ||
+            snprintf(abs, sizeof abs, "%s/%s", w->top, sub) >= (int)sizeof abs) {
+            rc = mp_err(err, "bad_path", "path too long under %s", w->top);
+            break;
+        }
+        struct stat st;
+        if (lstat(abs, &st) != 0) continue; /* gone meanwhile */
+        if (S_ISLNK(st.st_mode)) {
+            char *real = realpath(abs, NULL);
+            if (!real) continue; /* dangling: no job can open it */
+            bool ok = false;
+            for (int i = 0; w->allowed && w->allowed[i] && !ok; i++)
+                ok = under(real, w->allowed[i]);
+            if (!ok) {
+                rc = mp_err(err, "unsafe_path",
+                            "model file %s is a link to %s, outside %s; jobs open only files "
+                            "that stay there: copy the file into the model folder or add its "
+                            "location as a --model-root",
+                            sub, real, w->why);
+                free(real);
+                break;
+            }
+            bool dir = stat(real, &st) == 0 && S_ISDIR(st.st_mode);
+            free(real);
+            if (!dir) continue;
+        } else if (!S_ISDIR(st.st_mode)) {
+            continue;
+        }
+        rc = confine_dir(w, sub, depth + 1, err);
+    }
+    closedir(d);
+    return rc;
+}
+
+int mref_confine_tree(const char *model_dir, const char *const *allowed, const char *why,
+                      mp_error *err) {
+    char *top = realpath(model_dir, NULL);
+    if (!top) return mp_err(err, "not_found", "%s: %s", model_dir, strerror(errno));
+    bool ok = false;
+    for (int i = 0; allowed && allowed[i] && !ok; i++)
+        ok = under(top, allowed[i]);
+    free(top);
+    if (!ok) return mp_err(err, "unsafe_path", "model folder %s lies outside %s", model_dir, why);
+    confine_walk w = {.top = model_dir, .allowed = allowed, .why = why};
+    return confine_dir(&w, "", 0, err);
+}
+
+int mref_confine_model_files(const char *model_dir, const char *model, bool is_hub,
+                             const char *hub_cache, const char *const *roots, mp_error *err) {
+    if (!is_hub) return mref_confine_tree(model_dir, roots, "the model roots (--model-root)", err);
+    char *repo = hub_cache ? mref_repo_cache_dir(hub_cache, model) : NULL;
+    char *real = repo ? realpath(repo, NULL) : NULL;
+    int rc;
+    if (!real) {
+        rc = mp_err(err, "not_cached", "%s is not in the local cache", model);
+    } else {
+        char why[PATH_MAX + 64];
+        snprintf(why, sizeof why, "the repo's cache folder %s", real);
+        const char *const allowed[] = {real, NULL};
+        rc = mref_confine_tree(model_dir, allowed, why, err);
+    }
+    free(real);
+    free(repo);
+    return rc;
 }
 
 char *mref_repo_cache_dir(const char *hub_cache, const char *repo) {
