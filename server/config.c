@@ -20,6 +20,11 @@ static const char USAGE[] =
     "  --workers N             job worker threads (default 2)\n"
     "  --http-threads N        HTTP thread pool size (default: number of cores)\n"
     "  --max-connections N     concurrent HTTP connections (default 1024)\n"
+    "  --max-connections-per-ip N  of those, at most N from one client address\n"
+    "                          (default: a quarter of --max-connections; every\n"
+    "                          loopback client counts as the one address 127.0.0.1)\n"
+    "  --header-timeout S      close a connection whose request headers stall for S\n"
+    "                          seconds (default 5)\n"
     "  --hub-endpoint URL      Hugging Face-compatible hub (default $HF_ENDPOINT or\n"
     "                          https://huggingface.co)\n"
     "  --devices LIST          auto | host | host:N | 0,1,... (default auto)\n"
@@ -91,7 +96,9 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     cfg->http_threads = ncpu > 0 ? (int)ncpu : 2;
     cfg->max_connections = 1024;
+    cfg->max_connections_per_ip = 0; /* 0: a quarter of --max-connections, below */
     cfg->connection_timeout_s = 60;
+    cfg->header_timeout_s = 5;
     snprintf(cfg->devices, sizeof cfg->devices, "auto");
     cfg->access_log = true;
     const char *tok = getenv("MODELPREP_TOKEN");
@@ -107,6 +114,8 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
         O_WORKERS,
         O_HTTP,
         O_MAXCONN,
+        O_MAXCONN_IP,
+        O_HDR_TIMEOUT,
         O_HUB,
         O_DEVICES,
         O_HOSTMEM,
@@ -125,6 +134,8 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
         {"workers", required_argument, NULL, O_WORKERS},
         {"http-threads", required_argument, NULL, O_HTTP},
         {"max-connections", required_argument, NULL, O_MAXCONN},
+        {"max-connections-per-ip", required_argument, NULL, O_MAXCONN_IP},
+        {"header-timeout", required_argument, NULL, O_HDR_TIMEOUT},
         {"hub-endpoint", required_argument, NULL, O_HUB},
         {"devices", required_argument, NULL, O_DEVICES},
         {"host-device-memory", required_argument, NULL, O_HOSTMEM},
@@ -175,6 +186,14 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
             if (parse_int("--max-connections", optarg, 4, 65536, &n, err) != 0) return -1;
             cfg->max_connections = (int)n;
             break;
+        case O_MAXCONN_IP:
+            if (parse_int("--max-connections-per-ip", optarg, 1, 65536, &n, err) != 0) return -1;
+            cfg->max_connections_per_ip = (int)n;
+            break;
+        case O_HDR_TIMEOUT:
+            if (parse_int("--header-timeout", optarg, 1, 3600, &n, err) != 0) return -1;
+            cfg->header_timeout_s = (int)n;
+            break;
         case O_HUB:
             if (strncmp(optarg, "http://", 7) != 0 && strncmp(optarg, "https://", 8) != 0)
                 return mp_err(err, "bad_flag", "--hub-endpoint must be an http(s) URL");
@@ -221,6 +240,15 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
         }
     }
     if (optind < argc) return mp_err(err, "bad_flag", "unexpected argument %s", argv[optind]);
+    /* A quarter of the slots by default: one address (an idle-socket flood,
+     * a runaway client) can never take all of them. */
+    if (cfg->max_connections_per_ip == 0)
+        cfg->max_connections_per_ip = cfg->max_connections / 4 > 0 ? cfg->max_connections / 4 : 1;
+    if (cfg->max_connections_per_ip > cfg->max_connections)
+        return mp_err(err, "bad_flag",
+                      "--max-connections-per-ip %d is over --max-connections %d: lower it so "
+                      "one address cannot take every connection",
+                      cfg->max_connections_per_ip, cfg->max_connections);
 
     if (fs_mkdirs(cfg->data_dir, err) != 0) return -1;
     char *real = realpath(cfg->data_dir, NULL);

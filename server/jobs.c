@@ -90,7 +90,10 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
     }
     const mp_job_type *jt = jobs_type_find(json_string_value(jtype));
     if (!jt) {
-        mp_err_field(err, "type", "unknown_type", "unknown job type %s", json_string_value(jtype));
+        char names[256];
+        jobs_type_names(names, sizeof names);
+        mp_err_field(err, "type", "unknown_type", "unknown job type %s: the types are %s",
+                     json_string_value(jtype), names);
         return bad(http_status, 400);
     }
     if (!json_is_string(jmodel)) {

@@ -16,6 +16,8 @@
 const mp_job_type *jobs_type_find(const char *name);
 /* NULL-terminated list of registered types. */
 const mp_job_type *const *jobs_types(void);
+/* "download, verify, ..." into buf (at most n bytes), for error messages. */
+void jobs_type_names(char *buf, size_t n);
 
 /* Submits a request body. On success *job is the job object and *created is
  * false when an Idempotency-Key matched an earlier job. On failure returns

@@ -1,5 +1,6 @@
 /* jobtypes.c - the registry: every job type the server knows, by name. A
  * new type is one `extern` and one table entry here. */
+#include <stdio.h>
 #include <string.h>
 
 #include "server/jobs.h"
@@ -24,4 +25,13 @@ const mp_job_type *jobs_type_find(const char *name) {
     for (int i = 0; TYPES[i]; i++)
         if (strcmp(TYPES[i]->name, name) == 0) return TYPES[i];
     return NULL;
+}
+
+void jobs_type_names(char *buf, size_t n) {
+    if (n == 0) return;
+    buf[0] = 0;
+    for (int i = 0; TYPES[i]; i++) {
+        size_t l = strlen(buf);
+        snprintf(buf + l, n - l, "%s%s", i ? ", " : "", TYPES[i]->name);
+    }
 }

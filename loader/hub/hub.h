@@ -117,6 +117,10 @@ double hub_parse_retry_after(const char *value, time_t now);
  * /api/..., so a bare 404 means the repo rather than a file. NULL when the
  * status is worth retrying (5xx, 429, 408). */
 const char *hub_error_code(long status, const char *x_error_code, bool api);
+/* What to do about an error code, to append to its message ("" when there
+ * is nothing to add): for "unauthorized", set HF_TOKEN (sent_token false) or
+ * check it (the hub refused the one sent). */
+const char *hub_error_hint(const char *code, bool sent_token);
 /* "W/\"abc\"" -> "abc" into out (>= 65 bytes); false when it is not 40/64 hex. */
 bool hub_normalize_etag(const char *in, char *out, size_t n);
 /* Content-Range "bytes a-b/total". */
