@@ -107,6 +107,12 @@ int hub_publish_link(const char *repo_dir, const char *commit, const char *path,
                      mp_error *err);
 /* Free bytes on the file system holding path. */
 int hub_free_bytes(const char *path, uint64_t *out, mp_error *err);
+/* Kept free on the cache's file system beyond what a download needs, so a
+ * download never fills the disk the SQLite store and logs share. */
+#define HUB_SPACE_MARGIN (64ull << 20)
+/* 0 when need + HUB_SPACE_MARGIN fits in free_bytes; else "insufficient_space"
+ * with a message giving need, the margin, their sum and what is free in dir. */
+int hub_check_space(uint64_t need, uint64_t free_bytes, const char *dir, mp_error *err);
 
 /* ---- hub_http.c ---------------------------------------------------------- */
 

@@ -19,8 +19,6 @@
 #include "util/fsutil.h"
 #include "util/timeutil.h"
 
-#define SPACE_MARGIN (64ull << 20)
-
 typedef struct dl {
     const hub_download_opts *o;
     const hub_callbacks *cb;
@@ -255,11 +253,7 @@ int hub_download(const hub_download_opts *o, const hub_callbacks *cb, json_t **r
         need += l.files[idx[k]].size - partial_bytes(blobs, &l.files[idx[k]]);
     uint64_t free_b = 0;
     if (hub_free_bytes(blobs, &free_b, err) != 0) goto out;
-    if (need > free_b || free_b - need < SPACE_MARGIN) {
-        mp_err(err, "insufficient_space", "need %llu bytes in %s, %llu free",
-               (unsigned long long)need, blobs, (unsigned long long)free_b);
-        goto out;
-    }
+    if (hub_check_space(need, free_b, blobs, err) != 0) goto out;
     logf_(&d, "info", "%zu files to fetch (%llu bytes), %llu bytes already cached", n,
           (unsigned long long)need, (unsigned long long)reused);
     d.base_done = reused + dups;
