@@ -202,6 +202,9 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
                          &existing, err) != 0) {
         json_decref(doc);
         *http_status = strcmp(err->code, "idempotency_conflict") == 0 ? 422 : 503;
+        /* Name the header, so the problem's errors[] says what to change. */
+        if (*http_status == 422 && !err->field[0])
+            snprintf(err->field, sizeof err->field, "Idempotency-Key");
         goto out;
     }
     if (existing) {

@@ -45,8 +45,12 @@ int mref_confine(const char *path, size_t len, const char *const *roots, char **
     *out = NULL;
     if (len != strlen(path))
         return mp_err_field(err, "model", "bad_model", "model contains a NUL byte");
-    if (len == 0 || len > MREF_MAX_LEN)
-        return mp_err_field(err, "model", "bad_model", "model path is empty or over %d bytes",
+    /* Characters, not bytes, as the OpenAPI document's maxLength counts. */
+    size_t chars = 0;
+    for (size_t i = 0; i < len; i++)
+        chars += ((unsigned char)path[i] & 0xC0) != 0x80;
+    if (len == 0 || chars > MREF_MAX_LEN)
+        return mp_err_field(err, "model", "bad_model", "model path is empty or over %d characters",
                             MREF_MAX_LEN);
     if (path[0] != '/')
         return mp_err_field(err, "model", "bad_model",
@@ -58,13 +62,19 @@ int mref_confine(const char *path, size_t len, const char *const *roots, char **
         if (starts && ends)
             return mp_err_field(err, "model", "bad_model", "model path contains '..'");
     }
+    /* The codes below depend on what the server holds, not on the request's
+     * form (no_model_roots, not_found, outside_roots): the OpenAPI document
+     * cannot rule them out, and clients can tell them from a malformed name. */
     if (!roots || !roots[0])
-        return mp_err_field(err, "model", "bad_model",
+        return mp_err_field(err, "model", "no_model_roots",
                             "local paths are disabled: the server has no --model-root");
     char *real = realpath(path, NULL);
-    if (!real)
-        return mp_err_field(err, "model", errno == ENOENT ? "not_found" : "bad_model",
-                            "model path %s: %s", path, strerror(errno));
+    if (!real) {
+        int e = errno;
+        bool missing = e == ENOENT || e == ENOTDIR || e == ENAMETOOLONG;
+        return mp_err_field(err, "model", missing ? "not_found" : "bad_model", "model path %s: %s",
+                            path, strerror(e));
+    }
     for (int i = 0; roots[i]; i++) {
         size_t rl = strlen(roots[i]);
         /* realpath resolved every symlink, so a link pointing out of the
@@ -73,14 +83,16 @@ int mref_confine(const char *path, size_t len, const char *const *roots, char **
             struct stat st;
             if (stat(real, &st) != 0 || !S_ISDIR(st.st_mode)) {
                 free(real);
-                return mp_err_field(err, "model", "bad_model", "model path is not a directory");
+                return mp_err_field(err, "model", "not_found", "model path %s is not a directory",
+                                    path);
             }
             *out = real;
             return 0;
         }
     }
     free(real);
-    return mp_err_field(err, "model", "bad_model", "model path is outside the model roots");
+    return mp_err_field(err, "model", "outside_roots",
+                        "model path %s is outside the model roots (--model-root)", path);
 }
 
 #define CONFINE_MAX_DEPTH 16

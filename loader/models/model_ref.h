@@ -19,8 +19,10 @@ bool mref_is_repo_id(const char *s);
 bool mref_is_revision(const char *s);
 
 /* Confines a local path: absolute, no NUL (len must equal strlen), no ".."
- * component, at most MREF_MAX_LEN, and its realpath under a root. *out is the
- * realpath (caller frees). err->code "bad_model"/"not_found". */
+ * component, at most MREF_MAX_LEN characters, and its realpath a directory
+ * under a root. *out is the realpath (caller frees). err->code "bad_model"
+ * (malformed), or, depending on the disk and the flags: "not_found" (no
+ * such directory), "outside_roots", "no_model_roots". */
 int mref_confine(const char *path, size_t len, const char *const *roots, char **out, mp_error *err);
 
 /* Confines every file a job may open, not only the model directory: each
