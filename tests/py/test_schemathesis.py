@@ -136,7 +136,7 @@ def test_real_objects_match_their_schemas(live, api_schema):
 
 
 @schema.exclude(path_regex=r"events$").parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
+@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck),
           phases=[Phase.explicit, Phase.generate])
 def test_api_matches_its_contract(case, live):
