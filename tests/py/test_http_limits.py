@@ -103,7 +103,7 @@ def test_idle_flood_from_one_address_does_not_starve_others(make_server):
         time.sleep(1.0)
         # every normal request is served, quickly, while the flood is connected
         slow = [timed_get(s.base, "/v1/jobs") for _ in range(20)]
-        assert max(slow) < 2.0, slow
+        assert max(slow) < 5.0, slow  # without the cap: 10 s timeouts
         # the flooding address holds at most its cap (default 256) of the slots
         assert still_open(socks) <= 256
     finally:
