@@ -26,8 +26,8 @@ bool mref_is_revision(const char *s);
 int mref_confine(const char *path, size_t len, const char *const *roots, char **out, mp_error *err);
 
 /* Confines every file a job may open, not only the model directory: each
- * entry under model_dir (recursively, at most 16 levels; dot-entries are
- * skipped as the jobs skip them) that is a symlink must resolve inside one
+ * entry under model_dir (recursively, 16 levels deep as no job goes further;
+ * dot-entries are skipped as the jobs skip them) that is a symlink must resolve inside one
  * of allowed[] (NULL-terminated, realpath'd). Dangling links are ignored (no
  * job can open them). err "unsafe_path" names the first offending file;
  * "too_many_files" past 1,000,000 entries. */
