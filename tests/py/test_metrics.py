@@ -4,6 +4,7 @@ and the values move as jobs and requests happen."""
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -144,7 +145,16 @@ def test_metrics_needs_the_token(make_server):
     status, doc = srv.get("/metrics")
     assert status == 401 and doc["status"] == 401
     srv.token = "t0k3n"
-    _, fam = scrape(srv)
+    # Requests are counted when libmicrohttpd reports them complete, which
+    # can come a moment after the client has read the answer.
+    deadline = time.time() + 5
+    while True:
+        _, fam = scrape(srv)
+        n = [x for x in samples(fam, "modelprep_http_requests_total")
+             if x.labels == {"route": "metrics", "status": "401"}]
+        if n or time.time() > deadline:
+            break
+        time.sleep(0.05)
     assert sample(fam, "modelprep_http_requests_total", route="metrics", status="401") == 1
 
 
