@@ -3,9 +3,11 @@
 # edit here.
 #
 #   make            release build: build/modelprepd and build/modelprep-* tools
-#   make run        install deps, build, start the server on its defaults
-#   make test       install deps, build under ASan+UBSan, run every suite
+#   make run        install the build deps, build, start the server on its defaults
+#   make test       install the build and test deps, build under ASan+UBSan, run every suite
 #   make bench      benchmarks under bench/ (prints ratios against peers)
+#   make deps       only the build deps (scripts/deps.sh run): no Python, no PyPI
+#   make deps-test  make deps + the test tools and .venv (scripts/deps.sh test)
 #   make cuda       build build/cuda/modelprepd with the CUDA backend (nvcc)
 #   make fuzz       libFuzzer targets (clang) under build/fuzz/
 #
@@ -56,11 +58,19 @@ PY := $(VENV)/bin/python
 # Keep intermediate objects (tests, tools) so relinking needs no recompiling.
 .SECONDARY:
 
-.PHONY: all run test test-build layers unit integration pytest bench cuda fuzz deps clean format cuda-check
+.PHONY: all run test test-build layers unit integration pytest bench cuda fuzz deps deps-test deps-bench clean format cuda-check
 all: $(REL)/modelprepd $(REL_TOOLS)
 
+# What `make run` needs is only what building and running need; the test
+# tools (and PyPI) come with `make test`. See scripts/deps.sh.
 deps:
-	@bash scripts/deps.sh
+	@bash scripts/deps.sh run
+
+deps-test:
+	@bash scripts/deps.sh test
+
+deps-bench:
+	@bash scripts/deps.sh bench
 
 run: deps all
 	$(REL)/modelprepd $(ARGS)
@@ -134,7 +144,7 @@ $(SAN)/tests/helpers/%: $(SAN)/obj/tests/helpers/%.o $(SAN_LIB)
 test-build: $(SAN)/modelprepd $(SAN_TOOLS) $(UNIT_BIN) $(INTEG_BIN) $(HELPER_BIN) $(REL)/modelprepd $(REL_TOOLS)
 
 # make test: the whole suite. Each stage prints its own closing line.
-test: deps
+test: deps-test
 	@$(MAKE) --no-print-directory test-build
 	@$(MAKE) --no-print-directory cuda-check
 	@BUILD=$(BUILD) bash scripts/run-tests.sh
@@ -207,7 +217,7 @@ cuda-check:
 	  $(MAKE) --no-print-directory cuda && echo "cuda build: ok"; \
 	else echo "cuda build: skipped (no nvcc)"; fi
 
-bench: deps all
+bench: deps-bench all
 	@BUILD=$(BUILD) bash bench/run.sh
 
 fuzz:

@@ -28,11 +28,87 @@ def op(summary, responses, params=None, body=None, tags=None, security=True):
         o["security"] = []
     return o
 
-def path_param(name):
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+def path_param(name, schema=None):
+    return {"name": name, "in": "path", "required": True, "schema": schema or {"type": "string"}}
 
 def query(name, schema):
     return {"name": name, "in": "query", "required": False, "schema": schema}
+
+# ---- string rules, as regular expressions the server is checked against ----
+# Each pattern documents a subset of what the server accepts (never more):
+# tests/py/test_schemathesis.py sends requests generated from them and
+# fails when the server refuses one. No look-arounds: generators need plain
+# regular expressions.
+W = "[A-Za-z0-9_]"
+# A repo id part: starts and ends with a letter, digit or '_', no two of
+# '.' '-' in a row (so no ".." or "--"); 1..96 characters.
+REPO_PART = W + "(?:[.-]?" + W + ")*"
+# Inside one "org/name" string the per-part bound is written into the
+# expression: at most 48 word characters, so at most 95 characters a part.
+REPO_PART_95 = W + "(?:[.-]?" + W + "){0,47}"
+REPO_ID = "^" + REPO_PART_95 + "/" + REPO_PART_95 + "$"
+# A revision: a branch, tag or commit; '/'-separated segments that start
+# with a letter, digit or '_' and never hold "..".
+REV_SEGMENT = W + "(?:\\.?[A-Za-z0-9_-])*"
+REVISION = "^" + REV_SEGMENT + "(?:/" + REV_SEGMENT + ")*$"
+# An absolute path without "." or ".." segments, empty segments or NUL.
+PATH_SEGMENT = "(?:[^/\\x00.][^/\\x00]*|\\.[^/\\x00.][^/\\x00]*|\\.\\.[^/\\x00]+)"
+# (Not written "^(?:/SEGMENT)+$": generators that fold maxLength into a
+# lone repeated group would count groups, not characters.)
+ABS_PATH = "^/" + PATH_SEGMENT + "(?:/" + PATH_SEGMENT + ")*$"
+FILE_NAME = "^" + PATH_SEGMENT + "$"
+NO_NUL = "^[^\\x00]+$"
+JOB_ID = "^j_[0-9a-f]{20}$"
+RESIDENT_ID = "^r_[0-9a-f]{4,64}$"
+CURSOR = "^[1-9][0-9]{0,17}$"
+JOB_TYPES = ["download", "convert", "inspect", "shard", "warm_load", "verify", "prepare"]
+JOB_STATES = ["queued", "running", "succeeded", "failed", "cancelled"]
+
+MODEL_REPO = {"type": "string", "pattern": REPO_ID, "maxLength": 193,
+              "description": "a hub repo id, org/name"}
+MODEL_PATH = {"type": "string", "pattern": ABS_PATH, "minLength": 2, "maxLength": 1024,
+              "description": "an absolute directory under a --model-root, <data>/converted or <data>/sharded (a job result's next_model; at most 1024 characters)"}
+# Each alternative complete in itself (keywords next to anyOf make the
+# boundary-case generators slow and confused).
+MODEL_ANY = {"anyOf": [MODEL_REPO, MODEL_PATH],
+             "description": "a hub repo id (org/name) or an absolute directory under a "
+                            "--model-root (at most 1024 characters)"}
+REVISION_S = {"type": "string", "pattern": REVISION, "minLength": 1, "maxLength": 255,
+              "default": "main", "description": "branch, tag or commit"}
+I64_MAX = 9223372036854775807
+
+def S_(**kw):
+    return dict({"type": "string"}, **kw)
+
+def I_(lo=None, hi=None, **kw):
+    d = {"type": "integer"}
+    if lo is not None:
+        d["minimum"] = lo
+    if hi is not None:
+        d["maximum"] = hi
+    d.update(kw)
+    return d
+
+def nullable(schema):
+    return dict(schema, nullable=True)
+
+PROGRESS = {"type": "object", "additionalProperties": False,
+            "required": ["done", "total", "unit", "rate", "message"],
+            "description": "where a job is; once it has ended: message is done, failed or "
+                           "cancelled and rate is the average (done / the job's duration)",
+            "properties": {"done": I_(0), "total": I_(0),
+                           "unit": S_(description="bytes, files or tensors"),
+                           "rate": {"type": "number", "minimum": 0,
+                                    "description": "units per second"},
+                           "message": {"type": "string"}}}
+PROGRESS_EVENT = dict(PROGRESS, required=PROGRESS["required"] + ["id"],
+                      description="SSE event `progress`: the job's progress plus its id",
+                      properties=dict(PROGRESS["properties"], id=S_(pattern=JOB_ID)))
+TENSOR_ROW = {"type": "object", "properties": {
+    "name": {"type": "string"}, "dtype": {"type": "string"},
+    "shape": {"type": "array", "items": I_(0)},
+    "device": I_(0), "rank": I_(0), "offset": I_(0), "bytes": I_(0),
+    "ggml_type": I_(0, description="only for dtype GGML")}}
 
 schemas = {
     "Problem": {"type": "object", "required": ["type", "title", "status", "detail"],
@@ -41,36 +117,43 @@ schemas = {
                                "errors": {"type": "array", "items": {"type": "object", "properties": {
                                    "field": {"type": "string"}, "code": {"type": "string"},
                                    "message": {"type": "string"}}}}}},
-    "JobRequest": {"type": "object", "required": ["type", "model"], "additionalProperties": False,
-                   "properties": {"type": {"type": "string", "enum": ["download", "convert", "inspect", "shard", "warm_load", "verify", "prepare"]},
-                                  "model": {"type": "string", "description": "hub repo id org/name, or an absolute path under a --model-root, <data>/converted or <data>/sharded (a job result's next_model)"},
-                                  "revision": {"type": "string", "default": "main"},
-                                  "params": {"type": "object", "description": "see Params_<type>"}}},
-    "Progress": {"type": "object", "properties": {"done": {"type": "integer"}, "total": {"type": "integer"},
-                                                  "unit": {"type": "string"}, "rate": {"type": "number"},
-                                                  "message": {"type": "string"}}},
-    "JobError": {"type": "object", "nullable": True, "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+    "Progress": PROGRESS,
+    "ProgressEvent": PROGRESS_EVENT,
+    "JobError": {"type": "object", "nullable": True, "required": ["code", "message"],
+                 "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
     "Job": {"type": "object", "required": ["id", "type", "model", "revision", "params", "state", "progress", "result", "error", "created_at"],
-            "properties": {"id": {"type": "string"}, "type": {"type": "string"}, "model": {"type": "string"},
+            "properties": {"id": S_(pattern=JOB_ID), "type": S_(enum=JOB_TYPES), "model": {"type": "string"},
                            "revision": {"type": "string"}, "params": {"type": "object"},
-                           "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
-                           "progress": ref("Progress"), "result": {"type": "object", "nullable": True},
+                           "state": S_(enum=JOB_STATES),
+                           "progress": ref("Progress"),
+                           "result": {"type": "object", "nullable": True,
+                                      "description": "what the job produced; a failed job may keep what it found "
+                                                     "(verify: the per-file table), else null"},
                            "error": ref("JobError"),
                            "created_at": {"type": "string", "format": "date-time"},
                            "started_at": {"type": "string", "format": "date-time", "nullable": True},
                            "finished_at": {"type": "string", "format": "date-time", "nullable": True},
-                           "parent": {"type": "string", "nullable": True,
-                                      "description": "the prepare job this job is a step of (null for a job submitted on its own)"},
+                           "parent": nullable(S_(pattern=JOB_ID, description="the prepare job this job is a step of (null for a job submitted on its own)")),
                            "steps": {"type": "array", "description": "prepare only: its plan, updated as it runs",
                                      "items": ref("Step")}}},
     "Step": {"type": "object", "required": ["type", "state"],
-             "properties": {"type": {"type": "string", "enum": ["download", "convert", "inspect", "shard", "warm_load"]},
-                            "job": {"type": "string", "nullable": True, "description": "the child job (GET /v1/jobs?parent=<id> lists them)"},
-                            "state": {"type": "string", "enum": ["pending", "running", "succeeded", "failed", "cancelled", "skipped"]},
-                            "reason": {"type": "string", "description": "why it runs or is skipped"},
-                            "model": {"type": "string", "description": "what the step works on"}}},
-    "JobList": {"type": "object", "properties": {"jobs": {"type": "array", "items": ref("Job")},
-                                                 "next_cursor": {"type": "string", "nullable": True}}},
+             "properties": {"type": S_(enum=["download", "convert", "inspect", "shard", "warm_load"]),
+                            "job": nullable(S_(pattern=JOB_ID, description="the child job (GET /v1/jobs?parent=<id> lists them)")),
+                            "state": S_(enum=["pending", "running", "succeeded", "failed", "cancelled", "skipped"]),
+                            "reason": S_(description="why it runs or is skipped"),
+                            "model": S_(description="what the step works on")}},
+    "JobList": {"type": "object", "required": ["jobs", "next_cursor"],
+                "properties": {"jobs": {"type": "array", "items": ref("Job")},
+                               "next_cursor": nullable(S_(pattern=CURSOR))}},
+    "VerifyResult": {"type": "object", "description": "result of a verify job",
+                     "properties": {"status": S_(enum=["verified", "recorded"],
+                                                 description="recorded: no file had a known hash, this run only recorded them"),
+                                    "ok": {"type": "boolean"}, "recorded": I_(0), "bytes": I_(0),
+                                    "files": {"type": "array", "items": {"type": "object", "properties": {
+                                        "name": {"type": "string"}, "size": I_(0),
+                                        "expected": {"type": "string"}, "actual": {"type": "string"},
+                                        "ok": {"type": "boolean"},
+                                        "status": S_(enum=["verified", "recorded"])}}}}},
     "Device": {"type": "object", "properties": {"index": {"type": "integer"}, "kind": {"type": "string", "enum": ["cuda", "host", "async"],
                                                          "description": "async: the test backend of --devices async:N (host memory, late copies, real fences)"},
                                                 "name": {"type": "string"}, "total_bytes": {"type": "integer"},
@@ -80,100 +163,154 @@ schemas = {
     "Version": {"type": "object", "properties": {"version": {"type": "string"}, "git": {"type": "string"},
                                                  "cuda": {"type": "object", "nullable": True, "properties": {
                                                      "runtime": {"type": "integer"}, "driver": {"type": "integer"}}}}},
-    "Model": {"type": "object", "properties": {"model": {"type": "string", "description": "what to pass as a job's model"},
-                                               "kind": {"type": "string", "enum": ["hub", "local", "converted", "sharded"]},
-                                               "revision": {"type": "string"},
-                                               "commit": {"type": "string"}, "path": {"type": "string"},
-                                               "size_bytes": {"type": "integer"}, "files": {},
-                                               "formats": {"type": "array", "items": {"type": "string"}},
-                                               "inspection": {"type": "object", "nullable": True}}},
-    "Resident": {"type": "object", "properties": {"id": {"type": "string"}, "model": {"type": "string"},
-                                                  "revision": {"type": "string"}, "state": {"type": "string"},
-                                                  "bytes": {"type": "integer"}, "devices": {"type": "array", "items": {"type": "object"}},
-                                                  "tensors": {"type": "array", "items": {"type": "object", "properties": {
-                                                      "name": {"type": "string"}, "dtype": {"type": "string"},
-                                                      "shape": {"type": "array", "items": {"type": "integer"}},
-                                                      "device": {"type": "integer"}, "offset": {"type": "integer"},
-                                                      "bytes": {"type": "integer"}}}}}},
+    "ModelSummary": {"type": "object", "required": ["model", "kind", "revision", "path", "size_bytes", "files", "formats"],
+                     "properties": {"model": S_(description="what to pass as a job's model"),
+                                    "kind": S_(enum=["hub", "local", "converted", "sharded"]),
+                                    "revision": nullable(S_(description="hub snapshots only")),
+                                    "commit": nullable(S_(pattern="^[0-9a-f]{40}$", description="hub snapshots only")),
+                                    "path": {"type": "string"},
+                                    "size_bytes": I_(0), "files": I_(0, description="how many files"),
+                                    "formats": {"type": "array", "items": {"type": "string"}}}},
+    "Model": {"type": "object", "required": ["model", "revision", "commit", "path", "size_bytes", "files", "formats", "revisions", "inspection"],
+              "properties": {"model": {"type": "string"}, "revision": {"type": "string"},
+                             "commit": S_(pattern="^[0-9a-f]{40}$"), "path": {"type": "string"},
+                             "size_bytes": I_(0),
+                             "files": {"type": "array", "items": {"type": "object", "properties": {
+                                 "name": {"type": "string"}, "size": I_(0),
+                                 "sha256": nullable(S_(pattern="^[0-9a-f]{64}$"))}}},
+                             "formats": {"type": "array", "items": {"type": "string"}},
+                             "revisions": {"type": "array", "items": ref("ModelSummary")},
+                             "inspection": {"type": "object", "nullable": True}}},
+    "Resident": {"type": "object", "required": ["id", "model", "revision", "state", "bytes", "tensors"],
+                 "properties": {"id": S_(pattern=RESIDENT_ID), "model": {"type": "string"},
+                                "revision": {"type": "string"},
+                                "state": S_(enum=["resident", "unloaded", "gone"],
+                                            description="gone: the server restarted since it was loaded"),
+                                "bytes": I_(0),
+                                "tensors": I_(0, description="how many tensors (GET /v1/residents/{id} adds tensor_table)"),
+                                "devices": {"type": "array", "items": {"type": "object", "properties": {
+                                    "index": I_(0), "bytes": I_(0)}}},
+                                "load": {"type": "object", "description": "the warm_load figures"},
+                                "created_at": {"type": "string", "format": "date-time"},
+                                "tensor_table": {"type": "array", "items": TENSOR_ROW,
+                                                 "description": "one row per tensor (GET /v1/residents/{id} of a live resident)"}}},
 }
 
-def obj(props):
-    return {"type": "object", "additionalProperties": False, "properties": props}
+def obj(props, required=None):
+    o = {"type": "object", "additionalProperties": False, "properties": props}
+    if required:
+        o["required"] = required
+    return o
 
-S, I, B, N = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "number"}
-SA, IA = {"type": "array", "items": S}, {"type": "array", "items": I}
+S, B, N = {"type": "string"}, {"type": "boolean"}, {"type": "number"}
 def enum(*v):
     return {"type": "string", "enum": list(v)}
+def IA(lo, hi, **kw):
+    return dict({"type": "array", "maxItems": 1024, "items": I_(lo, hi)}, **kw)
+DEVICES_DESC = ("device indexes, one per tensor-parallel rank: as many as tp_size "
+                "(400 param_conflict otherwise); empty or absent: the first tp_size devices")
+PATTERNS = {"type": "array", "maxItems": 256,
+            "items": S_(minLength=1, maxLength=256, pattern=NO_NUL,
+                        description="fnmatch pattern (at most 1024 bytes in UTF-8)")}
 
 # One schema per job type's params; tests/unit/test_core.c checks that each
-# matches the type's mp_param_spec (names, JSON types, enums).
+# matches the type's mp_param_spec (names, JSON types, enums, integer bounds).
 JOB_PARAMS = {
-    "download": obj({"allow_patterns": SA, "ignore_patterns": SA,
+    "download": obj({"allow_patterns": PATTERNS, "ignore_patterns": PATTERNS,
                      "load_format": enum("auto", "safetensors", "pt", "gguf", "all"),
-                     "endpoint": S, "connections": I, "chunk_bytes": I, "max_retries": I}),
-    "convert": obj({"dtype": enum("keep", "bf16", "fp16", "fp32"), "max_shard_bytes": I,
-                    "output": S, "file": S, "encryption_key_file": S, "overwrite": B}),
-    "inspect": obj({"tp_sizes": IA, "kv_cache_scales_file": S}),
-    "shard": obj({"tp_size": I, "max_part_bytes": I, "naming": enum("sglang", "hf"),
-                  "output": S, "overwrite": B}),
+                     "endpoint": S_(pattern="^https?://[^\\s\\x00]*$", maxLength=256,
+                                    description="http(s) URL of another hub for this job"),
+                     "connections": I_(1, 64), "chunk_bytes": I_(65536, 1 << 32),
+                     "max_retries": I_(0, 20)}),
+    "convert": obj({"dtype": enum("keep", "bf16", "fp16", "fp32"), "max_shard_bytes": I_(1, I64_MAX),
+                    "output": S_(pattern=ABS_PATH, maxLength=1024), "file": S_(pattern=FILE_NAME, maxLength=255),
+                    "encryption_key_file": S_(pattern=NO_NUL, maxLength=1024), "overwrite": B}),
+    "inspect": obj({"tp_sizes": IA(1, 1024), "kv_cache_scales_file": S_(pattern=NO_NUL, maxLength=1024)}),
+    "shard": obj({"tp_size": I_(1, 1024), "max_part_bytes": I_(1, I64_MAX), "naming": enum("sglang", "hf"),
+                  "output": S_(pattern=ABS_PATH, maxLength=1024), "overwrite": B}, required=["tp_size"]),
     "warm_load": obj({"load_format": enum("auto", "safetensors", "pt", "gguf", "npcache", "sharded_state", "dummy"),
-                      "devices": IA, "tp_size": I, "dtype": enum("auto", "keep", "bf16", "fp16", "fp32"),
-                      "decryption_key_file": S,
-                      "dummy": {"type": "object", "properties": {"low": N, "high": N, "seed": I}},
-                      "keep_resident": B, "staging_bytes": I, "direct_io": B, "host_direct": B,
-                      "readers": I}),
+                      "devices": IA(0, 63, description=DEVICES_DESC), "tp_size": I_(1, 64), "dtype": enum("auto", "keep", "bf16", "fp16", "fp32"),
+                      "decryption_key_file": S_(pattern=NO_NUL, maxLength=1024),
+                      "dummy": {"type": "object", "additionalProperties": False,
+                                "properties": {"low": N, "high": N, "seed": I_(0)}},
+                      "keep_resident": B, "staging_bytes": I_(65536, 1 << 40), "direct_io": B, "host_direct": B,
+                      "readers": I_(1, 64)}),
     "verify": obj({}),
-    "prepare": obj({"for": enum("sglang", "vllm", "transformers"), "tp_size": I, "devices": IA,
-                    "dtype": enum("keep", "bf16", "fp16", "fp32"), "load": B, "allow_patterns": SA}),
+    "prepare": obj({"for": enum("sglang", "vllm", "transformers"), "tp_size": I_(1, 1024), "devices": IA(0, 63, description=DEVICES_DESC),
+                    "dtype": enum("keep", "bf16", "fp16", "fp32"), "load": B,
+                    "allow_patterns": {"type": "array", "items": S_(pattern=NO_NUL, maxLength=1024)}}),
 }
 for name, sch in JOB_PARAMS.items():
     schemas["Params_" + name] = sch
 
-SSE = resp("event stream", {"type": "string"}, "text/event-stream")
+# A job request is one of these, told apart by "type": each type's params
+# are its own (an unknown param is a 400 naming the accepted ones).
+for name in JOB_TYPES:
+    req = ["type", "model"] + (["params"] if JOB_PARAMS[name].get("required") else [])
+    schemas["JobRequest_" + name] = {
+        "type": "object", "required": req, "additionalProperties": False,
+        "properties": {"type": enum(name),
+                       "model": MODEL_REPO if name == "download" else MODEL_ANY,
+                       "revision": REVISION_S,
+                       "params": ref("Params_" + name)}}
+schemas["JobRequest"] = {"oneOf": [ref("JobRequest_" + n) for n in JOB_TYPES],
+                         "discriminator": {"propertyName": "type",
+                                           "mapping": {n: "#/components/schemas/JobRequest_" + n for n in JOB_TYPES}}}
+
+SSE = resp("event stream: `state` (a Job), `progress` (a ProgressEvent), `log`, `resident`, `resync`",
+           {"type": "string"}, "text/event-stream")
+JOB_ID_P = path_param("id", S_(pattern=JOB_ID))
+RES_ID_P = path_param("id", S_(pattern=RESIDENT_ID))
+ORG_P = dict(path_param("org", S_(pattern="^" + REPO_PART + "$", maxLength=96)), example="acme")
+NAME_P = dict(path_param("name", S_(pattern="^" + REPO_PART + "$", maxLength=96)), example="tiny")
+OBJ = {"type": "object"}
 paths = {
-    "/healthz": {"get": op("liveness", {"200": resp("ok", {"type": "object"})}, security=False)},
-    "/readyz": {"get": op("readiness: store open, workers running", {"200": resp("ready", {"type": "object"}), "503": resp("not ready", {"type": "object"})}, security=False)},
-    "/openapi.json": {"get": op("this document", {"200": resp("OpenAPI 3 document", {"type": "object"})}, security=False)},
+    "/healthz": {"get": op("liveness", {"200": resp("ok", OBJ)}, security=False)},
+    "/readyz": {"get": op("readiness: store open, workers running", {"200": resp("ready", OBJ), "503": resp("not ready", OBJ)}, security=False)},
+    "/openapi.json": {"get": op("this document", {"200": resp("OpenAPI 3 document", OBJ)}, security=False)},
     "/v1/version": {"get": op("build and CUDA versions", {"200": resp("version", ref("Version")), **ERR})},
     "/v1/jobs": {
         "post": op("submit a job", {"202": resp("created", ref("Job")), "200": resp("existing job for this Idempotency-Key", ref("Job")),
                                      "409": PROBLEM, "413": PROBLEM, "422": PROBLEM, "503": PROBLEM, **ERR},
-                   params=[{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255}}],
+                   params=[{"name": "Idempotency-Key", "in": "header", "required": False,
+                            "schema": S_(pattern="^[!-~]+$", minLength=1, maxLength=255)}],
                    body=ref("JobRequest")),
         "get": op("list jobs, newest first", {"200": resp("jobs", ref("JobList")), **ERR},
-                  params=[query("state", {"type": "string"}), query("type", {"type": "string"}), query("model", {"type": "string"}),
-                          query("parent", {"type": "string"}),
-                          query("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}), query("cursor", {"type": "string"})]),
+                  params=[query("state", S_(enum=JOB_STATES)), query("type", S_(enum=JOB_TYPES)),
+                          query("model", S_(pattern=NO_NUL, maxLength=1024)),
+                          query("parent", S_(pattern=JOB_ID, description="only the steps of this prepare job")),
+                          query("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
+                          query("cursor", S_(pattern=CURSOR, description="next_cursor of the previous page"))]),
     },
     "/v1/jobs/{id}": {
-        "get": op("one job", {"200": resp("job", ref("Job")), "404": PROBLEM, **ERR}, params=[path_param("id")]),
-        "delete": op("cancel a queued or running job", {"202": resp("cancelling", ref("Job")), "404": PROBLEM, "409": PROBLEM, **ERR}, params=[path_param("id")]),
+        "get": op("one job", {"200": resp("job", ref("Job")), "404": PROBLEM, **ERR}, params=[JOB_ID_P]),
+        "delete": op("cancel a queued or running job", {"202": resp("cancelling", ref("Job")), "404": PROBLEM, "409": PROBLEM, **ERR}, params=[JOB_ID_P]),
     },
-    "/v1/jobs/{id}/events": {"get": op("progress, log and state events until the job ends", {"200": SSE, "404": PROBLEM, **ERR}, params=[path_param("id")])},
+    "/v1/jobs/{id}/events": {"get": op("progress, log and state events until the job ends", {"200": SSE, "404": PROBLEM, **ERR}, params=[JOB_ID_P])},
     "/v1/events": {"get": op("every job and resident change (SSE), resumable with Last-Event-ID", {"200": SSE, **ERR},
-                             params=[{"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}}])},
-    "/v1/devices": {"get": op("devices weights can be placed on", {"200": resp("devices", {"type": "object", "properties": {"devices": {"type": "array", "items": ref("Device")},
-                                                                                                       "cuda_error": {"type": "string", "nullable": True,
-                                                                                                                      "description": "why CUDA discovery found no device (e.g. a driver older than the runtime); null when it did not fail"}}}), **ERR})},
-    "/v1/models": {"get": op("every model a job can take: the hub cache (kind hub), the model roots (local) and our outputs (converted, sharded)", {"200": resp("models", {"type": "object", "properties": {"models": {"type": "array", "items": ref("Model")}}}), **ERR})},
+                             params=[{"name": "Last-Event-ID", "in": "header", "required": False, "schema": S_(pattern="^[0-9]{1,18}$")}])},
+    "/v1/devices": {"get": op("devices weights can be placed on", {"200": resp("devices", {"type": "object", "required": ["devices"], "properties": {"devices": {"type": "array", "items": ref("Device")},
+                                                                                                                               "cuda_error": nullable(S_(description="why CUDA discovery found no device (e.g. a driver older than the runtime); null when it did not fail"))}}), **ERR})},
+    "/v1/models": {"get": op("every model a job can take: one entry per cached hub revision (kind hub), each model folder under the model roots (local) and our outputs (converted, sharded)", {"200": resp("models", {"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": ref("ModelSummary")}}}), **ERR})},
     "/v1/models/{org}/{name}": {
         "get": op("one cached model with its files and last inspection", {"200": resp("model", ref("Model")), "404": PROBLEM, **ERR},
-                  params=[path_param("org"), path_param("name"), query("revision", {"type": "string"})]),
-        "delete": op("evict from the cache", {"200": resp("evicted", {"type": "object"}), "404": PROBLEM, "409": PROBLEM, **ERR},
-                     params=[path_param("org"), path_param("name")]),
+                  params=[ORG_P, NAME_P, query("revision", S_(pattern=REVISION, maxLength=255))]),
+        "delete": op("evict from the cache", {"200": resp("evicted", {"type": "object", "properties": {"model": S, "evicted": B}}), "404": PROBLEM, "409": PROBLEM, **ERR},
+                     params=[ORG_P, NAME_P]),
     },
-    "/v1/residents": {"get": op("warm-loaded weights held by the server", {"200": resp("residents", {"type": "object", "properties": {"residents": {"type": "array", "items": ref("Resident")}}}), **ERR})},
+    "/v1/residents": {"get": op("warm-loaded weights held by the server", {"200": resp("residents", {"type": "object", "required": ["residents"], "properties": {"residents": {"type": "array", "items": ref("Resident")}}}), **ERR})},
     "/v1/residents/{id}": {
-        "get": op("one resident with its tensor table", {"200": resp("resident", ref("Resident")), "404": PROBLEM, **ERR}, params=[path_param("id")]),
+        "get": op("one resident with its tensor table", {"200": resp("resident", ref("Resident")), "404": PROBLEM, **ERR}, params=[RES_ID_P]),
         "delete": op("unload: frees its device memory. 409 when it is not loaded, or when its CUDA IPC handle was handed out over the export socket "
                      "(another process may still map the memory) unless force=true",
-                     {"200": resp("unloaded", {"type": "object"}), "404": PROBLEM, "409": PROBLEM, **ERR},
-                     params=[path_param("id"), query("force", {"type": "boolean", "default": False})]),
+                     {"200": resp("unloaded", {"type": "object", "properties": {"id": S, "state": S_(enum=["unloaded"])}}), "404": PROBLEM, "409": PROBLEM, **ERR},
+                     params=[RES_ID_P, query("force", {"type": "boolean", "default": False})]),
     },
-    "/v1/residents/{id}/digest": {"get": op("sha256 of every tensor read back from its device", {"200": resp("digests", {"type": "object", "properties": {"tensors": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}, "sha256": {"type": "string"}}}}}}), "404": PROBLEM, **ERR}, params=[path_param("id")])},
+    "/v1/residents/{id}/digest": {"get": op("sha256 of every tensor read back from its device", {"200": resp("digests", {"type": "object", "properties": {"id": S, "tensors": {"type": "array", "items": {"type": "object", "properties": {"name": S, "device": I_(0), "rank": I_(0), "sha256": S_(pattern="^[0-9a-f]{64}$")}}}}}), "404": PROBLEM, "503": PROBLEM, **ERR}, params=[RES_ID_P])},
     "/metrics": {"get": op("Prometheus text exposition", {"200": resp("metrics", {"type": "string"}, "text/plain"), "401": PROBLEM})},
     "/": {"get": op("the web dashboard (HTML); it asks for the token itself", {"200": resp("page", {"type": "string"}, "text/html")}, tags=["dashboard"], security=False)},
-    "/ui/{file}": {"get": op("a static file of the dashboard (app.js, style.css)", {"200": resp("file", {"type": "string"}, "text/plain"), "404": PROBLEM}, params=[path_param("file")], tags=["dashboard"], security=False)},
+    "/ui/{file}": {"get": op("a static file of the dashboard", {"200": {"description": "file", "content": {"text/javascript": {"schema": S}, "text/css": {"schema": S}}}, "404": PROBLEM},
+                             params=[path_param("file", S_(enum=["app.js", "style.css"]))], tags=["dashboard"], security=False)},
 }
 
 def build():
@@ -181,7 +318,8 @@ def build():
     return {
         "openapi": "3.0.3",
         "info": {"title": "modelprep", "version": "0.1.0",
-                 "description": "Model-preparation service for GPU nodes. Contract: shared/api.md."},
+                 "description": "Model-preparation service for GPU nodes. This document is the "
+                                "contract; openapi/README.md describes it for people."},
         "servers": [{"url": "http://127.0.0.1:8420"}],
         "components": {"schemas": schemas,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

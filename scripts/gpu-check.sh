@@ -8,7 +8,7 @@
 #
 #   bash scripts/gpu-check.sh            BUILD=dir to build elsewhere
 #
-# Needs nothing outside the repository: scripts/deps.sh (which may want the
+# Needs nothing outside the repository: scripts/deps.sh cuda (which may want the
 # network) runs only when the build's pkg-config libraries are missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,8 +32,8 @@ nvcc --version | tail -1
 
 echo "== build"
 if ! pkg-config --exists libmicrohttpd jansson libcurl sqlite3 openssl cmocka 2>/dev/null; then
-  echo "build libraries missing: running scripts/deps.sh"
-  bash scripts/deps.sh || echo "scripts/deps.sh failed (no network?)"
+  echo "build libraries missing: running scripts/deps.sh cuda"
+  bash scripts/deps.sh cuda || echo "scripts/deps.sh cuda failed (no network?)"
 fi
 mkdir -p "$BUILD"
 t0=$SECONDS

@@ -20,6 +20,11 @@ static const char USAGE[] =
     "  --workers N             job worker threads (default 2)\n"
     "  --http-threads N        HTTP thread pool size (default: number of cores)\n"
     "  --max-connections N     concurrent HTTP connections (default 1024)\n"
+    "  --max-connections-per-ip N  of those, at most N from one client address\n"
+    "                          (default: a quarter of --max-connections; every\n"
+    "                          loopback client counts as the one address 127.0.0.1)\n"
+    "  --header-timeout S      close a connection whose request headers stall for S\n"
+    "                          seconds (default 5)\n"
     "  --hub-endpoint URL      Hugging Face-compatible hub (default $HF_ENDPOINT or\n"
     "                          https://huggingface.co)\n"
     "  --devices LIST          auto | host | host:N | async:N | 0,1,... (default auto);\n"
@@ -93,7 +98,9 @@ static int config_defaults(mp_config *cfg, mp_error *err) {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     cfg->http_threads = ncpu > 0 ? (int)ncpu : 2;
     cfg->max_connections = 1024;
+    cfg->max_connections_per_ip = 0; /* 0: a quarter of --max-connections, below */
     cfg->connection_timeout_s = 60;
+    cfg->header_timeout_s = 5;
     snprintf(cfg->devices, sizeof cfg->devices, "auto");
     cfg->access_log = true;
     const char *tok = getenv("MODELPREP_TOKEN");
@@ -146,6 +153,20 @@ static int flag_max_connections(mp_config *cfg, const char *v, mp_error *err) {
     long n;
     if (parse_int("--max-connections", v, 4, 65536, &n, err) != 0) return -1;
     cfg->max_connections = (int)n;
+    return 0;
+}
+
+static int flag_max_connections_per_ip(mp_config *cfg, const char *v, mp_error *err) {
+    long n;
+    if (parse_int("--max-connections-per-ip", v, 1, 65536, &n, err) != 0) return -1;
+    cfg->max_connections_per_ip = (int)n;
+    return 0;
+}
+
+static int flag_header_timeout(mp_config *cfg, const char *v, mp_error *err) {
+    long n;
+    if (parse_int("--header-timeout", v, 1, 3600, &n, err) != 0) return -1;
+    cfg->header_timeout_s = (int)n;
     return 0;
 }
 
@@ -232,6 +253,8 @@ static const flag_def FLAGS[] = {
     {"workers", required_argument, flag_workers},
     {"http-threads", required_argument, flag_http_threads},
     {"max-connections", required_argument, flag_max_connections},
+    {"max-connections-per-ip", required_argument, flag_max_connections_per_ip},
+    {"header-timeout", required_argument, flag_header_timeout},
     {"hub-endpoint", required_argument, flag_hub_endpoint},
     {"devices", required_argument, flag_devices},
     {"host-device-memory", required_argument, flag_host_device_memory},
@@ -262,6 +285,15 @@ static int config_flags(mp_config *cfg, int argc, char **argv, mp_error *err) {
         if (r != 0) return r;
     }
     if (optind < argc) return mp_err(err, "bad_flag", "unexpected argument %s", argv[optind]);
+    /* A quarter of the slots by default: one address (an idle-socket flood,
+     * a runaway client) can never take all of them. */
+    if (cfg->max_connections_per_ip == 0)
+        cfg->max_connections_per_ip = cfg->max_connections / 4 > 0 ? cfg->max_connections / 4 : 1;
+    if (cfg->max_connections_per_ip > cfg->max_connections)
+        return mp_err(err, "bad_flag",
+                      "--max-connections-per-ip %d is over --max-connections %d: lower it so "
+                      "one address cannot take every connection",
+                      cfg->max_connections_per_ip, cfg->max_connections);
     return 0;
 }
 

@@ -28,7 +28,9 @@ typedef struct mp_config {
     int workers;
     int http_threads;
     int max_connections;
-    int connection_timeout_s;
+    int max_connections_per_ip; /* per client address; loopback is one address */
+    int connection_timeout_s;   /* idle time once a request's headers are in */
+    int header_timeout_s;       /* idle time before the headers are complete */
     char devices[256];
     uint64_t host_device_bytes; /* cap for host devices; 0 = system memory */
     char export_socket[1024];

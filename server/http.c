@@ -7,6 +7,7 @@
 #include "server/http.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <openssl/crypto.h>
@@ -171,6 +172,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         snprintf(st->method, sizeof st->method, "%s", method);
         snprintf(st->path, sizeof st->path, "%s", url);
         *con_cls = st;
+        /* The headers are in: from here on the connection gets the normal
+         * idle timeout instead of the short one for stalled headers. */
+        if (MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT,
+                                      (unsigned)srv->cfg.connection_timeout_s) != MHD_YES)
+            mp_log(&srv->log, "warn", NULL, "httpd: cannot raise a connection's timeout");
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > HTTP_MAX_BODY) st->too_big = 1;
         return MHD_YES;
@@ -248,6 +254,15 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
     size_t n = strlen(msg);
     while (n && msg[n - 1] == '\n')
         msg[--n] = 0;
+    /* libmicrohttpd names the port argument of MHD_start_daemon, which is 0
+     * when the address comes as MHD_OPTION_SOCK_ADDR: say what was tried. */
+    static const char bind_fail[] = "Failed to bind to port ";
+    if (strncmp(msg, bind_fail, sizeof bind_fail - 1) == 0) {
+        const char *why = strchr(msg, ':');
+        mp_log(&srv->log, "error", NULL, "httpd: cannot bind to %s:%d%s", srv->cfg.listen_host,
+               srv->cfg.listen_port, why ? why : "");
+        return;
+    }
     mp_log(&srv->log, "warn", NULL, "httpd: %s", msg);
 }
 
@@ -264,17 +279,30 @@ int http_start(mp_server *srv, mp_error *err) {
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
                      MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
-    srv->httpd =
-        MHD_start_daemon(flags, 0, NULL, NULL, on_request, srv, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-                         MHD_OPTION_THREAD_POOL_SIZE, (unsigned)srv->cfg.http_threads,
-                         MHD_OPTION_CONNECTION_LIMIT, (unsigned)srv->cfg.max_connections,
-                         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)srv->cfg.connection_timeout_s,
-                         MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv, MHD_OPTION_EXTERNAL_LOGGER,
-                         on_mhd_log, srv, MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_END);
+    /* EXTERNAL_LOGGER must come first: libmicrohttpd logs (to stderr, with a
+     * warning about the order) anything it has to say about earlier options.
+     * The daemon-wide timeout is the short one for stalled request headers;
+     * on_request raises it per connection once the headers are in. The
+     * per-address cap keeps one client (or one flood) from taking every
+     * connection. */
+    srv->httpd = MHD_start_daemon(
+        flags, 0, NULL, NULL, on_request, srv, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, srv,
+        MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_THREAD_POOL_SIZE,
+        (unsigned)srv->cfg.http_threads, MHD_OPTION_CONNECTION_LIMIT,
+        (unsigned)srv->cfg.max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+        (unsigned)srv->cfg.max_connections_per_ip, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)srv->cfg.header_timeout_s, MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
+        MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_END);
+    int start_errno = errno;
     freeaddrinfo(ai);
     if (!srv->httpd)
-        return mp_err(err, "listen_failed", "cannot listen on %s:%d", srv->cfg.listen_host,
-                      srv->cfg.listen_port);
+        return mp_err(err, "listen_failed", "cannot listen on %s:%d: %s%s", srv->cfg.listen_host,
+                      srv->cfg.listen_port,
+                      start_errno ? strerror(start_errno) : "see the httpd line above",
+                      start_errno == EADDRINUSE
+                          ? " (another process has this port: stop it or pick another --listen "
+                            "port; port 0 picks a free one)"
+                          : "");
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(srv->httpd, MHD_DAEMON_INFO_BIND_PORT);
     if (di) srv->cfg.listen_port = di->port;
     return 0;

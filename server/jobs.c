@@ -46,7 +46,10 @@ static int read_body(json_t *body, submit_req *rq, int *http_status, mp_error *e
     }
     rq->jt = job_type_find(json_string_value(jtype));
     if (!rq->jt) {
-        mp_err_field(err, "type", "unknown_type", "unknown job type %s", json_string_value(jtype));
+        char names[256];
+        job_type_names(names, sizeof names);
+        mp_err_field(err, "type", "unknown_type", "unknown job type %s: the types are %s",
+                     json_string_value(jtype), names);
         return bad(http_status, 400);
     }
     if (!json_is_string(jmodel)) {
@@ -120,7 +123,11 @@ static int create_job(mp_server *srv, const submit_req *rq, const char *idem_key
     if (rc != 0) {
         json_decref(doc);
         int code = 503;
-        if (strcmp(err->code, "idempotency_conflict") == 0) code = 422;
+        if (strcmp(err->code, "idempotency_conflict") == 0) {
+            code = 422;
+            /* Name the header, so the problem's errors[] says what to change. */
+            if (!err->field[0]) snprintf(err->field, sizeof err->field, "Idempotency-Key");
+        }
         if (strcmp(err->code, "output_busy") == 0) {
             /* The output (given or default) is what is at fault: naming it
              * puts the code in the problem's errors[] for clients. */

@@ -3,6 +3,7 @@
  * integer ranges are refused with the field named ("params.<name>"). */
 #include "server/params.h"
 
+#include <stdio.h>
 #include <string.h>
 
 static const mp_param_spec *spec_find(const mp_param_spec *specs, const char *name) {
@@ -83,9 +84,18 @@ int params_check(const mp_param_spec *specs, json_t *params, mp_error *err) {
     json_object_foreach(params, key, v) {
         const mp_param_spec *s = spec_find(specs, key);
         if (!s) {
-            char field[96];
+            /* Say what is accepted, so a typo is fixed from the answer alone. */
+            char field[96], known[512] = "";
             snprintf(field, sizeof field, "params.%s", key);
-            return mp_err_field(err, field, "unknown_field", "unknown param %s", key);
+            for (const mp_param_spec *k = specs; k && k->name; k++) {
+                size_t l = strlen(known);
+                snprintf(known + l, sizeof known - l, "%s%s", l ? ", " : "", k->name);
+            }
+            if (!known[0])
+                return mp_err_field(err, field, "unknown_field",
+                                    "unknown param %s: this job type takes no params", key);
+            return mp_err_field(err, field, "unknown_field",
+                                "unknown param %s: this job type takes %s", key, known);
         }
         if (check_one(s, v, err) != 0) return -1;
     }

@@ -61,6 +61,13 @@ mp_task_info submit_info(mp_server *srv, const submit_req *rq) {
 int submit_check_params(mp_server *srv, const submit_req *rq, mp_error *err) {
     const mp_job_type *jt = rq->jt;
     if (params_check(jt->params, rq->params, err) != 0) return -1;
+    /* Every file the job (and its validator) may open, not only the folder. */
+    if (rq->model_path &&
+        mref_confine_model_files(rq->model_path, rq->model, rq->is_hub, srv->cfg.hub_cache,
+                                 (const char *const *)srv->cfg.roots, err) != 0) {
+        if (!err->field[0]) snprintf(err->field, sizeof err->field, "model");
+        return -1;
+    }
     if (jt->validate) {
         mp_task_info info = submit_info(srv, rq);
         if (jt->validate(&info, err) != 0) return -1;

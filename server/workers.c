@@ -89,6 +89,15 @@ static json_t *progress_json(mp_task *t) {
                      (json_int_t)t->total, "unit", t->unit, "rate", t->rate, "message", t->message);
 }
 
+/* A progress event is the job's progress object plus the job id, which the
+ * all-jobs stream (/v1/events) needs to tell jobs apart. The job's own
+ * "progress" never carries it. */
+static json_t *progress_event(json_t *progress, const char *id) {
+    json_t *ev = progress ? json_copy(progress) : NULL;
+    if (ev) json_object_set_new(ev, "id", json_string(id));
+    return ev;
+}
+
 void task_progress(mp_task *t, uint64_t done, uint64_t total, const char *unit,
                    const char *message) {
     double now = time_mono();
@@ -108,18 +117,23 @@ void task_progress(mp_task *t, uint64_t done, uint64_t total, const char *unit,
     if (!persist && now - t->last_publish < PROGRESS_PUBLISH_S) return;
     t->last_publish = now;
     json_t *p = progress_json(t);
-    if (!p) return;
+    json_t *ev = progress_event(p, t->info.id);
+    if (!p || !ev) {
+        json_decref(p);
+        json_decref(ev);
+        return;
+    }
     json_object_set(t->doc, "progress", p);
-    json_object_set_new(p, "id", json_string(t->info.id));
     if (persist) {
         t->last_persist = now;
         mp_error err = {0};
         /* Progress is advisory: the live event still goes out, and the next
          * persist (or the final state) overwrites it. */
-        if (store_job_update(t->srv->store, t->info.id, t->doc, "progress", p, &err) != 0)
+        if (store_job_update(t->srv->store, t->info.id, t->doc, "progress", ev, &err) != 0)
             mp_log(&t->srv->log, "warn", t->info.id, "cannot persist progress: %s", err.message);
     }
-    publish_job_event(t->srv, t->info.id, "progress", p, false);
+    publish_job_event(t->srv, t->info.id, "progress", ev, false);
+    json_decref(ev);
     json_decref(p);
 }
 
@@ -181,6 +195,11 @@ int task_succeed(mp_task *t, json_t *result) {
     t->result = result ? result : json_object();
     t->outcome = 1;
     return 0;
+}
+
+void task_set_result(mp_task *t, json_t *result) {
+    json_decref(t->result);
+    t->result = result;
 }
 
 int task_fail(mp_task *t, const char *code, const char *fmt, ...) {
@@ -348,6 +367,10 @@ static void finish(mp_task *t, const char *now) {
         json_object_set_new(doc, "error", json_null());
         t->result = NULL;
     } else {
+        /* What a failing run found (task_set_result), e.g. which files did
+         * not verify; null otherwise. */
+        json_object_set_new(doc, "result", t->result ? t->result : json_null());
+        t->result = NULL;
         if (t->outcome == 0) {
             snprintf(t->err_code, sizeof t->err_code, "internal");
             snprintf(t->err_msg, sizeof t->err_msg, "the job ended without a result");
@@ -387,15 +410,23 @@ static void finish(mp_task *t, const char *now) {
         json_object_set_new(doc, "started_at", json_null());
     } else {
         json_object_set_new(doc, "finished_at", json_string(now));
+        /* The final progress says how the job ended, not the last step it
+         * reported ("verifying"), and its rate is the average over the run
+         * rather than the last window (0 once the work has stopped). */
+        double took = time_mono() - t->t_start;
+        t->rate = took > 0 ? (double)t->done / took : 0;
+        snprintf(t->message, sizeof t->message, "%s",
+                 t->outcome == 1                   ? "done"
+                 : strcmp(state, "cancelled") == 0 ? "cancelled"
+                                                   : "failed");
         json_t *p = progress_json(t);
-        if (p) {
-            json_object_set(doc, "progress", p);
-            /* The history keeps the final progress, so a stream opened after
-             * the end still shows where the job got to. */
-            json_object_set_new(p, "id", json_string(t->info.id));
-            publish_job_event(srv, t->info.id, "progress", p, true);
-            json_decref(p);
-        }
+        json_t *ev = progress_event(p, t->info.id);
+        if (p) json_object_set(doc, "progress", p);
+        /* The history keeps the final progress, so a stream opened after
+         * the end still shows where the job got to. */
+        if (ev) publish_job_event(srv, t->info.id, "progress", ev, true);
+        json_decref(ev);
+        json_decref(p);
     }
     publish_job_state(srv, doc);
     if (srv->metrics && !requeue)
@@ -456,6 +487,13 @@ static void run_one(worker_pool *p, int slot, json_t *doc, json_t *checkpoint) {
         if ((t->type->flags & MP_JOB_NEEDS_LOCAL) && !model_path) {
             task_fail(t, err.code[0] ? err.code : "not_found", "%s",
                       err.message[0] ? err.message : "the model is not available locally");
+        } else if (model_path &&
+                   mref_confine_model_files(model_path, t->info.model, t->info.is_hub_model,
+                                            srv->cfg.hub_cache, (const char *const *)srv->cfg.roots,
+                                            &err) != 0) {
+            /* Checked again here, not only at submit: links may have changed
+             * while the job was queued. */
+            task_fail(t, err.code, "%s", err.message);
         } else {
             mp_log(&srv->log, "info", t->info.id, "job %s started on %s", type, t->info.model);
             task_progress(t, 0, 0, NULL, "started");

@@ -115,6 +115,10 @@ void task_steps(mp_task *t, json_t *steps);
 /* End the job. task_succeed steals `result`. task_fail always returns -1 so
  * a run function can `return task_fail(t, "code", "...")`. */
 int task_succeed(mp_task *t, json_t *result);
+/* Attach what a failing run found (steals `result`); call before task_fail.
+ * The failed job shows it as its "result" (e.g. verify: every file with its
+ * expected and actual hash), next to "error". */
+void task_set_result(mp_task *t, json_t *result);
 int task_fail(mp_task *t, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 

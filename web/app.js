@@ -17,7 +17,7 @@
     inspect: "params: tp_sizes (default [1,2,4,8])",
     shard: "params: tp_size, max_part_bytes, output",
     warm_load: "params: load_format, devices, tp_size, dtype, decryption_key_file, dummy {low,high,seed}, keep_resident",
-    verify: "no params: re-hashes the model's files",
+    verify: "no params: re-hashes the model's files; a mismatch fails the job (checksum_mismatch), a first run only records hashes",
   };
 
   const st = {
@@ -332,12 +332,23 @@
     return r;
   }
 
+  /* One line about a finished job's result where the state alone says too
+   * little: a verify that only recorded hashes checked nothing yet. */
+  function resultSummary(j) {
+    const res = j.result;
+    if (j.type !== "verify" || !res || !Array.isArray(res.files)) return "";
+    return res.status === "recorded"
+      ? "hashes recorded for " + res.files.length + " files (first run: nothing to compare yet)"
+      : "verified " + res.files.length + " files";
+  }
+
   function updateJobRow(r, j) {
     const p = j.progress || {};
     const frac = p.total ? Math.max(0, Math.min(1, p.done / p.total)) : j.state === "succeeded" ? 1 : 0;
     let plabel = p.total ? Math.floor(frac * 100) + "%" : j.state === "succeeded" ? "100%" : "";
     if (p.total && p.unit === "bytes") plabel += " of " + fmtBytes(p.total);
-    const msg = j.error ? j.error.code + ": " + j.error.message : j.lastLog || p.message || "";
+    const msg = j.error ? j.error.code + ": " + j.error.message
+      : resultSummary(j) || j.lastLog || p.message || "";
     const live = !FINAL.has(j.state);
     if (r.tr.dataset.state !== j.state) r.tr.dataset.state = j.state;
     setText(r.cells[0], j.id);

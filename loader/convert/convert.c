@@ -165,19 +165,28 @@ static int sync_path(const char *path, mp_error *err) {
     return 0;
 }
 
+/* Written as <path>.tmp, fsynced and renamed over path, like every other
+ * output: a crash never leaves a half-written JSON file under its name. */
 static int write_json_file(const char *path, json_t *doc, mp_error *err) {
+    char tmp[PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
+        return mp_err(err, "io_error", "path too long: %s", path);
     char *text = json_dumps(doc, JSON_INDENT(2) | JSON_SORT_KEYS);
     if (!text) return mp_err(err, "no_memory", "out of memory");
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     int rc = 0;
     if (fd < 0)
-        rc = mp_err(err, "io_error", "create %s: %s", path, strerror(errno));
+        rc = mp_err(err, "io_error", "create %s: %s", tmp, strerror(errno));
     else {
         rc = write_full(fd, text, strlen(text), err);
         if (rc == 0) rc = write_full(fd, "\n", 1, err);
         if (rc == 0 && fsync(fd) != 0)
-            rc = mp_err(err, "io_error", "fsync %s: %s", path, strerror(errno));
-        close(fd);
+            rc = mp_err(err, "io_error", "fsync %s: %s", tmp, strerror(errno));
+        if (close(fd) != 0 && rc == 0)
+            rc = mp_err(err, "io_error", "close %s: %s", tmp, strerror(errno));
+        if (rc == 0 && rename(tmp, path) != 0)
+            rc = mp_err(err, "io_error", "rename %s: %s", tmp, strerror(errno));
+        if (rc != 0) unlink(tmp);
     }
     free(text);
     return rc;
@@ -749,6 +758,49 @@ static int gguf_config(cctx *c, mp_error *err) {
     return rc;
 }
 
+/* config.json must name the dtype the shards really hold: transformers
+ * (torch_dtype="auto") and SGLang/vLLM (--dtype auto) load by it. A cast
+ * gives it; with "keep" it is the float dtype holding most bytes. */
+static int set_config_dtype(cctx *c, mp_error *err) {
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/config.json", c->tmp_dir);
+    struct stat st;
+    if (stat(path, &st) != 0) return 0; /* no config: nothing to correct */
+    const char *name = NULL;
+    if (c->o->dtype != MP_DT_INVALID) {
+        name = conv_torch_dtype(c->o->dtype);
+    } else if (c->nitems > 0) {
+        mp_dtype *dts = malloc(c->nitems * sizeof *dts);
+        uint64_t *bytes = malloc(c->nitems * sizeof *bytes);
+        if (dts && bytes) {
+            for (size_t i = 0; i < c->nitems; i++) {
+                dts[i] = c->items[i].out;
+                bytes[i] = c->items[i].out_bytes;
+            }
+            name = conv_dominant_torch_dtype(dts, bytes, c->nitems);
+        }
+        free(dts);
+        free(bytes);
+        if (!dts || !bytes) return mp_err(err, "no_memory", "out of memory");
+    }
+    if (!name) return 0; /* no float tensors: the config's dtype is not ours to set */
+    json_error_t je;
+    json_t *cfg = json_load_file(path, 0, &je);
+    if (!json_is_object(cfg)) {
+        /* A config transformers could not read either: copied as it was. */
+        json_decref(cfg);
+        say(c, "warn", "config.json is not a JSON object (%s); its dtype was not updated", je.text);
+        return 0;
+    }
+    int rc = 0;
+    if (conv_config_set_dtype(cfg, name)) {
+        rc = write_json_file(path, cfg, err);
+        if (rc == 0) say(c, "info", "config.json: torch_dtype and dtype set to %s", name);
+    }
+    json_decref(cfg);
+    return rc;
+}
+
 static bool is_ours(const char *dir) {
     char p[PATH_MAX];
     struct stat st;
@@ -886,6 +938,7 @@ static int run(cctx *c, const char *src_dir, json_t *files, mp_error *err) {
     }
     if (c->gguf && gguf_config(c, err) != 0) return -1;
     if (src_dir && copy_aux(c, src_dir, err) != 0) return -1;
+    if (set_config_dtype(c, err) != 0) return -1;
     json_t *marker = json_pack("{s:s,s:s,s:s}", "created_by", "modelprep convert", "source",
                                c->o->src, "dtype", dtype_param(c->o->dtype));
     snprintf(path, sizeof path, "%s/%s", c->tmp_dir, CONV_MARKER);

@@ -84,6 +84,17 @@ bool conv_castable(mp_dtype dt);
  * true; false for anything else. */
 bool conv_parse_dtype(const char *s, mp_dtype *out);
 
+/* torch's name of a float dtype ("bfloat16", "float16", "float32",
+ * "float64"), NULL for the others. */
+const char *conv_torch_dtype(mp_dtype dt);
+/* The torch name of the float dtype holding the most bytes among n tensors
+ * (dts[i], bytes[i]); NULL when none is F16/BF16/F32/F64. */
+const char *conv_dominant_torch_dtype(const mp_dtype *dts, const uint64_t *bytes, size_t n);
+/* Sets "torch_dtype" and "dtype" of a config.json object (and of its
+ * "text_config" object when present) to torch_dtype. Returns whether any
+ * value changed; false when cfg is not an object. */
+bool conv_config_set_dtype(json_t *cfg, const char *torch_dtype);
+
 /* The default output folder name for a model: "org--name-<revision>" for a
  * hub repo (a '/' in the revision becomes '_'), else the last path part of
  * the local directory. Writes at most outsz bytes; false when unusable. */

@@ -197,6 +197,57 @@ bool conv_parse_dtype(const char *s, mp_dtype *out) {
     return true;
 }
 
+const char *conv_torch_dtype(mp_dtype dt) {
+    switch (dt) {
+    case MP_DT_F16:
+        return "float16";
+    case MP_DT_BF16:
+        return "bfloat16";
+    case MP_DT_F32:
+        return "float32";
+    case MP_DT_F64:
+        return "float64";
+    default:
+        return NULL;
+    }
+}
+
+const char *conv_dominant_torch_dtype(const mp_dtype *dts, const uint64_t *bytes, size_t n) {
+    /* Summed per dtype; ties go to the narrower type, which is what a
+     * checkpoint saved in that dtype with a few fp32 norms looks like. */
+    static const mp_dtype order[] = {MP_DT_BF16, MP_DT_F16, MP_DT_F32, MP_DT_F64};
+    uint64_t sum[4] = {0};
+    for (size_t i = 0; i < n; i++)
+        for (size_t k = 0; k < 4; k++)
+            if (dts[i] == order[k]) sum[k] += bytes[i];
+    size_t best = 4;
+    for (size_t k = 0; k < 4; k++)
+        if (sum[k] > 0 && (best == 4 || sum[k] > sum[best])) best = k;
+    return best < 4 ? conv_torch_dtype(order[best]) : NULL;
+}
+
+bool conv_config_set_dtype(json_t *cfg, const char *torch_dtype) {
+    if (!json_is_object(cfg) || !torch_dtype) return false;
+    /* transformers < 4.56 reads "torch_dtype"; newer ones read "dtype" first
+     * and fall back to "torch_dtype": both must agree, or one of them loads
+     * the weights in the old dtype. Multimodal configs keep the language
+     * model's dtype in text_config, which is what SGLang and vLLM use. */
+    json_t *targets[2] = {cfg, json_object_get(cfg, "text_config")};
+    bool changed = false;
+    for (int k = 0; k < 2; k++) {
+        json_t *o = targets[k];
+        if (!json_is_object(o)) continue;
+        static const char *const keys[] = {"torch_dtype", "dtype"};
+        for (int j = 0; j < 2; j++) {
+            const char *old = json_string_value(json_object_get(o, keys[j]));
+            if (old && strcmp(old, torch_dtype) == 0) continue;
+            json_object_set_new(o, keys[j], json_string(torch_dtype));
+            changed = true;
+        }
+    }
+    return changed;
+}
+
 bool conv_default_name(const char *model, const char *revision, bool is_hub, char *out,
                        size_t outsz) {
     int n;

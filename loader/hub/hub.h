@@ -107,6 +107,12 @@ int hub_publish_link(const char *repo_dir, const char *commit, const char *path,
                      mp_error *err);
 /* Free bytes on the file system holding path. */
 int hub_free_bytes(const char *path, uint64_t *out, mp_error *err);
+/* Kept free on the cache's file system beyond what a download needs, so a
+ * download never fills the disk the SQLite store and logs share. */
+#define HUB_SPACE_MARGIN (64ull << 20)
+/* 0 when need + HUB_SPACE_MARGIN fits in free_bytes; else "insufficient_space"
+ * with a message giving need, the margin, their sum and what is free in dir. */
+int hub_check_space(uint64_t need, uint64_t free_bytes, const char *dir, mp_error *err);
 
 /* ---- hub_http.c ---------------------------------------------------------- */
 
@@ -117,6 +123,10 @@ double hub_parse_retry_after(const char *value, time_t now);
  * /api/..., so a bare 404 means the repo rather than a file. NULL when the
  * status is worth retrying (5xx, 429, 408). */
 const char *hub_error_code(long status, const char *x_error_code, bool api);
+/* What to do about an error code, to append to its message ("" when there
+ * is nothing to add): for "unauthorized", set HF_TOKEN (sent_token false) or
+ * check it (the hub refused the one sent). */
+const char *hub_error_hint(const char *code, bool sent_token);
 /* "W/\"abc\"" -> "abc" into out (>= 65 bytes); false when it is not 40/64 hex. */
 bool hub_normalize_etag(const char *in, char *out, size_t n);
 /* Content-Range "bytes a-b/total". */

@@ -173,3 +173,13 @@ int hub_free_bytes(const char *path, uint64_t *out, mp_error *err) {
     *out = v;
     return 0;
 }
+
+int hub_check_space(uint64_t need, uint64_t free_bytes, const char *dir, mp_error *err) {
+    uint64_t want = need > UINT64_MAX - HUB_SPACE_MARGIN ? UINT64_MAX : need + HUB_SPACE_MARGIN;
+    if (want <= free_bytes) return 0;
+    return mp_err(err, "insufficient_space",
+                  "need %llu bytes + %llu MiB margin = %llu bytes in %s, %llu free; free up "
+                  "space there or point HF_HUB_CACHE at a larger disk",
+                  (unsigned long long)need, (unsigned long long)(HUB_SPACE_MARGIN >> 20),
+                  (unsigned long long)want, dir, (unsigned long long)free_bytes);
+}

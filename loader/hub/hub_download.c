@@ -19,8 +19,6 @@
 #include "util/fsutil.h"
 #include "util/timeutil.h"
 
-#define SPACE_MARGIN (64ull << 20)
-
 typedef struct dl {
     const hub_download_opts *o;
     const hub_callbacks *cb;
@@ -253,9 +251,7 @@ static int dl_fetch(dl *d, mp_error *err) {
         need += l->files[d->idx[k]].size - partial_bytes(d->blobs, &l->files[d->idx[k]]);
     uint64_t free_b = 0;
     if (hub_free_bytes(d->blobs, &free_b, err) != 0) return -1;
-    if (need > free_b || free_b - need < SPACE_MARGIN)
-        return mp_err(err, "insufficient_space", "need %llu bytes in %s, %llu free",
-                      (unsigned long long)need, d->blobs, (unsigned long long)free_b);
+    if (hub_check_space(need, free_b, d->blobs, err) != 0) return -1;
     logf_(d, "info", "%zu files to fetch (%llu bytes), %llu bytes already cached", d->n,
           (unsigned long long)need, (unsigned long long)d->reused);
     d->base_done = d->reused + d->dups;

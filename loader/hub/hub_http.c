@@ -64,6 +64,16 @@ const char *hub_error_code(long status, const char *x, bool api) {
     return "hub_error";
 }
 
+const char *hub_error_hint(const char *code, bool sent_token) {
+    if (!code || strcmp(code, "unauthorized") != 0) return "";
+    return sent_token ? "; the hub refused the token: check that HF_TOKEN in modelprepd's "
+                        "environment is valid and can read this repo (a gated repo needs its "
+                        "terms accepted on the hub)"
+                      : "; the hub wants a token: set HF_TOKEN in modelprepd's environment to "
+                        "a token that can read this repo (a gated repo needs its terms "
+                        "accepted on the hub)";
+}
+
 bool hub_normalize_etag(const char *in, char *out, size_t n) {
     if (!in || n < 65) return false;
     while (*in == ' ')
@@ -421,8 +431,9 @@ int hub_fetch_listing(const hub_conn_opts *c, const char *repo, const char *revi
         if (cc == CURLE_OK) {
             const char *code = hub_error_code(status, h.x_error_code, true);
             if (code)
-                return mp_err(err, code, "%s@%s: hub answered HTTP %ld%s%s", repo, revision, status,
-                              h.x_error_code[0] ? " " : "", h.x_error_code);
+                return mp_err(err, code, "%s@%s: hub answered HTTP %ld%s%s%s", repo, revision,
+                              status, h.x_error_code[0] ? " " : "", h.x_error_code,
+                              hub_error_hint(code, c->token && *c->token));
             fail_code = "hub_unavailable";
             snprintf(why, sizeof why, "HTTP %ld", status);
             wait = hub_parse_retry_after(h.retry_after[0] ? h.retry_after : NULL, time(NULL));

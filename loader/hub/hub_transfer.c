@@ -476,8 +476,9 @@ static int probe_done(xfer *t, conn *c, CURLcode cc, mp_error *err) {
     if (cc == CURLE_OK) {
         const char *code = hub_error_code(status, c->h.x_error_code, false);
         if (code)
-            return mp_err(err, code, "%s: hub answered HTTP %ld %s", x->f->name, status,
-                          c->h.x_error_code);
+            return mp_err(err, code, "%s: hub answered HTTP %ld %s%s", x->f->name, status,
+                          c->h.x_error_code,
+                          hub_error_hint(code, t->o->conn.token && *t->o->conn.token));
     }
     return retry_or_fail(t, &x->probe_attempts, &x->probe_not_before, status, cc, &c->h, x->f->name,
                          err);
@@ -522,7 +523,9 @@ static int chunk_done(xfer *t, conn *c, CURLcode cc, mp_error *err) {
             return 0;
         }
         if (code)
-            return mp_err(err, code, "%s: HTTP %ld %s", x->f->name, status, c->h.x_error_code);
+            return mp_err(
+                err, code, "%s: HTTP %ld %s%s", x->f->name, status, c->h.x_error_code,
+                hub_error_hint(code, x->data_auth && t->o->conn.token && *t->o->conn.token));
     }
     /* a cut connection, a timeout, a 5xx or 429: retry the rest of the chunk.
      * An attempt that moved the chunk forward does not count against it. */

@@ -78,8 +78,9 @@ static int prepare_validate(const mp_task_info *in, mp_error *err) {
                             "params.for must be sglang, vllm or transformers");
     int tp = tp_of(in->params);
     json_t *devs = json_object_get(in->params, "devices");
-    if (devs && (int)json_array_size(devs) != tp)
-        return mp_err_field(err, "params.devices", "bad_value",
+    /* An empty list is no list, as for warm_load: the default devices. */
+    if (devs && json_array_size(devs) > 0 && (int)json_array_size(devs) != tp)
+        return mp_err_field(err, "params.devices", "param_conflict",
                             "devices must list tp_size (%d) devices", tp);
     bool load = json_is_true(json_object_get(in->params, "load"));
     if (load && !devs && in->env && in->env->gpus && tp > gpu_set_count(in->env->gpus))

@@ -4,6 +4,11 @@
  * with hashes recorded earlier. The first run records them. For a hub
  * snapshot whose blobs are named by their sha256 (LFS), that name is the
  * expected hash, so even the first run checks the bytes.
+ *
+ * A mismatch fails the job (checksum_mismatch, naming the files) and keeps
+ * the per-file table as the failed job's result. result.status is "verified"
+ * when at least one file was compared with a known hash, "recorded" when the
+ * run only recorded hashes (nothing to compare with yet).
  */
 #include <dirent.h>
 #include <errno.h>
@@ -135,7 +140,8 @@ static int verify_run(mp_task *t) {
     }
     json_t *files = json_array();
     bool all_ok = true;
-    int recorded_now = 0;
+    int recorded_now = 0, bad = 0;
+    char bad_names[512] = ""; /* the first mismatching files, for the message */
     uint64_t done = 0;
     for (size_t i = 0; i < l.n; i++) {
         char actual[65], expected[65] = "";
@@ -155,7 +161,7 @@ static int verify_run(mp_task *t) {
             snprintf(expected, sizeof expected, "%s", rec_sha);
         else if (!cache_blob_sha256(l.v[i].abs, expected))
             expected[0] = 0;
-        bool ok;
+        bool ok, first_sight = false;
         if (expected[0]) {
             ok = strcmp(expected, actual) == 0;
         } else {
@@ -163,20 +169,37 @@ static int verify_run(mp_task *t) {
             ok = task_hash_put(t, l.v[i].rel, (int64_t)l.v[i].size, actual) == 0;
             snprintf(expected, sizeof expected, "%s", actual);
             recorded_now++;
+            first_sight = true;
         }
         if (!ok) {
             all_ok = false;
             task_log(t, "warn", "%s: expected %s, got %s", l.v[i].rel, expected, actual);
+            size_t used = strlen(bad_names);
+            if (bad++ < 8)
+                snprintf(bad_names + used, sizeof bad_names - used, "%s%s", used ? ", " : "",
+                         l.v[i].rel);
         }
-        json_array_append_new(files, json_pack("{s:s,s:I,s:s,s:s,s:b}", "name", l.v[i].rel, "size",
-                                               (json_int_t)l.v[i].size, "expected", expected,
-                                               "actual", actual, "ok", ok));
+        json_array_append_new(files, json_pack("{s:s,s:I,s:s,s:s,s:b,s:s}", "name", l.v[i].rel,
+                                               "size", (json_int_t)l.v[i].size, "expected",
+                                               expected, "actual", actual, "ok", ok, "status",
+                                               first_sight ? "recorded" : "verified"));
     }
     task_progress(t, done, l.bytes, "bytes", "done");
     json_decref(recorded);
+    size_t nfiles = l.n;
     vlist_free(&l);
-    return task_succeed(t, json_pack("{s:b,s:o,s:i,s:I}", "ok", all_ok, "files", files, "recorded",
-                                     recorded_now, "bytes", (json_int_t)done));
+    /* "recorded": nothing had a known hash, so this run only wrote them down. */
+    const char *status = (size_t)recorded_now == nfiles ? "recorded" : "verified";
+    json_t *result = json_pack("{s:s,s:b,s:o,s:i,s:I}", "status", status, "ok", all_ok, "files",
+                               files, "recorded", recorded_now, "bytes", (json_int_t)done);
+    if (!result) return task_fail(t, "no_memory", "out of memory");
+    if (all_ok) return task_succeed(t, result);
+    task_set_result(t, result);
+    return task_fail(t, "checksum_mismatch",
+                     "%d of %zu files do not match their expected sha256: %s%s; restore "
+                     "them, or for a hub model evict it (DELETE /v1/models/%s) and download "
+                     "it again",
+                     bad, nfiles, bad_names, bad > 8 ? ", ..." : "", in->model);
 }
 
 static const mp_param_spec verify_params[] = {{NULL, 0, NULL, 0, 0}};

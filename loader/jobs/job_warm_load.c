@@ -66,7 +66,7 @@ static int parse_params(const json_t *p, wl_params *w, mp_error *err) {
         return mp_err_field(err, "params.tp_size", "out_of_range", "tp_size must be 1..%d",
                             GPU_MAX_DEVICES);
     if (w->ndevices && w->ndevices != w->tp_size)
-        return mp_err_field(err, "params.devices", "bad_value",
+        return mp_err_field(err, "params.devices", "param_conflict",
                             "devices must list tp_size (%d) devices", w->tp_size);
     if (!w->ndevices)
         for (int i = 0; i < w->tp_size; i++)

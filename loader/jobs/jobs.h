@@ -16,5 +16,7 @@
 const mp_job_type *const *job_types_all(void);
 /* The type called name, or NULL. */
 const mp_job_type *job_type_find(const char *name);
+/* "download, verify, ..." into buf (at most n bytes), for error messages. */
+void job_type_names(char *buf, size_t n);
 
 #endif

@@ -2,6 +2,7 @@
  * loader/jobs/job_<name>.c, one `extern` and one table entry here. */
 #include "loader/jobs/jobs.h"
 
+#include <stdio.h>
 #include <string.h>
 
 extern const mp_job_type mp_job_verify;
@@ -25,4 +26,13 @@ const mp_job_type *job_type_find(const char *name) {
     for (int i = 0; TYPES[i]; i++)
         if (strcmp(TYPES[i]->name, name) == 0) return TYPES[i];
     return NULL;
+}
+
+void job_type_names(char *buf, size_t n) {
+    if (n == 0) return;
+    buf[0] = 0;
+    for (int i = 0; TYPES[i]; i++) {
+        size_t l = strlen(buf);
+        snprintf(buf + l, n - l, "%s%s", i ? ", " : "", TYPES[i]->name);
+    }
 }

@@ -1,8 +1,9 @@
-/* model_ref.c - see model_ref.h. Every check here runs before the path is
+/* model_ref.c - see models.h. Every check here runs before the path is
  * used, because model names come straight from HTTP requests. */
 #include "loader/models/models.h"
 
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -44,8 +45,12 @@ int mref_confine(const char *path, size_t len, const char *const *roots, char **
     *out = NULL;
     if (len != strlen(path))
         return mp_err_field(err, "model", "bad_model", "model contains a NUL byte");
-    if (len == 0 || len > MREF_MAX_LEN)
-        return mp_err_field(err, "model", "bad_model", "model path is empty or over %d bytes",
+    /* Characters, not bytes, as the OpenAPI document's maxLength counts. */
+    size_t chars = 0;
+    for (size_t i = 0; i < len; i++)
+        chars += ((unsigned char)path[i] & 0xC0) != 0x80;
+    if (len == 0 || chars > MREF_MAX_LEN)
+        return mp_err_field(err, "model", "bad_model", "model path is empty or over %d characters",
                             MREF_MAX_LEN);
     if (path[0] != '/')
         return mp_err_field(err, "model", "bad_model",
@@ -57,13 +62,19 @@ int mref_confine(const char *path, size_t len, const char *const *roots, char **
         if (starts && ends)
             return mp_err_field(err, "model", "bad_model", "model path contains '..'");
     }
+    /* The codes below depend on what the server holds, not on the request's
+     * form (no_model_roots, not_found, outside_roots): the OpenAPI document
+     * cannot rule them out, and clients can tell them from a malformed name. */
     if (!roots || !roots[0])
-        return mp_err_field(err, "model", "bad_model",
+        return mp_err_field(err, "model", "no_model_roots",
                             "local paths are disabled: the server has no --model-root");
     char *real = realpath(path, NULL);
-    if (!real)
-        return mp_err_field(err, "model", errno == ENOENT ? "not_found" : "bad_model",
-                            "model path %s: %s", path, strerror(errno));
+    if (!real) {
+        int e = errno;
+        bool missing = e == ENOENT || e == ENOTDIR || e == ENAMETOOLONG;
+        return mp_err_field(err, "model", missing ? "not_found" : "bad_model", "model path %s: %s",
+                            path, strerror(e));
+    }
     for (int i = 0; roots[i]; i++) {
         size_t rl = strlen(roots[i]);
         /* realpath resolved every symlink, so a link pointing out of the
@@ -72,7 +83,8 @@ int mref_confine(const char *path, size_t len, const char *const *roots, char **
             struct stat st;
             if (stat(real, &st) != 0 || !S_ISDIR(st.st_mode)) {
                 free(real);
-                return mp_err_field(err, "model", "bad_model", "model path is not a directory");
+                return mp_err_field(err, "model", "not_found", "model path %s is not a directory",
+                                    path);
             }
             *out = real;
             return 0;
@@ -88,10 +100,115 @@ int mref_confine(const char *path, size_t len, const char *const *roots, char **
         if (w < 0) break;
         used += (size_t)w;
     }
-    return mp_err_field(err, "model", "bad_model",
+    return mp_err_field(err, "model", "outside_roots",
                         "model path %.200s is outside the model roots (%s); use a path under one "
                         "of them, or start the server with --model-root for its folder",
                         path, list);
+}
+
+#define CONFINE_MAX_DEPTH 16
+#define CONFINE_MAX_ENTRIES 1000000
+
+static bool under(const char *real, const char *root) {
+    size_t rl = strlen(root);
+    while (rl > 1 && root[rl - 1] == '/')
+        rl--;
+    return strncmp(real, root, rl) == 0 && (real[rl] == '/' || real[rl] == 0);
+}
+
+typedef struct confine_walk {
+    const char *top;
+    const char *const *allowed;
+    const char *why;
+    size_t entries;
+} confine_walk;
+
+/* rel: the path under the model dir ("" for the top). Only symlinks need a
+ * realpath: anything else lies where its (already checked) parent does. */
+static int confine_dir(confine_walk *w, const char *rel, int depth, mp_error *err) {
+    /* No job descends further (verify refuses deeper trees itself), so
+     * nothing below this depth is ever opened. */
+    if (depth > CONFINE_MAX_DEPTH) return 0;
+    char path[PATH_MAX];
+    if (snprintf(path, sizeof path, "%s%s%s", w->top, rel[0] ? "/" : "", rel) >= (int)sizeof path)
+        return mp_err(err, "bad_path", "path too long under %s", w->top);
+    DIR *d = opendir(path);
+    if (!d) return mp_err(err, "io_error", "open %s: %s", path, strerror(errno));
+    int rc = 0;
+    struct dirent *e;
+    while (rc == 0 && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        if (++w->entries > CONFINE_MAX_ENTRIES) {
+            rc = mp_err(err, "too_many_files", "%s holds over %d files", w->top,
+                        CONFINE_MAX_ENTRIES);
+            break;
+        }
+        char sub[PATH_MAX], abs[PATH_MAX];
+        if (snprintf(sub, sizeof sub, "%s%s%s", rel, rel[0] ? "/" : "", e->d_name) >=
+                (int)sizeof sub ||
+            snprintf(abs, sizeof abs, "%s/%s", w->top, sub) >= (int)sizeof abs) {
+            rc = mp_err(err, "bad_path", "path too long under %s", w->top);
+            break;
+        }
+        struct stat st;
+        if (lstat(abs, &st) != 0) continue; /* gone meanwhile */
+        if (S_ISLNK(st.st_mode)) {
+            char *real = realpath(abs, NULL);
+            if (!real) continue; /* dangling: no job can open it */
+            bool ok = false;
+            for (int i = 0; w->allowed && w->allowed[i] && !ok; i++)
+                ok = under(real, w->allowed[i]);
+            if (!ok) {
+                rc = mp_err(err, "unsafe_path",
+                            "model file %s is a link to %s, outside %s; jobs open only files "
+                            "that stay there: copy the file into the model folder or add its "
+                            "location as a --model-root",
+                            sub, real, w->why);
+                free(real);
+                break;
+            }
+            bool dir = stat(real, &st) == 0 && S_ISDIR(st.st_mode);
+            free(real);
+            if (!dir) continue;
+        } else if (!S_ISDIR(st.st_mode)) {
+            continue;
+        }
+        rc = confine_dir(w, sub, depth + 1, err);
+    }
+    closedir(d);
+    return rc;
+}
+
+int mref_confine_tree(const char *model_dir, const char *const *allowed, const char *why,
+                      mp_error *err) {
+    char *top = realpath(model_dir, NULL);
+    if (!top) return mp_err(err, "not_found", "%s: %s", model_dir, strerror(errno));
+    bool ok = false;
+    for (int i = 0; allowed && allowed[i] && !ok; i++)
+        ok = under(top, allowed[i]);
+    free(top);
+    if (!ok) return mp_err(err, "unsafe_path", "model folder %s lies outside %s", model_dir, why);
+    confine_walk w = {.top = model_dir, .allowed = allowed, .why = why};
+    return confine_dir(&w, "", 0, err);
+}
+
+int mref_confine_model_files(const char *model_dir, const char *model, bool is_hub,
+                             const char *hub_cache, const char *const *roots, mp_error *err) {
+    if (!is_hub) return mref_confine_tree(model_dir, roots, "the model roots (--model-root)", err);
+    char *repo = hub_cache ? mref_repo_cache_dir(hub_cache, model) : NULL;
+    char *real = repo ? realpath(repo, NULL) : NULL;
+    int rc;
+    if (!real) {
+        rc = mp_err(err, "not_cached", "%s is not in the local cache", model);
+    } else {
+        char why[PATH_MAX + 64];
+        snprintf(why, sizeof why, "the repo's cache folder %s", real);
+        const char *const allowed[] = {real, NULL};
+        rc = mref_confine_tree(model_dir, allowed, why, err);
+    }
+    free(real);
+    free(repo);
+    return rc;
 }
 
 char *mref_repo_cache_dir(const char *hub_cache, const char *repo) {

@@ -29,9 +29,26 @@ bool mref_is_repo_id(const char *s);
 bool mref_is_revision(const char *s);
 
 /* Confines a local path: absolute, no NUL (len must equal strlen), no ".."
- * component, at most MREF_MAX_LEN, and its realpath under a root. *out is the
- * realpath (caller frees). err->code "bad_model"/"not_found". */
+ * component, at most MREF_MAX_LEN characters, and its realpath a directory
+ * under a root. *out is the realpath (caller frees). err->code "bad_model"
+ * (malformed), or, depending on the disk and the flags: "not_found" (no
+ * such directory), "outside_roots" (the message names the roots),
+ * "no_model_roots". */
 int mref_confine(const char *path, size_t len, const char *const *roots, char **out, mp_error *err);
+
+/* Confines every file a job may open, not only the model directory: each
+ * entry under model_dir (recursively, 16 levels deep as no job goes further;
+ * dot-entries are skipped as the jobs skip them) that is a symlink must
+ * resolve inside one of allowed[] (NULL-terminated, realpath'd). Dangling
+ * links are ignored (no job can open them). err "unsafe_path" names the
+ * first offending file; "too_many_files" past 1,000,000 entries. */
+int mref_confine_tree(const char *model_dir, const char *const *allowed, const char *why,
+                      mp_error *err);
+/* mref_confine_tree with the rule of the model's kind: a hub model's files
+ * stay inside its own repo cache dir (<hub_cache>/models--org--name, where
+ * snapshots link into ../../blobs), a local model's under the model roots. */
+int mref_confine_model_files(const char *model_dir, const char *model, bool is_hub,
+                             const char *hub_cache, const char *const *roots, mp_error *err);
 
 /* The HF-cache directory of a repo: <cache>/models--org--name (caller frees). */
 char *mref_repo_cache_dir(const char *hub_cache, const char *repo);

@@ -227,6 +227,8 @@ static void test_verify_records_then_detects_tamper(void **state) {
     assert_string_equal(json_string_value(json_object_get(job, "state")), "succeeded");
     json_t *res = json_object_get(job, "result");
     assert_true(json_is_true(json_object_get(res, "ok")));
+    /* nothing was known before: this run only recorded the hashes */
+    assert_string_equal(json_string_value(json_object_get(res, "status")), "recorded");
     json_t *files = json_object_get(res, "files");
     assert_int_equal(json_array_size(files), 2);
     /* sorted by name: config.json, weights.bin; sha256("0123456789abcdef") */
@@ -237,6 +239,10 @@ static void test_verify_records_then_detects_tamper(void **state) {
     json_t *prog = json_object_get(job, "progress");
     assert_int_equal(json_integer_value(json_object_get(prog, "done")), 38);
     assert_int_equal(json_integer_value(json_object_get(prog, "total")), 38);
+    /* the final progress: how it ended and the average rate, no job id */
+    assert_string_equal(json_string_value(json_object_get(prog, "message")), "done");
+    assert_true(json_number_value(json_object_get(prog, "rate")) > 0);
+    assert_null(json_object_get(prog, "id"));
     assert_non_null(json_string_value(json_object_get(job, "finished_at")));
     json_decref(job);
 
@@ -246,11 +252,20 @@ static void test_verify_records_then_detects_tamper(void **state) {
     th_write_file(path, "0123456789abcdeX", 16);
     char *id2 = th_submit(&f->p, body);
     job = th_wait_job(&f->p, id2, 30);
-    assert_string_equal(json_string_value(json_object_get(job, "state")), "succeeded");
+    /* a mismatch fails the job, names the file, and keeps the table */
+    assert_string_equal(json_string_value(json_object_get(job, "state")), "failed");
+    json_t *jerr = json_object_get(job, "error");
+    assert_string_equal(json_string_value(json_object_get(jerr, "code")), "checksum_mismatch");
+    assert_non_null(strstr(json_string_value(json_object_get(jerr, "message")), "weights.bin"));
+    assert_null(strstr(json_string_value(json_object_get(jerr, "message")), "config.json"));
+    assert_string_equal(
+        json_string_value(json_object_get(json_object_get(job, "progress"), "message")), "failed");
     res = json_object_get(job, "result");
     assert_true(json_is_false(json_object_get(res, "ok")));
+    assert_string_equal(json_string_value(json_object_get(res, "status")), "verified");
     w = json_array_get(json_object_get(res, "files"), 1);
     assert_true(json_is_false(json_object_get(w, "ok")));
+    assert_string_equal(json_string_value(json_object_get(w, "status")), "verified");
     assert_string_not_equal(json_string_value(json_object_get(w, "expected")),
                             json_string_value(json_object_get(w, "actual")));
     json_decref(job);

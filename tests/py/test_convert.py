@@ -170,6 +170,57 @@ def test_cast_matches_torch(make_server, model_root, dtype, tdt):
             assert same_bits(g, v), k  # integers untouched
 
 
+# ---------------------------------------------------------------- config.json dtype
+
+TORCH_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def auto_dtypes(cfg):
+    """The dtype each transformers generation picks for torch_dtype="auto"
+    (and SGLang/vLLM for --dtype auto): before 4.56 `torch_dtype`, from 4.56
+    on `dtype` first, then `torch_dtype`. Multimodal models: text_config."""
+    old = cfg.get("torch_dtype")
+    new = cfg.get("dtype", cfg.get("torch_dtype"))
+    return old, new
+
+
+@pytest.mark.parametrize("dtype,tdt", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                       ("keep", torch.float16)])
+def test_config_names_the_dtype_written(make_server, model_root, dtype, tdt):
+    m = model_root / ("cfg_" + dtype)
+    m.mkdir()
+    torch.manual_seed(2)
+    # "keep": fp16 weights with a few fp32 norms, under a config that says float32
+    sd = {"embed": torch.randn(64, 32).half(), "proj": torch.randn(32, 32).half(),
+          "norm": torch.randn(32), "ids": torch.arange(4)}
+    if dtype != "keep":
+        sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    torch.save(sd, m / "pytorch_model.bin")
+    cfg_in = {"model_type": "llava", "torch_dtype": "float32", "dtype": "float32",
+              "text_config": {"model_type": "llama", "torch_dtype": "float32"},
+              "vision_config": {"hidden_size": 8}}
+    (m / "config.json").write_text(json.dumps(cfg_in, indent=2))
+    s = start(make_server, model_root)
+    job = convert(s, m, dtype=dtype)
+    assert job["state"] == "succeeded", job
+    out = job["result"]["output_path"]
+    got, _ = read_out(out)
+    held = {v.dtype for v in got.values() if v.is_floating_point()}
+    assert tdt in held
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    want = TORCH_NAMES[tdt]
+    assert auto_dtypes(cfg) == (want, want), cfg
+    assert auto_dtypes(cfg["text_config"]) == (want, want), cfg
+    # everything else is the source's config, unchanged
+    rest = {k: v for k, v in cfg.items() if k not in ("torch_dtype", "dtype", "text_config")}
+    assert rest == {"model_type": "llava", "vision_config": {"hidden_size": 8}}
+    assert cfg["text_config"]["model_type"] == "llama"
+    # written through a temp file and renamed: nothing left over
+    assert sorted(os.listdir(out)) == [".modelprep-convert.json", "config.json",
+                                       "model.safetensors"]
+    assert json.load(open(m / "config.json")) == cfg_in  # the source is untouched
+
+
 # ---------------------------------------------------------------- sharding
 
 def test_sharded_input_and_output_split_like_huggingface_hub(make_server, model_root):
@@ -455,7 +506,8 @@ def test_hub_snapshot_converts_outside_the_cache(make_server, tmp_path):
     assert out == os.path.join(os.path.realpath(str(data)), "converted", "acme--tiny-main")
     got, _ = read_out(out)
     assert same_bits(got["w"], sd["w"].bfloat16()) and same_bits(got["b"], sd["b"].bfloat16())
-    assert json.load(open(os.path.join(out, "config.json"))) == {"model_type": "llama"}
+    assert json.load(open(os.path.join(out, "config.json"))) == {
+        "model_type": "llama", "torch_dtype": "bfloat16", "dtype": "bfloat16"}
     assert not os.path.islink(os.path.join(out, "config.json"))
     assert sorted(os.listdir(snap)) == ["config.json", "pytorch_model.bin"]
     st, doc = s.post("/v1/jobs", {"type": "convert", "model": "acme/tiny",

@@ -137,9 +137,18 @@ def test_dashboard_submit_and_follow_a_job(make_server, model_root, browser):
     assert status == 200 and doc["state"] == "succeeded" and doc["result"]["ok"] is True
     assert [j["id"] for j in srv.get("/v1/jobs")[1]["jobs"]] == [job_id]
 
+    assert "hashes recorded for 3 files" in row.text, row.text  # a first run checks nothing
+
     # a job submitted elsewhere shows up live through the event stream
     other = srv.submit({"type": "verify", "model": str(model)})
-    job_row(drv, other["id"], "succeeded")
+    row = job_row(drv, other["id"], "succeeded")
+    wait(drv).until(lambda d: "verified 3 files" in row.text)
+
+    # a changed file fails the verify: red, with the code and the file named
+    (model / "w1.bin").write_bytes(os.urandom(200000))
+    bad = srv.submit({"type": "verify", "model": str(model)})
+    row = job_row(drv, bad["id"], "failed")
+    wait(drv).until(lambda d: "checksum_mismatch" in row.text and "w1.bin" in row.text)
 
     # the token is kept for the session: a reload does not ask again
     drv.refresh()

@@ -262,6 +262,8 @@ def test_insufficient_space_is_checked_first(make_server, hub):
     s = make_server(args=["--hub-endpoint", h.url])
     d = s.run_job(job("acme/tiny", load_format="all"))
     assert d["state"] == "failed" and d["error"]["code"] == "insufficient_space", d
+    # what is needed is spelled out with the margin that is kept free
+    assert "+ 64 MiB margin =" in d["error"]["message"], d
     assert h.stats()["data_gets"] == 0
     blobs = os.path.join(hub_cache(s), "models--acme--tiny", "blobs")
     assert not os.path.exists(blobs) or os.listdir(blobs) == []

@@ -145,15 +145,14 @@ def test_metrics_needs_the_token(make_server):
     status, doc = srv.get("/metrics")
     assert status == 401 and doc["status"] == 401
     srv.token = "t0k3n"
-    # A request is counted when MHD reports it complete, which can be just
-    # after the client has read the response: poll briefly.
+    # Requests are counted when libmicrohttpd reports them complete, which
+    # can come a moment after the client has read the answer.
     deadline = time.time() + 5
     while True:
         _, fam = scrape(srv)
-        found = [s for f in fam.values() for s in f.samples
-                 if s.name == "modelprep_http_requests_total"
-                 and s.labels == {"route": "metrics", "status": "401"}]
-        if found or time.time() > deadline:
+        n = [x for x in samples(fam, "modelprep_http_requests_total")
+             if x.labels == {"route": "metrics", "status": "401"}]
+        if n or time.time() > deadline:
             break
         time.sleep(0.05)
     assert sample(fam, "modelprep_http_requests_total", route="metrics", status="401") == 1

@@ -2,7 +2,8 @@
  * test_convert.c - the pure helpers of convert: huggingface_hub's shard
  * split (including its oversized-tensor ordering quirk), shard names, dtype
  * casts (round to nearest even, NaN/Inf, subnormals), dtype parsing, default
- * output names, output confinement and which files count as weights.
+ * output names, output confinement, which files count as weights, and the
+ * dtype written into config.json.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -280,11 +281,47 @@ static void test_find_sources(void **state) {
     rmdir(d);
 }
 
+/* config.json's dtype keys: both names transformers reads, text_config too,
+ * and the dominant float dtype of a "keep" conversion. */
+static void test_config_dtype(void **state) {
+    (void)state;
+    assert_string_equal(conv_torch_dtype(MP_DT_BF16), "bfloat16");
+    assert_string_equal(conv_torch_dtype(MP_DT_F16), "float16");
+    assert_string_equal(conv_torch_dtype(MP_DT_F32), "float32");
+    assert_null(conv_torch_dtype(MP_DT_I64));
+    mp_dtype d1[] = {MP_DT_F32, MP_DT_BF16, MP_DT_I64, MP_DT_BF16};
+    uint64_t b1[] = {100, 80, 1000, 80};
+    assert_string_equal(conv_dominant_torch_dtype(d1, b1, 4), "bfloat16");
+    mp_dtype d2[] = {MP_DT_I64, MP_DT_U8};
+    uint64_t b2[] = {8, 1};
+    assert_null(conv_dominant_torch_dtype(d2, b2, 2));
+    mp_dtype d3[] = {MP_DT_F16, MP_DT_F32};
+    uint64_t b3[] = {64, 64};
+    assert_string_equal(conv_dominant_torch_dtype(d3, b3, 2), "float16"); /* tie: narrower */
+
+    json_t *cfg = json_pack("{s:s,s:{s:s,s:i},s:s}", "torch_dtype", "float32", "text_config",
+                            "torch_dtype", "float32", "hidden_size", 8, "model_type", "llava");
+    assert_non_null(cfg);
+    assert_true(conv_config_set_dtype(cfg, "bfloat16"));
+    assert_string_equal(json_string_value(json_object_get(cfg, "torch_dtype")), "bfloat16");
+    assert_string_equal(json_string_value(json_object_get(cfg, "dtype")), "bfloat16");
+    json_t *tc = json_object_get(cfg, "text_config");
+    assert_string_equal(json_string_value(json_object_get(tc, "torch_dtype")), "bfloat16");
+    assert_string_equal(json_string_value(json_object_get(tc, "dtype")), "bfloat16");
+    assert_int_equal(json_integer_value(json_object_get(tc, "hidden_size")), 8);
+    assert_false(conv_config_set_dtype(cfg, "bfloat16")); /* already right: no rewrite */
+    json_decref(cfg);
+    json_t *arr = json_array();
+    assert_false(conv_config_set_dtype(arr, "float16"));
+    json_decref(arr);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_plan_shards),    cmocka_unit_test(test_shard_names),
         cmocka_unit_test(test_cast),           cmocka_unit_test(test_parse_dtype_and_names),
         cmocka_unit_test(test_confine_output), cmocka_unit_test(test_find_sources),
+        cmocka_unit_test(test_config_dtype),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -107,7 +107,8 @@ static void test_openapi_matches_routes(void **state) {
 }
 
 /* Each job type's params are documented as components.schemas.Params_<type>
- * with the same names, JSON types and enum values as its mp_param_spec. */
+ * with the same names, JSON types, enum values and integer bounds as its
+ * mp_param_spec, and JobRequest_<type> ties the type to those params. */
 static const char *kind_json_type(mp_param_kind k) {
     switch (k) {
     case MP_P_STRING:
@@ -133,6 +134,7 @@ static void test_openapi_job_params(void **state) {
     json_t *doc = json_loadb((const char *)a->data, a->size, 0, NULL);
     assert_non_null(doc);
     json_t *schemas = json_object_get(json_object_get(doc, "components"), "schemas");
+    size_t ntypes = 0;
     for (const mp_job_type *const *jt = job_types_all(); *jt; jt++) {
         char name[64];
         snprintf(name, sizeof name, "Params_%s", (*jt)->name);
@@ -151,6 +153,18 @@ static void test_openapi_job_params(void **state) {
                     json_string_value(json_object_get(json_object_get(prop, "items"), "type"));
                 assert_non_null(it);
                 assert_string_equal(it, p->kind == MP_P_INT_ARRAY ? "integer" : "string");
+            }
+            /* integer bounds: the same range the server enforces */
+            json_t *bounds = p->kind == MP_P_INT_ARRAY ? json_object_get(prop, "items")
+                             : p->kind == MP_P_INT     ? prop
+                                                       : NULL;
+            if (bounds && (p->min || p->max)) {
+                json_t *lo = json_object_get(bounds, "minimum"),
+                       *hi = json_object_get(bounds, "maximum");
+                if (!json_is_integer(lo) || json_integer_value(lo) != p->min)
+                    fail_msg("%s.%s: minimum is not %lld", name, p->name, (long long)p->min);
+                if (!json_is_integer(hi) || json_integer_value(hi) != p->max)
+                    fail_msg("%s.%s: maximum is not %lld", name, p->name, (long long)p->max);
             }
             json_t *en = json_object_get(prop, "enum");
             if (p->enum_values) {
@@ -173,7 +187,22 @@ static void test_openapi_job_params(void **state) {
         if (json_object_size(props) != nspec)
             fail_msg("%s documents %zu params, the spec has %zu", name, json_object_size(props),
                      nspec);
+        /* the request variant of this type takes exactly these params */
+        snprintf(name, sizeof name, "JobRequest_%s", (*jt)->name);
+        json_t *rq = json_object_get(json_object_get(schemas, name), "properties");
+        if (!rq) fail_msg("openapi.yaml has no %s", name);
+        json_t *ten = json_object_get(json_object_get(rq, "type"), "enum");
+        assert_int_equal(json_array_size(ten), 1);
+        assert_string_equal(json_string_value(json_array_get(ten, 0)), (*jt)->name);
+        char want_ref[96];
+        snprintf(want_ref, sizeof want_ref, "#/components/schemas/Params_%s", (*jt)->name);
+        assert_string_equal(
+            json_string_value(json_object_get(json_object_get(rq, "params"), "$ref")), want_ref);
+        ntypes++;
     }
+    /* JobRequest is one of the variants, one per registered type */
+    json_t *one = json_object_get(json_object_get(schemas, "JobRequest"), "oneOf");
+    assert_int_equal(json_array_size(one), ntypes);
     json_decref(doc);
 }
 

@@ -198,6 +198,27 @@ static void test_error_codes(void **state) {
     assert_null(hub_error_code(503, NULL, false));
     assert_null(hub_error_code(429, NULL, false));
     assert_null(hub_error_code(408, NULL, false));
+    /* what to do about a 401/403: set HF_TOKEN, or check the one sent */
+    assert_non_null(strstr(hub_error_hint("unauthorized", false), "set HF_TOKEN"));
+    assert_non_null(strstr(hub_error_hint("unauthorized", true), "HF_TOKEN"));
+    assert_non_null(strstr(hub_error_hint("unauthorized", true), "refused"));
+    assert_string_equal(hub_error_hint("repo_not_found", false), "");
+    assert_string_equal(hub_error_hint(NULL, false), "");
+}
+
+/* The free-space check counts the margin and says so: a 0.5 MB download
+ * with 64 MiB free is refused with the sum spelled out. */
+static void test_space_margin(void **state) {
+    (void)state;
+    mp_error err = {0};
+    assert_int_equal(hub_check_space(511659, HUB_SPACE_MARGIN + 511659, "/c", &err), 0);
+    assert_int_equal(hub_check_space(0, HUB_SPACE_MARGIN, "/c", &err), 0);
+    assert_int_equal(hub_check_space(511659, 66936832, "/c/blobs", &err), -1);
+    assert_string_equal(err.code, "insufficient_space");
+    assert_string_equal(err.message,
+                        "need 511659 bytes + 64 MiB margin = 67620523 bytes in /c/blobs, 66936832 "
+                        "free; free up space there or point HF_HUB_CACHE at a larger disk");
+    assert_int_equal(hub_check_space(UINT64_MAX - 1, UINT64_MAX - 2, "/c", &err), -1);
 }
 
 static void test_etag_and_range(void **state) {
@@ -420,6 +441,7 @@ int main(void) {
         cmocka_unit_test(test_retry_after),
         cmocka_unit_test(test_backoff),
         cmocka_unit_test(test_error_codes),
+        cmocka_unit_test(test_space_margin),
         cmocka_unit_test(test_etag_and_range),
         cmocka_unit_test(test_parse_listing),
         cmocka_unit_test(test_select_auto_safetensors_with_index),
