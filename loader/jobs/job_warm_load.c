@@ -126,6 +126,13 @@ static int wl_validate(const mp_task_info *in, mp_error *err) {
         if (key_path(in, w.key_file, p, err) != 0) return -1;
     }
     if (in->env && in->env->gpus) {
+        /* Staging is pinned on a GPU: one request may not ask for more than
+         * the server lets all loads pin together (--staging-cap). */
+        uint64_t cap = gpu_set_staging_cap_get(in->env->gpus);
+        if (cap && w.staging_bytes > cap)
+            return mp_err_field(err, "params.staging_bytes", "staging_cap",
+                                "staging_bytes %llu is over the server's staging cap of %llu bytes",
+                                (unsigned long long)w.staging_bytes, (unsigned long long)cap);
         int n = gpu_set_count(in->env->gpus);
         if (w.tp_size > n && !w.ndevices)
             return mp_err_field(err, "params.tp_size", "out_of_range",

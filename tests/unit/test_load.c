@@ -362,6 +362,62 @@ static void test_encrypted_needs_key(void **state) {
     gpu_set_close(g);
 }
 
+/* A second load reuses the first one's arena from the pool (no allocation,
+ * no zero-fill) and its bytes are still right: every tensor is the file's,
+ * and the alignment gaps and the tail, which held the first model's bytes,
+ * read as zeros (an importer of the arena must not see an earlier model).
+ * On host devices with and without the splice path, and on async ones. */
+static void test_pool_second_load_reuses(void **state) {
+    (void)state;
+    st_wtensor big[1] = {{"big", MP_DT_F32, 2, {300, 500}}};
+    write_model("pool_big", big, 1, NULL);
+    /* 60 + 14 + 200 bytes at 256-aligned offsets: gaps after a and b */
+    st_wtensor ts[3] = {
+        {"a", MP_DT_F32, 2, {3, 5}}, {"b", MP_DT_BF16, 1, {7}}, {"c", MP_DT_F16, 1, {100}}};
+    write_model("pool_small", ts, 3, NULL);
+    const char *specs[] = {"host", "host", "async/50"};
+    for (int v = 0; v < 3; v++) {
+        gpu_set *g = NULL;
+        mp_error err = {0};
+        assert_int_equal(gpu_set_open(specs[v], 0, &g, &err), 0);
+        gpu_set_arena_pool(g, 64u << 20);
+        load_source src;
+        load_plan plan;
+        gpu_arena *arenas[GPU_MAX_DEVICES];
+        assert_int_equal(
+            run(g, "pool_big", 1, MP_DT_INVALID, 65536, v == 1, NULL, &src, &plan, arenas, &err),
+            0);
+        assert_false(gpu_arena_reused(arenas[0]));
+        done(&src, &plan, arenas);
+        assert_int_equal(gpu_set_pooled_bytes(g), 600000);
+        int rc =
+            run(g, "pool_small", 1, MP_DT_INVALID, 65536, v == 1, NULL, &src, &plan, arenas, &err);
+        if (rc != 0) fail_msg("%s: %s", err.code, err.message);
+        assert_true(gpu_arena_reused(arenas[0]));
+        assert_int_equal(gpu_set_pooled_bytes(g), 0);
+        uint64_t size = gpu_arena_size(arenas[0]);
+        assert_int_equal(size, plan.arena_bytes[0]);
+        unsigned char *all = malloc(size);
+        assert_non_null(all);
+        assert_int_equal(gpu_read(arenas[0], 0, all, size, &err), 0);
+        uint64_t end = 0;
+        for (size_t i = 0; i < plan.nitems; i++) {
+            const load_item *it = &plan.items[i];
+            size_t ti = (size_t)(it->src->name[0] - 'a');
+            for (uint64_t k = end; k < it->offset; k++)
+                if (all[k])
+                    fail_msg("%s: gap byte %llu is %d", specs[v], (unsigned long long)k, all[k]);
+            for (uint64_t k = 0; k < it->bytes; k++)
+                if (all[it->offset + k] != pat(ti, k))
+                    fail_msg("%s: %s byte %llu", specs[v], it->src->name, (unsigned long long)k);
+            end = it->offset + it->bytes;
+        }
+        free(all);
+        done(&src, &plan, arenas);
+        gpu_set_close(g);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_formats_and_offsets),
@@ -371,6 +427,7 @@ int main(void) {
         cmocka_unit_test(test_tp_slices),
         cmocka_unit_test(test_oom_and_cancel_leave_nothing),
         cmocka_unit_test(test_encrypted_needs_key),
+        cmocka_unit_test(test_pool_second_load_reuses),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
