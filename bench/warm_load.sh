@@ -71,17 +71,20 @@ kill "$srv_pid"; wait "$srv_pid" 2>/dev/null || true; srv_pid=
 awk -v b="${j[job_bytes]}" -v job="${j[job_s]}" -v cl="${j[clone_s]}" -v fr="${j[fresh_s]}" \
     -v pf="${j[prefault_s]}" -v jw="${j[job_worst_s]}" -v cw="${j[clone_worst_s]}" \
     -v fw="${j[fresh_worst_s]}" -v pw="${j[prefault_worst_s]}" -v al="${j[job_alloc_s]}" \
-    -v pi="${j[job_pipeline_s]}" -v to="${j[job_total_s]}" -v reps="$REPS" 'BEGIN {
+    -v pi="${j[job_pipeline_s]}" -v to="${j[job_total_s]}" -v reps="$REPS" \
+    -v j1="${j[job_first_s]}" 'BEGIN {
   g = 1e9
   printf "warm_load job: %.2f GB in 2 safetensors shards to the host device, page cache warm, best of %d (worst in brackets)\n", b / g, reps
   printf "  warm_load job wall time (submit..succeeded) %7.3f s [%.3f]  %6.2f GB/s\n", job, jw, b / g / job
   printf "    its timings: alloc_s %.3f, pipeline_s %.3f, total_s %.3f; outside total_s %.3f\n", al, pi, to, job - to
+  printf "  first job of the server (no pooled arena)    %5.3f s             %6.2f GB/s\n", j1, b / g / j1
   printf "  load_file + clone (Python)                  %7.3f s [%.3f]  %6.2f GB/s\n", cl, cw, b / g / cl
   printf "  read() into fresh memory                    %7.3f s [%.3f]  %6.2f GB/s\n", fr, fw, b / g / fr
   printf "  read() into pre-faulted memory              %7.3f s [%.3f]  %6.2f GB/s\n", pf, pw, b / g / pf
   printf "  ratio job vs load_file+clone:   %.2fx (goal >= 1.5)\n", cl / job
   printf "  ratio job vs read() fresh:      %.2fx (goal >= 0.9)\n", fr / job
   printf "  ratio job vs read() pre-faulted: %.2fx\n", pf / job
+  printf "  first job: %.2fx load_file+clone, %.2fx read() fresh\n", cl / j1, fr / j1
 }'
 
 # --- the loader in process -------------------------------------------------------
