@@ -121,6 +121,7 @@ JOB_PARAMS = {
                       "decryption_key_file": S,
                       "dummy": {"type": "object", "properties": {"low": N, "high": N, "seed": I}},
                       "keep_resident": B, "staging_bytes": I, "direct_io": B, "host_direct": B,
+                      "device_convert": B,
                       "readers": I}),
     "verify": obj({}),
     "prepare": obj({"for": enum("sglang", "vllm", "transformers"), "tp_size": I, "devices": IA,

@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "util/tensor/cast.h"
 #include "util/tensor/half.h"
 #include "loader/warm/warm.h"
 #include "loader/formats/safetensors/safetensors.h"
@@ -143,8 +144,19 @@ static bool cancel_cb(void *arg) {
     return c->cancel_after >= 0 && ++c->calls > c->cancel_after;
 }
 
+static int run_dc(gpu_set *g, const char *sub, int tp, mp_dtype dt, uint64_t staging,
+                  bool host_direct, bool device_convert, ctx *cx, load_source *src, load_plan *plan,
+                  gpu_arena **arenas, load_stats *st, mp_error *err);
+
 static int run(gpu_set *g, const char *sub, int tp, mp_dtype dt, uint64_t staging, bool host_direct,
                ctx *cx, load_source *src, load_plan *plan, gpu_arena **arenas, mp_error *err) {
+    load_stats st;
+    return run_dc(g, sub, tp, dt, staging, host_direct, false, cx, src, plan, arenas, &st, err);
+}
+
+static int run_dc(gpu_set *g, const char *sub, int tp, mp_dtype dt, uint64_t staging,
+                  bool host_direct, bool device_convert, ctx *cx, load_source *src, load_plan *plan,
+                  gpu_arena **arenas, load_stats *stp, mp_error *err) {
     if (load_source_open(model_dir(sub), LOAD_FMT_AUTO, tp, src, err) != 0) return -1;
     int devs[4] = {0, 1, 2, 3};
     load_plan_opts po = {.tp_size = tp, .devices = devs, .dtype = dt};
@@ -155,13 +167,13 @@ static int run(gpu_set *g, const char *sub, int tp, mp_dtype dt, uint64_t stagin
     load_run_opts ro = {.staging_bytes = staging,
                         .readers = 3,
                         .host_direct = host_direct,
+                        .device_convert = device_convert,
                         .cb = cx,
                         .cancelled = cx ? cancel_cb : NULL};
-    load_stats st;
-    int rc = load_run(g, src, plan, &ro, arenas, &st, err);
+    int rc = load_run(g, src, plan, &ro, arenas, stp, err);
     if (rc == 0) {
-        assert_true(st.peak_host_bytes > 0);
-        assert_true(st.slots >= 2);
+        assert_true(stp->peak_host_bytes > 0);
+        assert_true(stp->slots >= 2);
     }
     return rc;
 }
@@ -418,6 +430,50 @@ static void test_pool_second_load_reuses(void **state) {
     }
 }
 
+/* Casts on the device (device_convert): the raw bf16 / f32 bytes go through
+ * staging into the device's scratch and gpu_cast writes the arena. An
+ * up-cast (bf16 -> f32) and a down-cast (f32 -> bf16, whose raw piece is
+ * bigger than its output) through 64 KiB of staging, so slots and their
+ * scratch parts are reused many times: on async devices (late copies and
+ * kernels, a slot refilled early fails the load) and on host ones. The
+ * bytes are the CPU cast's (util/tensor/cast.c). */
+static void test_cast_on_device(void **state) {
+    (void)state;
+    st_wtensor up[1] = {{"w", MP_DT_BF16, 2, {64, 300}}};
+    write_model("dcast_up", up, 1, NULL);
+    st_wtensor dn[1] = {{"w", MP_DT_F32, 2, {64, 300}}};
+    write_model("dcast_down", dn, 1, NULL);
+    const char *specs[] = {"async/100", "host"};
+    for (int v = 0; v < 2; v++)
+        for (int down = 0; down < 2; down++) {
+            mp_dtype sd = down ? MP_DT_F32 : MP_DT_BF16, od = down ? MP_DT_BF16 : MP_DT_F32;
+            uint64_t n = 64 * 300, si = down ? 4 : 2, oi = down ? 2 : 4;
+            gpu_set *g = NULL;
+            mp_error err = {0};
+            assert_int_equal(gpu_set_open(specs[v], 0, &g, &err), 0);
+            load_source src;
+            load_plan plan;
+            load_stats st;
+            gpu_arena *arenas[GPU_MAX_DEVICES];
+            int rc = run_dc(g, down ? "dcast_down" : "dcast_up", 1, od, 65536, true, true, NULL,
+                            &src, &plan, arenas, &st, &err);
+            if (rc != 0) fail_msg("%s: %s: %s", specs[v], err.code, err.message);
+            assert_int_equal(st.device_converted, n * oi);
+            unsigned char *raw = malloc(n * si), *want = malloc(n * oi), *got = malloc(n * oi);
+            for (uint64_t k = 0; k < n * si; k++)
+                raw[k] = pat(0, k);
+            assert_true(tensor_cast(sd, raw, od, want, (size_t)n));
+            assert_int_equal(gpu_read(arenas[0], 0, got, n * oi, &err), 0);
+            if (memcmp(want, got, n * oi) != 0)
+                fail_msg("%s down %d: bytes differ", specs[v], down);
+            free(raw);
+            free(want);
+            free(got);
+            done(&src, &plan, arenas);
+            gpu_set_close(g);
+        }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_formats_and_offsets),
@@ -428,6 +484,7 @@ int main(void) {
         cmocka_unit_test(test_oom_and_cancel_leave_nothing),
         cmocka_unit_test(test_encrypted_needs_key),
         cmocka_unit_test(test_pool_second_load_reuses),
+        cmocka_unit_test(test_cast_on_device),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
