@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# warm_load throughput on the host backend, page cache warm: the loader
+# warm_load to the host backend, page cache warm, a two-shard safetensors
+# checkpoint of BENCH_GB (default 2) GB. First as a user measures it
+# (bench/warm_load_job.py): the wall time of a warm_load job on a release
+# modelprepd (submit -> succeeded, polled every 5 ms, keep_resident false)
+# vs safetensors.torch.load_file + .clone() of every tensor and vs read()
+# into fresh and into pre-faulted memory, interleaved, best of BENCH_REPS.
+# Goals: >= 1.5x load_file+clone, >= 0.9x read() into fresh memory.
+# Then the loader alone, in process: the loader
 # (headers, plan, arena allocation, reader threads, free) vs a plain
-# sequential read() of the same file into a pre-faulted buffer, measured in
+# sequential read() of the same files into a pre-faulted buffer, measured in
 # the same process. Goal: >= 0.9x plain read. Also prints the staged path
 # (pinned ring + copies, what a GPU load does) for reference. Makes a
-# >= 2 GB safetensors file in $BENCH_DIR (default /tmp) and deletes it.
+# checkpoint in $BENCH_DIR (default /tmp) and deletes it.
 # warm_load uses the server's memfd arenas; "private arena" is the same
 # into an anonymous THP arena (gpu_set_host_exportable(set, false)).
 # BENCH_GB sets the size, BENCH_REPS the best-of count.
@@ -15,34 +22,74 @@ GB=${BENCH_GB:-2}
 REPS=${BENCH_REPS:-5}
 PY=${PY:-.venv/bin/python}
 work=$(mktemp -d "${BENCH_DIR:-/tmp}/warm_load.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+srv_pid=
+cleanup() {
+  [ -n "$srv_pid" ] && kill "$srv_pid" 2>/dev/null && wait "$srv_pid" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
 make -s BUILD="$BUILD" "$BUILD/libmodelprep.a" >/dev/null
 PKGS="libmicrohttpd jansson libcurl sqlite3 openssl"
 cc -std=c11 -O2 -D_GNU_SOURCE -I. $(pkg-config --cflags $PKGS) bench/warm_load_bench.c \
   "$BUILD/libmodelprep.a" $(pkg-config --libs $PKGS) -lm -pthread -ldl -o "$work/warm_load_bench"
+cc -std=c11 -O2 -D_GNU_SOURCE bench/warm_load_read.c -o "$work/warm_load_read"
+make -s BUILD="$BUILD" "$BUILD/modelprepd" >/dev/null
 
 mkdir -p "$work/model"
-f="$work/model/model.safetensors"
-"$PY" - "$f" "$GB" <<'PYEOF'
+"$PY" - "$work/model" "$GB" <<'PYEOF'
 import sys, numpy as np
 from safetensors.numpy import save_file
-path, gb = sys.argv[1], float(sys.argv[2])
+d, gb = sys.argv[1], float(sys.argv[2])
 rng = np.random.default_rng(0)
 block = rng.integers(0, 65535, 16 * 2**20, dtype=np.uint16)
-ts, total, i = {}, 0, 0
-while total < gb * 2**30:
-    ts["model.layers.%d.mlp.w" % i] = block.view(np.float16).reshape(4096, 4096).copy()
-    ts["model.layers.%d.norm" % i] = np.ones(4096, np.float32)
-    total += 32 * 2**20 + 4096 * 4
-    i += 1
-save_file(ts, path, metadata={"format": "pt"})
+i = 0
+for shard in (1, 2):
+    ts, total = {}, 0
+    while total < gb * 2**30 / 2:
+        ts["model.layers.%d.mlp.w" % i] = block.view(np.float16).reshape(4096, 4096).copy()
+        ts["model.layers.%d.norm" % i] = np.ones(4096, np.float32)
+        total += 32 * 2**20 + 4096 * 4
+        i += 1
+    save_file(ts, "%s/model-0000%d-of-00002.safetensors" % (d, shard), metadata={"format": "pt"})
 PYEOF
-cat "$f" >/dev/null
-cat "$f" >/dev/null
+shards=("$work"/model/*.safetensors)
+cat "${shards[@]}" >/dev/null
+cat "${shards[@]}" >/dev/null
 
+# --- the job, as a user measures it --------------------------------------------
+"$BUILD/modelprepd" --listen 127.0.0.1:0 --data-dir "$work/data" --model-root "$work" \
+  --devices host --no-access-log > "$work/srv.out" 2> "$work/srv.log" &
+srv_pid=$!
+for _ in $(seq 100); do grep -q listening "$work/srv.out" 2>/dev/null && break; sleep 0.1; done
+base=$(sed -n 's/^listening on //p' "$work/srv.out")
+[ -n "$base" ] || { echo "modelprepd did not start"; cat "$work/srv.log"; exit 1; }
+declare -A j
+while read -r k v; do j[$k]=$v; done < <("$PY" bench/warm_load_job.py "$base" "$work/model" \
+  "$work/warm_load_read" "$REPS" "${shards[@]}")
+kill "$srv_pid"; wait "$srv_pid" 2>/dev/null || true; srv_pid=
+awk -v b="${j[job_bytes]}" -v job="${j[job_s]}" -v cl="${j[clone_s]}" -v fr="${j[fresh_s]}" \
+    -v pf="${j[prefault_s]}" -v jw="${j[job_worst_s]}" -v cw="${j[clone_worst_s]}" \
+    -v fw="${j[fresh_worst_s]}" -v pw="${j[prefault_worst_s]}" -v al="${j[job_alloc_s]}" \
+    -v pi="${j[job_pipeline_s]}" -v to="${j[job_total_s]}" -v reps="$REPS" \
+    -v j1="${j[job_first_s]}" 'BEGIN {
+  g = 1e9
+  printf "warm_load job: %.2f GB in 2 safetensors shards to the host device, page cache warm, best of %d (worst in brackets)\n", b / g, reps
+  printf "  warm_load job wall time (submit..succeeded) %7.3f s [%.3f]  %6.2f GB/s\n", job, jw, b / g / job
+  printf "    its timings: alloc_s %.3f, pipeline_s %.3f, total_s %.3f; outside total_s %.3f\n", al, pi, to, job - to
+  printf "  first job of the server (no pooled arena)    %5.3f s             %6.2f GB/s\n", j1, b / g / j1
+  printf "  load_file + clone (Python)                  %7.3f s [%.3f]  %6.2f GB/s\n", cl, cw, b / g / cl
+  printf "  read() into fresh memory                    %7.3f s [%.3f]  %6.2f GB/s\n", fr, fw, b / g / fr
+  printf "  read() into pre-faulted memory              %7.3f s [%.3f]  %6.2f GB/s\n", pf, pw, b / g / pf
+  printf "  ratio job vs load_file+clone:   %.2fx (goal >= 1.5)\n", cl / job
+  printf "  ratio job vs read() fresh:      %.2fx (goal >= 0.9)\n", fr / job
+  printf "  ratio job vs read() pre-faulted: %.2fx\n", pf / job
+  printf "  first job: %.2fx load_file+clone, %.2fx read() fresh\n", cl / j1, fr / j1
+}'
+
+# --- the loader in process -------------------------------------------------------
 declare -A r
-while read -r k v; do r[$k]=$v; done < <("$work/warm_load_bench" "$work/model" "$f" "$REPS")
+while read -r k v; do r[$k]=$v; done < <("$work/warm_load_bench" "$work/model" "$REPS" "${shards[@]}")
 awk -v fb="${r[file_bytes]}" -v tb="${r[tensor_bytes]}" -v plain="${r[plain_read_s]}" \
     -v fr="${r[plain_fresh_s]}" -v ld="${r[load_s]}" -v lw="${r[load_worst_s]}" -v pw="${r[plain_worst_s]}" -v xw="${r[private_worst_s]}" -v ex="${r[load_private_s]}" -v sg="${r[load_staged_s]}" -v rd="${r[readers]}" -v al="${r[alloc_s]}" 'BEGIN {
   g = 1e9

@@ -3,7 +3,7 @@
  * device vs a plain read() of the same file into a buffer, same process,
  * page cache warm, best of REPS. Prints "key value" lines for
  * bench/warm_load.sh:
- *   warm_load_bench MODEL_DIR FILE REPS
+ *   warm_load_bench MODEL_DIR REPS FILE...  (the model's weight files)
  * The plain read is timed twice: into a pre-faulted buffer (the strict
  * peer) and into freshly malloc'd memory (what our arena also is).
  * Our figure includes everything a warm_load does after the job starts:
@@ -22,18 +22,24 @@
 #include "loader/warm/warm.h"
 #include "util/timeutil.h"
 
-static double plain_read(const char *file, unsigned char *buf, size_t size) {
+static int nfiles;
+static char **files;
+
+/* Every file, one after another, into buf (size: their total). */
+static double plain_read(unsigned char *buf, size_t size) {
     double t0 = time_mono();
-    int fd = open(file, O_RDONLY);
-    if (fd < 0) return -1;
     size_t got = 0;
-    while (got < size) {
-        size_t want = size - got < (16u << 20) ? size - got : (16u << 20);
-        ssize_t n = read(fd, buf + got, want);
-        if (n <= 0) break;
-        got += (size_t)n;
+    for (int i = 0; i < nfiles; i++) {
+        int fd = open(files[i], O_RDONLY);
+        if (fd < 0) return -1;
+        for (;;) {
+            size_t want = size - got < (16u << 20) ? size - got : (16u << 20);
+            ssize_t n = want ? read(fd, buf + got, want) : 0;
+            if (n <= 0) break;
+            got += (size_t)n;
+        }
+        close(fd);
     }
-    close(fd);
     return got == size ? time_mono() - t0 : -1;
 }
 
@@ -68,10 +74,10 @@ static double our_load(const char *dir, bool host_direct, bool exportable, uint6
     return dt;
 }
 
-static double fresh_read(const char *file, size_t size) {
+static double fresh_read(size_t size) {
     double t0 = time_mono();
     unsigned char *nb = malloc(size);
-    double f = nb ? plain_read(file, nb, size) : -1;
+    double f = nb ? plain_read(nb, size) : -1;
     if (f >= 0) f = time_mono() - t0;
     free(nb);
     return f;
@@ -80,14 +86,19 @@ static double fresh_read(const char *file, size_t size) {
 enum { V_PLAIN, V_FRESH, V_OURS, V_STAGED, V_PRIV, NV };
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: warm_load_bench MODEL_DIR FILE REPS\n");
+    if (argc < 4) {
+        fprintf(stderr, "usage: warm_load_bench MODEL_DIR REPS FILE...\n");
         return 2;
     }
-    int reps = atoi(argv[3]);
-    struct stat sb;
-    if (stat(argv[2], &sb) != 0) return 1;
-    size_t size = (size_t)sb.st_size;
+    int reps = atoi(argv[2]);
+    nfiles = argc - 3;
+    files = argv + 3;
+    size_t size = 0;
+    for (int i = 0; i < nfiles; i++) {
+        struct stat sb;
+        if (stat(files[i], &sb) != 0) return 1;
+        size += (size_t)sb.st_size;
+    }
     unsigned char *buf = malloc(size);
     if (!buf) return 1;
     memset(buf, 1, size); /* the plain reader gets a pre-faulted buffer */
@@ -107,10 +118,10 @@ int main(int argc, char **argv) {
             double t;
             switch (v) {
             case V_PLAIN:
-                t = plain_read(argv[2], buf, size);
+                t = plain_read(buf, size);
                 break;
             case V_FRESH: /* the same into fresh memory, as a load gets a fresh arena */
-                t = fresh_read(argv[2], size);
+                t = fresh_read(size);
                 break;
             case V_OURS: /* what the server does: exportable memfd arenas */
                 t = our_load(argv[1], true, true, &bytes, &st);

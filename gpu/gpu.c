@@ -210,8 +210,26 @@ int gpu_set_open(const char *spec, uint64_t host_cap_bytes, gpu_set **out, mp_er
     return 0;
 }
 
+static void pool_release(gpu_set *s, gpu_arena *list);
+static gpu_arena *pool_pop(gpu_set *s, gpu_dev *d);
+
 void gpu_set_close(gpu_set *s) {
     if (!s) return;
+    /* Pooled arenas and cached staging first: freeing them may wait on a
+     * stream, which must still exist. */
+    gpu_arena *victims = NULL;
+    for (int i = 0; i < s->n; i++)
+        for (gpu_arena *a; (a = pool_pop(s, &s->dev[i])) != NULL;) {
+            a->pool_next = victims;
+            victims = a;
+        }
+    pool_release(s, victims);
+    while (s->staging_cache) {
+        gpu_staging_buf *b = s->staging_cache;
+        s->staging_cache = b->next;
+        s->be->staging_free(s, b->p);
+        free(b);
+    }
     for (int i = 0; i < s->n; i++)
         if (s->dev[i].ready) s->be->stream_destroy(&s->dev[i]);
     pthread_mutex_destroy(&s->mu);
@@ -254,12 +272,22 @@ static int check_index(const gpu_set *s, int index, mp_error *err) {
     return 0;
 }
 
+/* Free memory of a host memory device, under set->mu: the backend's
+ * figure, plus the pool's bytes where that figure is MemAvailable (which
+ * does not count shmem, though the pool gives it back on demand). */
+static int host_mem_info_locked(gpu_set *s, gpu_dev *d, uint64_t *total, uint64_t *avail,
+                                mp_error *err) {
+    int rc = s->be->mem_info(d, total, avail, err);
+    if (rc == 0 && !d->cap) *avail += s->pooled;
+    return rc;
+}
+
 /* Free memory of a device: under set->mu where the backend's accounting
  * lives there (host memory), else straight from the backend. */
 static int mem_info(gpu_set *s, gpu_dev *d, uint64_t *total, uint64_t *avail, mp_error *err) {
     if (!s->be->host_memory) return s->be->mem_info(d, total, avail, err);
     pthread_mutex_lock(&s->mu);
-    int rc = s->be->mem_info(d, total, avail, err);
+    int rc = host_mem_info_locked(s, d, total, avail, err);
     pthread_mutex_unlock(&s->mu);
     return rc;
 }
@@ -313,6 +341,183 @@ bool gpu_cuda_versions(int *runtime, int *driver) {
     return ok;
 }
 
+/* ---- the arena pool ---- */
+
+/* The pool is a list per device, oldest first; every operation on it is
+ * under set->mu, and arenas leave it before their memory is touched, so
+ * the slow parts (munmap, resize) run unlocked. */
+
+static void pool_unlink(gpu_set *s, gpu_dev *d, gpu_arena *a, gpu_arena *prev) {
+    if (prev)
+        prev->pool_next = a->pool_next;
+    else
+        d->pool = a->pool_next;
+    a->pool_next = NULL;
+    d->pooled -= a->size;
+    s->pooled -= a->size;
+}
+
+/* The oldest pooled arena of d, unlinked; NULL when none. */
+static gpu_arena *pool_pop(gpu_set *s, gpu_dev *d) {
+    gpu_arena *a = d->pool;
+    if (a) pool_unlink(s, d, a, NULL);
+    return a;
+}
+
+/* The pooled arena of d closest in size to bytes (the cheapest to resize),
+ * unlinked; NULL when none. */
+static gpu_arena *pool_take_best(gpu_set *s, gpu_dev *d, uint64_t bytes) {
+    gpu_arena *best = NULL, *best_prev = NULL, *prev = NULL;
+    uint64_t best_diff = UINT64_MAX;
+    for (gpu_arena *a = d->pool; a; prev = a, a = a->pool_next) {
+        uint64_t diff = a->size > bytes ? a->size - bytes : bytes - a->size;
+        if (diff < best_diff) {
+            best = a;
+            best_prev = prev;
+            best_diff = diff;
+        }
+    }
+    if (best) pool_unlink(s, d, best, best_prev);
+    return best;
+}
+
+/* Frees a list of unlinked arenas (linked by pool_next). Unlocked. */
+static void pool_release(gpu_set *s, gpu_arena *list) {
+    while (list) {
+        gpu_arena *next = list->pool_next;
+        s->be->arena_free(list);
+        free(list);
+        list = next;
+    }
+}
+
+/* Unlinks pooled arenas, oldest first and this device's first, until at
+ * least `need` bytes are unlinked or the set's pool is empty. Under mu. */
+static gpu_arena *pool_evict(gpu_set *s, gpu_dev *first, uint64_t need) {
+    gpu_arena *victims = NULL;
+    uint64_t got = 0;
+    for (int k = -1; k < s->n && got < need; k++) {
+        gpu_dev *d = k < 0 ? first : &s->dev[k];
+        for (gpu_arena *a; got < need && (a = pool_pop(s, d)) != NULL;) {
+            got += a->size;
+            a->pool_next = victims;
+            victims = a;
+        }
+    }
+    return victims;
+}
+
+void gpu_set_arena_pool(gpu_set *s, uint64_t cap_bytes) {
+    pthread_mutex_lock(&s->mu);
+    s->pool_cap = s->be->host_memory ? cap_bytes : 0;
+    gpu_arena *victims =
+        s->pooled > s->pool_cap ? pool_evict(s, &s->dev[0], s->pooled - s->pool_cap) : NULL;
+    pthread_mutex_unlock(&s->mu);
+    pool_release(s, victims);
+}
+
+uint64_t gpu_set_pooled_bytes(gpu_set *s) {
+    pthread_mutex_lock(&s->mu);
+    uint64_t v = s->pooled;
+    pthread_mutex_unlock(&s->mu);
+    return v;
+}
+
+/* Pools a freed arena when it may be (a memfd nobody imported, room under
+ * the cap, memory not short); true when it did, and then owns it. */
+static bool pool_put(gpu_arena *a) {
+    gpu_set *s = a->set;
+    gpu_dev *d = &s->dev[a->dev];
+    if (!s->be->host_memory || a->fd < 0 || a->priv || a->exported) return false;
+    pthread_mutex_lock(&s->mu);
+    bool room = s->pool_cap && a->size <= s->pool_cap - s->pooled;
+    pthread_mutex_unlock(&s->mu);
+    if (!room) return false;
+    if (!d->cap) {
+        /* Without a cap the pool holds memory the system may need: only
+         * while at least an eighth of it stays available. */
+        uint64_t total, avail;
+        if (gpu_host_meminfo(&total, &avail, NULL) != 0 || avail < total / 8) return false;
+    }
+    /* Work queued on the arena ends before anyone reuses it (a GPU's
+     * stream orders that anyway; the async backend checks it). */
+    if (d->ready) (void)s->be->sync(d, NULL);
+    pthread_mutex_lock(&s->mu);
+    room = s->pool_cap && a->size <= s->pool_cap - s->pooled;
+    if (room) {
+        gpu_arena **tail = &d->pool;
+        while (*tail)
+            tail = &(*tail)->pool_next;
+        *tail = a;
+        a->pool_next = NULL;
+        d->pooled += a->size;
+        s->pooled += a->size;
+        d->resident -= a->size;
+        s->live--;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return room;
+}
+
+/* A host memory arena: from the pool when it has one for the device
+ * (resized to bytes), else fresh; the room is checked and reserved under
+ * the lock first, so that concurrent loads cannot together exceed a cap,
+ * and pooled arenas are released where the new one needs their memory.
+ * Returns the arena to use (a, or a pooled one after freeing a). */
+static int host_memory_alloc(gpu_set *s, gpu_dev *d, gpu_arena **ap, mp_error *err) {
+    const gpu_backend *be = s->be;
+    gpu_arena *a = *ap;
+    uint64_t bytes = a->size, total, avail;
+    gpu_arena *reuse = NULL, *victims = NULL;
+    pthread_mutex_lock(&s->mu);
+    a->priv = s->host_private;
+    int rc = host_mem_info_locked(s, d, &total, &avail, err);
+    if (rc == 0 && bytes > avail)
+        rc = gpu_nomem(err, "device %d (%s): %" PRIu64 " bytes asked, %" PRIu64 " free", d->index,
+                       be->name, bytes, avail);
+    if (rc == 0) {
+        d->resident += bytes;
+        if (!a->priv) reuse = pool_take_best(s, d, bytes);
+        /* Under a cap, the pool may only keep what the live arenas leave. */
+        if (d->cap && d->resident + d->pooled > d->cap)
+            victims = pool_evict(s, d, d->resident + d->pooled - d->cap);
+    }
+    pthread_mutex_unlock(&s->mu);
+    pool_release(s, victims);
+    if (rc != 0) return rc;
+    if (!d->cap && s->pooled) {
+        /* Without a cap: release pooled memory the new bytes need. */
+        uint64_t need = reuse ? (bytes > reuse->size ? bytes - reuse->size : 0) : bytes;
+        uint64_t mt, ma;
+        if (need && gpu_host_meminfo(&mt, &ma, NULL) == 0 && need > ma) {
+            pthread_mutex_lock(&s->mu);
+            victims = pool_evict(s, d, need - ma);
+            pthread_mutex_unlock(&s->mu);
+            pool_release(s, victims);
+        }
+    }
+    if (reuse) {
+        mp_error re = {0};
+        if (gpu_host_arena_resize(reuse, bytes, &re) == 0) {
+            reuse->reused = true;
+            reuse->exported = false;
+            free(a);
+            *ap = reuse;
+            return 0;
+        }
+        /* Could not resize it: release it, and try fresh memory. */
+        reuse->pool_next = NULL;
+        pool_release(s, reuse);
+    }
+    rc = be->arena_alloc(a, err);
+    if (rc != 0) {
+        pthread_mutex_lock(&s->mu);
+        d->resident -= bytes;
+        pthread_mutex_unlock(&s->mu);
+    }
+    return rc;
+}
+
 /* ---- arenas ---- */
 
 int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_error *err) {
@@ -331,25 +536,7 @@ int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_e
     a->fd = -1;
     int rc = 0;
     if (be->host_memory) {
-        /* Check and reserve under the lock so that concurrent loads cannot
-         * both pass the check and together exceed the cap. */
-        uint64_t total, avail;
-        pthread_mutex_lock(&s->mu);
-        a->priv = s->host_private;
-        rc = be->mem_info(d, &total, &avail, err);
-        if (rc == 0 && bytes > avail)
-            rc = gpu_nomem(err, "device %d (%s): %" PRIu64 " bytes asked, %" PRIu64 " free", index,
-                           be->name, bytes, avail);
-        if (rc == 0) d->resident += bytes;
-        pthread_mutex_unlock(&s->mu);
-        if (rc == 0) {
-            rc = be->arena_alloc(a, err);
-            if (rc != 0) {
-                pthread_mutex_lock(&s->mu);
-                d->resident -= bytes;
-                pthread_mutex_unlock(&s->mu);
-            }
-        }
+        rc = host_memory_alloc(s, d, &a, err);
     } else {
         rc = be->arena_alloc(a, err);
         if (rc == 0) {
@@ -371,6 +558,7 @@ int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_e
 
 void gpu_arena_free(gpu_arena *a) {
     if (!a) return;
+    if (pool_put(a)) return;
     gpu_set *s = a->set;
     gpu_dev *d = &s->dev[a->dev];
     s->be->arena_free(a);
@@ -393,24 +581,147 @@ void *gpu_arena_host_ptr(const gpu_arena *a) {
     return a->set->be->cpu_addressable ? a->ptr : NULL;
 }
 
+bool gpu_arena_reused(const gpu_arena *a) {
+    return a->reused;
+}
+
+int gpu_arena_host_fd(const gpu_arena *a) {
+    return a->set->be->cpu_addressable ? a->fd : -1;
+}
+
 int gpu_arena_export(gpu_arena *a, gpu_export *out, mp_error *err) {
     memset(out, 0, sizeof *out);
     out->size = a->size;
     out->fd = -1;
-    return a->set->be->arena_export(a, out, err);
+    if (a->set->be->arena_export(a, out, err) != 0) return -1;
+    a->exported = true;
+    return 0;
 }
 
 /* ---- staging ---- */
 
+/* Without a cap, freed staging is kept up to this much. */
+#define GPU_STAGING_CACHE_DEFAULT (1ull << 30)
+
+void gpu_set_staging_cap(gpu_set *s, uint64_t cap_bytes) {
+    pthread_mutex_lock(&s->mu);
+    s->staging_cap = cap_bytes;
+    pthread_mutex_unlock(&s->mu);
+}
+
+uint64_t gpu_set_staging_cap_get(const gpu_set *s) {
+    return s->staging_cap;
+}
+
 int gpu_staging_alloc(gpu_set *s, size_t bytes, void **out, mp_error *err) {
     *out = NULL;
     if (bytes == 0) return mp_err(err, "invalid_argument", "staging buffer of 0 bytes");
-    return s->be->staging_alloc(s, bytes, out, err);
+    gpu_staging_buf *node = NULL, *victims = NULL;
+    pthread_mutex_lock(&s->mu);
+    uint64_t cap = s->staging_cap;
+    if (cap && bytes > cap) {
+        pthread_mutex_unlock(&s->mu);
+        gpu_nomem(err, "%zu bytes of staging asked, the cap is %" PRIu64, bytes, cap);
+        if (err) snprintf(err->code, sizeof err->code, "staging_cap");
+        return GPU_NOMEM;
+    }
+    /* The smallest cached buffer that fits and wastes at most its half. */
+    gpu_staging_buf **best = NULL;
+    for (gpu_staging_buf **b = &s->staging_cache; *b; b = &(*b)->next)
+        if ((*b)->bytes >= bytes && (*b)->bytes / 2 <= bytes &&
+            (!best || (*b)->bytes < (*best)->bytes))
+            best = b;
+    if (best) {
+        node = *best;
+        *best = node->next;
+        s->staging_cached -= node->bytes;
+    } else {
+        /* Fresh memory: make room under the cap from the cache. */
+        while (cap && s->staging_cache && s->staging_live + s->staging_cached + bytes > cap) {
+            gpu_staging_buf *v = s->staging_cache;
+            s->staging_cache = v->next;
+            s->staging_cached -= v->bytes;
+            v->next = victims;
+            victims = v;
+        }
+        if (cap && s->staging_live + bytes > cap) {
+            uint64_t live = s->staging_live;
+            pthread_mutex_unlock(&s->mu);
+            for (gpu_staging_buf *v; (v = victims) != NULL; free(v)) {
+                victims = v->next;
+                s->be->staging_free(s, v->p);
+            }
+            gpu_nomem(err,
+                      "%zu bytes of staging asked, %" PRIu64 " of the cap of %" PRIu64
+                      " are in use by other loads",
+                      bytes, live, cap);
+            if (err) snprintf(err->code, sizeof err->code, "staging_cap");
+            return GPU_NOMEM;
+        }
+    }
+    s->staging_live += node ? node->bytes : bytes;
+    pthread_mutex_unlock(&s->mu);
+    for (gpu_staging_buf *v; (v = victims) != NULL; free(v)) {
+        victims = v->next;
+        s->be->staging_free(s, v->p);
+    }
+    int rc = 0;
+    if (!node) {
+        node = calloc(1, sizeof *node);
+        if (!node) rc = mp_err(err, "out_of_memory", "staging buffer");
+        if (rc == 0) {
+            node->bytes = bytes;
+            rc = s->be->staging_alloc(s, bytes, &node->p, err);
+        }
+        if (rc != 0) {
+            free(node);
+            pthread_mutex_lock(&s->mu);
+            s->staging_live -= bytes;
+            pthread_mutex_unlock(&s->mu);
+            return rc;
+        }
+    }
+    pthread_mutex_lock(&s->mu);
+    node->next = s->staging_live_bufs;
+    s->staging_live_bufs = node;
+    pthread_mutex_unlock(&s->mu);
+    *out = node->p;
+    return 0;
 }
 
 void gpu_staging_free(gpu_set *s, void *p) {
     if (!p) return;
-    s->be->staging_free(s, p);
+    pthread_mutex_lock(&s->mu);
+    gpu_staging_buf *node = NULL;
+    for (gpu_staging_buf **b = &s->staging_live_bufs; *b; b = &(*b)->next)
+        if ((*b)->p == p) {
+            node = *b;
+            *b = node->next;
+            break;
+        }
+    if (node) s->staging_live -= node->bytes;
+    uint64_t keep_max = s->staging_cap ? s->staging_cap : GPU_STAGING_CACHE_DEFAULT;
+    bool keep = node && s->staging_live + s->staging_cached + node->bytes <= keep_max;
+    pthread_mutex_unlock(&s->mu);
+    if (!keep) {
+        s->be->staging_free(s, p);
+        free(node);
+        return;
+    }
+    /* Copies from it may still be queued: wait for every device as the
+     * backend's free would (cudaFreeHost synchronizes), so the next load
+     * may refill it at once. */
+    for (int i = 0; i < s->n; i++) {
+        pthread_mutex_lock(&s->mu);
+        bool ready = s->dev[i].ready;
+        pthread_mutex_unlock(&s->mu);
+        if (ready) (void)s->be->sync(&s->dev[i], NULL);
+    }
+    pthread_mutex_lock(&s->mu);
+    node->next = s->staging_cache;
+    s->staging_cache = node;
+    s->staging_cached += node->bytes;
+    pthread_mutex_unlock(&s->mu);
 }
 
 /* ---- transfers ---- */
@@ -583,6 +894,13 @@ int gpu_dequant(gpu_arena *dst, uint64_t dst_off, mp_dtype dst_dt, const gpu_are
     const void *sp = (const char *)src->ptr + src_off;
     if (dev_ready(dst->set, dst->dev, err) != 0) return -1;
     return dst->set->be->dequant(&dst->set->dev[dst->dev], dp, dst_dt, sp, ggml_type, n, err);
+}
+
+int gpu_memset(gpu_arena *a, uint64_t off, int byte, uint64_t n, mp_error *err) {
+    if (check_span(a, off, n, err) != 0) return -1;
+    if (n == 0) return 0;
+    if (dev_ready(a->set, a->dev, err) != 0) return -1;
+    return a->set->be->memset(&a->set->dev[a->dev], (char *)a->ptr + off, byte & 0xff, n, err);
 }
 
 int gpu_fill_dummy(gpu_arena *a, uint64_t off, mp_dtype dt, uint64_t n, const char *name,

@@ -104,6 +104,26 @@ int gpu_set_open(const char *spec, uint64_t host_cap_bytes, gpu_set **out, mp_er
  * Affects arenas allocated afterwards; call before sharing the set. The
  * server keeps arenas exportable when it has an --export-socket. */
 void gpu_set_host_exportable(gpu_set *s, bool exportable);
+/* Host memory devices (host, async): keep freed memfd arenas, up to
+ * cap_bytes of them across the set, for the next gpu_arena_alloc on the
+ * same device, instead of unmapping them. A load then finds its memory
+ * committed and mapped (no shmem zero-fill, no page faults, no teardown at
+ * free), which is most of a host warm_load's cost. A pooled arena is
+ * resized in place to the size asked (only the difference is committed or
+ * released). Pooled memory counts as free (gpu_device_info free_bytes) and
+ * is released when an allocation needs the room (a device cap, or
+ * MemAvailable without one), when freeing would leave less than 1/8 of
+ * MemTotal available, and at gpu_set_close. An arena whose handle went out
+ * (gpu_arena_export) is never pooled: an importer may still map it. 0 (the
+ * default) keeps no pool; CUDA sets ignore it. */
+void gpu_set_arena_pool(gpu_set *s, uint64_t cap_bytes);
+/* Bytes of arenas the pool holds now. */
+uint64_t gpu_set_pooled_bytes(gpu_set *s);
+/* The most staging memory (gpu_staging_alloc) the set hands out at once,
+ * freed buffers kept for reuse included; 0 (default): no cap. On CUDA it
+ * is pinned memory the OS cannot page out, hence the cap. */
+void gpu_set_staging_cap(gpu_set *s, uint64_t cap_bytes);
+uint64_t gpu_set_staging_cap_get(const gpu_set *s);
 /* Frees the set. All its arenas and fences must have been freed first. */
 void gpu_set_close(gpu_set *s);
 int gpu_set_count(const gpu_set *s);
@@ -132,8 +152,16 @@ bool gpu_cuda_versions(int *runtime, int *driver);
  * a private host arena (gpu_set_host_exportable) is committed by first write.
  * Contents are unspecified. */
 int gpu_arena_alloc(gpu_set *s, int index, uint64_t bytes, gpu_arena **out, mp_error *err);
-/* Waits for the device's queued work, then frees. NULL is a no-op. */
+/* Waits for the device's queued work, then frees (or pools it, see
+ * gpu_set_arena_pool). NULL is a no-op. */
 void gpu_arena_free(gpu_arena *a);
+/* Whether the arena came from the pool: it holds an earlier load's bytes
+ * (a fresh host arena is zeros; contents are unspecified either way), so a
+ * loader that does not write every byte clears the rest (gpu_memset). */
+bool gpu_arena_reused(const gpu_arena *a);
+/* Host backend only: the arena's memfd, for writing into it inside the
+ * kernel (splice); -1 elsewhere. Not an export: the arena stays poolable. */
+int gpu_arena_host_fd(const gpu_arena *a);
 uint64_t gpu_arena_size(const gpu_arena *a);
 int gpu_arena_device(const gpu_arena *a);
 /* Host backend only: the arena's mapping (CPU-addressable); NULL on CUDA
@@ -161,7 +189,11 @@ int gpu_arena_export(gpu_arena *a, gpu_export *out, mp_error *err);
 
 /* Page-locked host memory (cuda: cudaHostAlloc portable; host backend:
  * 4096-aligned plain memory) to copy from at full speed. GPU_NOMEM when
- * the allocation fails. */
+ * the allocation fails; error code "staging_cap" (also GPU_NOMEM) when it
+ * would take the set's staging over its cap (gpu_set_staging_cap). Freed
+ * buffers are kept (up to the cap) and handed out again, so pinning (slow
+ * on CUDA) happens once per set, not once per load; contents are
+ * unspecified. */
 int gpu_staging_alloc(gpu_set *s, size_t bytes, void **out, mp_error *err);
 void gpu_staging_free(gpu_set *s, void *p);
 
@@ -221,6 +253,10 @@ typedef struct gpu_dummy_params {
  * are identical on both backends and to gpu_dummy_fill_cpu. */
 int gpu_fill_dummy(gpu_arena *a, uint64_t off, mp_dtype dt, uint64_t n, const char *name,
                    const gpu_dummy_params *p, mp_error *err);
+
+/* Sets n bytes at (a, off) to byte, queued on the copy stream (cuda:
+ * cudaMemsetAsync). */
+int gpu_memset(gpu_arena *a, uint64_t off, int byte, uint64_t n, mp_error *err);
 
 /* ---- tests ---- */
 

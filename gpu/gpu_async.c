@@ -5,7 +5,7 @@
  * backend cannot, so that a test on a machine without a GPU fails where a
  * GPU would corrupt weights:
  *
- *   - a copy, cast, dequantization or fill is queued on the device's stream
+ *   - a copy, cast, dequantization, fill or memset is queued on the device's stream
  *     and done later, in call order, by one worker thread per device (each
  *     held back a random 0..US microseconds, so the caller really runs ahead);
  *   - a fence signals only once everything queued before its record is
@@ -42,6 +42,7 @@ typedef enum gpu_async_kind {
     GPU_ASYNC_CAST,
     GPU_ASYNC_DEQUANT,
     GPU_ASYNC_FILL,
+    GPU_ASYNC_MEMSET,
 } gpu_async_kind;
 
 /* One queued operation: the arguments of the call, kept until it runs. */
@@ -57,6 +58,7 @@ typedef struct gpu_async_op {
     int ggml_type;
     uint64_t first, tseed;
     float low, high;
+    int byte; /* memset */
 } gpu_async_op;
 
 typedef struct gpu_async_stream {
@@ -136,6 +138,9 @@ static int gpu_async_run(gpu_async_stream *st, const gpu_async_op *op, mp_error 
         if (gpu_dummy_fill_cpu(op->dst, op->dst_dt, op->n, op->first, op->tseed, op->low,
                                op->high) != 0)
             return mp_err(e, "internal", "async device %d: dummy fill failed", st->index);
+        return 0;
+    case GPU_ASYNC_MEMSET:
+        memset(op->dst, op->byte, (size_t)op->n);
         return 0;
     }
     return mp_err(e, "internal", "async device %d: unknown operation", st->index);
@@ -416,6 +421,13 @@ static int async_fill_dummy(gpu_dev *d, void *dst, mp_dtype dt, uint64_t n, uint
     return gpu_async_enqueue(d, op, err);
 }
 
+static int async_memset(gpu_dev *d, void *dst, int byte, uint64_t n, mp_error *err) {
+    gpu_async_op *op = gpu_async_op_new(GPU_ASYNC_MEMSET, dst, NULL, n, err);
+    if (!op) return -1;
+    op->byte = byte;
+    return gpu_async_enqueue(d, op, err);
+}
+
 const gpu_backend gpu_backend_async = {
     .name = "async",
     .kind = GPU_KIND_ASYNC,
@@ -441,6 +453,7 @@ const gpu_backend gpu_backend_async = {
     .cast = async_cast,
     .dequant = async_dequant,
     .fill_dummy = async_fill_dummy,
+    .memset = async_memset,
 };
 
 int gpu_async_hold(gpu_set *s, int index, bool hold, mp_error *err) {

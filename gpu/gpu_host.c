@@ -51,6 +51,10 @@ static int read_meminfo(uint64_t *total, uint64_t *avail, mp_error *err) {
     return 0;
 }
 
+int gpu_host_meminfo(uint64_t *total, uint64_t *avail, mp_error *err) {
+    return read_meminfo(total, avail, err);
+}
+
 int gpu_host_mem_info(const gpu_dev *d, uint64_t *total, uint64_t *avail, mp_error *err) {
     if (d->cap) {
         *total = d->cap;
@@ -119,6 +123,44 @@ int gpu_host_arena_alloc(gpu_arena *a, bool priv, mp_error *err) {
     }
     a->ptr = p;
     a->fd = fd;
+    return 0;
+}
+
+int gpu_host_arena_resize(gpu_arena *a, uint64_t bytes, mp_error *err) {
+    if (a->fd < 0) return mp_err(err, "internal", "only a memfd arena can be resized");
+    if (bytes == a->size) return 0;
+    if (bytes == 0 || bytes > (uint64_t)SIZE_MAX - HUGE_ALIGN || bytes > (uint64_t)INT64_MAX)
+        return gpu_nomem(err, "arena of %" PRIu64 " bytes", bytes);
+    bool grow = bytes > a->size;
+    if (grow) {
+        /* Only the new tail is committed (and zeroed by the kernel). */
+        if (ftruncate(a->fd, (off_t)bytes) != 0)
+            return mp_err(err, "io_error", "ftruncate memfd: %s", strerror(errno));
+        if (fallocate(a->fd, 0, (off_t)a->size, (off_t)(bytes - a->size)) != 0) {
+            int e = errno;
+            (void)ftruncate(a->fd, (off_t)a->size);
+            if (e == ENOSPC || e == ENOMEM || e == EFBIG)
+                return gpu_nomem(err, "arena of %" PRIu64 " bytes: %s", bytes, strerror(e));
+            return mp_err(err, "io_error", "fallocate memfd: %s", strerror(e));
+        }
+    }
+    void *p = mremap(a->ptr, (size_t)a->size, (size_t)bytes, MREMAP_MAYMOVE);
+    if (p == MAP_FAILED) {
+        int e = errno;
+        if (grow) (void)ftruncate(a->fd, (off_t)a->size);
+        if (e == ENOMEM) return gpu_nomem(err, "mremap arena: %s", strerror(e));
+        return mp_err(err, "io_error", "mremap arena: %s", strerror(e));
+    }
+    /* Shrinking: the mapping no longer covers the tail, so dropping the
+     * tail's pages cannot fault anyone. */
+    if (!grow && ftruncate(a->fd, (off_t)bytes) != 0) {
+        int e = errno;
+        a->ptr = p;
+        a->size = bytes; /* the mapping is already the new size */
+        return mp_err(err, "io_error", "ftruncate memfd: %s", strerror(e));
+    }
+    a->ptr = p;
+    a->size = bytes;
     return 0;
 }
 
@@ -288,6 +330,12 @@ static int host_fill_dummy(gpu_dev *d, void *dst, mp_dtype dt, uint64_t n, uint6
     return 0;
 }
 
+static int host_memset(gpu_dev *d, void *dst, int byte, uint64_t n, mp_error *err) {
+    (void)d, (void)err;
+    memset(dst, byte, (size_t)n);
+    return 0;
+}
+
 const gpu_backend gpu_backend_host = {
     .name = "host",
     .kind = GPU_KIND_HOST,
@@ -313,4 +361,5 @@ const gpu_backend gpu_backend_host = {
     .cast = host_cast_op,
     .dequant = host_dequant_op,
     .fill_dummy = host_fill_dummy,
+    .memset = host_memset,
 };

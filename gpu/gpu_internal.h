@@ -28,15 +28,35 @@ typedef struct gpu_dev {
     void *stream;      /* the backend's copy stream: cudaStream_t, or the async
                           backend's queue and worker; NULL on host */
     unsigned delay_us; /* async: the most a queued operation is held back */
+    /* Host memory backends: freed memfd arenas kept for reuse (gpu_arena_pool
+     * in gpu.c), oldest first, and their bytes; under set->mu. Not resident:
+     * they count as free memory and are released when an allocation needs
+     * the room. */
+    gpu_arena *pool;
+    uint64_t pooled;
 } gpu_dev;
+
+/* A freed staging buffer kept for the next load (gpu_staging_alloc). */
+typedef struct gpu_staging_buf {
+    struct gpu_staging_buf *next;
+    void *p;
+    size_t bytes;
+} gpu_staging_buf;
 
 struct gpu_set {
     const gpu_backend *be;
     int n;
     pthread_mutex_t mu;
-    long live;            /* arenas + fences not yet freed: a bug check in gpu_set_close */
-    bool host_private;    /* host memory arenas: anonymous THP mappings, not memfds */
-    char cuda_error[256]; /* why CUDA discovery found no device, "" when it did not fail */
+    long live;             /* arenas + fences not yet freed: a bug check in gpu_set_close */
+    bool host_private;     /* host memory arenas: anonymous THP mappings, not memfds */
+    char cuda_error[256];  /* why CUDA discovery found no device, "" when it did not fail */
+    uint64_t pool_cap;     /* gpu_set_arena_pool: most bytes of pooled arenas, 0 = no pool */
+    uint64_t pooled;       /* sum of dev[].pooled */
+    uint64_t staging_cap;  /* gpu_set_staging_cap: most staging bytes at once, 0 = no cap */
+    uint64_t staging_live; /* staging bytes handed out */
+    gpu_staging_buf *staging_live_bufs; /* handed out (sizes for the free) */
+    gpu_staging_buf *staging_cache;     /* freed staging kept for reuse */
+    uint64_t staging_cached;            /* its bytes */
     gpu_dev dev[GPU_MAX_DEVICES];
 };
 
@@ -44,9 +64,12 @@ struct gpu_arena {
     gpu_set *set;
     int dev;
     uint64_t size;
-    bool priv; /* host memory: a private anonymous mapping (decided by gpu.c) */
-    void *ptr; /* host memory: the mapping; cuda: the device pointer */
-    int fd;    /* host memory: the memfd; -1 on cuda and for a private arena */
+    bool priv;     /* host memory: a private anonymous mapping (decided by gpu.c) */
+    void *ptr;     /* host memory: the mapping; cuda: the device pointer */
+    int fd;        /* host memory: the memfd; -1 on cuda and for a private arena */
+    bool exported; /* its handle went out: never pooled (an importer may map it) */
+    bool reused;   /* taken from the pool: holds an earlier load's bytes */
+    gpu_arena *pool_next;
 };
 
 struct gpu_fence {
@@ -106,6 +129,8 @@ struct gpu_backend {
                    uint64_t n, mp_error *err);
     int (*fill_dummy)(gpu_dev *d, void *dst, mp_dtype dt, uint64_t n, uint64_t first,
                       uint64_t tseed, float low, float high, mp_error *err);
+    /* n bytes at dst set to byte (cuda: cudaMemsetAsync). */
+    int (*memset)(gpu_dev *d, void *dst, int byte, uint64_t n, mp_error *err);
 };
 
 extern const gpu_backend gpu_backend_host;
@@ -122,6 +147,13 @@ int gpu_host_mem_info(const gpu_dev *d, uint64_t *total, uint64_t *avail, mp_err
 /* priv: an anonymous (THP) mapping with no fd instead of a memfd. */
 int gpu_host_arena_alloc(gpu_arena *a, bool priv, mp_error *err);
 void gpu_host_arena_free(gpu_arena *a);
+/* A memfd arena resized in place to bytes (a->size updated): the file is
+ * truncated or fallocate'd by the difference only, the mapping moved with
+ * mremap; the bytes below the old size are kept. GPU_NOMEM when growing
+ * finds no memory (the arena is then unchanged). */
+int gpu_host_arena_resize(gpu_arena *a, uint64_t bytes, mp_error *err);
+/* MemAvailable of /proc/meminfo, and MemTotal, in bytes. */
+int gpu_host_meminfo(uint64_t *total, uint64_t *avail, mp_error *err);
 int gpu_host_staging_alloc(size_t bytes, void **out, mp_error *err);
 void gpu_host_staging_free(void *p);
 int gpu_host_cast(void *dst, mp_dtype dst_dt, const void *src, mp_dtype src_dt, uint64_t n);

@@ -234,6 +234,7 @@ JOB_PARAMS = {
                       "dummy": {"type": "object", "additionalProperties": False,
                                 "properties": {"low": N, "high": N, "seed": I_(0)}},
                       "keep_resident": B, "staging_bytes": I_(65536, 1 << 40), "direct_io": B, "host_direct": B,
+                      "device_convert": B,
                       "readers": I_(1, 64)}),
     "verify": obj({}),
     "prepare": obj({"for": enum("sglang", "vllm", "transformers"), "tp_size": I_(1, 1024), "devices": IA(0, 63, description=DEVICES_DESC),

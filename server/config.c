@@ -30,6 +30,10 @@ static const char USAGE[] =
     "  --devices LIST          auto | host | host:N | async:N | 0,1,... (default auto);\n"
     "                          async:N are test devices with late copies and real fences\n"
     "  --host-device-memory B  memory cap of each host or async device in bytes (testing OOM)\n"
+    "  --arena-pool B|N%       freed host arenas kept for the next warm_load (default 25%%\n"
+    "                          of memory; 0 = none), released when memory is needed\n"
+    "  --staging-cap B|N%      most pinned staging all warm_loads hold at once (default\n"
+    "                          25%% of memory); a larger staging_bytes is refused\n"
     "  --export-socket PATH    unix socket that hands out resident arenas (memfds, CUDA IPC)\n"
     "  --insecure-listen       allow a non-loopback address without a token\n"
     "  --log-format text|json  log line format (default text)\n"
@@ -85,6 +89,24 @@ bool config_host_is_loopback(const char *host) {
            strcmp(host, "::1") == 0 || strncmp(host, "127.", 4) == 0;
 }
 
+/* Bytes, or a share of physical memory: "1073741824", "25%". */
+static int parse_mem(const char *flag, const char *v, bool zero_ok, uint64_t *out, mp_error *err) {
+    char *end;
+    errno = 0;
+    unsigned long long b = strtoull(v, &end, 10);
+    if (errno || end == v || (*end && strcmp(end, "%") != 0) || (!zero_ok && b == 0) ||
+        (*end == '%' && b > 100))
+        return mp_err(err, "bad_flag", "%s wants bytes or a share of memory like 25%%", flag);
+    if (*end == '%') {
+        long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+        uint64_t phys = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
+        b = phys / 100 * b;
+        if (!zero_ok && b == 0) return mp_err(err, "bad_flag", "%s comes to 0 bytes", flag);
+    }
+    *out = b;
+    return 0;
+}
+
 /* Defaults, then the environment's tokens. */
 static int config_defaults(mp_config *cfg, mp_error *err) {
     memset(cfg, 0, sizeof *cfg);
@@ -102,6 +124,8 @@ static int config_defaults(mp_config *cfg, mp_error *err) {
     cfg->connection_timeout_s = 60;
     cfg->header_timeout_s = 5;
     snprintf(cfg->devices, sizeof cfg->devices, "auto");
+    (void)parse_mem("--arena-pool", "25%", true, &cfg->arena_pool_bytes, NULL);
+    (void)parse_mem("--staging-cap", "25%", true, &cfg->staging_cap_bytes, NULL);
     cfg->access_log = true;
     const char *tok = getenv("MODELPREP_TOKEN");
     if (tok && *tok && !(cfg->token = strdup(tok))) return mp_err(err, "no_memory", "oom");
@@ -193,6 +217,14 @@ static int flag_host_device_memory(mp_config *cfg, const char *v, mp_error *err)
     return 0;
 }
 
+static int flag_arena_pool(mp_config *cfg, const char *v, mp_error *err) {
+    return parse_mem("--arena-pool", v, true, &cfg->arena_pool_bytes, err);
+}
+
+static int flag_staging_cap(mp_config *cfg, const char *v, mp_error *err) {
+    return parse_mem("--staging-cap", v, false, &cfg->staging_cap_bytes, err);
+}
+
 static int flag_export_socket(mp_config *cfg, const char *v, mp_error *err) {
     (void)err;
     snprintf(cfg->export_socket, sizeof cfg->export_socket, "%s", v);
@@ -258,6 +290,8 @@ static const flag_def FLAGS[] = {
     {"hub-endpoint", required_argument, flag_hub_endpoint},
     {"devices", required_argument, flag_devices},
     {"host-device-memory", required_argument, flag_host_device_memory},
+    {"arena-pool", required_argument, flag_arena_pool},
+    {"staging-cap", required_argument, flag_staging_cap},
     {"export-socket", required_argument, flag_export_socket},
     {"insecure-listen", no_argument, flag_insecure_listen},
     {"log-format", required_argument, flag_log_format},

@@ -33,6 +33,8 @@ typedef struct mp_config {
     int header_timeout_s;       /* idle time before the headers are complete */
     char devices[256];
     uint64_t host_device_bytes; /* cap for host devices; 0 = system memory */
+    uint64_t arena_pool_bytes;  /* freed host arenas kept for reuse (gpu_set_arena_pool) */
+    uint64_t staging_cap_bytes; /* most staging (pinned) memory at once (gpu_set_staging_cap) */
     char export_socket[1024];
     bool insecure_listen;
     bool log_json;

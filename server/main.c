@@ -83,6 +83,8 @@ static int server_open(mp_server *srv, export_server **exporter) {
         mp_log(&srv->log, "error", NULL, "devices: %s", err.message);
         return -1;
     }
+    gpu_set_arena_pool(srv->gpus, srv->cfg.arena_pool_bytes);
+    gpu_set_staging_cap(srv->gpus, srv->cfg.staging_cap_bytes);
     if (gpu_set_cuda_error(srv->gpus)[0])
         mp_log(&srv->log, "warn", NULL, "devices: no CUDA device usable: %s",
                gpu_set_cuda_error(srv->gpus));

@@ -29,6 +29,7 @@ typedef struct wl_params {
     float low, high;
     uint64_t seed;
     bool keep_resident, direct_io, host_direct;
+    int device_convert; /* -1: as the devices' kind says (on for CUDA) */
     uint64_t staging_bytes;
     int readers;
 } wl_params;
@@ -104,6 +105,8 @@ static int parse_params(const json_t *p, wl_params *w, mp_error *err) {
     w->direct_io = json_is_true(json_object_get(p, "direct_io"));
     json_t *hd = json_object_get(p, "host_direct");
     w->host_direct = hd ? json_is_true(hd) : true;
+    json_t *dc = json_object_get(p, "device_convert");
+    w->device_convert = dc ? json_is_true(dc) : -1;
     json_t *sb = json_object_get(p, "staging_bytes");
     w->staging_bytes = sb ? (uint64_t)json_integer_value(sb) : LOAD_DEFAULT_STAGING;
     json_t *rd = json_object_get(p, "readers");
@@ -126,6 +129,13 @@ static int wl_validate(const mp_task_info *in, mp_error *err) {
         if (key_path(in, w.key_file, p, err) != 0) return -1;
     }
     if (in->env && in->env->gpus) {
+        /* Staging is pinned on a GPU: one request may not ask for more than
+         * the server lets all loads pin together (--staging-cap). */
+        uint64_t cap = gpu_set_staging_cap_get(in->env->gpus);
+        if (cap && w.staging_bytes > cap)
+            return mp_err_field(err, "params.staging_bytes", "staging_cap",
+                                "staging_bytes %llu is over the server's staging cap of %llu bytes",
+                                (unsigned long long)w.staging_bytes, (unsigned long long)cap);
         int n = gpu_set_count(in->env->gpus);
         if (w.tp_size > n && !w.ndevices)
             return mp_err_field(err, "params.tp_size", "out_of_range",
@@ -158,13 +168,14 @@ static json_t *build_result(const load_source *src, const load_plan *plan, const
     json_t *devs = json_array();
     for (int d = 0; d < gpu_set_count(gpus); d++) {
         if (!plan->arena_bytes[d]) continue;
-        json_array_append_new(devs, json_pack("{s:i,s:I,s:I,s:I}", "index", d, "bytes",
+        json_array_append_new(devs, json_pack("{s:i,s:I,s:I,s:I,s:b}", "index", d, "bytes",
                                               (json_int_t)plan->arena_bytes[d], "free_before",
                                               (json_int_t)st->free_before[d], "free_after",
-                                              (json_int_t)st->free_after[d]));
+                                              (json_int_t)st->free_after[d], "arena_reused",
+                                              st->reused[d]));
     }
     double secs = st->pipeline_s > 0 ? st->pipeline_s : 1e-9;
-    return json_pack(
+    json_t *r = json_pack(
         "{s:s,s:I,s:I,s:I,s:i,s:s,s:b,s:b,s:{s:f,s:f,s:f,s:f,s:f,s:f,s:f},"
         "s:f,s:o,s:I,s:{s:i,s:i,s:I,s:b}}",
         "load_format", load_format_name(src->format), "bytes", (json_int_t)plan->total_bytes,
@@ -176,6 +187,10 @@ static json_t *build_result(const load_source *src, const load_plan *plan, const
         (double)plan->total_bytes / secs, "devices", devs, "peak_host_bytes",
         (json_int_t)st->peak_host_bytes, "staging", "readers", st->readers, "slots", st->slots,
         "slot_bytes", (json_int_t)st->slot_bytes, "direct_io", w->direct_io);
+    if (r)
+        json_object_set_new(r, "device_converted_bytes",
+                            json_integer((json_int_t)st->device_converted));
+    return r;
 }
 
 static int make_resident(const mp_task_info *in, const load_plan *plan, gpu_arena **arenas,
@@ -280,6 +295,9 @@ static int wl_run(mp_task *t) {
                         .readers = w.readers,
                         .direct_io = w.direct_io,
                         .host_direct = w.host_direct,
+                        .device_convert = w.device_convert >= 0
+                                              ? w.device_convert == 1
+                                              : gpu_set_kind(gpus) == GPU_KIND_CUDA,
                         .key = have_key ? key : NULL,
                         .dummy_low = w.low,
                         .dummy_high = w.high,
@@ -338,6 +356,7 @@ static const mp_param_spec wl_params_spec[] = {
     {"staging_bytes", MP_P_INT, NULL, (int64_t)LOAD_MIN_STAGING, (int64_t)1 << 40},
     {"direct_io", MP_P_BOOL, NULL, 0, 0},
     {"host_direct", MP_P_BOOL, NULL, 0, 0},
+    {"device_convert", MP_P_BOOL, NULL, 0, 0},
     {"readers", MP_P_INT, NULL, 1, 64},
     {NULL, 0, NULL, 0, 0},
 };

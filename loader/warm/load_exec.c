@@ -61,6 +61,10 @@ typedef struct run_ctx {
     int ndev, nreaders;
     struct reader *rd;
     unsigned char *staging_mem;
+    /* device_convert: per device, nslots * slot_bytes of device memory,
+     * slot i's raw bytes at i * slot_bytes (NULL where nothing converts) */
+    gpu_arena *dev_scratch[GPU_MAX_DEVICES];
+    atomic_uint_fast64_t dev_converted;
 } run_ctx;
 
 typedef struct reader {
@@ -111,13 +115,22 @@ static bool item_raw(const load_item *it) {
     return it->slice.dim < 0 && (it->out_dtype == it->src->dtype);
 }
 
+/* Whether the item is cast or dequantized on the device: a whole tensor
+ * (no slice, not a view) of a pair the device converts. */
+static bool item_on_device(const run_ctx *c, const load_item *it) {
+    if (!c->o->device_convert || it->slice.dim >= 0) return false;
+    if (it->kind == LOAD_K_DEQUANT) return gpu_dequant_supported(it->ggml_type);
+    return it->kind == LOAD_K_FILE && !item_raw(it) && it->out_dtype != MP_DT_GGML &&
+           gpu_cast_supported(it->src->dtype, it->out_dtype);
+}
+
 /* Next piece, or false when the plan is done. A view is one piece. */
 static bool next_piece(run_ctx *c, const load_item **it_out, uint64_t *off, uint64_t *n) {
     pthread_mutex_lock(&c->mu);
     bool got = false;
     while (c->next_item < c->plan->nitems) {
         const load_item *it = &c->plan->items[c->next_item];
-        if (it->kind == LOAD_K_DUMMY || c->next_off >= it->bytes) {
+        if (it->kind == LOAD_K_DUMMY || it->kind == LOAD_K_ZERO || c->next_off >= it->bytes) {
             c->next_item++;
             c->next_off = 0;
             continue;
@@ -129,6 +142,11 @@ static bool next_piece(run_ctx *c, const load_item **it_out, uint64_t *off, uint
         } else {
             uint64_t unit = item_unit(it);
             uint64_t max = c->slot_bytes / unit * unit;
+            /* On the device the slot holds the raw bytes: a down-cast's
+             * source is bigger than its output. */
+            unsigned ei = esize(it->src->dtype), eo = esize(it->out_dtype);
+            if (item_on_device(c, it) && it->kind == LOAD_K_FILE && ei > eo)
+                max = c->slot_bytes / ei * eo / unit * unit;
             *n = it->bytes - c->next_off < max ? it->bytes - c->next_off : max;
         }
         c->next_off += *n;
@@ -383,6 +401,49 @@ static int splice_piece(reader *r, int in_fd, uint64_t off, int out_fd, uint64_t
     return 0;
 }
 
+/* A piece converted on the device: its raw source bytes into a slot, copied
+ * to the slot's part of the device scratch, then the kernel from there into
+ * the arena; the slot's fence is recorded after the kernel, so the next
+ * user of the slot (which reuses its scratch part too) comes after it on
+ * the stream. */
+static int device_piece(reader *r, const load_item *it, uint64_t off, uint64_t n, mp_error *err) {
+    run_ctx *c = r->c;
+    gpu_arena *a = c->arenas[it->device], *scr = c->dev_scratch[it->device];
+    if (!scr) return mp_err(err, "internal", "no device scratch for %s", it->src->name);
+    uint64_t e0 = off / esize(it->out_dtype), k = n / esize(it->out_dtype), soff, slen;
+    if (it->kind == LOAD_K_DEQUANT) {
+        unsigned bs = gguf_type_block_size(it->ggml_type),
+                 bb = gguf_type_block_bytes(it->ggml_type);
+        soff = e0 / bs * bb;
+        slen = k / bs * bb;
+    } else {
+        soff = e0 * esize(it->src->dtype);
+        slen = k * esize(it->src->dtype);
+    }
+    if (slen > c->slot_bytes) return mp_err(err, "internal", "raw piece larger than a slot");
+    slot *s = slot_take(r, err);
+    if (!s) return -1;
+    uint64_t at = (uint64_t)(s - c->slots) * c->slot_bytes;
+    double t0 = time_mono();
+    int rc = fetch(r, it, soff, s->buf, slen, NULL, err);
+    double t1 = time_mono();
+    r->read_s += t1 - t0;
+    if (rc == 0) rc = gpu_copy_h2d(scr, at, s->buf, slen, err);
+    if (rc == 0)
+        rc = it->kind == LOAD_K_DEQUANT
+                 ? gpu_dequant(a, it->offset + off, it->out_dtype, scr, at, it->ggml_type, k, err)
+                 : gpu_cast(a, it->offset + off, it->out_dtype, scr, at, it->src->dtype, k, err);
+    if (rc == 0 && (rc = gpu_fence_record(s->fences[it->device], err)) == 0)
+        s->pending_dev = it->device;
+    r->copy_s += time_mono() - t1;
+    slot_give(c, s);
+    if (rc == 0) {
+        atomic_fetch_add(&c->done, n);
+        atomic_fetch_add(&c->dev_converted, n);
+    }
+    return rc;
+}
+
 static int do_piece(reader *r, const load_item *it, uint64_t off, uint64_t n,
                     const unsigned char *mem, mp_error *err) {
     run_ctx *c = r->c;
@@ -405,6 +466,7 @@ static int do_piece(reader *r, const load_item *it, uint64_t off, uint64_t n,
         if (rc == 0) atomic_fetch_add(&c->done, n);
         return rc;
     }
+    if (!mem && item_on_device(c, it)) return device_piece(r, it, off, n, err);
     slot *s = slot_take(r, err);
     if (!s) return -1;
     double t0 = time_mono();
@@ -478,11 +540,38 @@ static int default_readers(void) {
     return (int)n;
 }
 
+/* What the readers do not write, done on the devices' streams before they
+ * start: dummy tensors, zero tensors (a memset on the device instead of
+ * zeros sent through staging), and, in an arena reused from the pool, the
+ * alignment gaps between tensors and the tail, which still hold an earlier
+ * load's bytes that an importer of this arena must not see. Offsets grow
+ * in item order per device (load_plan.c item_place). */
 static int fill_dummies(run_ctx *c, mp_error *err) {
     gpu_dummy_params p = {
         .seed = c->o->dummy_seed, .low = c->o->dummy_low, .high = c->o->dummy_high, .first = 0};
-    for (size_t i = 0; i < c->plan->nitems; i++) {
+    uint64_t end[GPU_MAX_DEVICES] = {0};
+    for (size_t i = 0; i <= c->plan->nitems; i++) {
+        if (i == c->plan->nitems) {
+            for (int d = 0; d < c->ndev; d++) {
+                gpu_arena *a = c->arenas[d];
+                if (a && gpu_arena_reused(a) && end[d] < gpu_arena_size(a) &&
+                    gpu_memset(a, end[d], 0, gpu_arena_size(a) - end[d], err) != 0)
+                    return -1;
+            }
+            break;
+        }
         const load_item *it = &c->plan->items[i];
+        gpu_arena *a = c->arenas[it->device];
+        if (!a) continue; /* a device whose items are all empty has no arena */
+        if (gpu_arena_reused(a) && it->offset > end[it->device] &&
+            gpu_memset(a, end[it->device], 0, it->offset - end[it->device], err) != 0)
+            return -1;
+        end[it->device] = it->offset + it->bytes;
+        if (it->kind == LOAD_K_ZERO && it->bytes) {
+            if (gpu_memset(a, it->offset, 0, it->bytes, err) != 0) return -1;
+            atomic_fetch_add(&c->done, it->bytes);
+            continue;
+        }
         if (it->kind != LOAD_K_DUMMY || it->bytes == 0) continue;
         if (c->o->cancelled && c->o->cancelled(c->o->cb))
             return mp_err(err, "cancelled", "cancelled");
@@ -547,6 +636,7 @@ static void run_ctx_init(run_ctx *c, gpu_set *gpus, const load_source *src, cons
     atomic_init(&c->host_cur, 0);
     atomic_init(&c->host_peak, 0);
     atomic_init(&c->running, 0);
+    atomic_init(&c->dev_converted, 0);
 }
 
 /* Sizes the staging ring and the reader count: no more staging than the
@@ -580,9 +670,24 @@ static int ring_alloc(run_ctx *c, mp_error *err) {
     if (!c->rd || !c->slots || !c->fifo) return mp_err(err, "no_memory", "out of memory");
     uint64_t bytes = c->slot_bytes * (uint64_t)c->nslots;
     int s = gpu_staging_alloc(c->gpus, bytes, (void **)&c->staging_mem, err);
-    if (s == GPU_NOMEM) return mp_err_wrap(err, "insufficient_host_memory", "pinned staging");
+    /* Over the set's staging cap keeps its own code: the load asked too much
+     * of a configured limit, the host is not out of memory. */
+    if (s == GPU_NOMEM)
+        return mp_err_wrap(err,
+                           strcmp(err->code, "staging_cap") ? "insufficient_host_memory" : NULL,
+                           "pinned staging");
     if (s != 0) return -1;
     host_add(c, (int64_t)bytes);
+    /* Device scratch where something converts on the device. */
+    for (size_t i = 0; c->o->device_convert && i < c->plan->nitems; i++) {
+        const load_item *it = &c->plan->items[i];
+        if (!item_on_device(c, it) || c->dev_scratch[it->device]) continue;
+        int a = gpu_arena_alloc(c->gpus, it->device, bytes, &c->dev_scratch[it->device], err);
+        if (a == GPU_NOMEM)
+            return mp_err_wrap(err, "insufficient_device_memory",
+                               "device %d: scratch for conversion on the device", it->device);
+        if (a != 0) return -1;
+    }
     for (int i = 0; i < c->nslots; i++) {
         c->slots[i].buf = c->staging_mem + (uint64_t)i * c->slot_bytes;
         c->slots[i].pending_dev = -1;
@@ -594,16 +699,17 @@ static int ring_alloc(run_ctx *c, mp_error *err) {
     return 0;
 }
 
-/* The memfds of exportable host arenas, for splice (-1 elsewhere). */
-static void export_arena_fds(run_ctx *c) {
-    for (int d = 0; d < GPU_MAX_DEVICES; d++) {
-        gpu_export ex;
-        mp_error ee;
-        c->arena_fd[d] = c->arenas[d] && gpu_arena_host_ptr(c->arenas[d]) &&
-                                 gpu_arena_export(c->arenas[d], &ex, &ee) == 0
-                             ? ex.fd
-                             : -1;
-    }
+/* The memfds of fresh host arenas, for splice (-1 elsewhere). A fresh
+ * memfd's pages are not mapped here yet: splice fills them without a page
+ * fault each (prefaulting with MADV_POPULATE_WRITE cost more than the faults
+ * it saves here). An arena from the pool gets a pread straight into its
+ * mapping instead: once its pages are mapped (from its second reuse on) that
+ * is one plain copy, 1.3-1.5x faster than splice, whose writers also meet on
+ * the memfd's inode lock. */
+static void arena_fds(run_ctx *c) {
+    for (int d = 0; d < GPU_MAX_DEVICES; d++)
+        c->arena_fd[d] =
+            c->arenas[d] && !gpu_arena_reused(c->arenas[d]) ? gpu_arena_host_fd(c->arenas[d]) : -1;
 }
 
 static int readers_init(run_ctx *c, mp_error *err) {
@@ -715,6 +821,9 @@ static void run_teardown(run_ctx *c) {
             gpu_fence_free(c->slots[i].fences[d]);
     free(c->slots);
     free(c->fifo);
+    /* run_pipeline synced the devices: no kernel reads the scratch now. */
+    for (int d = 0; d < GPU_MAX_DEVICES; d++)
+        gpu_arena_free(c->dev_scratch[d]);
     if (c->staging_mem) gpu_staging_free(c->gpus, c->staging_mem);
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->cv);
@@ -747,7 +856,7 @@ int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan, const
     size_ring(&c);
     if (rc == 0) rc = ring_alloc(&c, err);
     c.fifo_n = c.nslots;
-    export_arena_fds(&c);
+    arena_fds(&c);
     if (rc == 0) rc = readers_init(&c, err);
 
     double p0 = time_mono();
@@ -762,6 +871,9 @@ int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan, const
     st->readers = c.nreaders;
     st->slots = c.nslots;
     st->slot_bytes = c.slot_bytes;
+    st->device_converted = atomic_load(&c.dev_converted);
+    for (int d = 0; d < GPU_MAX_DEVICES; d++)
+        st->reused[d] = arenas[d] && gpu_arena_reused(arenas[d]);
     if (rc != 0)
         for (int d = 0; d < GPU_MAX_DEVICES; d++) {
             gpu_arena_free(arenas[d]);

@@ -138,10 +138,18 @@ void load_plan_free(load_plan *plan);
 /* ---- run ---- */
 
 typedef struct load_run_opts {
-    uint64_t staging_bytes;   /* 0: LOAD_DEFAULT_STAGING */
-    int readers;              /* 0: a default from the CPU count */
-    bool direct_io;           /* read through O_DIRECT where possible */
-    bool host_direct;         /* host arenas: pread straight into the arena */
+    uint64_t staging_bytes; /* 0: LOAD_DEFAULT_STAGING */
+    int readers;            /* 0: a default from the CPU count */
+    bool direct_io;         /* read through O_DIRECT where possible */
+    bool host_direct;       /* host arenas: pread straight into the arena */
+    /* Casts and GGUF dequantization on the device (gpu_cast, gpu_dequant):
+     * the file's raw bytes go through staging into a device scratch area
+     * (a slot's worth per slot) and the kernel writes the tensor, so an
+     * up-cast or a Q4_K -> bf16 load sends 2-3.5x fewer bytes over PCIe.
+     * Whole tensors only (a tensor-parallel slice is gathered and cast on
+     * the CPU), and pairs the device supports. The job turns it on for CUDA
+     * sets; the async backend runs the same path in tests. */
+    bool device_convert;
     const unsigned char *key; /* decryption key, or NULL */
     float dummy_low, dummy_high;
     uint64_t dummy_seed;
@@ -158,6 +166,8 @@ typedef struct load_stats {
     uint64_t free_before[GPU_MAX_DEVICES], free_after[GPU_MAX_DEVICES];
     int readers, slots;
     uint64_t slot_bytes;
+    uint64_t device_converted;    /* output bytes cast or dequantized on the device */
+    bool reused[GPU_MAX_DEVICES]; /* the device's arena came from the pool */
 } load_stats;
 
 /* Allocates one arena per used device (error "insufficient_device_memory"

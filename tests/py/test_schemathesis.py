@@ -32,7 +32,9 @@ STATE_CODES = {"not_cached", "not_found", "outside_roots", "no_model_roots",
                "idempotency_conflict",
                # two params that must agree (devices: one per tp rank), which
                # OpenAPI 3.0 cannot state; the descriptions say it
-               "param_conflict"}
+               "param_conflict",
+               # staging_bytes over --staging-cap (a share of this host's memory)
+               "staging_cap"}
 TOKEN = "st-T0ken"
 
 

@@ -7,6 +7,7 @@ loader ever reuses a slot early); /v1/devices showing the async kind; and
 unloading a resident whose borrowed export (the async stand-in for a CUDA
 IPC handle) was handed out: 409 unless ?force=true. The rest of warm_load
 runs on async too, in test_warm_load.py."""
+import json
 import subprocess
 import time
 
@@ -139,3 +140,33 @@ def test_unload_after_borrowed_export_needs_force(make_server, model_root, tmp_p
         assert s == 200 and doc["state"] == "unloaded", doc
         assert all(d["resident_bytes"] == 0 for d in devices_doc(srv)["devices"])
         assert srv.stop() == 0
+
+
+def test_device_convert_arena_pool_and_staging_cap(make_server, model_root):
+    """Casts on the device (device_convert: raw bf16 through staging, the
+    cast queued on the device after its copy, as on a GPU) give torch's
+    fp32 bytes; an unloaded resident's arena goes to the pool and the next
+    load reuses it (devices[].arena_reused) with the right bytes; and a
+    staging_bytes over --staging-cap is refused at submit (400)."""
+    m, ts, cfg = stress_model(model_root)
+    srv = make_server(args=["--model-root", str(model_root), "--devices", "async:2/100",
+                            "--staging-cap", "1048576"])
+    s, doc = srv.post("/v1/jobs", {"type": "warm_load", "model": m,
+                                   "params": {"staging_bytes": 2 << 20}})
+    assert s == 400, doc
+    assert "staging_cap" in json.dumps(doc) and "params.staging_bytes" in json.dumps(doc), doc
+    want = want_digests(ts, cfg, 1, "fp32")
+    params = {"dtype": "fp32", "device_convert": True, "staging_bytes": 65536}
+    first = srv.run_job({"type": "warm_load", "model": m, "params": params})
+    assert first["state"] == "succeeded", first
+    r = first["result"]
+    assert r["device_converted_bytes"] == r["bytes"]
+    assert r["devices"][0]["arena_reused"] is False
+    assert digests(srv, r["resident_id"]) == want
+    assert srv.delete("/v1/residents/" + r["resident_id"])[0] == 200
+    second = srv.run_job({"type": "warm_load", "model": m, "params": params})
+    assert second["state"] == "succeeded", second
+    r = second["result"]
+    assert r["devices"][0]["arena_reused"] is True
+    assert digests(srv, r["resident_id"]) == want
+    assert "staging_reused" not in srv.logs()

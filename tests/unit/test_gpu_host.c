@@ -5,7 +5,9 @@
  * the dummy-weights generator against an independent transcription of its
  * definition, dtype casts (round to nearest even, NaN, Inf) against
  * util/tensor/half.c, and dequantization (element by element, as the CUDA
- * kernel does) against loader/formats/gguf/gguf_dequant.c (block by block).
+ * kernel does) against loader/formats/gguf/gguf_dequant.c (block by block),
+ * the arena pool (reuse, resizing, release under a cap) and the staging
+ * cache and cap.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -786,6 +788,134 @@ static void test_private_arenas(void **state) {
     gpu_set_close(g);
 }
 
+/* ---- the arena pool and the staging cache ----------------------------------- */
+
+/* A freed arena goes to the pool and the next allocation on the device gets
+ * it back, mapped, with its bytes, resized in place (only the grown tail is
+ * new, and zero); an exported arena is never pooled (an importer may still
+ * map it); gpu_set_arena_pool(0) empties the pool. */
+static void test_pool_reuse(void **state) {
+    (void)state;
+    mp_error err = {0};
+    gpu_set *g = open_set("host:2@64M", 0);
+    gpu_set_arena_pool(g, 64u << 20);
+    gpu_arena *a = NULL;
+    uint64_t n = 8u << 20;
+    assert_int_equal(gpu_arena_alloc(g, 0, n, &a, &err), 0);
+    assert_false(gpu_arena_reused(a));
+    unsigned char *p = gpu_arena_host_ptr(a);
+    for (uint64_t i = 0; i < n; i += 4096)
+        p[i] = (unsigned char)(i >> 12);
+    gpu_arena_free(a);
+    assert_int_equal(gpu_set_pooled_bytes(g), n);
+    assert_int_equal(gpu_device_resident(g, 0), 0);
+    /* pooled memory counts as free */
+    gpu_device_info info;
+    assert_int_equal(gpu_device_info_get(g, 0, &info, &err), 0);
+    assert_int_equal(info.free_bytes, 64u << 20);
+    /* another device does not take it */
+    assert_int_equal(gpu_arena_alloc(g, 1, n, &a, &err), 0);
+    assert_false(gpu_arena_reused(a));
+    gpu_arena_free(a);
+    assert_int_equal(gpu_set_pooled_bytes(g), 2 * n);
+    /* grown to 12 MiB: the old bytes stay, the tail is new zeros */
+    uint64_t m = 12u << 20;
+    assert_int_equal(gpu_arena_alloc(g, 0, m, &a, &err), 0);
+    assert_true(gpu_arena_reused(a));
+    assert_int_equal(gpu_arena_size(a), m);
+    assert_int_equal(gpu_device_resident(g, 0), m);
+    assert_int_equal(gpu_set_pooled_bytes(g), n);
+    p = gpu_arena_host_ptr(a);
+    for (uint64_t i = 0; i < n; i += 4096)
+        assert_int_equal(p[i], (unsigned char)(i >> 12));
+    for (uint64_t i = n; i < m; i += 4096)
+        assert_int_equal(p[i], 0);
+    p[m - 1] = 7; /* the whole new size is mapped and committed */
+    /* through the memfd too, as an importer sees it */
+    assert_int_equal(lseek(gpu_arena_host_fd(a), 0, SEEK_END), (off_t)m);
+    /* shrunk to 1 MiB: the first MiB stays */
+    gpu_arena_free(a);
+    assert_int_equal(gpu_arena_alloc(g, 0, 1u << 20, &a, &err), 0);
+    assert_true(gpu_arena_reused(a));
+    p = gpu_arena_host_ptr(a);
+    for (uint64_t i = 0; i < (1u << 20); i += 4096)
+        assert_int_equal(p[i], (unsigned char)(i >> 12));
+    assert_int_equal(lseek(gpu_arena_host_fd(a), 0, SEEK_END), (off_t)(1u << 20));
+    /* exported: released at free, not pooled */
+    gpu_export ex;
+    assert_int_equal(gpu_arena_export(a, &ex, &err), 0);
+    uint64_t before = gpu_set_pooled_bytes(g);
+    gpu_arena_free(a);
+    assert_int_equal(gpu_set_pooled_bytes(g), before);
+    gpu_set_arena_pool(g, 0);
+    assert_int_equal(gpu_set_pooled_bytes(g), 0);
+    assert_int_equal(gpu_arena_alloc(g, 1, n, &a, &err), 0);
+    assert_false(gpu_arena_reused(a));
+    gpu_arena_free(a);
+    assert_int_equal(gpu_set_pooled_bytes(g), 0);
+    gpu_set_close(g);
+}
+
+/* Pooled memory is released when a cap needs it: two arenas pooled on a
+ * 64 MiB device, then one of 50 MiB reuses the closest and the other must
+ * go, or the device would hold more than its cap. The pool's own cap keeps
+ * an arena that does not fit out. */
+static void test_pool_released_under_cap(void **state) {
+    (void)state;
+    mp_error err = {0};
+    gpu_set *g = open_set("host@64M", 0);
+    gpu_set_arena_pool(g, 64u << 20);
+    gpu_arena *a = NULL, *b = NULL, *c = NULL;
+    assert_int_equal(gpu_arena_alloc(g, 0, 40u << 20, &a, &err), 0);
+    assert_int_equal(gpu_arena_alloc(g, 0, 20u << 20, &b, &err), 0);
+    gpu_arena_free(a);
+    gpu_arena_free(b);
+    assert_int_equal(gpu_set_pooled_bytes(g), 60u << 20);
+    assert_int_equal(gpu_arena_alloc(g, 0, 50u << 20, &c, &err), 0);
+    assert_true(gpu_arena_reused(c));
+    assert_int_equal(gpu_set_pooled_bytes(g), 0);
+    assert_int_equal(gpu_device_resident(g, 0), 50u << 20);
+    /* a live arena's room is not the pool's: 14 MiB free, 20 asked */
+    assert_int_equal(gpu_arena_alloc(g, 0, 20u << 20, &a, &err), GPU_NOMEM);
+    gpu_arena_free(c);
+    assert_int_equal(gpu_set_pooled_bytes(g), 50u << 20);
+    /* the pool's cap: a 50 MiB arena does not fit in a 16 MiB pool */
+    gpu_set_arena_pool(g, 16u << 20);
+    assert_int_equal(gpu_set_pooled_bytes(g), 0);
+    assert_int_equal(gpu_arena_alloc(g, 0, 50u << 20, &c, &err), 0);
+    assert_false(gpu_arena_reused(c));
+    gpu_arena_free(c);
+    assert_int_equal(gpu_set_pooled_bytes(g), 0);
+    gpu_set_close(g);
+}
+
+/* Staging: a freed buffer is handed out again (pinning once per set, not
+ * per load); the cap refuses one request over it ("staging_cap") and one
+ * that would take the set over it while others hold staging. */
+static void test_staging_cache_and_cap(void **state) {
+    (void)state;
+    mp_error err = {0};
+    gpu_set *g = open_set("host", 0);
+    void *a = NULL, *b = NULL;
+    assert_int_equal(gpu_staging_alloc(g, 65536, &a, &err), 0);
+    memset(a, 1, 65536);
+    gpu_staging_free(g, a);
+    assert_int_equal(gpu_staging_alloc(g, 65536, &b, &err), 0);
+    assert_ptr_equal(a, b);
+    gpu_staging_free(g, b);
+    gpu_set_staging_cap(g, 1u << 20);
+    assert_int_equal(gpu_staging_alloc(g, 2u << 20, &a, &err), GPU_NOMEM);
+    assert_string_equal(err.code, "staging_cap");
+    assert_null(a);
+    assert_int_equal(gpu_staging_alloc(g, 512u << 10, &a, &err), 0);
+    assert_int_equal(gpu_staging_alloc(g, 768u << 10, &b, &err), GPU_NOMEM);
+    assert_string_equal(err.code, "staging_cap");
+    gpu_staging_free(g, a);
+    assert_int_equal(gpu_staging_alloc(g, 768u << 10, &b, &err), 0);
+    gpu_staging_free(g, b);
+    gpu_set_close(g);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_discovery_host4),
@@ -802,6 +932,9 @@ int main(void) {
         cmocka_unit_test(test_cast_args),
         cmocka_unit_test(test_dequant_matches_gguf),
         cmocka_unit_test(test_private_arenas),
+        cmocka_unit_test(test_pool_reuse),
+        cmocka_unit_test(test_pool_released_under_cap),
+        cmocka_unit_test(test_staging_cache_and_cap),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

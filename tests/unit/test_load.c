@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "util/tensor/cast.h"
 #include "util/tensor/half.h"
 #include "loader/warm/warm.h"
 #include "loader/formats/safetensors/safetensors.h"
@@ -143,8 +144,19 @@ static bool cancel_cb(void *arg) {
     return c->cancel_after >= 0 && ++c->calls > c->cancel_after;
 }
 
+static int run_dc(gpu_set *g, const char *sub, int tp, mp_dtype dt, uint64_t staging,
+                  bool host_direct, bool device_convert, ctx *cx, load_source *src, load_plan *plan,
+                  gpu_arena **arenas, load_stats *st, mp_error *err);
+
 static int run(gpu_set *g, const char *sub, int tp, mp_dtype dt, uint64_t staging, bool host_direct,
                ctx *cx, load_source *src, load_plan *plan, gpu_arena **arenas, mp_error *err) {
+    load_stats st;
+    return run_dc(g, sub, tp, dt, staging, host_direct, false, cx, src, plan, arenas, &st, err);
+}
+
+static int run_dc(gpu_set *g, const char *sub, int tp, mp_dtype dt, uint64_t staging,
+                  bool host_direct, bool device_convert, ctx *cx, load_source *src, load_plan *plan,
+                  gpu_arena **arenas, load_stats *stp, mp_error *err) {
     if (load_source_open(model_dir(sub), LOAD_FMT_AUTO, tp, src, err) != 0) return -1;
     int devs[4] = {0, 1, 2, 3};
     load_plan_opts po = {.tp_size = tp, .devices = devs, .dtype = dt};
@@ -155,13 +167,13 @@ static int run(gpu_set *g, const char *sub, int tp, mp_dtype dt, uint64_t stagin
     load_run_opts ro = {.staging_bytes = staging,
                         .readers = 3,
                         .host_direct = host_direct,
+                        .device_convert = device_convert,
                         .cb = cx,
                         .cancelled = cx ? cancel_cb : NULL};
-    load_stats st;
-    int rc = load_run(g, src, plan, &ro, arenas, &st, err);
+    int rc = load_run(g, src, plan, &ro, arenas, stp, err);
     if (rc == 0) {
-        assert_true(st.peak_host_bytes > 0);
-        assert_true(st.slots >= 2);
+        assert_true(stp->peak_host_bytes > 0);
+        assert_true(stp->slots >= 2);
     }
     return rc;
 }
@@ -362,6 +374,106 @@ static void test_encrypted_needs_key(void **state) {
     gpu_set_close(g);
 }
 
+/* A second load reuses the first one's arena from the pool (no allocation,
+ * no zero-fill) and its bytes are still right: every tensor is the file's,
+ * and the alignment gaps and the tail, which held the first model's bytes,
+ * read as zeros (an importer of the arena must not see an earlier model).
+ * On host devices with and without the splice path, and on async ones. */
+static void test_pool_second_load_reuses(void **state) {
+    (void)state;
+    st_wtensor big[1] = {{"big", MP_DT_F32, 2, {300, 500}}};
+    write_model("pool_big", big, 1, NULL);
+    /* 60 + 14 + 200 bytes at 256-aligned offsets: gaps after a and b */
+    st_wtensor ts[3] = {
+        {"a", MP_DT_F32, 2, {3, 5}}, {"b", MP_DT_BF16, 1, {7}}, {"c", MP_DT_F16, 1, {100}}};
+    write_model("pool_small", ts, 3, NULL);
+    const char *specs[] = {"host", "host", "async/50"};
+    for (int v = 0; v < 3; v++) {
+        gpu_set *g = NULL;
+        mp_error err = {0};
+        assert_int_equal(gpu_set_open(specs[v], 0, &g, &err), 0);
+        gpu_set_arena_pool(g, 64u << 20);
+        load_source src;
+        load_plan plan;
+        gpu_arena *arenas[GPU_MAX_DEVICES];
+        assert_int_equal(
+            run(g, "pool_big", 1, MP_DT_INVALID, 65536, v == 1, NULL, &src, &plan, arenas, &err),
+            0);
+        assert_false(gpu_arena_reused(arenas[0]));
+        done(&src, &plan, arenas);
+        assert_int_equal(gpu_set_pooled_bytes(g), 600000);
+        int rc =
+            run(g, "pool_small", 1, MP_DT_INVALID, 65536, v == 1, NULL, &src, &plan, arenas, &err);
+        if (rc != 0) fail_msg("%s: %s", err.code, err.message);
+        assert_true(gpu_arena_reused(arenas[0]));
+        assert_int_equal(gpu_set_pooled_bytes(g), 0);
+        uint64_t size = gpu_arena_size(arenas[0]);
+        assert_int_equal(size, plan.arena_bytes[0]);
+        unsigned char *all = malloc(size);
+        assert_non_null(all);
+        assert_int_equal(gpu_read(arenas[0], 0, all, size, &err), 0);
+        uint64_t end = 0;
+        for (size_t i = 0; i < plan.nitems; i++) {
+            const load_item *it = &plan.items[i];
+            size_t ti = (size_t)(it->src->name[0] - 'a');
+            for (uint64_t k = end; k < it->offset; k++)
+                if (all[k])
+                    fail_msg("%s: gap byte %llu is %d", specs[v], (unsigned long long)k, all[k]);
+            for (uint64_t k = 0; k < it->bytes; k++)
+                if (all[it->offset + k] != pat(ti, k))
+                    fail_msg("%s: %s byte %llu", specs[v], it->src->name, (unsigned long long)k);
+            end = it->offset + it->bytes;
+        }
+        free(all);
+        done(&src, &plan, arenas);
+        gpu_set_close(g);
+    }
+}
+
+/* Casts on the device (device_convert): the raw bf16 / f32 bytes go through
+ * staging into the device's scratch and gpu_cast writes the arena. An
+ * up-cast (bf16 -> f32) and a down-cast (f32 -> bf16, whose raw piece is
+ * bigger than its output) through 64 KiB of staging, so slots and their
+ * scratch parts are reused many times: on async devices (late copies and
+ * kernels, a slot refilled early fails the load) and on host ones. The
+ * bytes are the CPU cast's (util/tensor/cast.c). */
+static void test_cast_on_device(void **state) {
+    (void)state;
+    st_wtensor up[1] = {{"w", MP_DT_BF16, 2, {64, 300}}};
+    write_model("dcast_up", up, 1, NULL);
+    st_wtensor dn[1] = {{"w", MP_DT_F32, 2, {64, 300}}};
+    write_model("dcast_down", dn, 1, NULL);
+    const char *specs[] = {"async/100", "host"};
+    for (int v = 0; v < 2; v++)
+        for (int down = 0; down < 2; down++) {
+            mp_dtype sd = down ? MP_DT_F32 : MP_DT_BF16, od = down ? MP_DT_BF16 : MP_DT_F32;
+            uint64_t n = 64 * 300, si = down ? 4 : 2, oi = down ? 2 : 4;
+            gpu_set *g = NULL;
+            mp_error err = {0};
+            assert_int_equal(gpu_set_open(specs[v], 0, &g, &err), 0);
+            load_source src;
+            load_plan plan;
+            load_stats st;
+            gpu_arena *arenas[GPU_MAX_DEVICES];
+            int rc = run_dc(g, down ? "dcast_down" : "dcast_up", 1, od, 65536, true, true, NULL,
+                            &src, &plan, arenas, &st, &err);
+            if (rc != 0) fail_msg("%s: %s: %s", specs[v], err.code, err.message);
+            assert_int_equal(st.device_converted, n * oi);
+            unsigned char *raw = malloc(n * si), *want = malloc(n * oi), *got = malloc(n * oi);
+            for (uint64_t k = 0; k < n * si; k++)
+                raw[k] = pat(0, k);
+            assert_true(tensor_cast(sd, raw, od, want, (size_t)n));
+            assert_int_equal(gpu_read(arenas[0], 0, got, n * oi, &err), 0);
+            if (memcmp(want, got, n * oi) != 0)
+                fail_msg("%s down %d: bytes differ", specs[v], down);
+            free(raw);
+            free(want);
+            free(got);
+            done(&src, &plan, arenas);
+            gpu_set_close(g);
+        }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_formats_and_offsets),
@@ -371,6 +483,8 @@ int main(void) {
         cmocka_unit_test(test_tp_slices),
         cmocka_unit_test(test_oom_and_cancel_leave_nothing),
         cmocka_unit_test(test_encrypted_needs_key),
+        cmocka_unit_test(test_pool_second_load_reuses),
+        cmocka_unit_test(test_cast_on_device),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
