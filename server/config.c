@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "loader/remote/remote.h"
 #include "util/fsutil.h"
 
 static const char USAGE[] =
@@ -28,6 +29,9 @@ static const char USAGE[] =
     "  --insecure-listen       allow a non-loopback address without a token\n"
     "  --log-format text|json  log line format (default text)\n"
     "  --no-access-log         do not log each HTTP request\n"
+    "  --s3-credentials-file F AWS credentials file for s3:// (default: AWS_* environment)\n"
+    "  --s3-endpoint URL       S3-compatible endpoint (default $AWS_ENDPOINT_URL or AWS)\n"
+    "  --redis-password-file F password for AUTH to redis:// URLs that carry none\n"
     "  --version, --help\n";
 
 static int parse_listen(mp_config *cfg, const char *v, mp_error *err) {
@@ -94,6 +98,14 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
     cfg->connection_timeout_s = 60;
     snprintf(cfg->devices, sizeof cfg->devices, "auto");
     cfg->access_log = true;
+    /* AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL, as in the AWS SDKs. */
+    const char *s3ep = getenv("AWS_ENDPOINT_URL_S3");
+    if (!s3ep || !*s3ep) s3ep = getenv("AWS_ENDPOINT_URL");
+    if (s3ep && *s3ep) {
+        if (!remote_endpoint_valid(s3ep))
+            return mp_err(err, "bad_flag", "AWS_ENDPOINT_URL must be http(s)://host[:port]");
+        snprintf(cfg->s3_endpoint, sizeof cfg->s3_endpoint, "%s", s3ep);
+    }
     const char *tok = getenv("MODELPREP_TOKEN");
     if (tok && *tok && !(cfg->token = strdup(tok))) return mp_err(err, "no_memory", "oom");
     const char *hf = getenv("HF_TOKEN");
@@ -114,6 +126,9 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
         O_INSECURE,
         O_LOGFMT,
         O_NOACCESS,
+        O_S3CREDS,
+        O_S3EP,
+        O_REDISPW,
         O_VERSION,
         O_HELP
     };
@@ -132,6 +147,9 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
         {"insecure-listen", no_argument, NULL, O_INSECURE},
         {"log-format", required_argument, NULL, O_LOGFMT},
         {"no-access-log", no_argument, NULL, O_NOACCESS},
+        {"s3-credentials-file", required_argument, NULL, O_S3CREDS},
+        {"s3-endpoint", required_argument, NULL, O_S3EP},
+        {"redis-password-file", required_argument, NULL, O_REDISPW},
         {"version", no_argument, NULL, O_VERSION},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
@@ -208,6 +226,29 @@ int config_parse(mp_config *cfg, int argc, char **argv, mp_error *err) {
             break;
         case O_NOACCESS:
             cfg->access_log = false;
+            break;
+        case O_S3CREDS:
+        case O_REDISPW: {
+            /* Read at each job (so a rotated secret is picked up); checked
+             * here so a typo fails at start, not at the first job. */
+            char *real = realpath(optarg, NULL);
+            if (!real || access(real, R_OK) != 0) {
+                free(real);
+                return mp_err(err, "bad_flag", "--%s %s: not a readable file",
+                              c == O_S3CREDS ? "s3-credentials-file" : "redis-password-file",
+                              optarg);
+            }
+            char *dst = c == O_S3CREDS ? cfg->s3_credentials_file : cfg->redis_password_file;
+            size_t cap = c == O_S3CREDS ? sizeof cfg->s3_credentials_file
+                                        : sizeof cfg->redis_password_file;
+            snprintf(dst, cap, "%s", real);
+            free(real);
+            break;
+        }
+        case O_S3EP:
+            if (!remote_endpoint_valid(optarg))
+                return mp_err(err, "bad_flag", "--s3-endpoint must be http(s)://host[:port]");
+            snprintf(cfg->s3_endpoint, sizeof cfg->s3_endpoint, "%s", optarg);
             break;
         case O_VERSION:
             printf("modelprepd %s (%s)\n", MP_VERSION, MP_GIT);

@@ -25,6 +25,9 @@ typedef struct mp_config {
     char devices[256];
     uint64_t host_device_bytes; /* cap for host devices; 0 = system memory */
     char export_socket[1024];
+    char s3_credentials_file[4096]; /* --s3-credentials-file, read at each job */
+    char s3_endpoint[1024];         /* --s3-endpoint / AWS_ENDPOINT_URL(_S3) */
+    char redis_password_file[4096]; /* --redis-password-file, read at each job */
     bool insecure_listen;
     bool log_json;
     bool access_log;

@@ -42,6 +42,22 @@ static json_t *new_job_doc(const char *id, const char *type, const char *model,
                      "finished_at");
 }
 
+/* An s3:// or redis:// model: checked, and resolved to its downloaded copy
+ * (s3) for the types that work on local files. */
+static int jobs_remote_model(const mp_job_type *jt, const char *model, size_t len,
+                             const char *data_dir, char **model_path, mp_error *err) {
+    mref_remote r;
+    if (mref_remote_resolve(model, len, data_dir, &r, model_path, err) != 0) return -1;
+    if (jt->flags & MP_JOB_REMOTE_SOURCE) return 0;
+    if (r.scheme == MREF_REDIS || (jt->flags & MP_JOB_HUB_ONLY))
+        return mp_err_field(err, "model", "bad_model", "%s jobs do not take a %s model", jt->name,
+                            r.scheme == MREF_REDIS ? "redis://" : "s3://");
+    if ((jt->flags & MP_JOB_NEEDS_LOCAL) && !*model_path)
+        return mp_err_field(err, "model", "not_cached",
+                            "%s has no local copy; run a download job for it first", model);
+    return 0;
+}
+
 int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job, bool *created,
                 int *http_status, mp_error *err) {
     *job = NULL;
@@ -103,6 +119,12 @@ int jobs_submit(mp_server *srv, json_t *body, const char *idem_key, json_t **job
             mp_err_field(err, "model", "not_cached",
                          "%s@%s is not in the local cache; run a download job first", model,
                          revision);
+            *http_status = 400;
+            goto out;
+        }
+    } else if (mref_is_remote(model)) {
+        if (jobs_remote_model(jt, model, json_string_length(jmodel), srv->cfg.data_dir,
+                              &model_path, err) != 0) {
             *http_status = 400;
             goto out;
         }

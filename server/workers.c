@@ -299,6 +299,13 @@ static void run_one(worker_pool *p, int slot, json_t *doc, json_t *checkpoint) {
             if (!(t->type->flags & MP_JOB_HUB_ONLY))
                 model_path =
                     mref_snapshot_dir(srv->cfg.hub_cache, t->info.model, t->info.revision, NULL);
+        } else if (mref_is_remote(t->info.model)) {
+            mref_remote r;
+            if (mref_remote_resolve(t->info.model, strlen(t->info.model), srv->cfg.data_dir, &r,
+                                    &model_path, &err) == 0 &&
+                !model_path && !(t->type->flags & MP_JOB_REMOTE_SOURCE))
+                mp_err(&err, "not_cached", "%s has no local copy; run a download job first",
+                       t->info.model);
         } else {
             mref_confine(t->info.model, strlen(t->info.model),
                          (const char *const *)srv->cfg.model_roots, &model_path, &err);

@@ -28,6 +28,12 @@ typedef struct mp_task_env {
     const char *hub_endpoint;       /* --hub-endpoint / HF_ENDPOINT / default */
     const char *hf_token;           /* HF_TOKEN or NULL */
     const char *const *model_roots; /* NULL-terminated, each realpath'd */
+    /* Remote stores (loader/remote): --s3-credentials-file (NULL: the AWS_*
+     * environment), --s3-endpoint / AWS_ENDPOINT_URL (NULL: AWS), and
+     * --redis-password-file (NULL: no AUTH unless a URL carries one). */
+    const char *s3_credentials_file;
+    const char *s3_endpoint;
+    const char *redis_password_file;
     struct gpu_set *gpus;
     struct resident_set *residents;
 } mp_task_env;

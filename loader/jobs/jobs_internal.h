@@ -14,4 +14,8 @@
  * (caller frees). Errors name field "params.output". */
 int job_output_param(const mp_task_info *in, const char *param, char **out, mp_error *err);
 
+/* The download job for an s3://bucket/prefix model (job_download_s3.c). */
+int job_s3_download_validate(const mp_task_info *info, mp_error *err);
+int job_s3_download_run(mp_task *t);
+
 #endif
