@@ -408,8 +408,10 @@ static int s3_do(s3_client *c, s3_req *r, mp_error *err) {
         CURL *h = take_handle(c);
         if (!h) return mp_err(err, "no_memory", "cannot create a curl handle");
         struct curl_slist *hl = NULL, *tmp;
-        const char *hs[10] = {hash_hdr, "Expect:", c->token_hdr[0] ? c->token_hdr : NULL};
-        int nh = 3;
+        /* No "Expect:" override here: libcurl would sign the removed header
+         * as an empty one. */
+        const char *hs[10] = {hash_hdr, c->token_hdr[0] ? c->token_hdr : NULL};
+        int nh = 2;
         for (int i = 0; i < 4 && r->hdr[i]; i++)
             hs[nh++] = r->hdr[i];
         bool oom = false;
