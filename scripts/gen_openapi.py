@@ -42,8 +42,8 @@ schemas = {
                                    "field": {"type": "string"}, "code": {"type": "string"},
                                    "message": {"type": "string"}}}}}},
     "JobRequest": {"type": "object", "required": ["type", "model"], "additionalProperties": False,
-                   "properties": {"type": {"type": "string", "enum": ["download", "convert", "inspect", "shard", "warm_load", "verify"]},
-                                  "model": {"type": "string", "description": "hub repo id org/name, or an absolute path under a --model-root"},
+                   "properties": {"type": {"type": "string", "enum": ["download", "convert", "inspect", "shard", "warm_load", "verify", "publish"]},
+                                  "model": {"type": "string", "description": "hub repo id org/name, an absolute path under a --model-root, or s3://bucket/prefix (download; other jobs use its downloaded copy)"},
                                   "revision": {"type": "string", "default": "main"},
                                   "params": {"type": "object", "description": "see Params_<type>"}}},
     "Progress": {"type": "object", "properties": {"done": {"type": "integer"}, "total": {"type": "integer"},
@@ -97,7 +97,9 @@ def enum(*v):
 JOB_PARAMS = {
     "download": obj({"allow_patterns": SA, "ignore_patterns": SA,
                      "load_format": enum("auto", "safetensors", "pt", "gguf", "all"),
-                     "endpoint": S, "connections": I, "chunk_bytes": I, "max_retries": I}),
+                     "endpoint": S, "connections": I, "chunk_bytes": I, "max_retries": I,
+                     # s3:// models only
+                     "addressing": enum("path", "virtual"), "overwrite": B}),
     "convert": obj({"dtype": enum("keep", "bf16", "fp16", "fp32"), "max_shard_bytes": I,
                     "output": S, "file": S, "encryption_key_file": S}),
     "inspect": obj({"tp_sizes": IA, "kv_cache_scales_file": S}),
@@ -110,6 +112,10 @@ JOB_PARAMS = {
                       "keep_resident": B, "staging_bytes": I, "direct_io": B, "host_direct": B,
                       "readers": I}),
     "verify": obj({}),
+    "publish": obj({"url": {"type": "string", "description": "s3://bucket/prefix or redis://[[user]:password@]host[:port]/model_name"},
+                    "tp_size": I, "naming": enum("sglang", "hf"), "pipeline_bytes": I,
+                    "endpoint": S, "addressing": enum("path", "virtual"), "part_bytes": I,
+                    "connections": I, "max_retries": I, "overwrite": B}),
 }
 for name, sch in JOB_PARAMS.items():
     schemas["Params_" + name] = sch

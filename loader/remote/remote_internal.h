@@ -75,6 +75,11 @@ void s3_client_free(s3_client *c);
 void s3_client_counts(const s3_client *c, uint64_t *requests, uint64_t *retries);
 void s3_client_set_cancel(s3_client *c, bool (*cancelled)(void *), void *arg);
 
+/* One ListObjectsV2 page (n bytes, not NUL-terminated): its objects are
+ * appended to out; *truncated and token (the continuation) say whether
+ * another page follows. Errors: "bad_response", "no_memory". */
+int s3_parse_list_page(const char *b, size_t n, s3_listing *out, char *token, size_t tokn,
+                       bool *truncated, mp_error *err);
 /* ListObjectsV2 of everything under prefix (every page). */
 int s3_list(s3_client *c, const char *prefix, s3_listing *out, mp_error *err);
 

@@ -501,8 +501,8 @@ void s3_listing_free(s3_listing *l) {
     memset(l, 0, sizeof *l);
 }
 
-static int parse_page(const char *b, size_t n, s3_listing *out, char *token, size_t tokn,
-                      bool *truncated, mp_error *err) {
+int s3_parse_list_page(const char *b, size_t n, s3_listing *out, char *token, size_t tokn,
+                       bool *truncated, mp_error *err) {
     const char *e = b + n, *p = b;
     if (!memmem(b, n, "<ListBucketResult", 17))
         return mp_err(err, "bad_response", "S3 listing is not a ListBucketResult");
@@ -572,8 +572,8 @@ int s3_list(s3_client *c, const char *prefix, s3_listing *out, mp_error *err) {
         bool truncated = false;
         int rc = s3_do(c, &r, err);
         if (rc == 0)
-            rc = parse_page(r.out.buf ? r.out.buf : "", r.out.len, out, token, sizeof token,
-                            &truncated, err);
+            rc = s3_parse_list_page(r.out.buf ? r.out.buf : "", r.out.len, out, token, sizeof token,
+                                    &truncated, err);
         req_free(&r);
         if (rc != 0) {
             s3_listing_free(out);
