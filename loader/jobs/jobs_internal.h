@@ -18,4 +18,12 @@ int job_output_param(const mp_task_info *in, const char *param, char **out, mp_e
 int job_s3_download_validate(const mp_task_info *info, mp_error *err);
 int job_s3_download_run(mp_task *t);
 
+/* warm_load of a remote model (job_warm_remote.c): the submit-time check,
+ * and opening a redis:// model's ranks as a sharded_state source (*fmt is
+ * set to it; *info describes what was read). */
+#include "loader/warm/warm.h"
+int job_warm_remote_validate(const mp_task_info *in, const char *format, mp_error *err);
+int job_warm_remote_open(mp_task *t, int tp, load_format *fmt, load_source *src, json_t **info,
+                         mp_error *err);
+
 #endif

@@ -269,3 +269,54 @@ int rkv_scan(rkv_conn *c, const char *pattern, int (*fn)(void *arg, const char *
     } while (strcmp(cursor, "0") != 0);
     return 0;
 }
+
+int rkv_each(rkv_conn *c, const char *cmd, char *const *keys, size_t n, int nargs,
+             const char *const *args,
+             int (*fn)(void *arg, size_t i, const rkv_val *v, mp_error *err), void *arg,
+             mp_error *err) {
+    enum { BATCH = 64 };
+    if (nargs < 0 || nargs > 4) return mp_err(err, "internal", "rkv_each nargs %d", nargs);
+    if (c->nexpect && rkv_pipe_flush(c, err) != 0) return -1;
+    for (size_t b = 0; b < n; b += BATCH) {
+        size_t end = b + BATCH < n ? b + BATCH : n;
+        for (size_t i = b; i < end; i++) {
+            const char *argv[6] = {cmd, keys[i]};
+            size_t lens[6] = {strlen(cmd), strlen(keys[i])};
+            for (int k = 0; k < nargs; k++) {
+                argv[2 + k] = args[k];
+                lens[2 + k] = strlen(args[k]);
+            }
+            if (redisAppendCommandArgv(c->ctx, 2 + nargs, argv, lens) != REDIS_OK)
+                return io_error(c, err, cmd);
+        }
+        /* every reply of the batch is read, even after a bad one, so the
+         * connection stays in step */
+        int rc = 0;
+        for (size_t i = b; i < end; i++) {
+            void *rp = NULL;
+            if (redisGetReply(c->ctx, &rp) != REDIS_OK) return io_error(c, err, cmd);
+            redisReply *r = rp;
+            rkv_val v = {0};
+            if (rc == 0) {
+                if (r->type == REDIS_REPLY_ERROR) {
+                    rc = reply_error(r, err, cmd);
+                } else if (r->type == REDIS_REPLY_STRING) {
+                    v = (rkv_val){'s', r->str, r->len, 0};
+                    rc = fn(arg, i, &v, err);
+                } else if (r->type == REDIS_REPLY_INTEGER) {
+                    v = (rkv_val){'i', NULL, 0, r->integer};
+                    rc = fn(arg, i, &v, err);
+                } else if (r->type == REDIS_REPLY_NIL) {
+                    v = (rkv_val){'n', NULL, 0, 0};
+                    rc = fn(arg, i, &v, err);
+                } else {
+                    rc = mp_err(err, "bad_response", "redis: unexpected %s reply type %d", cmd,
+                                r->type);
+                }
+            }
+            freeReplyObject(r);
+        }
+        if (rc != 0) return -1;
+    }
+    return 0;
+}

@@ -172,6 +172,24 @@ typedef struct remote_redis_publish_opts {
 int remote_redis_publish(const remote_redis_publish_opts *o, const remote_callbacks *cb,
                          json_t **result, mp_error *err);
 
+/* ---- warm_load from redis:// (redis_fetch.c) -------------------------------- */
+
+/* Reads ranks 0..tp-1 of src (SGLang's layout) into memory: per rank one
+ * safetensors file in a memfd (fds[r], owned by the caller), linked from
+ * dir/model-rank-{r}-part-0.safetensors, and the model's text files
+ * written into dir, so dir loads as a sharded_state checkpoint. Each value
+ * is checked to be safetensors of {"tensor_bytes": t} with a consistent
+ * dtype, shape and size. *info: [{rank, tensors, bytes}]. Errors:
+ * "not_found" (a rank without keys), "bad_request" (published for more
+ * ranks), "bad_model" (a value that is not SGLang's), the connection's
+ * codes. On failure nothing is left staged. */
+int remote_redis_stage(const mref_remote *src, const char *password, int tp, const char *dir,
+                       double timeout_s, const remote_callbacks *cb, int *fds, json_t **info,
+                       mp_error *err);
+/* Removes dir and closes the memfds (the loader's own descriptors keep the
+ * memory alive as long as it reads). */
+void remote_redis_unstage(const char *dir, int *fds, int n);
+
 /* SGLang's SafeSerializer.to_bytes: safetensors bytes of {"tensor_bytes":
  * t}, byte-identical to safetensors.torch.save (header padded with spaces
  * to 8 bytes, no __metadata__). Writes the 8-byte length and the header into

@@ -48,6 +48,22 @@ int rkv_exec(rkv_conn *c, mp_error *err);
 int rkv_scan(rkv_conn *c, const char *pattern, int (*fn)(void *arg, const char *key, size_t len),
              void *arg, mp_error *err);
 
+/* One reply of rkv_each: a string ('s', s/len), an integer ('i', n) or
+ * nil ('n'). */
+typedef struct rkv_val {
+    char kind;
+    const char *s;
+    size_t len;
+    long long n;
+} rkv_val;
+
+/* For each key: `cmd key args...`, pipelined in batches; fn sees every
+ * reply in key order (an error reply fails the call; fn's non-zero return
+ * stops it with fn's error). */
+int rkv_each(rkv_conn *c, const char *cmd, char *const *keys, size_t n, int nargs,
+             const char *const *args, int (*fn)(void *arg, size_t i, const rkv_val *v, mp_error *err),
+             void *arg, mp_error *err);
+
 /* ---- S3 (s3_client.c) ------------------------------------------------------ */
 
 typedef struct s3_client s3_client;

@@ -646,3 +646,63 @@ def test_s3_publish_read_back_by_boto3(make_server, model_root, moto):
     out = local_copy(s, bucket, "pub/llama")
     for f in files:
         assert open(os.path.join(out, f), "rb").read() == (d / f).read_bytes(), f
+
+
+# --- warm_load from redis:// --------------------------------------------------
+
+def test_warm_load_from_redis(make_server, model_root, redis_server):
+    """Publish at tp 2, then warm_load redis://.../m at tp 2 onto two host
+    devices: each device holds exactly its rank's tensors (sha256 read back
+    from the device), nothing is left in the data dir, and what is not
+    SGLang's layout fails with a clear error."""
+    cfg = tm.make_config("qwen3_moe")
+    d = model_root / "m"
+    tm.write_model(str(d), cfg, tm.make_state(cfg))
+    r = redis_server()
+    s = make_server(args=["--model-root", str(model_root), "--devices", "host:2"])
+    job = s.run_job({"type": "publish", "model": str(d),
+                     "params": {"url": r.url("fleet/m"), "tp_size": 2}})
+    assert job["state"] == "succeeded", job
+    job = s.run_job({"type": "warm_load", "model": r.url("fleet/m"),
+                     "params": {"tp_size": 2}})
+    assert job["state"] == "succeeded", job
+    res = job["result"]
+    assert res["load_format"] == "sharded_state"
+    assert [x["rank"] for x in res["remote_ranks"]] == [0, 1]
+    src = read_source(str(d))
+    st, doc = s.get("/v1/residents/%s/digest" % res["resident_id"])
+    assert st == 200, doc
+    got = {(t["name"], t["rank"]): t["sha256"] for t in doc["tensors"]}
+    want = {}
+    for rank in range(2):
+        for name, a in tm.expected_rank(cfg, src, 2, rank, "sglang").items():
+            want[(name, rank)] = hashlib.sha256(a.tobytes()).hexdigest()
+    assert got == want
+    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    # a dtype cast on the way, as for any checkpoint
+    job = s.run_job({"type": "warm_load", "model": r.url("fleet/m"),
+                     "params": {"tp_size": 2, "dtype": "fp32", "keep_resident": False}})
+    assert job["state"] == "succeeded", job
+    assert job["result"]["bytes"] > res["bytes"]
+    # wrong tp: published for 2 ranks
+    job = s.run_job({"type": "warm_load", "model": r.url("fleet/m"), "params": {"tp_size": 1}})
+    assert job["state"] == "failed" and job["error"]["code"] == "bad_request", job
+    # nothing there
+    job = s.run_job({"type": "warm_load", "model": r.url("nothing")})
+    assert job["state"] == "failed" and job["error"]["code"] == "not_found", job
+    # hostile values: a truncated tensor, a value that is not safetensors
+    key = "fleet/m/keys/rank_1/model.norm.weight"
+    good = r.client.get(key)
+    for bad in (good[:-2], b"\x10" + b"\x00" * 7 + b"{not json}", b"x"):
+        r.client.set(key, bad)
+        job = s.run_job({"type": "warm_load", "model": r.url("fleet/m"),
+                         "params": {"tp_size": 2}})
+        assert job["state"] == "failed" and job["error"]["code"] == "bad_model", job
+        assert "model.norm.weight" in job["error"]["message"]
+    r.client.set(key, good)
+    st, doc = s.post("/v1/jobs", {"type": "warm_load", "model": r.url("fleet/m"),
+                                  "params": {"load_format": "dummy"}})
+    assert st == 400, doc
+    st, doc = s.post("/v1/jobs", {"type": "warm_load", "model": "s3://bucket/none"})
+    assert st == 400 and doc["errors"][0]["code"] == "not_cached", doc
+    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
