@@ -118,27 +118,28 @@ size_t remote_st1_header(mp_dtype dtype, int ndim, const int64_t *shape, uint64_
 typedef int (*fill_fn)(void *arg, unsigned char *dst, mp_error *err);
 
 static int put_tensor(rp_ctx *c, int rank, const char *name, mp_dtype dt, int ndim,
-                      const int64_t *shape, uint64_t nbytes, fill_fn fill, void *arg,
-                      mp_error *err) {
+                      const int64_t *shape, uint64_t nbytes, const void *direct, fill_fn fill,
+                      void *arg, mp_error *err) {
     char hdr[REMOTE_ST1_HDR_MAX];
     size_t hl = remote_st1_header(dt, ndim, shape, nbytes, hdr);
     if (hl == 0)
         return mp_err(err, "unsupported_format", "%s: dtype %s cannot go into safetensors", name,
                       mp_dtype_name(dt));
     if (nbytes > SIZE_MAX - hl) return mp_err(err, "too_large", "%s: too large", name);
-    unsigned char *buf = malloc(hl + nbytes ? hl + nbytes : 1);
-    if (!buf)
+    /* direct: the bytes as they are in a mapped source file, sent from there */
+    unsigned char *buf = direct ? NULL : malloc(nbytes ? nbytes : 1);
+    if (!direct && !buf)
         return mp_err(err, "no_memory", "%s: out of memory for %llu bytes", name,
                       (unsigned long long)nbytes);
-    memcpy(buf, hdr, hl);
-    int rc = fill(arg, buf + hl, err);
+    int rc = direct ? 0 : fill(arg, buf, err);
     char suffix[TP_NAME_MAX + 64], key[sizeof suffix + sizeof c->stage_prefix];
     if (rc == 0 &&
         (snprintf(suffix, sizeof suffix, "keys/rank_%d/%s", rank, name) >= (int)sizeof suffix ||
          snprintf(key, sizeof key, "%s%s", c->stage_prefix, suffix) >= (int)sizeof key))
         rc = mp_err(err, "bad_param", "%s: key too long", name);
     if (rc == 0) rc = sv_push(&c->staged, suffix, strlen(suffix), err);
-    if (rc == 0) rc = rkv_pipe_set(c->kv, key, buf, hl + nbytes, NULL, 0, err);
+    /* header and data as two pieces: the data is sent from where it was read */
+    if (rc == 0) rc = rkv_pipe_set(c->kv, key, hdr, hl, direct ? direct : buf, nbytes, err);
     free(buf);
     if (rc != 0) return mp_err_wrap(err, NULL, "rank %d, %s", rank, name);
     c->done += nbytes;
@@ -384,7 +385,17 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static int put_all_tensors(rp_ctx *c, const mp_weights *w, json_t *ranks, mp_error *err) {
+/* A plain tensor's bytes in its file's mapping, or NULL (not mapped, a
+ * strided view, a cast). */
+static const void *mapped_bytes(const mp_weights *w, const mp_tensor *t) {
+    if (t->is_view || t->data_bytes != t->nbytes || !w->maps || t->file_index >= w->nfiles)
+        return NULL;
+    const mp_file_map *m = &w->maps[t->file_index];
+    if (!m->base || t->data_offset > m->len || t->nbytes > m->len - t->data_offset) return NULL;
+    return (const unsigned char *)m->base + t->data_offset;
+}
+
+static int put_all_tensors(rp_ctx *c, mp_weights *w, json_t *ranks, mp_error *err) {
     const remote_redis_publish_opts *o = c->o;
     bool plain = o->tp == 1 && o->naming == TP_NAMING_HF;
     tp_model_cfg cfg;
@@ -400,6 +411,9 @@ static int put_all_tensors(rp_ctx *c, const mp_weights *w, json_t *ranks, mp_err
     } else {
         for (size_t i = 0; i < w->ntensors; i++)
             c->total += w->tensors[i].nbytes;
+        /* best effort: an unmapped file is read with pread */
+        for (uint32_t f = 0; f < w->nfiles; f++)
+            if (weights_map_file(w, f, err) != 0) mp_error_clear(err);
     }
     int rc = 0;
     for (int r = 0; r < o->tp && rc == 0; r++) {
@@ -413,12 +427,12 @@ static int put_all_tensors(rp_ctx *c, const mp_weights *w, json_t *ranks, mp_err
             if (plain) {
                 const mp_tensor *t = &w->tensors[i];
                 whole_src s = {w, t};
-                rc = put_tensor(c, r, t->name, t->dtype, t->ndim, t->shape, t->nbytes, fill_whole,
-                                &s, err);
+                rc = put_tensor(c, r, t->name, t->dtype, t->ndim, t->shape, t->nbytes,
+                                mapped_bytes(w, t), fill_whole, &s, err);
             } else {
                 const tp_target *tg = &lay.targets[i];
                 target_src s = {w, &cfg, tg, o->tp, r, o->naming};
-                rc = put_tensor(c, r, tg->name, tg->dtype, tg->ndim, tg->shape, tg->bytes,
+                rc = put_tensor(c, r, tg->name, tg->dtype, tg->ndim, tg->shape, tg->bytes, NULL,
                                 fill_target, &s, err);
             }
             if (rc == 0 && progress(c, "publishing tensors") != 0)

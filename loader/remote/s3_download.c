@@ -40,6 +40,15 @@ typedef struct s3d_file {
     bool reused;
     char sha256[65];
     char md5[33];
+    /* Hashing as the ranges land: chunks [first, first + nchunks) of the
+     * context are this file's; the thread that completes the next chunk
+     * in order hashes it (from the page cache, just written) and any done
+     * chunks after it, so the digests are ready when the transfer ends. */
+    pthread_mutex_t mu;
+    size_t first, nchunks, next_hash;
+    bool *done;
+    bool hashing, want_md5;
+    EVP_MD_CTX *sha, *md5ctx;
 } s3d_file;
 
 typedef struct s3d_chunk {
@@ -133,8 +142,51 @@ static void set_error(s3d_ctx *c, const mp_error *e) {
     pthread_mutex_unlock(&c->mu);
 }
 
+static int hash_range(s3d_file *f, uint64_t off, uint64_t len, unsigned char *buf, mp_error *err) {
+    while (len > 0) {
+        size_t want = len < S3D_HASH_BLOCK ? (size_t)len : S3D_HASH_BLOCK;
+        ssize_t r = pread(f->fd, buf, want, (off_t)off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0)
+            return mp_err(err, "io_error", "%s: read back: %s", f->rel,
+                          r < 0 ? strerror(errno) : "short file");
+        EVP_DigestUpdate(f->sha, buf, (size_t)r);
+        if (f->want_md5) EVP_DigestUpdate(f->md5ctx, buf, (size_t)r);
+        off += (uint64_t)r;
+        len -= (uint64_t)r;
+    }
+    return 0;
+}
+
+/* Chunk `ci` (a context index) of f is on disk: hash what is now
+ * contiguous from the start. One thread hashes a file at a time; the check
+ * for more work and the hand-back happen under the lock, so a chunk marked
+ * done meanwhile is never missed. */
+static int advance_hash(s3d_ctx *c, size_t ci, unsigned char *buf, mp_error *err) {
+    s3d_file *f = &c->files[c->chunks[ci].file];
+    int rc = 0;
+    pthread_mutex_lock(&f->mu);
+    f->done[ci - f->first] = true;
+    if (f->hashing) {
+        pthread_mutex_unlock(&f->mu);
+        return 0;
+    }
+    f->hashing = true;
+    while (rc == 0 && f->next_hash < f->nchunks && f->done[f->next_hash]) {
+        const s3d_chunk *ch = &c->chunks[f->first + f->next_hash];
+        pthread_mutex_unlock(&f->mu);
+        rc = hash_range(f, ch->off, ch->len, buf, err);
+        pthread_mutex_lock(&f->mu);
+        f->next_hash++;
+    }
+    f->hashing = false;
+    pthread_mutex_unlock(&f->mu);
+    return rc;
+}
+
 static void *transfer_main(void *arg) {
     s3d_ctx *c = arg;
+    unsigned char *buf = NULL;
     for (;;) {
         size_t i = atomic_fetch_add(&c->next, 1);
         if (i >= c->nchunks || atomic_load(&c->stop)) break;
@@ -155,7 +207,16 @@ static void *transfer_main(void *arg) {
             set_error(c, &e);
             break;
         }
+        /* start writeback now, so the fsync at the end is short */
+        sync_file_range(f->fd, (off64_t)ch->off, (off64_t)ch->len, SYNC_FILE_RANGE_WRITE);
+        if (!buf) buf = malloc(S3D_HASH_BLOCK);
+        if (!buf || advance_hash(c, i, buf, &e) != 0) {
+            if (!buf) mp_err(&e, "no_memory", "out of memory hashing");
+            set_error(c, &e);
+            break;
+        }
     }
+    free(buf);
     return NULL;
 }
 
@@ -199,48 +260,33 @@ static int run_pool(s3d_ctx *c, int threads, void *(*fn)(void *), size_t items, 
 
 /* ---- hashing ---------------------------------------------------------------------- */
 
+/* After the transfer: digests final (a reused file is hashed whole here),
+ * MD5 checked against a single-part ETag, data fsync'ed. */
 static void *hash_main(void *arg) {
     s3d_ctx *c = arg;
-    unsigned char *buf = malloc(S3D_HASH_BLOCK);
-    EVP_MD_CTX *sha = EVP_MD_CTX_new(), *md5 = EVP_MD_CTX_new();
+    unsigned char *buf = NULL;
     for (;;) {
         size_t i = atomic_fetch_add(&c->next, 1);
         if (i >= c->nfiles || atomic_load(&c->stop)) break;
         s3d_file *f = &c->files[i];
         mp_error e = {0};
-        if (!buf || !sha || !md5) {
-            mp_err(&e, "no_memory", "out of memory hashing");
-            set_error(c, &e);
-            break;
-        }
-        /* the ETag of a single-part upload is the MD5 of the object */
-        bool want_md5 = strlen(f->obj->etag) == 32 && !strchr(f->obj->etag, '-');
-        EVP_DigestInit_ex(sha, EVP_sha256(), NULL);
-        if (want_md5) EVP_DigestInit_ex(md5, EVP_md5(), NULL);
-        uint64_t off = 0;
         int rc = 0;
-        while (rc == 0 && off < f->obj->size) {
-            size_t want =
-                f->obj->size - off < S3D_HASH_BLOCK ? (size_t)(f->obj->size - off) : S3D_HASH_BLOCK;
-            ssize_t r = pread(f->fd, buf, want, (off_t)off);
-            if (r < 0 && errno == EINTR) continue;
-            if (r <= 0) {
-                rc = mp_err(&e, "io_error", "%s: read back: %s", f->rel,
-                            r < 0 ? strerror(errno) : "short file");
-                break;
-            }
-            EVP_DigestUpdate(sha, buf, (size_t)r);
-            if (want_md5) EVP_DigestUpdate(md5, buf, (size_t)r);
-            off += (uint64_t)r;
+        if (f->reused) {
+            if (!buf && !(buf = malloc(S3D_HASH_BLOCK)))
+                rc = mp_err(&e, "no_memory", "out of memory hashing");
+            if (rc == 0) rc = hash_range(f, 0, f->obj->size, buf, &e);
+        } else if (f->next_hash != f->nchunks) {
+            rc = mp_err(&e, "internal", "%s: %zu of %zu ranges hashed", f->rel, f->next_hash,
+                        f->nchunks);
         }
         unsigned char d[EVP_MAX_MD_SIZE];
         unsigned dl = 0;
         if (rc == 0) {
-            EVP_DigestFinal_ex(sha, d, &dl);
+            EVP_DigestFinal_ex(f->sha, d, &dl);
             fs_hex(d, dl, f->sha256);
         }
-        if (rc == 0 && want_md5) {
-            EVP_DigestFinal_ex(md5, d, &dl);
+        if (rc == 0 && f->want_md5) {
+            EVP_DigestFinal_ex(f->md5ctx, d, &dl);
             fs_hex(d, dl, f->md5);
             if (strcasecmp(f->md5, f->obj->etag) != 0)
                 rc = mp_err(&e, "checksum_mismatch",
@@ -254,10 +300,36 @@ static void *hash_main(void *arg) {
             break;
         }
     }
-    EVP_MD_CTX_free(sha);
-    EVP_MD_CTX_free(md5);
     free(buf);
     return NULL;
+}
+
+/* Per-file hashing state; every file gets one so clean-up is uniform. */
+static int files_init(s3d_ctx *c, mp_error *err) {
+    for (size_t i = 0; i < c->nfiles; i++) {
+        s3d_file *f = &c->files[i];
+        pthread_mutex_init(&f->mu, NULL);
+        f->sha = EVP_MD_CTX_new();
+        f->md5ctx = EVP_MD_CTX_new();
+        /* the ETag of a single-part upload is the MD5 of the object */
+        f->want_md5 = strlen(f->obj->etag) == 32 && !strchr(f->obj->etag, '-');
+        if (!f->sha || !f->md5ctx || !EVP_DigestInit_ex(f->sha, EVP_sha256(), NULL) ||
+            !EVP_DigestInit_ex(f->md5ctx, EVP_md5(), NULL))
+            return mp_err(err, "no_memory", "out of memory for digests");
+    }
+    return 0;
+}
+
+static void files_free(s3d_ctx *c) {
+    for (size_t i = 0; i < c->nfiles; i++) {
+        s3d_file *f = &c->files[i];
+        if (f->fd >= 0) close(f->fd);
+        pthread_mutex_destroy(&f->mu);
+        EVP_MD_CTX_free(f->sha);
+        EVP_MD_CTX_free(f->md5ctx);
+        free(f->done);
+    }
+    free(c->files);
 }
 
 /* ---- choosing ----------------------------------------------------------------------- */
@@ -458,6 +530,12 @@ static int plan_chunks(s3d_ctx *c, uint64_t chunk, uint64_t *total, mp_error *er
     if (!c->chunks) return mp_err(err, "no_memory", "out of memory");
     for (size_t i = 0; i < c->nfiles; i++) {
         if (c->files[i].reused) continue;
+        c->files[i].first = c->nchunks;
+        size_t k =
+            c->files[i].obj->size ? (size_t)((c->files[i].obj->size + chunk - 1) / chunk) : 0;
+        c->files[i].nchunks = k;
+        if (k && !(c->files[i].done = calloc(k, sizeof *c->files[i].done)))
+            return mp_err(err, "no_memory", "out of memory");
         for (uint64_t off = 0; off < c->files[i].obj->size; off += chunk) {
             uint64_t len =
                 c->files[i].obj->size - off < chunk ? c->files[i].obj->size - off : chunk;
@@ -523,6 +601,7 @@ int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks 
             c.files[i].fd = -1;
         }
         c.nfiles = rc == 0 ? nsel : 0;
+        if (rc == 0) rc = files_init(&c, err);
     }
     struct stat st;
     bool exists = stat(final_dir, &st) == 0;
@@ -587,12 +666,10 @@ int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks 
             if (!*result) rc = mp_err(err, "no_memory", "out of memory");
         }
     }
-    for (size_t i = 0; i < c.nfiles; i++)
-        if (c.files[i].fd >= 0) close(c.files[i].fd);
+    if (c.files) files_free(&c);
     if (rc != 0 && c.tmp_dir[0]) rm_tree(c.tmp_dir);
     json_decref(files);
     json_decref(old);
-    free(c.files);
     free(c.chunks);
     free(sel);
     s3_listing_free(&ls);
