@@ -104,7 +104,8 @@ typedef struct remote_s3_download_opts {
     const char *const *ignore;
     size_t nignore;
     int connections;      /* 0: REMOTE_DEFAULT_CONNECTIONS */
-    uint64_t chunk_bytes; /* ranged GET size; 0: REMOTE_DEFAULT_CHUNK_BYTES */
+    uint64_t chunk_bytes; /* ranged GET size; 0: about one range per connection,
+                           * REMOTE_DEFAULT_CHUNK_BYTES..256 MiB */
     bool overwrite;       /* replace an existing copy */
 } remote_s3_download_opts;
 

@@ -545,6 +545,20 @@ static int plan_chunks(s3d_ctx *c, uint64_t chunk, uint64_t *total, mp_error *er
     return 0;
 }
 
+/* Without a chunk_bytes param: ranges of at least REMOTE_DEFAULT_CHUNK_BYTES,
+ * grown so that each connection gets about one range of a big download
+ * (at most 256 MiB). Every request costs a round trip and, on stores that
+ * read the whole object to serve a range, a pass over the object. */
+static uint64_t auto_chunk(const s3d_ctx *c, int conns) {
+    uint64_t total = 0;
+    for (size_t i = 0; i < c->nfiles; i++)
+        if (!c->files[i].reused) total += c->files[i].obj->size;
+    uint64_t per =
+        (total / (uint64_t)(conns > 0 ? conns : 1) + (1u << 20) - 1) & ~((1ull << 20) - 1);
+    if (per > (256ull << 20)) per = 256ull << 20;
+    return per > REMOTE_DEFAULT_CHUNK_BYTES ? per : REMOTE_DEFAULT_CHUNK_BYTES;
+}
+
 /* Swaps the new folder in: RENAME_EXCHANGE with an existing copy (then the
  * old one is removed), else a plain rename. */
 static int publish_dir(const char *tmp, const char *final_dir, mp_error *err) {
@@ -619,9 +633,9 @@ int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks 
     }
     uint64_t total = 0;
     if (rc == 0) rc = open_targets(&c, final_dir, o->overwrite ? NULL : old, err);
-    uint64_t chunk = o->chunk_bytes ? o->chunk_bytes : REMOTE_DEFAULT_CHUNK_BYTES;
-    if (rc == 0) rc = plan_chunks(&c, chunk, &total, err);
     int conns = o->connections > 0 ? o->connections : REMOTE_DEFAULT_CONNECTIONS;
+    uint64_t chunk = o->chunk_bytes ? o->chunk_bytes : auto_chunk(&c, conns);
+    if (rc == 0) rc = plan_chunks(&c, chunk, &total, err);
     double t_xfer = now_s();
     if (rc == 0 && c.nchunks > 0)
         rc = run_pool(&c, conns < (int)c.nchunks ? conns : (int)c.nchunks, transfer_main, c.nchunks,
