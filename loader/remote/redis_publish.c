@@ -255,54 +255,62 @@ static int put_files(rp_ctx *c, const char *dir, int depth, strvec *names, json_
     if (!d) return mp_err(err, "io_error", "%s: %s", dir, strerror(errno));
     struct dirent *e;
     int rc = 0;
-    while (rc == 0 && (e = readdir(d))) {
-        if (e->d_name[0] == '.') continue;
-        char path[PATH_MAX];
-        if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) >= (int)sizeof path) continue;
-        struct stat st;
-        if (stat(path, &st) != 0) continue; /* a dangling hub link: nothing to send */
-        if (S_ISDIR(st.st_mode)) {
-            if (depth < RP_MAX_DEPTH)
-                rc = put_files(c, path, depth + 1, names, files, skipped, err);
-            continue;
-        }
-        if (!S_ISREG(st.st_mode) || is_weight_file(e->d_name)) continue;
-        if ((uint64_t)st.st_size > RP_MAX_FILE) {
-            json_array_append_new(
-                skipped, json_pack("{s:s,s:s}", "name", e->d_name, "reason", "larger than 64 MiB"));
-            continue;
-        }
-        for (size_t i = 0; i < names->n; i++)
-            if (strcmp(names->v[i], e->d_name) == 0) {
-                rc = mp_err(err, "conflict",
-                            "two files are named %s; SGLang keys files by name only", e->d_name);
+    /* Two passes: this folder's files, then its sub-folders, so a file
+     * nearer the top keeps its name when a deeper one shares it. */
+    for (int pass = 0; pass < 2 && rc == 0; pass++) {
+        rewinddir(d);
+        while (rc == 0 && (e = readdir(d))) {
+            if (e->d_name[0] == '.') continue;
+            char path[PATH_MAX];
+            if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) >= (int)sizeof path) continue;
+            struct stat st;
+            if (stat(path, &st) != 0) continue; /* a dangling hub link: nothing to send */
+            if (S_ISDIR(st.st_mode)) {
+                if (pass == 1 && depth < RP_MAX_DEPTH)
+                    rc = put_files(c, path, depth + 1, names, files, skipped, err);
+                continue;
+            }
+            if (pass == 1) continue;
+            if (!S_ISREG(st.st_mode) || is_weight_file(e->d_name)) continue;
+            if ((uint64_t)st.st_size > RP_MAX_FILE) {
+                json_array_append_new(skipped, json_pack("{s:s,s:s}", "name", e->d_name, "reason",
+                                                         "larger than 64 MiB"));
+                continue;
+            }
+            bool dup = false;
+            for (size_t i = 0; i < names->n && !dup; i++)
+                dup = strcmp(names->v[i], e->d_name) == 0;
+            if (dup) {
+                /* SGLang keys files by base name only */
+                json_array_append_new(skipped, json_pack("{s:s,s:s}", "name", e->d_name, "reason",
+                                                         "a file nearer the top has this name"));
+                continue;
+            }
+            char *data = NULL;
+            size_t len = 0;
+            if (fs_read_all(path, RP_MAX_FILE, &data, &len, err) != 0) {
+                rc = -1;
                 break;
             }
-        if (rc != 0) break;
-        char *data = NULL;
-        size_t len = 0;
-        if (fs_read_all(path, RP_MAX_FILE, &data, &len, err) != 0) {
-            rc = -1;
-            break;
-        }
-        if (!utf8_valid((const unsigned char *)data, len)) {
-            say(c, "warn", "%s is not UTF-8 text: not stored (SGLang reads files as text)",
-                e->d_name);
-            json_array_append_new(
-                skipped, json_pack("{s:s,s:s}", "name", e->d_name, "reason", "not UTF-8 text"));
+            if (!utf8_valid((const unsigned char *)data, len)) {
+                say(c, "warn", "%s is not UTF-8 text: not stored (SGLang reads files as text)",
+                    e->d_name);
+                json_array_append_new(
+                    skipped, json_pack("{s:s,s:s}", "name", e->d_name, "reason", "not UTF-8 text"));
+                free(data);
+                continue;
+            }
+            char suffix[NAME_MAX + 16], key[sizeof suffix + sizeof c->stage_prefix];
+            snprintf(suffix, sizeof suffix, "files/%s", e->d_name);
+            snprintf(key, sizeof key, "%s%s", c->stage_prefix, suffix);
+            rc = sv_push(&c->staged, suffix, strlen(suffix), err);
+            if (rc == 0) rc = sv_push(names, e->d_name, strlen(e->d_name), err);
+            if (rc == 0) rc = rkv_pipe_set(c->kv, key, data, len, NULL, 0, err);
             free(data);
-            continue;
+            if (rc == 0)
+                json_array_append_new(
+                    files, json_pack("{s:s,s:I}", "name", e->d_name, "bytes", (json_int_t)len));
         }
-        char suffix[NAME_MAX + 16], key[sizeof suffix + sizeof c->stage_prefix];
-        snprintf(suffix, sizeof suffix, "files/%s", e->d_name);
-        snprintf(key, sizeof key, "%s%s", c->stage_prefix, suffix);
-        rc = sv_push(&c->staged, suffix, strlen(suffix), err);
-        if (rc == 0) rc = sv_push(names, e->d_name, strlen(e->d_name), err);
-        if (rc == 0) rc = rkv_pipe_set(c->kv, key, data, len, NULL, 0, err);
-        free(data);
-        if (rc == 0)
-            json_array_append_new(
-                files, json_pack("{s:s,s:I}", "name", e->d_name, "bytes", (json_int_t)len));
     }
     closedir(d);
     return rc;

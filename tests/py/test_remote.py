@@ -167,6 +167,9 @@ def test_redis_publish_hf_names_overwrite_and_binary_files(make_server, model_ro
     d = model_root / "m"
     tm.write_model(str(d), cfg, tm.make_state(cfg))
     (d / "tokenizer.model").write_bytes(b"\x00\xff\xfe sentencepiece")
+    (d / "original").mkdir()
+    (d / "original" / "config.json").write_text("{\"deeper\": 1}")
+    (d / "original" / "params.json").write_text("{\"dim\": 8}")
     r = redis_server()
     s = make_server(args=["--model-root", str(model_root)])
     url = r.url("m")
@@ -178,9 +181,13 @@ def test_redis_publish_hf_names_overwrite_and_binary_files(make_server, model_ro
     assert sorted(got) == sorted(src)
     for name, (dt, shape, a) in src.items():
         check_value(name, got[name], a)
-    assert job["result"]["skipped_files"] == [{"name": "tokenizer.model",
-                                               "reason": "not UTF-8 text"}]
+    assert sorted(job["result"]["skipped_files"], key=lambda x: x["name"]) == [
+        {"name": "config.json", "reason": "a file nearer the top has this name"},
+        {"name": "tokenizer.model", "reason": "not UTF-8 text"}]
     assert not r.client.exists("m/files/tokenizer.model")
+    # SGLang keys files by base name: the top-level config wins
+    assert r.client.get("m/files/config.json") == (d / "config.json").read_bytes()
+    assert r.client.get("m/files/params.json") == b"{\"dim\": 8}"
     # again: refused unless overwrite
     job = s.run_job({"type": "publish", "model": str(d), "params": {"url": url}})
     assert job["state"] == "failed" and job["error"]["code"] == "output_exists", job
@@ -595,6 +602,10 @@ def test_s3_signatures_checked(make_server, model_root, moto, proxy, tmp_path):
     assert job["state"] == "succeeded", job
     methods = {(m, "uploadId" in path, "uploads" in path) for m, path, _, _ in p.log}
     assert ("PUT", True, False) in methods and ("POST", False, True) in methods
+    # the manifest is the last object written, after the completed upload
+    writes = [(m, path) for m, path, _, _ in p.log if m in ("PUT", "POST")]
+    assert writes[-1][0] == "PUT" and writes[-1][1].endswith("/pub/m/modelprep-manifest.json")
+    assert any(m == "POST" and "uploadId=" in path for m, path in writes[:-1])
     # a credentials file with the wrong secret
     creds = tmp_path / "creds"
     creds.write_text("[default]\naws_access_key_id = %s\naws_secret_access_key = nope\n" % AK)
@@ -635,9 +646,9 @@ def test_s3_publish_read_back_by_boto3(make_server, model_root, moto):
     assert man["source_model"] == str(d)
     for f in man["files"]:
         assert f["sha256"] == hashlib.sha256((d / f["name"]).read_bytes()).hexdigest()
-    # the manifest is the last object written
-    mtimes = sorted((o["LastModified"], k) for k, o in listed.items())
-    assert mtimes[-1][1].endswith("modelprep-manifest.json")
+    # the manifest is not older than any object (the proxy test checks the order exactly)
+    man_t = listed["pub/llama/modelprep-manifest.json"]["LastModified"]
+    assert all(o["LastModified"] <= man_t for o in listed.values())
     job = s.run_job({"type": "publish", "model": str(d), "params": {"url": url}})
     assert job["state"] == "failed" and job["error"]["code"] == "output_exists", job
     # and what was published downloads again, identical
