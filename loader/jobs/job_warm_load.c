@@ -311,7 +311,7 @@ static int wl_run(mp_task *t) {
     double total_s = time_mono() - t_start;
     json_t *result = build_result(&src, &plan, &w, &st, plan_s, open_s, total_s, gpus);
     if (result && remote_info)
-        json_object_set_new(result, "remote_ranks", remote_info);
+        json_object_set_new(result, "remote", remote_info);
     else
         json_decref(remote_info);
     rc = 0;

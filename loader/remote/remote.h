@@ -14,6 +14,8 @@
  *   redis_kv.c       a hiredis connection: AUTH, pipelined SETs, SCAN, swap
  *   redis_publish.c  a local model -> redis://host:port/model_name in
  *                    SGLang's KV layout, per tensor-parallel rank
+ *   redis_fetch.c    redis:// ranks staged in memory for warm_load
+ * (s3_download.c also stages into memory, for warm_load from s3://.)
  *
  * Redis layout (SGLang's RedisConnector, RemoteModelLoader.save_model):
  *   {model_name}/keys/rank_{r}/{param}  safetensors bytes of the one-entry
@@ -107,7 +109,20 @@ typedef struct remote_s3_download_opts {
     uint64_t chunk_bytes; /* ranged GET size; 0: about one range per connection,
                            * REMOTE_DEFAULT_CHUNK_BYTES..256 MiB */
     bool overwrite;       /* replace an existing copy */
+    /* In memory instead (warm_load straight from S3): every chosen file is a
+     * memfd linked from stage_dir (created; /proc/self/fd links), so the
+     * folder opens like a model folder while nothing is written to disk.
+     * stage_fds gets the descriptors (caller closes them and removes the
+     * folder with remote_unstage_dir). No copy is published. */
+    const char *stage_dir;
+    int *stage_fds;
+    size_t stage_max; /* room in stage_fds */
+    size_t *nstage_fds;
 } remote_s3_download_opts;
+
+/* Removes a staging folder made by a download with stage_dir (links and
+ * sub-folders, never their targets) and closes n descriptors. */
+void remote_unstage_dir(const char *dir, int *fds, size_t n);
 
 /* Lists the prefix (ListObjectsV2, every page), picks the files as a hub
  * download would (load_format, patterns, the safetensors index), fetches

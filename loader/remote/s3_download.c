@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -510,7 +511,17 @@ static int open_targets(s3d_ctx *c, const char *final_dir, const json_t *old, mp
             }
             unlink(p);
         }
-        f->fd = open(p, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (c->o->stage_dir) {
+            /* in memory, linked from the staging folder */
+            char target[64];
+            f->fd = memfd_create("modelprep-s3", MFD_CLOEXEC);
+            if (f->fd < 0) return mp_err(err, "io_error", "memfd_create: %s", strerror(errno));
+            snprintf(target, sizeof target, "/proc/self/fd/%d", f->fd);
+            if (symlink(target, p) != 0)
+                return mp_err(err, "io_error", "%s: %s", p, strerror(errno));
+        } else {
+            f->fd = open(p, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        }
         if (f->fd < 0) return mp_err(err, "io_error", "%s: %s", p, strerror(errno));
         if (ftruncate(f->fd, (off_t)f->obj->size) != 0)
             return mp_err(err, "io_error", "%s: %s", p, strerror(errno));
@@ -586,6 +597,15 @@ static int write_provenance(s3d_ctx *c, json_t *files, mp_error *err) {
     return rc;
 }
 
+void remote_unstage_dir(const char *dir, int *fds, size_t n) {
+    rm_tree(dir); /* links only: lstat does not follow them */
+    for (size_t i = 0; i < n; i++)
+        if (fds[i] >= 0) {
+            close(fds[i]);
+            fds[i] = -1;
+        }
+}
+
 int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks *cb,
                        json_t **result, mp_error *err) {
     *result = NULL;
@@ -618,14 +638,18 @@ int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks 
         if (rc == 0) rc = files_init(&c, err);
     }
     struct stat st;
-    bool exists = stat(final_dir, &st) == 0;
+    bool exists = !o->stage_dir && stat(final_dir, &st) == 0;
+    if (rc == 0 && o->stage_dir && nsel > o->stage_max)
+        rc = mp_err(err, "too_large", "%zu files to stage, room for %zu", nsel, o->stage_max);
     if (rc == 0 && exists) old = old_record(final_dir);
     if (rc == 0 && exists && !old && !o->overwrite)
         rc = mp_err(err, "output_exists",
                     "%s exists and was not written by an s3 download; pass overwrite", final_dir);
-    if (rc == 0 &&
-        snprintf(c.tmp_dir, sizeof c.tmp_dir, "%s/remote/.tmp/%s", o->data_dir,
-                 o->tmp_tag && *o->tmp_tag ? o->tmp_tag : "s3-download") >= (int)sizeof c.tmp_dir)
+    if (rc == 0 && o->stage_dir)
+        snprintf(c.tmp_dir, sizeof c.tmp_dir, "%s", o->stage_dir);
+    else if (rc == 0 && snprintf(c.tmp_dir, sizeof c.tmp_dir, "%s/remote/.tmp/%s", o->data_dir,
+                                 o->tmp_tag && *o->tmp_tag ? o->tmp_tag : "s3-download") >=
+                            (int)sizeof c.tmp_dir)
         rc = mp_err(err, "bad_model", "temp path too long");
     if (rc == 0) {
         rm_tree(c.tmp_dir); /* an earlier, interrupted run of this job */
@@ -657,14 +681,23 @@ int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks 
             if (f->reused) reused += f->obj->size;
         }
         if (!files) rc = mp_err(err, "no_memory", "out of memory");
-        if (rc == 0) rc = write_provenance(&c, files, err);
-        if (rc == 0) rc = fs_sync_parent(c.tmp_dir, err);
+        if (rc == 0 && o->stage_dir) {
+            /* staged: the descriptors go to the caller, nothing is published */
+            for (size_t i = 0; i < c.nfiles; i++) {
+                o->stage_fds[i] = c.files[i].fd;
+                c.files[i].fd = -1;
+            }
+            *o->nstage_fds = c.nfiles;
+            snprintf(final_dir, sizeof final_dir, "%s", o->stage_dir);
+        }
+        if (rc == 0 && !o->stage_dir) rc = write_provenance(&c, files, err);
+        if (rc == 0 && !o->stage_dir) rc = fs_sync_parent(c.tmp_dir, err);
         for (size_t i = 0; i < c.nfiles; i++)
             if (c.files[i].fd >= 0) {
                 close(c.files[i].fd);
                 c.files[i].fd = -1;
             }
-        if (rc == 0) rc = publish_dir(c.tmp_dir, final_dir, err);
+        if (rc == 0 && !o->stage_dir) rc = publish_dir(c.tmp_dir, final_dir, err);
         if (rc == 0) {
             uint64_t req = 0, retries = 0;
             s3_client_counts(c.s3, &req, &retries);

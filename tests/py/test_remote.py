@@ -679,7 +679,7 @@ def test_warm_load_from_redis(make_server, model_root, redis_server):
     assert job["state"] == "succeeded", job
     res = job["result"]
     assert res["load_format"] == "sharded_state"
-    assert [x["rank"] for x in res["remote_ranks"]] == [0, 1]
+    assert [x["rank"] for x in res["remote"]["ranks"]] == [0, 1]
     src = read_source(str(d))
     st, doc = s.get("/v1/residents/%s/digest" % res["resident_id"])
     assert st == 200, doc
@@ -714,6 +714,39 @@ def test_warm_load_from_redis(make_server, model_root, redis_server):
     st, doc = s.post("/v1/jobs", {"type": "warm_load", "model": r.url("fleet/m"),
                                   "params": {"load_format": "dummy"}})
     assert st == 400, doc
-    st, doc = s.post("/v1/jobs", {"type": "warm_load", "model": "s3://bucket/none"})
-    assert st == 400 and doc["errors"][0]["code"] == "not_cached", doc
     assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+
+
+def test_warm_load_from_s3_without_a_copy(make_server, model_root, moto):
+    """warm_load s3://... with no download: the files are fetched into memory
+    and loaded, each device gets its rank's slices, nothing lands on disk;
+    after a download the local copy is used instead."""
+    cfg = tm.make_config("llama")
+    d = model_root / "m"
+    tm.write_model(str(d), cfg, tm.make_state(cfg, seed=3), files=2)
+    bucket = new_bucket(moto)
+    upload_model(moto, bucket, "m", str(d))
+    s = make_server(args=["--devices", "host:2"], env=s3_env(moto))
+    model = "s3://%s/m" % bucket
+    job = s.run_job({"type": "warm_load", "model": model, "params": {"tp_size": 2}})
+    assert job["state"] == "succeeded", job
+    res = job["result"]
+    assert res["load_format"] == "safetensors"
+    assert sorted(f["name"] for f in res["remote"]["files"]) == sorted(os.listdir(d))
+    src = read_source(str(d))
+    st, doc = s.get("/v1/residents/%s/digest" % res["resident_id"])
+    got = {(t["name"], t["rank"]): t["sha256"] for t in doc["tensors"]}
+    want = {(n, rank): hashlib.sha256(a.tobytes()).hexdigest()
+            for rank in range(2) for n, a in tm.expected_rank(cfg, src, 2, rank, "hf").items()}
+    assert got == want
+    assert not os.path.exists(local_copy(s, bucket, "m"))
+    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    # a missing bucket: a clear error, nothing left
+    job = s.run_job({"type": "warm_load", "model": "s3://no-such-bucket-y/m"})
+    assert job["state"] == "failed" and job["error"]["code"] == "not_found", job
+    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    # with a downloaded copy, the copy is what loads (no requests to the store)
+    assert s.run_job({"type": "download", "model": model})["state"] == "succeeded"
+    job = s.run_job({"type": "warm_load", "model": model, "params": {"keep_resident": False}})
+    assert job["state"] == "succeeded", job
+    assert "remote" not in job["result"]
