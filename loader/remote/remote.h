@@ -128,8 +128,10 @@ void remote_unstage_dir(const char *dir, int *fds, size_t n);
  * download would (load_format, patterns, the safetensors index), fetches
  * them with parallel ranged GETs (If-Match the listed ETag, so an object
  * replaced mid-download fails instead of mixing), checks each object's size,
- * its MD5 where the ETag is one (single-part uploads) and its
- * x-amz-checksum-sha256 where the store keeps one, records each file's
+ * its MD5 where the ETag is one (single-part uploads), HEADs big and
+ * multipart files afterwards (ETag and size unchanged; a single-part
+ * object's x-amz-checksum-sha256, where the store keeps one, equal to the
+ * sha256 of what arrived), records each file's
  * sha256, and publishes the folder atomically (temp folder, fsync, rename).
  * *result: {model, path, files: [{name, size, etag, sha256}], bytes, seconds,
  * throughput_bytes_per_s, requests, retries}. Errors: "not_found" (bucket or

@@ -49,6 +49,7 @@ typedef struct s3d_file {
     size_t first, nchunks, next_hash;
     bool *done;
     bool hashing, want_md5;
+    bool store_sha256; /* the store's x-amz-checksum-sha256 matched */
     EVP_MD_CTX *sha, *md5ctx;
 } s3d_file;
 
@@ -261,6 +262,39 @@ static int run_pool(s3d_ctx *c, int threads, void *(*fn)(void *), size_t items, 
 
 /* ---- hashing ---------------------------------------------------------------------- */
 
+/* Worth a HEAD after the transfer: a big file, or one whose ETag is not an
+ * MD5 (multipart), so the store's own x-amz-checksum-sha256, when it keeps
+ * one, is compared too. Small single-part files are covered by their MD5. */
+static bool needs_head(const s3d_file *f) {
+    return f->obj->size >= (1u << 20) || !f->want_md5;
+}
+
+/* The object as it is now: still the listed ETag (a replacement between
+ * the ranges and now fails), and, for a single-part object the store keeps
+ * a SHA-256 of, that SHA-256 equal to what arrived. */
+static int check_head(s3d_ctx *c, s3d_file *f, const unsigned char sha[32], mp_error *err) {
+    uint64_t size = 0;
+    char etag[80] = "", sum[64] = "", mine[64];
+    if (s3_head(c->s3, f->obj->key, &size, etag, sizeof etag, sum, sizeof sum, err) != 0)
+        return mp_err_wrap(err, NULL, "%s", f->rel);
+    if (size != f->obj->size || (etag[0] && strcmp(etag, f->obj->etag) != 0))
+        return mp_err(err, "changed_during_download",
+                      "%s changed while it was being read (now %llu bytes, ETag %s); run the job "
+                      "again",
+                      f->rel, (unsigned long long)size, etag);
+    /* A multipart object's checksum is (on most stores) a checksum of the
+     * parts' checksums, not of the object: only single-part ones compare. */
+    if (!sum[0] || strchr(sum, '-') || strchr(f->obj->etag, '-')) return 0;
+    s3_base64(sha, 32, mine);
+    if (strcmp(mine, sum) != 0)
+        return mp_err(err, "checksum_mismatch",
+                      "%s: SHA-256 of what arrived (%s) is not the store's x-amz-checksum-sha256 "
+                      "(%s)",
+                      f->rel, mine, sum);
+    f->store_sha256 = true;
+    return 0;
+}
+
 /* After the transfer: digests final (a reused file is hashed whole here),
  * MD5 checked against a single-part ETag, data fsync'ed. */
 static void *hash_main(void *arg) {
@@ -280,20 +314,21 @@ static void *hash_main(void *arg) {
             rc = mp_err(&e, "internal", "%s: %zu of %zu ranges hashed", f->rel, f->next_hash,
                         f->nchunks);
         }
-        unsigned char d[EVP_MAX_MD_SIZE];
+        unsigned char d[EVP_MAX_MD_SIZE], md[EVP_MAX_MD_SIZE];
         unsigned dl = 0;
         if (rc == 0) {
             EVP_DigestFinal_ex(f->sha, d, &dl);
             fs_hex(d, dl, f->sha256);
         }
         if (rc == 0 && f->want_md5) {
-            EVP_DigestFinal_ex(f->md5ctx, d, &dl);
-            fs_hex(d, dl, f->md5);
+            EVP_DigestFinal_ex(f->md5ctx, md, &dl);
+            fs_hex(md, dl, f->md5);
             if (strcasecmp(f->md5, f->obj->etag) != 0)
                 rc = mp_err(&e, "checksum_mismatch",
                             "%s: MD5 %s of what arrived is not the object's ETag %s", f->rel,
                             f->md5, f->obj->etag);
         }
+        if (rc == 0 && !f->reused && needs_head(f)) rc = check_head(c, f, d, &e);
         if (rc == 0 && !f->reused && fsync(f->fd) != 0)
             rc = mp_err(&e, "io_error", "%s: fsync: %s", f->rel, strerror(errno));
         if (rc != 0) {
@@ -675,9 +710,10 @@ int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks 
         uint64_t reused = 0;
         for (size_t i = 0; files && i < c.nfiles; i++) {
             const s3d_file *f = &c.files[i];
-            json_array_append_new(files, json_pack("{s:s,s:I,s:s,s:s,s:b}", "name", f->rel, "size",
-                                                   (json_int_t)f->obj->size, "etag", f->obj->etag,
-                                                   "sha256", f->sha256, "reused", f->reused));
+            json_array_append_new(files, json_pack("{s:s,s:I,s:s,s:s,s:b,s:b}", "name", f->rel,
+                                                   "size", (json_int_t)f->obj->size, "etag",
+                                                   f->obj->etag, "sha256", f->sha256, "reused",
+                                                   f->reused, "store_checksum", f->store_sha256));
             if (f->reused) reused += f->obj->size;
         }
         if (!files) rc = mp_err(err, "no_memory", "out of memory");

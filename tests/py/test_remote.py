@@ -303,7 +303,8 @@ class FaultProxy:
     """HTTP/1.1 proxy in front of moto. Records every request; `faults` is
     a list of callables (method, path) -> None or an action:
     ("status", code, s3_code) answers with an S3 error; ("cut", n) forwards
-    but closes the connection after n body bytes. With `secret`, each
+    but closes the connection after n body bytes; ("header", name, value)
+    forwards with that response header replaced. With `secret`, each
     request's SigV4 signature is recomputed with botocore's signer and a
     mismatch is answered 403 SignatureDoesNotMatch, as S3 does."""
 
@@ -350,10 +351,14 @@ class FaultProxy:
                 data = r.read()
                 self.send_response(r.status)
                 for k, v in r.getheaders():
+                    if action and action[0] == "header" and k.lower() == action[1].lower():
+                        v = action[2]
                     if k.lower() not in ("content-length", "connection", "transfer-encoding",
                                          "server", "date"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD answer has no body but the object's length
+                self.send_header("Content-Length", r.getheader("Content-Length", "0")
+                                 if self.command == "HEAD" else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     if action and action[0] == "cut":
@@ -571,6 +576,31 @@ def test_s3_faults(make_server, model_root, moto, proxy):
     assert "config.json" in job["error"]["message"]
     assert not os.path.exists(out)
     assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+
+    # the store's own SHA-256 (x-amz-checksum-sha256) is compared with what
+    # arrived; a HEAD that disagrees, or a changed ETag, fails the job
+    c = s3client(moto)
+    big = os.urandom(3 << 20)
+    c.put_object(Bucket=bucket, Key="ck/model.safetensors.x", Body=big,
+                 ChecksumAlgorithm="SHA256")
+    c.put_object(Bucket=bucket, Key="ck/config.json", Body=b"{}")
+    p.faults = []
+    ck = "s3://%s/ck" % bucket
+    job = s.run_job({"type": "download", "model": ck, "params": {"load_format": "all"}})
+    assert job["state"] == "succeeded", job
+    f = [x for x in job["result"]["files"] if x["name"] == "model.safetensors.x"][0]
+    assert f["store_checksum"] is True and f["sha256"] == hashlib.sha256(big).hexdigest()
+    shutil.rmtree(local_copy(s, bucket, "ck"))
+    p.faults = [lambda m, path: ("header", "x-amz-checksum-sha256", "A" * 43 + "=")
+                if m == "HEAD" and path.endswith("model.safetensors.x") else None]
+    job = s.run_job({"type": "download", "model": ck, "params": {"load_format": "all"}})
+    assert job["state"] == "failed" and job["error"]["code"] == "checksum_mismatch", job
+    assert not os.path.exists(local_copy(s, bucket, "ck"))
+    p.faults = [lambda m, path: ("header", "ETag", '"0123456789abcdef0123456789abcdef"')
+                if m == "HEAD" and path.endswith("model.safetensors.x") else None]
+    job = s.run_job({"type": "download", "model": ck, "params": {"load_format": "all"}})
+    assert job["state"] == "failed" and job["error"]["code"] == "changed_during_download", job
+    assert not os.path.exists(local_copy(s, bucket, "ck"))
 
     # an empty prefix, a missing bucket
     p.faults = []
