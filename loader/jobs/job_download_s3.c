@@ -3,7 +3,9 @@
  * the same params as a hub download where they mean the same thing
  * (load_format, allow/ignore patterns, endpoint, connections, chunk_bytes,
  * max_retries) plus addressing and overwrite, handed to
- * remote_s3_download() (loader/remote). The copy lands in
+ * remote_s3_download() (loader/remote). Resumable: a drain keeps the
+ * chunks that arrived and the re-queued job fetches only the rest (a crash
+ * starts over). The copy lands in
  * <data_dir>/remote/s3/<bucket>/<prefix>/, which every other job then
  * uses when given the same s3:// model.
  */
@@ -41,6 +43,9 @@ static void cb_log(void *arg, const char *level, const char *msg) {
 }
 static bool cb_cancelled(void *arg) {
     return task_cancelled(arg);
+}
+static bool cb_draining(void *arg) {
+    return task_draining(arg);
 }
 
 static size_t strings(json_t *arr, const char **out) {
@@ -95,7 +100,7 @@ int job_s3_download_run(mp_task *t) {
         o.ignore = ignore;
         o.nignore = strings(ig, ignore);
     }
-    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t};
+    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, cb_draining};
     json_t *result = NULL;
     int rc = remote_s3_download(&o, &cb, &result, &err);
     remote_s3_creds_clear(&creds);

@@ -118,7 +118,7 @@ static int publish_redis(mp_task *t, const mref_remote *dst, json_t **result, mp
         .tmp_tag = in->id,
         .pipeline_bytes = pb ? (uint64_t)json_integer_value(pb) : 0,
     };
-    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t};
+    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, NULL};
     int rc = remote_redis_publish(&o, &cb, result, err);
     wipe_free(pw);
     return rc;
@@ -146,7 +146,7 @@ static int publish_s3(mp_task *t, const mref_remote *dst, json_t **result, mp_er
         .part_bytes = (v = json_object_get(p, "part_bytes")) ? (uint64_t)json_integer_value(v) : 0,
         .overwrite = json_is_true(json_object_get(p, "overwrite")),
     };
-    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t};
+    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, NULL};
     int rc = remote_s3_publish(&o, &cb, result, err);
     remote_s3_creds_clear(&creds);
     return rc;

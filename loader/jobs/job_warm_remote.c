@@ -75,7 +75,7 @@ static int open_s3(mp_task *t, const mref_remote *r, int tp, load_format *fmt, l
         .stage_max = WR_MAX_FILES,
         .nstage_fds = &nfds,
     };
-    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t};
+    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, NULL};
     int rc = remote_s3_download(&o, &cb, info, err);
     remote_s3_creds_clear(&creds);
     if (rc == 0) {
@@ -107,7 +107,7 @@ int job_warm_remote_open(mp_task *t, int tp, load_format *fmt, load_source *src,
     char dir[PATH_MAX];
     snprintf(dir, sizeof dir, "%s/remote/.tmp/%s-redis", in->env->data_dir, in->id);
     int fds[GPU_MAX_DEVICES];
-    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t};
+    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, NULL};
     int rc = remote_redis_stage(&r, pw, tp, dir, 0, &cb, fds, info, err);
     if (pw) {
         memset(pw, 0, pwlen);

@@ -52,6 +52,9 @@ typedef struct remote_callbacks {
     void (*log)(void *arg, const char *level, const char *msg);
     bool (*cancelled)(void *arg);
     void *arg;
+    /* true when a stop is a drain (the job will run again): a download then
+     * keeps what arrived for the next run. */
+    bool (*draining)(void *arg);
 } remote_callbacks;
 
 /* ---- credentials (remote_creds.c) ---------------------------------------- */

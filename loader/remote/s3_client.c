@@ -379,6 +379,17 @@ static bool sleep_cancellable(s3_client *c, double s) {
     return true;
 }
 
+/* libcurl's progress hook: a cancel (or a drain) stops a transfer in
+ * flight, not only between requests. */
+static int on_xfer(void *arg, curl_off_t dlt, curl_off_t dln, curl_off_t ult, curl_off_t uln) {
+    (void)dlt;
+    (void)dln;
+    (void)ult;
+    (void)uln;
+    s3_client *c = arg;
+    return c->cancelled && c->cancelled(c->carg) ? 1 : 0;
+}
+
 static int build_url(const s3_client *c, const s3_req *r, char *url, size_t n, mp_error *err) {
     char path[3 * 1100] = "";
     if (r->key && s3_uri_encode(path, sizeof path, r->key, true) != 0)
@@ -442,6 +453,9 @@ static int s3_do(s3_client *c, s3_req *r, mp_error *err) {
         /* a stalled transfer (under 1 KiB/s for timeout_s) is a failed one */
         curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1024L);
         curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, c->timeout_s);
+        curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_xfer);
+        curl_easy_setopt(h, CURLOPT_XFERINFODATA, c);
+        curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
         curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
         curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
         if (!c->anon) {
@@ -465,7 +479,9 @@ static int s3_do(s3_client *c, s3_req *r, mp_error *err) {
         snprintf(cerr, sizeof cerr, "%s", curl_easy_strerror(cc));
         curl_slist_free_all(hl);
         give_handle(c, h);
-        if (r->sink_rc != 0) return mp_err(err, "cancelled", "stopped while receiving %s", r->key);
+        if (r->sink_rc != 0 || cc == CURLE_ABORTED_BY_CALLBACK)
+            return mp_err(err, "cancelled", "stopped while sending or receiving %s",
+                          r->key ? r->key : c->bucket);
         bool transport = cc != CURLE_OK;
         if (!transport && r->status >= 200 && r->status < 300) return 0;
         if (transport && cc == CURLE_OUT_OF_MEMORY)

@@ -31,6 +31,7 @@
 #include "util/fsutil.h"
 
 #define S3D_PROVENANCE ".modelprep-s3.json"
+#define S3D_PARTIAL ".modelprep-partial.json"
 #define S3D_MAX_INDEX (64u << 20)
 #define S3D_HASH_BLOCK (4u << 20)
 
@@ -49,13 +50,15 @@ typedef struct s3d_file {
     size_t first, nchunks, next_hash;
     bool *done;
     bool hashing, want_md5;
-    bool store_sha256; /* the store's x-amz-checksum-sha256 matched */
+    bool store_sha256;   /* the store's x-amz-checksum-sha256 matched */
+    json_t *resume_done; /* chunk numbers a drained run finished, or NULL */
     EVP_MD_CTX *sha, *md5ctx;
 } s3d_file;
 
 typedef struct s3d_chunk {
     size_t file;
     uint64_t off, len;
+    bool skip; /* on disk from a drained run */
 } s3d_chunk;
 
 typedef struct s3d_ctx {
@@ -193,6 +196,7 @@ static void *transfer_main(void *arg) {
         size_t i = atomic_fetch_add(&c->next, 1);
         if (i >= c->nchunks || atomic_load(&c->stop)) break;
         const s3d_chunk *ch = &c->chunks[i];
+        if (ch->skip) continue;
         const s3d_file *f = &c->files[ch->file];
         range_sink rs = {c, f->fd, ch->off, ch->off, ch->off + ch->len};
         s3_sink sink = {rs_write, rs_restart, &rs};
@@ -364,6 +368,7 @@ static void files_free(s3d_ctx *c) {
         EVP_MD_CTX_free(f->sha);
         EVP_MD_CTX_free(f->md5ctx);
         free(f->done);
+        json_decref(f->resume_done);
     }
     free(c->files);
 }
@@ -530,13 +535,37 @@ static bool can_reuse(const json_t *old, const char *final_dir, const s3d_file *
     return false;
 }
 
-static int open_targets(s3d_ctx *c, const char *final_dir, const json_t *old, mp_error *err) {
+/* A file a drained run left in partial_dir, when it is still the same
+ * object: moved into the temp folder and opened as it is; its finished
+ * chunks are marked by plan_chunks. */
+static bool resume_file(s3d_file *f, const json_t *partial, const char *partial_dir,
+                        const char *p) {
+    json_t *e = json_object_get(json_object_get(partial, "files"), f->rel);
+    const char *etag = json_string_value(json_object_get(e, "etag"));
+    json_t *size = json_object_get(e, "size"), *done = json_object_get(e, "done");
+    if (!etag || strcmp(etag, f->obj->etag) != 0 || !json_is_integer(size) ||
+        (uint64_t)json_integer_value(size) != f->obj->size || !json_is_array(done))
+        return false;
+    char src[PATH_MAX];
+    struct stat st;
+    if (snprintf(src, sizeof src, "%s/%s", partial_dir, f->rel) >= (int)sizeof src ||
+        lstat(src, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != f->obj->size ||
+        rename(src, p) != 0)
+        return false;
+    if ((f->fd = open(p, O_RDWR | O_CLOEXEC)) < 0) return false;
+    f->resume_done = json_incref(done);
+    return true;
+}
+
+static int open_targets(s3d_ctx *c, const char *final_dir, const json_t *old, const json_t *partial,
+                        const char *partial_dir, mp_error *err) {
     for (size_t i = 0; i < c->nfiles; i++) {
         s3d_file *f = &c->files[i];
         char p[PATH_MAX];
         if (snprintf(p, sizeof p, "%s/%s", c->tmp_dir, f->rel) >= (int)sizeof p)
             return mp_err(err, "bad_model", "%s: path too long", f->rel);
         if (mkparents(p, err) != 0) return -1;
+        if (partial && resume_file(f, partial, partial_dir, p)) continue;
         if (old && can_reuse(old, final_dir, f)) {
             char src[PATH_MAX];
             snprintf(src, sizeof src, "%s/%s", final_dir, f->rel);
@@ -564,7 +593,9 @@ static int open_targets(s3d_ctx *c, const char *final_dir, const json_t *old, mp
     return 0;
 }
 
-static int plan_chunks(s3d_ctx *c, uint64_t chunk, uint64_t *total, mp_error *err) {
+static int plan_chunks(s3d_ctx *c, uint64_t chunk, uint64_t *total, uint64_t *resumed,
+                       mp_error *err) {
+    *resumed = 0;
     size_t n = 0;
     *total = 0;
     for (size_t i = 0; i < c->nfiles; i++)
@@ -585,10 +616,67 @@ static int plan_chunks(s3d_ctx *c, uint64_t chunk, uint64_t *total, mp_error *er
         for (uint64_t off = 0; off < c->files[i].obj->size; off += chunk) {
             uint64_t len =
                 c->files[i].obj->size - off < chunk ? c->files[i].obj->size - off : chunk;
-            c->chunks[c->nchunks++] = (s3d_chunk){i, off, len};
+            c->chunks[c->nchunks++] = (s3d_chunk){i, off, len, false};
+        }
+        /* chunks a drained run finished: not fetched again */
+        size_t j;
+        json_t *v;
+        json_array_foreach(c->files[i].resume_done, j, v) {
+            json_int_t x = json_integer_value(v);
+            if (!json_is_integer(v) || x < 0 || (size_t)x >= k) continue;
+            s3d_chunk *ch = &c->chunks[c->files[i].first + (size_t)x];
+            if (!ch->skip) *resumed += ch->len;
+            ch->skip = true;
         }
     }
     return 0;
+}
+
+/* The resumed chunks go through the running hashes first (in order, as
+ * advance_hash wants them). */
+static int hash_resumed(s3d_ctx *c, mp_error *err) {
+    unsigned char *buf = NULL;
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < c->nchunks; i++) {
+        if (!c->chunks[i].skip) continue;
+        if (!buf && !(buf = malloc(S3D_HASH_BLOCK))) rc = mp_err(err, "no_memory", "out of memory");
+        if (rc == 0) rc = advance_hash(c, i, buf, err);
+    }
+    free(buf);
+    return rc;
+}
+
+/* A drain stopped the download: what arrived is kept for the job's next
+ * run (the temp folder moves to partial_dir with a record of the finished
+ * chunks). A crash keeps nothing; that run starts over. */
+static void save_partial(s3d_ctx *c, uint64_t chunk, const char *partial_dir) {
+    json_t *files = json_object();
+    for (size_t i = 0; files && i < c->nfiles; i++) {
+        s3d_file *f = &c->files[i];
+        if (f->reused || f->fd < 0 || !f->done) continue;
+        json_t *done = json_array();
+        pthread_mutex_lock(&f->mu);
+        for (size_t k = 0; done && k < f->nchunks; k++)
+            if (f->done[k]) json_array_append_new(done, json_integer((json_int_t)k));
+        pthread_mutex_unlock(&f->mu);
+        if (fsync(f->fd) != 0) {
+            json_decref(done);
+            continue;
+        }
+        json_object_set_new(files, f->rel,
+                            json_pack("{s:s,s:I,s:o}", "etag", f->obj->etag, "size",
+                                      (json_int_t)f->obj->size, "done", done));
+    }
+    json_t *doc = files ? json_pack("{s:I,s:o}", "chunk", (json_int_t)chunk, "files", files) : NULL;
+    char *text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
+    json_decref(doc);
+    char p[PATH_MAX];
+    mp_error e = {0};
+    bool ok = text && snprintf(p, sizeof p, "%s/%s", c->tmp_dir, S3D_PARTIAL) < (int)sizeof p &&
+              fs_write_atomic(p, text, strlen(text), &e) == 0;
+    free(text);
+    rm_tree(partial_dir);
+    if (!ok || rename(c->tmp_dir, partial_dir) != 0) rm_tree(c->tmp_dir);
 }
 
 /* Without a chunk_bytes param: ranges of at least REMOTE_DEFAULT_CHUNK_BYTES,
@@ -686,15 +774,41 @@ int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks 
                                  o->tmp_tag && *o->tmp_tag ? o->tmp_tag : "s3-download") >=
                             (int)sizeof c.tmp_dir)
         rc = mp_err(err, "bad_model", "temp path too long");
+    /* What a drained run of this job left (its chunk size must be kept for
+     * its record to mean anything). */
+    char partial_dir[PATH_MAX + 16];
+    snprintf(partial_dir, sizeof partial_dir, "%s.partial", c.tmp_dir);
+    json_t *partial = NULL;
+    if (rc == 0 && !o->stage_dir) {
+        char pp[PATH_MAX + 64];
+        snprintf(pp, sizeof pp, "%s/%s", partial_dir, S3D_PARTIAL);
+        partial = json_load_file(pp, 0, NULL);
+    }
+    int conns = o->connections > 0 ? o->connections : REMOTE_DEFAULT_CONNECTIONS;
+    uint64_t chunk = o->chunk_bytes ? o->chunk_bytes : auto_chunk(&c, conns);
+    json_t *pc = json_object_get(partial, "chunk");
+    if (partial && (!json_is_integer(pc) || json_integer_value(pc) < 1 ||
+                    (o->chunk_bytes && (uint64_t)json_integer_value(pc) != o->chunk_bytes))) {
+        json_decref(partial);
+        partial = NULL;
+    }
+    if (partial) chunk = (uint64_t)json_integer_value(pc);
     if (rc == 0) {
         rm_tree(c.tmp_dir); /* an earlier, interrupted run of this job */
         rc = fs_mkdirs(c.tmp_dir, err);
     }
-    uint64_t total = 0;
-    if (rc == 0) rc = open_targets(&c, final_dir, o->overwrite ? NULL : old, err);
-    int conns = o->connections > 0 ? o->connections : REMOTE_DEFAULT_CONNECTIONS;
-    uint64_t chunk = o->chunk_bytes ? o->chunk_bytes : auto_chunk(&c, conns);
-    if (rc == 0) rc = plan_chunks(&c, chunk, &total, err);
+    uint64_t total = 0, resumed = 0;
+    if (rc == 0)
+        rc = open_targets(&c, final_dir, o->overwrite ? NULL : old, partial, partial_dir, err);
+    json_decref(partial);
+    if (!o->stage_dir) rm_tree(partial_dir); /* what was not taken over is stale */
+    if (rc == 0) rc = plan_chunks(&c, chunk, &total, &resumed, err);
+    if (rc == 0 && resumed) {
+        say(&c, "info", "resuming: %llu bytes kept from the drained run",
+            (unsigned long long)resumed);
+        atomic_store(&c.done, resumed);
+        rc = hash_resumed(&c, err);
+    }
     double t_xfer = now_s();
     if (rc == 0 && c.nchunks > 0)
         rc = run_pool(&c, conns < (int)c.nchunks ? conns : (int)c.nchunks, transfer_main, c.nchunks,
@@ -740,17 +854,21 @@ int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks 
             double secs = now_s() - t0;
             char model[MREF_MAX_LEN + 80];
             snprintf(model, sizeof model, "s3://%s/%s", o->src->bucket, o->src->prefix);
-            *result = json_pack("{s:s,s:s,s:O,s:I,s:I,s:f,s:f,s:f,s:I,s:I}", "model", model, "path",
-                                final_dir, "files", files, "bytes_downloaded", (json_int_t)total,
+            *result = json_pack("{s:s,s:s,s:O,s:I,s:I,s:I,s:f,s:f,s:f,s:I,s:I}", "model", model,
+                                "path", final_dir, "files", files, "bytes_downloaded",
+                                (json_int_t)(total - resumed), "bytes_resumed", (json_int_t)resumed,
                                 "bytes_reused", (json_int_t)reused, "seconds", secs,
                                 "transfer_seconds", xfer_s, "throughput_bytes_per_s",
-                                xfer_s > 0 ? (double)total / xfer_s : 0.0, "requests",
+                                xfer_s > 0 ? (double)(total - resumed) / xfer_s : 0.0, "requests",
                                 (json_int_t)req, "retries", (json_int_t)retries);
             if (!*result) rc = mp_err(err, "no_memory", "out of memory");
         }
     }
+    bool keep = rc != 0 && !o->stage_dir && c.tmp_dir[0] && strcmp(err->code, "cancelled") == 0 &&
+                cb && cb->draining && cb->draining(cb->arg);
+    if (keep) save_partial(&c, chunk, partial_dir);
     if (c.files) files_free(&c);
-    if (rc != 0 && c.tmp_dir[0]) rm_tree(c.tmp_dir);
+    if (rc != 0 && c.tmp_dir[0] && !keep) rm_tree(c.tmp_dir);
     json_decref(files);
     json_decref(old);
     free(c.chunks);

@@ -780,3 +780,53 @@ def test_warm_load_from_s3_without_a_copy(make_server, model_root, moto):
     job = s.run_job({"type": "warm_load", "model": model, "params": {"keep_resident": False}})
     assert job["state"] == "succeeded", job
     assert "remote" not in job["result"]
+
+
+def test_s3_download_resumes_after_a_drain(make_server, moto, proxy, tmp_path):
+    """SIGTERM mid-download: the job goes back to the queue with the ranges
+    that arrived; the next server start fetches only the rest, and the file
+    is whole and checked."""
+    bucket = new_bucket(moto)
+    body = os.urandom(12 << 20)
+    s3client(moto).put_object(Bucket=bucket, Key="r/model.safetensors", Body=body)
+    s3client(moto).put_object(Bucket=bucket, Key="r/config.json", Body=b"{}")
+    p = proxy()
+    gate = threading.Event()
+    passed = []
+
+    def hold(method, path):
+        # the first 4 ranges of the weights pass, the rest wait for the gate
+        if method == "GET" and path.endswith("model.safetensors"):
+            with p.lock:
+                passed.append(path)
+                n = len(passed)
+            if n > 4:
+                gate.wait(30)
+        return None
+
+    p.faults = [hold]
+    data = tmp_path / "data"
+    env = dict(s3_env(moto), AWS_ENDPOINT_URL="http://127.0.0.1:%d" % p.port)
+    s = make_server(env=env, data_dir=data)
+    job = s.submit({"type": "download", "model": "s3://%s/r" % bucket,
+                    "params": {"chunk_bytes": 1 << 20, "connections": 1}})
+    deadline = time.time() + 60
+    while len(passed) < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(passed) >= 5
+    assert s.stop() == 0  # drain: the transfer in flight is abandoned
+    gate.set()
+    ranges_before = len(passed)
+    s2 = make_server(env=env, data_dir=data)
+    done = s2.wait_job(job["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    res = done["result"]
+    # config.json (2 bytes, first in the listing) and 4 ranges of the weights
+    assert res["bytes_resumed"] == (4 << 20) + 2
+    assert res["bytes_downloaded"] == 8 << 20
+    assert len(passed) - ranges_before == 8
+    out = local_copy(s2, bucket, "r")
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == body
+    f = [x for x in res["files"] if x["name"] == "model.safetensors"][0]
+    assert f["sha256"] == hashlib.sha256(body).hexdigest()
+    assert not os.listdir(os.path.join(s2.data_dir, "remote", ".tmp"))
