@@ -141,7 +141,9 @@ void remote_unstage_dir(const char *dir, int *fds, size_t n);
  * prefix empty), "file_not_found" (nothing selected), "unauthorized",
  * "forbidden", "changed_during_download", "checksum_mismatch",
  * "remote_unavailable" (retries exhausted), "bad_response", "output_exists",
- * "io_error", "cancelled". */
+ * "io_error", "cancelled". A stop while cb->draining() says so keeps the
+ * finished ranges for the next run with the same tmp_tag, which fetches
+ * only the rest. */
 int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks *cb,
                        json_t **result, mp_error *err);
 

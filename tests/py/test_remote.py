@@ -830,3 +830,35 @@ def test_s3_download_resumes_after_a_drain(make_server, moto, proxy, tmp_path):
     f = [x for x in res["files"] if x["name"] == "model.safetensors"][0]
     assert f["sha256"] == hashlib.sha256(body).hexdigest()
     assert not os.listdir(os.path.join(s2.data_dir, "remote", ".tmp"))
+
+
+def test_s3_download_cancel_leaves_nothing(make_server, moto, proxy):
+    bucket = new_bucket(moto)
+    s3client(moto).put_object(Bucket=bucket, Key="c/model.safetensors",
+                              Body=os.urandom(6 << 20))
+    p = proxy()
+    gate = threading.Event()
+    seen = []
+
+    def hold(method, path):
+        if method == "GET" and path.endswith("model.safetensors"):
+            seen.append(path)
+            if len(seen) > 2:
+                gate.wait(30)
+
+    p.faults = [hold]
+    s = make_server(env=dict(s3_env(moto), AWS_ENDPOINT_URL="http://127.0.0.1:%d" % p.port))
+    job = s.submit({"type": "download", "model": "s3://%s/c" % bucket,
+                    "params": {"chunk_bytes": 1 << 20, "connections": 1}})
+    deadline = time.time() + 60
+    while len(seen) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    t0 = time.time()
+    st, _ = s.delete("/v1/jobs/" + job["id"])
+    assert st in (200, 202)
+    done = s.wait_job(job["id"], timeout=30)
+    gate.set()
+    assert done["state"] == "cancelled", done
+    assert time.time() - t0 < 10  # the transfer in flight was aborted, not waited for
+    assert not os.path.exists(local_copy(s, bucket, "c"))
+    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
