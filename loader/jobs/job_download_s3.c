@@ -34,6 +34,12 @@ int job_s3_download_validate(const mp_task_info *info, mp_error *err) {
     return 0;
 }
 
+/* An integer param, or dflt when absent (the spec has checked its type). */
+static json_int_t int_param(const json_t *p, const char *name, json_int_t dflt) {
+    json_t *v = json_object_get(p, name);
+    return v ? json_integer_value(v) : dflt;
+}
+
 static int cb_progress(void *arg, uint64_t done, uint64_t total, const char *msg) {
     task_progress(arg, done, total, "bytes", msg);
     return task_cancelled(arg);
@@ -70,19 +76,16 @@ int job_s3_download_run(mp_task *t) {
     const char *ep = json_string_value(json_object_get(p, "endpoint"));
     if (!ep) ep = info->env->s3_endpoint;
     const char *addr = json_string_value(json_object_get(p, "addressing"));
-    json_t *v;
     remote_s3_download_opts o = {
         .src = &src,
         .where = {.endpoint = ep,
                   .virtual_hosted = addr ? strcmp(addr, "virtual") == 0 : !ep,
                   .creds = &creds,
-                  .max_retries =
-                      (v = json_object_get(p, "max_retries")) ? (int)json_integer_value(v) : -1},
+                  .max_retries = int_param(p, "max_retries", -1)},
         .data_dir = info->env->data_dir,
         .tmp_tag = info->id,
-        .connections = (v = json_object_get(p, "connections")) ? (int)json_integer_value(v) : 0,
-        .chunk_bytes =
-            (v = json_object_get(p, "chunk_bytes")) ? (uint64_t)json_integer_value(v) : 0,
+        .connections = int_param(p, "connections", 0),
+        .chunk_bytes = (uint64_t)int_param(p, "chunk_bytes", 0),
         .overwrite = json_is_true(json_object_get(p, "overwrite")),
     };
     const char *fmt = json_string_value(json_object_get(p, "load_format"));

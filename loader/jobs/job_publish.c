@@ -33,6 +33,12 @@
 #include "util/fsutil.h"
 #include "util/jobtype.h"
 
+/* An integer param, or dflt when absent (the spec has checked its type). */
+static json_int_t int_param(const json_t *p, const char *name, json_int_t dflt) {
+    json_t *v = json_object_get(p, name);
+    return v ? json_integer_value(v) : dflt;
+}
+
 static const char *const naming_values[] = {"sglang", "hf", NULL};
 static const char *const addressing_values[] = {"path", "virtual", NULL};
 
@@ -132,7 +138,6 @@ static int publish_s3(mp_task *t, const mref_remote *dst, json_t **result, mp_er
     const char *ep = json_string_value(json_object_get(p, "endpoint"));
     if (!ep) ep = in->env->s3_endpoint;
     const char *addr = json_string_value(json_object_get(p, "addressing"));
-    json_t *v;
     remote_s3_publish_opts o = {
         .model_dir = in->model_path,
         .source_model = in->model,
@@ -140,10 +145,9 @@ static int publish_s3(mp_task *t, const mref_remote *dst, json_t **result, mp_er
         .where = {.endpoint = ep,
                   .virtual_hosted = addr ? strcmp(addr, "virtual") == 0 : !ep,
                   .creds = &creds,
-                  .max_retries =
-                      (v = json_object_get(p, "max_retries")) ? (int)json_integer_value(v) : -1},
-        .connections = (v = json_object_get(p, "connections")) ? (int)json_integer_value(v) : 0,
-        .part_bytes = (v = json_object_get(p, "part_bytes")) ? (uint64_t)json_integer_value(v) : 0,
+                  .max_retries = int_param(p, "max_retries", -1)},
+        .connections = int_param(p, "connections", 0),
+        .part_bytes = (uint64_t)int_param(p, "part_bytes", 0),
         .overwrite = json_is_true(json_object_get(p, "overwrite")),
     };
     remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, NULL};

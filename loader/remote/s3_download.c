@@ -729,6 +729,146 @@ void remote_unstage_dir(const char *dir, int *fds, size_t n) {
         }
 }
 
+/* Lists the prefix and sets up c->files for the chosen objects (borrowed
+ * from *ls). */
+static int list_and_choose(s3d_ctx *c, const char *prefix, s3_listing *ls, mp_error *err) {
+    const remote_s3_download_opts *o = c->o;
+    size_t *sel = NULL, nsel = 0;
+    int rc = s3_list(c->s3, prefix, ls, err);
+    if (rc == 0)
+        say(c, "info", "s3://%s/%s: %zu objects in %zu pages", o->src->bucket, o->src->prefix,
+            ls->n, ls->pages);
+    if (rc == 0) rc = choose(c, ls, strlen(prefix), &sel, &nsel, err);
+    if (rc == 0 && o->stage_dir && nsel > o->stage_max)
+        rc = mp_err(err, "too_large", "%zu files to stage, room for %zu", nsel, o->stage_max);
+    if (rc == 0 && !(c->files = calloc(nsel, sizeof *c->files)))
+        rc = mp_err(err, "no_memory", "out of memory");
+    if (rc == 0) {
+        for (size_t i = 0; i < nsel; i++) {
+            c->files[i].obj = &ls->objs[sel[i]];
+            c->files[i].rel = ls->objs[sel[i]].key + strlen(prefix);
+            c->files[i].fd = -1;
+        }
+        c->nfiles = nsel;
+        rc = files_init(c, err);
+    }
+    free(sel);
+    return rc;
+}
+
+/* The temp folder, with what can be taken over: files of an earlier copy
+ * that still match (*old, its record) and ranges a drained run of this job
+ * left in partial_dir (whose chunk size then wins). */
+static int prepare_tmp(s3d_ctx *c, const char *final_dir, json_t **old, const char *partial_dir,
+                       uint64_t *chunk, mp_error *err) {
+    const remote_s3_download_opts *o = c->o;
+    struct stat st;
+    bool exists = !o->stage_dir && stat(final_dir, &st) == 0;
+    if (exists) *old = old_record(final_dir);
+    if (exists && !*old && !o->overwrite)
+        return mp_err(err, "output_exists",
+                      "%s exists and was not written by an s3 download; pass overwrite", final_dir);
+    json_t *partial = NULL;
+    if (!o->stage_dir) {
+        char pp[PATH_MAX + 64];
+        snprintf(pp, sizeof pp, "%s/%s", partial_dir, S3D_PARTIAL);
+        partial = json_load_file(pp, 0, NULL);
+    }
+    json_t *pc = json_object_get(partial, "chunk");
+    if (partial && (!json_is_integer(pc) || json_integer_value(pc) < 1 ||
+                    (o->chunk_bytes && (uint64_t)json_integer_value(pc) != o->chunk_bytes))) {
+        json_decref(partial);
+        partial = NULL;
+    }
+    if (partial) *chunk = (uint64_t)json_integer_value(pc);
+    rm_tree(c->tmp_dir); /* an earlier, interrupted run of this job */
+    int rc = fs_mkdirs(c->tmp_dir, err);
+    if (rc == 0)
+        rc = open_targets(c, final_dir, o->overwrite ? NULL : *old, partial, partial_dir, err);
+    json_decref(partial);
+    if (!o->stage_dir) rm_tree(partial_dir); /* what was not taken over is stale */
+    return rc;
+}
+
+/* Ranges on `conns` connections, then the digests, checks and fsyncs. */
+static int transfer(s3d_ctx *c, uint64_t chunk, int conns, uint64_t *total, uint64_t *resumed,
+                    double *xfer_s, mp_error *err) {
+    *xfer_s = 0;
+    int rc = plan_chunks(c, chunk, total, resumed, err);
+    if (rc == 0 && *resumed) {
+        say(c, "info", "resuming: %llu bytes kept from the drained run",
+            (unsigned long long)*resumed);
+        atomic_store(&c->done, *resumed);
+        rc = hash_resumed(c, err);
+    }
+    double t = now_s();
+    if (rc == 0 && c->nchunks > 0)
+        rc = run_pool(c, conns < (int)c->nchunks ? conns : (int)c->nchunks, transfer_main,
+                      c->nchunks, *total, err);
+    *xfer_s = now_s() - t;
+    if (rc == 0) {
+        atomic_store(&c->next, 0);
+        int ht = conns < (int)c->nfiles ? conns : (int)c->nfiles;
+        rc = run_pool(c, ht > 0 ? ht : 1, hash_main, c->nfiles, *total, err);
+    }
+    return rc;
+}
+
+static void close_files(s3d_ctx *c) {
+    for (size_t i = 0; i < c->nfiles; i++)
+        if (c->files[i].fd >= 0) {
+            close(c->files[i].fd);
+            c->files[i].fd = -1;
+        }
+}
+
+/* Publishes the folder (or hands the staged descriptors over) and builds
+ * the result. */
+static int finish(s3d_ctx *c, char *final_dir, size_t fdn, double t0, double xfer_s, uint64_t total,
+                  uint64_t resumed, json_t **result, mp_error *err) {
+    const remote_s3_download_opts *o = c->o;
+    json_t *files = json_array();
+    uint64_t reused = 0;
+    for (size_t i = 0; files && i < c->nfiles; i++) {
+        const s3d_file *f = &c->files[i];
+        json_array_append_new(files, json_pack("{s:s,s:I,s:s,s:s,s:b,s:b}", "name", f->rel, "size",
+                                               (json_int_t)f->obj->size, "etag", f->obj->etag,
+                                               "sha256", f->sha256, "reused", f->reused,
+                                               "store_checksum", f->store_sha256));
+        if (f->reused) reused += f->obj->size;
+    }
+    int rc = files ? 0 : mp_err(err, "no_memory", "out of memory");
+    if (rc == 0 && o->stage_dir) {
+        /* staged: the descriptors go to the caller, nothing is published */
+        for (size_t i = 0; i < c->nfiles; i++) {
+            o->stage_fds[i] = c->files[i].fd;
+            c->files[i].fd = -1;
+        }
+        *o->nstage_fds = c->nfiles;
+        snprintf(final_dir, fdn, "%s", o->stage_dir);
+    }
+    if (rc == 0 && !o->stage_dir) rc = write_provenance(c, files, err);
+    if (rc == 0 && !o->stage_dir) rc = fs_sync_parent(c->tmp_dir, err);
+    close_files(c);
+    if (rc == 0 && !o->stage_dir) rc = publish_dir(c->tmp_dir, final_dir, err);
+    if (rc == 0) {
+        uint64_t req = 0, retries = 0;
+        s3_client_counts(c->s3, &req, &retries);
+        char model[MREF_MAX_LEN + 80];
+        snprintf(model, sizeof model, "s3://%s/%s", o->src->bucket, o->src->prefix);
+        *result =
+            json_pack("{s:s,s:s,s:O,s:I,s:I,s:I,s:f,s:f,s:f,s:I,s:I}", "model", model, "path",
+                      final_dir, "files", files, "bytes_downloaded", (json_int_t)(total - resumed),
+                      "bytes_resumed", (json_int_t)resumed, "bytes_reused", (json_int_t)reused,
+                      "seconds", now_s() - t0, "transfer_seconds", xfer_s, "throughput_bytes_per_s",
+                      xfer_s > 0 ? (double)(total - resumed) / xfer_s : 0.0, "requests",
+                      (json_int_t)req, "retries", (json_int_t)retries);
+        if (!*result) rc = mp_err(err, "no_memory", "out of memory");
+    }
+    json_decref(files);
+    return rc;
+}
+
 int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks *cb,
                        json_t **result, mp_error *err) {
     *result = NULL;
@@ -736,143 +876,38 @@ int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks 
     if (!o->src || o->src->scheme != MREF_S3) return mp_err(err, "bad_param", "not an s3:// model");
     s3d_ctx c = {.o = o, .cb = cb};
     pthread_mutex_init(&c.mu, NULL);
-    char final_dir[PATH_MAX], prefix[MREF_MAX_LEN + 2];
+    char final_dir[PATH_MAX], prefix[MREF_MAX_LEN + 2], partial_dir[PATH_MAX + 16] = "";
     s3_listing ls = {0};
-    size_t *sel = NULL, nsel = 0;
-    json_t *old = NULL, *files = NULL;
+    json_t *old = NULL;
     int rc = mref_remote_local_dir(o->data_dir, o->src, final_dir, sizeof final_dir, err);
     snprintf(prefix, sizeof prefix, "%s/", o->src->prefix);
     if (rc == 0) rc = s3_client_new(&o->where, o->src->bucket, &c.s3, err);
     if (rc == 0) s3_client_set_cancel(c.s3, cancelled_cb, &c);
-    if (rc == 0) rc = s3_list(c.s3, prefix, &ls, err);
-    if (rc == 0)
-        say(&c, "info", "s3://%s/%s: %zu objects in %zu pages", o->src->bucket, o->src->prefix,
-            ls.n, ls.pages);
-    if (rc == 0) rc = choose(&c, &ls, strlen(prefix), &sel, &nsel, err);
-    if (rc == 0) {
-        c.files = calloc(nsel, sizeof *c.files);
-        if (!c.files) rc = mp_err(err, "no_memory", "out of memory");
-        for (size_t i = 0; rc == 0 && i < nsel; i++) {
-            c.files[i].obj = &ls.objs[sel[i]];
-            c.files[i].rel = ls.objs[sel[i]].key + strlen(prefix);
-            c.files[i].fd = -1;
-        }
-        c.nfiles = rc == 0 ? nsel : 0;
-        if (rc == 0) rc = files_init(&c, err);
-    }
-    struct stat st;
-    bool exists = !o->stage_dir && stat(final_dir, &st) == 0;
-    if (rc == 0 && o->stage_dir && nsel > o->stage_max)
-        rc = mp_err(err, "too_large", "%zu files to stage, room for %zu", nsel, o->stage_max);
-    if (rc == 0 && exists) old = old_record(final_dir);
-    if (rc == 0 && exists && !old && !o->overwrite)
-        rc = mp_err(err, "output_exists",
-                    "%s exists and was not written by an s3 download; pass overwrite", final_dir);
+    if (rc == 0) rc = list_and_choose(&c, prefix, &ls, err);
     if (rc == 0 && o->stage_dir)
         snprintf(c.tmp_dir, sizeof c.tmp_dir, "%s", o->stage_dir);
     else if (rc == 0 && snprintf(c.tmp_dir, sizeof c.tmp_dir, "%s/remote/.tmp/%s", o->data_dir,
                                  o->tmp_tag && *o->tmp_tag ? o->tmp_tag : "s3-download") >=
                             (int)sizeof c.tmp_dir)
         rc = mp_err(err, "bad_model", "temp path too long");
-    /* What a drained run of this job left (its chunk size must be kept for
-     * its record to mean anything). */
-    char partial_dir[PATH_MAX + 16];
-    snprintf(partial_dir, sizeof partial_dir, "%s.partial", c.tmp_dir);
-    json_t *partial = NULL;
-    if (rc == 0 && !o->stage_dir) {
-        char pp[PATH_MAX + 64];
-        snprintf(pp, sizeof pp, "%s/%s", partial_dir, S3D_PARTIAL);
-        partial = json_load_file(pp, 0, NULL);
-    }
+    if (rc == 0) snprintf(partial_dir, sizeof partial_dir, "%s.partial", c.tmp_dir);
     int conns = o->connections > 0 ? o->connections : REMOTE_DEFAULT_CONNECTIONS;
     uint64_t chunk = o->chunk_bytes ? o->chunk_bytes : auto_chunk(&c, conns);
-    json_t *pc = json_object_get(partial, "chunk");
-    if (partial && (!json_is_integer(pc) || json_integer_value(pc) < 1 ||
-                    (o->chunk_bytes && (uint64_t)json_integer_value(pc) != o->chunk_bytes))) {
-        json_decref(partial);
-        partial = NULL;
-    }
-    if (partial) chunk = (uint64_t)json_integer_value(pc);
-    if (rc == 0) {
-        rm_tree(c.tmp_dir); /* an earlier, interrupted run of this job */
-        rc = fs_mkdirs(c.tmp_dir, err);
-    }
+    if (rc == 0) rc = prepare_tmp(&c, final_dir, &old, partial_dir, &chunk, err);
     uint64_t total = 0, resumed = 0;
+    double xfer_s = 0;
+    if (rc == 0) rc = transfer(&c, chunk, conns, &total, &resumed, &xfer_s, err);
     if (rc == 0)
-        rc = open_targets(&c, final_dir, o->overwrite ? NULL : old, partial, partial_dir, err);
-    json_decref(partial);
-    if (!o->stage_dir) rm_tree(partial_dir); /* what was not taken over is stale */
-    if (rc == 0) rc = plan_chunks(&c, chunk, &total, &resumed, err);
-    if (rc == 0 && resumed) {
-        say(&c, "info", "resuming: %llu bytes kept from the drained run",
-            (unsigned long long)resumed);
-        atomic_store(&c.done, resumed);
-        rc = hash_resumed(&c, err);
-    }
-    double t_xfer = now_s();
-    if (rc == 0 && c.nchunks > 0)
-        rc = run_pool(&c, conns < (int)c.nchunks ? conns : (int)c.nchunks, transfer_main, c.nchunks,
-                      total, err);
-    double xfer_s = now_s() - t_xfer;
-    if (rc == 0) {
-        atomic_store(&c.next, 0);
-        int ht = conns < (int)c.nfiles ? conns : (int)c.nfiles;
-        rc = run_pool(&c, ht > 0 ? ht : 1, hash_main, c.nfiles, total, err);
-    }
-    if (rc == 0) {
-        files = json_array();
-        uint64_t reused = 0;
-        for (size_t i = 0; files && i < c.nfiles; i++) {
-            const s3d_file *f = &c.files[i];
-            json_array_append_new(files, json_pack("{s:s,s:I,s:s,s:s,s:b,s:b}", "name", f->rel,
-                                                   "size", (json_int_t)f->obj->size, "etag",
-                                                   f->obj->etag, "sha256", f->sha256, "reused",
-                                                   f->reused, "store_checksum", f->store_sha256));
-            if (f->reused) reused += f->obj->size;
-        }
-        if (!files) rc = mp_err(err, "no_memory", "out of memory");
-        if (rc == 0 && o->stage_dir) {
-            /* staged: the descriptors go to the caller, nothing is published */
-            for (size_t i = 0; i < c.nfiles; i++) {
-                o->stage_fds[i] = c.files[i].fd;
-                c.files[i].fd = -1;
-            }
-            *o->nstage_fds = c.nfiles;
-            snprintf(final_dir, sizeof final_dir, "%s", o->stage_dir);
-        }
-        if (rc == 0 && !o->stage_dir) rc = write_provenance(&c, files, err);
-        if (rc == 0 && !o->stage_dir) rc = fs_sync_parent(c.tmp_dir, err);
-        for (size_t i = 0; i < c.nfiles; i++)
-            if (c.files[i].fd >= 0) {
-                close(c.files[i].fd);
-                c.files[i].fd = -1;
-            }
-        if (rc == 0 && !o->stage_dir) rc = publish_dir(c.tmp_dir, final_dir, err);
-        if (rc == 0) {
-            uint64_t req = 0, retries = 0;
-            s3_client_counts(c.s3, &req, &retries);
-            double secs = now_s() - t0;
-            char model[MREF_MAX_LEN + 80];
-            snprintf(model, sizeof model, "s3://%s/%s", o->src->bucket, o->src->prefix);
-            *result = json_pack("{s:s,s:s,s:O,s:I,s:I,s:I,s:f,s:f,s:f,s:I,s:I}", "model", model,
-                                "path", final_dir, "files", files, "bytes_downloaded",
-                                (json_int_t)(total - resumed), "bytes_resumed", (json_int_t)resumed,
-                                "bytes_reused", (json_int_t)reused, "seconds", secs,
-                                "transfer_seconds", xfer_s, "throughput_bytes_per_s",
-                                xfer_s > 0 ? (double)(total - resumed) / xfer_s : 0.0, "requests",
-                                (json_int_t)req, "retries", (json_int_t)retries);
-            if (!*result) rc = mp_err(err, "no_memory", "out of memory");
-        }
-    }
-    bool keep = rc != 0 && !o->stage_dir && c.tmp_dir[0] && strcmp(err->code, "cancelled") == 0 &&
+        rc = finish(&c, final_dir, sizeof final_dir, t0, xfer_s, total, resumed, result, err);
+    /* A drain keeps what arrived for the re-queued job; anything else that
+     * failed leaves nothing behind. */
+    bool keep = rc != 0 && !o->stage_dir && partial_dir[0] && strcmp(err->code, "cancelled") == 0 &&
                 cb && cb->draining && cb->draining(cb->arg);
     if (keep) save_partial(&c, chunk, partial_dir);
     if (c.files) files_free(&c);
     if (rc != 0 && c.tmp_dir[0] && !keep) rm_tree(c.tmp_dir);
-    json_decref(files);
     json_decref(old);
     free(c.chunks);
-    free(sel);
     s3_listing_free(&ls);
     s3_client_free(c.s3);
     pthread_mutex_destroy(&c.mu);
