@@ -330,20 +330,6 @@ static int collect_key(void *arg, const char *key, size_t len) {
     return sv_push(arg, key, len, &e);
 }
 
-/* Deletes what this run staged (best effort: a failure leaves keys under a
- * prefix SGLang never reads, and the next run with the same tag removes
- * them first). */
-static void drop_staged(rp_ctx *c) {
-    mp_error e = {0};
-    for (size_t i = 0; i < c->staged.n; i++) {
-        char key[sizeof c->stage_prefix + TP_NAME_MAX + 64];
-        snprintf(key, sizeof key, "%s%s", c->stage_prefix, c->staged.v[i]);
-        const char *argv[2] = {"UNLINK", key};
-        if (rkv_pipe_cmd(c->kv, 'I', 2, argv, &e) != 0) return;
-    }
-    if (rkv_pipe_flush(c->kv, &e) != 0) say(c, "warn", "staged keys left behind: %s", e.message);
-}
-
 static int drop_pattern(rp_ctx *c, const char *pattern, mp_error *err) {
     strvec keys = {0};
     int rc = rkv_scan(c->kv, pattern, collect_key, &keys, err);
@@ -355,6 +341,23 @@ static int drop_pattern(rp_ctx *c, const char *pattern, mp_error *err) {
     if (rc == 0) rc = rkv_pipe_flush(c->kv, err);
     sv_free(&keys);
     return rc;
+}
+
+/* Deletes what this run staged, over a fresh connection: after a failure
+ * the old one may be closed (Redis drops a client that sends a value over
+ * proto-max-bulk-len) or out of step. Every key under the staging prefix
+ * goes, including one whose SET was still in flight. Best effort: keys left
+ * behind sit under a prefix SGLang never reads. */
+static void drop_staged(rp_ctx *c, const char *password) {
+    const mref_remote *d = c->o->dst;
+    rkv_close(c->kv);
+    c->kv = NULL;
+    mp_error e = {0};
+    char pattern[sizeof c->stage_prefix + 2];
+    snprintf(pattern, sizeof pattern, "%s*", c->stage_prefix);
+    if (rkv_connect(d->host, d->port, d->user, password, c->o->timeout_s, &c->kv, &e) != 0 ||
+        drop_pattern(c, pattern, &e) != 0)
+        say(c, "warn", "staged keys %s may be left behind: %s", pattern, e.message);
 }
 
 /* One transaction: the old model's keys go, the staged ones take their
@@ -509,7 +512,7 @@ int remote_redis_publish(const remote_redis_publish_opts *o, const remote_callba
     if (rc == 0) rc = swap_in(&c, err);
     if (rc != 0 && staged) {
         mp_error keep = *err;
-        drop_staged(&c);
+        drop_staged(&c, pw);
         *err = keep;
     }
     if (rc == 0) {

@@ -60,7 +60,7 @@ def wait_port(port, proc, what, timeout=30):
 # --- Redis ------------------------------------------------------------------
 
 class RedisServer:
-    def __init__(self, tmp, password=None):
+    def __init__(self, tmp, password=None, extra=()):
         if not shutil.which("redis-server"):
             pytest.skip("redis-server is not installed (scripts/deps.sh installs it)")
         self.port = free_port()
@@ -68,6 +68,7 @@ class RedisServer:
                 "--appendonly", "no", "--dir", str(tmp)]
         if password:
             args += ["--requirepass", password]
+        args += list(extra)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, self.proc, "redis-server")
         self.client = redis.Redis(host="127.0.0.1", port=self.port, password=password)
@@ -85,10 +86,10 @@ class RedisServer:
 def redis_server(tmp_path):
     servers = []
 
-    def make(password=None):
+    def make(password=None, extra=()):
         d = tmp_path / ("redis%d" % len(servers))
         d.mkdir()
-        servers.append(RedisServer(d, password))
+        servers.append(RedisServer(d, password, extra))
         return servers[-1]
 
     yield make
@@ -862,3 +863,27 @@ def test_s3_download_cancel_leaves_nothing(make_server, moto, proxy):
     assert time.time() - t0 < 10  # the transfer in flight was aborted, not waited for
     assert not os.path.exists(local_copy(s, bucket, "c"))
     assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+
+
+def test_redis_publish_failure_keeps_the_old_model(make_server, model_root, redis_server):
+    """A publish that fails half-way (Redis refuses a value over
+    proto-max-bulk-len and drops the connection) leaves the model that was
+    there as it was, and no staged keys."""
+    r = redis_server(extra=["--proto-max-bulk-len", "1mb"])
+    cfg = tm.make_config("llama")
+    small = model_root / "small"
+    tm.write_model(str(small), cfg, tm.make_state(cfg))
+    cfg2 = tm.make_config("llama", hidden=512, inter=1536, vocab=4000)
+    big = model_root / "big"
+    tm.write_model(str(big), cfg2, tm.make_state(cfg2))
+    s = make_server(args=["--model-root", str(model_root)])
+    job = s.run_job({"type": "publish", "model": str(small), "params": {"url": r.url("m")}})
+    assert job["state"] == "succeeded", job
+    before = {k: r.client.get(k) for k in r.client.scan_iter(match="m/*")}
+    job = s.run_job({"type": "publish", "model": str(big),
+                     "params": {"url": r.url("m"), "overwrite": True}})
+    assert job["state"] == "failed", job
+    assert job["error"]["code"] in ("remote_unavailable", "remote_error"), job
+    after = {k: r.client.get(k) for k in r.client.scan_iter(match="m/*")}
+    assert after == before
+    assert list(r.client.scan_iter(match="*.tmp-*")) == []
