@@ -30,7 +30,7 @@ esac
 
 # What building and running need: nothing else is installed for `make run`.
 DEB_PKGS=(build-essential pkg-config libmicrohttpd-dev libjansson-dev
-  libcurl4-openssl-dev libsqlite3-dev libssl-dev)
+  libcurl4-openssl-dev libsqlite3-dev libssl-dev libhiredis-dev)
 
 # scripts/deps-extra.txt: "GROUPS PACKAGE" per line, GROUPS comma-separated.
 # bench takes the test packages too.

@@ -32,9 +32,9 @@ if ! command -v "$CC" >/dev/null 2>&1; then
   exit 1
 fi
 
-PKGS="libmicrohttpd jansson libcurl sqlite3 openssl"
+PKGS="libmicrohttpd jansson libcurl sqlite3 openssl hiredis"
 PKG_CFLAGS=$(pkg-config --cflags $PKGS 2>/dev/null || true)
-PKG_LIBS=$(pkg-config --libs $PKGS 2>/dev/null || echo "-ljansson -lcurl -lsqlite3 -lssl -lcrypto -lmicrohttpd")
+PKG_LIBS=$(pkg-config --libs $PKGS 2>/dev/null || echo "-ljansson -lcurl -lsqlite3 -lssl -lcrypto -lmicrohttpd -lhiredis")
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 CFLAGS="-std=c11 -D_GNU_SOURCE -DMP_VERSION=\"fuzz\" -DMP_GIT=\"fuzz\" -I. $PKG_CFLAGS -pthread -g -O1 $SAN"
 

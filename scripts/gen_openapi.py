@@ -61,7 +61,8 @@ NO_NUL = "^[^\\x00]+$"
 JOB_ID = "^j_[0-9a-f]{20}$"
 RESIDENT_ID = "^r_[0-9a-f]{4,64}$"
 CURSOR = "^[1-9][0-9]{0,17}$"
-JOB_TYPES = ["download", "convert", "inspect", "shard", "warm_load", "verify", "prepare"]
+JOB_TYPES = ["download", "convert", "inspect", "shard", "warm_load", "verify", "prepare", "publish"]
+REMOTE_MIN_PART_BYTES = 5 << 20  # loader/remote/remote.h: S3's minimum multipart part
 JOB_STATES = ["queued", "running", "succeeded", "failed", "cancelled"]
 
 MODEL_REPO = {"type": "string", "pattern": REPO_ID, "maxLength": 193,
@@ -70,7 +71,11 @@ MODEL_PATH = {"type": "string", "pattern": ABS_PATH, "minLength": 2, "maxLength"
               "description": "an absolute directory under a --model-root, <data>/converted or <data>/sharded (a job result's next_model; at most 1024 characters)"}
 # Each alternative complete in itself (keywords next to anyOf make the
 # boundary-case generators slow and confused).
-MODEL_ANY = {"anyOf": [MODEL_REPO, MODEL_PATH],
+MODEL_S3 = {"type": "string", "pattern": "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\\x00]*)?$", "maxLength": 1024,
+            "description": "s3://bucket/prefix: download pulls it; the other jobs use its downloaded copy"}
+MODEL_REDIS = {"type": "string", "pattern": "^redis://[^\\s\\x00/]+/[^\\s\\x00]+$", "maxLength": 1024,
+               "description": "redis://host:port/model_name in SGLang's KV layout (warm_load)"}
+MODEL_ANY = {"anyOf": [MODEL_REPO, MODEL_PATH, MODEL_S3, MODEL_REDIS],
              "description": "a hub repo id (org/name) or an absolute directory under a "
                             "--model-root (at most 1024 characters)"}
 REVISION_S = {"type": "string", "pattern": REVISION, "minLength": 1, "maxLength": 255,
@@ -221,7 +226,9 @@ JOB_PARAMS = {
                      "endpoint": S_(pattern="^https?://[^\\s\\x00]*$", maxLength=256,
                                     description="http(s) URL of another hub for this job"),
                      "connections": I_(1, 64), "chunk_bytes": I_(65536, 1 << 32),
-                     "max_retries": I_(0, 20)}),
+                     "max_retries": I_(0, 20),
+                     # s3:// models only
+                     "addressing": enum("path", "virtual"), "overwrite": B}),
     "convert": obj({"dtype": enum("keep", "bf16", "fp16", "fp32"), "max_shard_bytes": I_(1, I64_MAX),
                     "output": S_(pattern=ABS_PATH, maxLength=1024), "file": S_(pattern=FILE_NAME, maxLength=255),
                     "encryption_key_file": S_(pattern=NO_NUL, maxLength=1024), "overwrite": B}),
@@ -240,6 +247,12 @@ JOB_PARAMS = {
     "prepare": obj({"for": enum("sglang", "vllm", "transformers"), "tp_size": I_(1, 1024), "devices": IA(0, 63, description=DEVICES_DESC),
                     "dtype": enum("keep", "bf16", "fp16", "fp32"), "load": B,
                     "allow_patterns": {"type": "array", "items": S_(pattern=NO_NUL, maxLength=1024)}}),
+    "publish": obj({"url": S_(pattern="^(s3|redis)://[^\\s\\x00]+$", maxLength=2048,
+                              description="s3://bucket/prefix or redis://[[user]:password@]host[:port]/model_name"),
+                    "tp_size": I_(1, 1024), "naming": enum("sglang", "hf"), "pipeline_bytes": I_(1 << 20, 1 << 34),
+                    "endpoint": S_(pattern="^https?://[^\\s\\x00]*$", maxLength=256),
+                    "addressing": enum("path", "virtual"), "part_bytes": I_(REMOTE_MIN_PART_BYTES, 5 << 30),
+                    "connections": I_(1, 64), "max_retries": I_(0, 20), "overwrite": B}, required=["url"]),
 }
 for name, sch in JOB_PARAMS.items():
     schemas["Params_" + name] = sch
@@ -251,7 +264,7 @@ for name in JOB_TYPES:
     schemas["JobRequest_" + name] = {
         "type": "object", "required": req, "additionalProperties": False,
         "properties": {"type": enum(name),
-                       "model": MODEL_REPO if name == "download" else MODEL_ANY,
+                       "model": {"anyOf": [MODEL_REPO, MODEL_S3]} if name == "download" else MODEL_ANY,
                        "revision": REVISION_S,
                        "params": ref("Params_" + name)}}
 schemas["JobRequest"] = {"oneOf": [ref("JobRequest_" + n) for n in JOB_TYPES],

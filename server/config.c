@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "loader/remote/remote.h"
 #include "util/fsutil.h"
 
 static const char USAGE[] =
@@ -38,6 +39,9 @@ static const char USAGE[] =
     "  --insecure-listen       allow a non-loopback address without a token\n"
     "  --log-format text|json  log line format (default text)\n"
     "  --no-access-log         do not log each HTTP request\n"
+    "  --s3-credentials-file F AWS credentials file for s3:// (default: AWS_* environment)\n"
+    "  --s3-endpoint URL       S3-compatible endpoint (default $AWS_ENDPOINT_URL or AWS)\n"
+    "  --redis-password-file F password for AUTH to redis:// URLs that carry none\n"
     "  --version, --help\n";
 
 static int parse_listen(mp_config *cfg, const char *v, mp_error *err) {
@@ -127,6 +131,14 @@ static int config_defaults(mp_config *cfg, mp_error *err) {
     (void)parse_mem("--arena-pool", "25%", true, &cfg->arena_pool_bytes, NULL);
     (void)parse_mem("--staging-cap", "25%", true, &cfg->staging_cap_bytes, NULL);
     cfg->access_log = true;
+    /* AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL, as in the AWS SDKs. */
+    const char *s3ep = getenv("AWS_ENDPOINT_URL_S3");
+    if (!s3ep || !*s3ep) s3ep = getenv("AWS_ENDPOINT_URL");
+    if (s3ep && *s3ep) {
+        if (!remote_endpoint_valid(s3ep))
+            return mp_err(err, "bad_flag", "AWS_ENDPOINT_URL must be http(s)://host[:port]");
+        snprintf(cfg->s3_endpoint, sizeof cfg->s3_endpoint, "%s", s3ep);
+    }
     const char *tok = getenv("MODELPREP_TOKEN");
     if (tok && *tok && !(cfg->token = strdup(tok))) return mp_err(err, "no_memory", "oom");
     const char *hf = getenv("HF_TOKEN");
@@ -191,6 +203,37 @@ static int flag_header_timeout(mp_config *cfg, const char *v, mp_error *err) {
     long n;
     if (parse_int("--header-timeout", v, 1, 3600, &n, err) != 0) return -1;
     cfg->header_timeout_s = (int)n;
+    return 0;
+}
+
+/* --s3-credentials-file, --redis-password-file: read at each job (so a
+ * rotated secret is picked up); checked here so a typo fails at start, not
+ * at the first job. */
+static int secret_file(const char *flag, const char *v, char *dst, size_t cap, mp_error *err) {
+    char *real = realpath(v, NULL);
+    if (!real || access(real, R_OK) != 0) {
+        free(real);
+        return mp_err(err, "bad_flag", "--%s %s: not a readable file", flag, v);
+    }
+    snprintf(dst, cap, "%s", real);
+    free(real);
+    return 0;
+}
+
+static int flag_s3_credentials_file(mp_config *cfg, const char *v, mp_error *err) {
+    return secret_file("s3-credentials-file", v, cfg->s3_credentials_file,
+                       sizeof cfg->s3_credentials_file, err);
+}
+
+static int flag_redis_password_file(mp_config *cfg, const char *v, mp_error *err) {
+    return secret_file("redis-password-file", v, cfg->redis_password_file,
+                       sizeof cfg->redis_password_file, err);
+}
+
+static int flag_s3_endpoint(mp_config *cfg, const char *v, mp_error *err) {
+    if (!remote_endpoint_valid(v))
+        return mp_err(err, "bad_flag", "--s3-endpoint must be http(s)://host[:port]");
+    snprintf(cfg->s3_endpoint, sizeof cfg->s3_endpoint, "%s", v);
     return 0;
 }
 
@@ -296,6 +339,9 @@ static const flag_def FLAGS[] = {
     {"insecure-listen", no_argument, flag_insecure_listen},
     {"log-format", required_argument, flag_log_format},
     {"no-access-log", no_argument, flag_no_access_log},
+    {"s3-credentials-file", required_argument, flag_s3_credentials_file},
+    {"s3-endpoint", required_argument, flag_s3_endpoint},
+    {"redis-password-file", required_argument, flag_redis_password_file},
     {"version", no_argument, flag_version},
     {"help", no_argument, flag_help},
 };

@@ -36,6 +36,9 @@ typedef struct mp_config {
     uint64_t arena_pool_bytes;  /* freed host arenas kept for reuse (gpu_set_arena_pool) */
     uint64_t staging_cap_bytes; /* most staging (pinned) memory at once (gpu_set_staging_cap) */
     char export_socket[1024];
+    char s3_credentials_file[4096]; /* --s3-credentials-file, read at each job */
+    char s3_endpoint[1024];         /* --s3-endpoint / AWS_ENDPOINT_URL(_S3) */
+    char redis_password_file[4096]; /* --redis-password-file, read at each job */
     bool insecure_listen;
     bool log_json;
     bool access_log;

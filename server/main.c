@@ -112,6 +112,11 @@ static int server_start(mp_server *srv) {
         .hub_endpoint = srv->cfg.hub_endpoint,
         .hf_token = srv->cfg.hf_token,
         .model_roots = srv->cfg.roots,
+        .s3_credentials_file =
+            srv->cfg.s3_credentials_file[0] ? srv->cfg.s3_credentials_file : NULL,
+        .s3_endpoint = srv->cfg.s3_endpoint[0] ? srv->cfg.s3_endpoint : NULL,
+        .redis_password_file =
+            srv->cfg.redis_password_file[0] ? srv->cfg.redis_password_file : NULL,
         .gpus = srv->gpus,
         .residents = srv->residents,
     };

@@ -30,8 +30,27 @@ json_t *submit_new_doc(const char *id, const char *type, const char *model, cons
                      "finished_at", "parent");
 }
 
+/* An s3:// or redis:// model: checked, and resolved to its downloaded copy
+ * (s3) for the types that work on local files. */
+static int resolve_remote(const mp_job_type *jt, const char *model, size_t len,
+                          const char *data_dir, char **model_path, mp_error *err) {
+    mref_remote r;
+    if (mref_remote_resolve(model, len, data_dir, &r, model_path, err) != 0) return -1;
+    if (jt->flags & MP_JOB_REMOTE_SOURCE) return 0;
+    if (r.scheme == MREF_REDIS || (jt->flags & MP_JOB_HUB_ONLY))
+        return mp_err_field(err, "model", "bad_model", "%s jobs do not take a %s model", jt->name,
+                            r.scheme == MREF_REDIS ? "redis://" : "s3://");
+    if ((jt->flags & MP_JOB_NEEDS_LOCAL) && !*model_path)
+        return mp_err_field(err, "model", "not_cached",
+                            "%s has no local copy; run a download job for it first", model);
+    return 0;
+}
+
 int submit_resolve_model(mp_server *srv, submit_req *rq, mp_error *err) {
     const mp_job_type *jt = rq->jt;
+    if (mref_is_remote(rq->model))
+        return resolve_remote(jt, rq->model, rq->model_len, srv->cfg.data_dir, &rq->model_path,
+                              err);
     rq->is_hub = mref_is_repo_id(rq->model) && rq->model_len == strlen(rq->model);
     if (rq->is_hub) {
         if (!(jt->flags & MP_JOB_HUB_ONLY))

@@ -469,6 +469,7 @@ static void run_one(worker_pool *p, int slot, json_t *doc, json_t *checkpoint) {
     if (srv->metrics) metrics_worker_busy(srv->metrics, 1);
 
     char *model_path = NULL;
+    bool remote_ok = false; /* a remote model the type reads itself */
     mp_error err = {0};
     if (!t->type || !t->info.id || !t->info.model || !t->info.revision) {
         task_fail(t, "internal", "corrupt job record");
@@ -480,11 +481,20 @@ static void run_one(worker_pool *p, int slot, json_t *doc, json_t *checkpoint) {
             if (!(t->type->flags & MP_JOB_HUB_ONLY))
                 model_path =
                     mref_snapshot_dir(srv->cfg.hub_cache, t->info.model, t->info.revision, NULL);
+        } else if (mref_is_remote(t->info.model)) {
+            mref_remote r;
+            if (mref_remote_resolve(t->info.model, strlen(t->info.model), srv->cfg.data_dir, &r,
+                                    &model_path, &err) == 0) {
+                remote_ok = (t->type->flags & MP_JOB_REMOTE_SOURCE) != 0;
+                if (!model_path && !remote_ok)
+                    mp_err(&err, "not_cached", "%s has no local copy; run a download job first",
+                           t->info.model);
+            }
         } else {
             mref_confine(t->info.model, strlen(t->info.model), srv->cfg.roots, &model_path, &err);
         }
         t->info.model_path = model_path;
-        if ((t->type->flags & MP_JOB_NEEDS_LOCAL) && !model_path) {
+        if ((t->type->flags & MP_JOB_NEEDS_LOCAL) && !model_path && !remote_ok) {
             task_fail(t, err.code[0] ? err.code : "not_found", "%s",
                       err.message[0] ? err.message : "the model is not available locally");
         } else if (model_path &&

@@ -37,6 +37,9 @@ enum {
     MP_JOB_RESUMABLE = 1u << 0,   /* re-queued (with its checkpoint) after a crash */
     MP_JOB_NEEDS_LOCAL = 1u << 1, /* model must exist locally (model root or hub cache) */
     MP_JOB_HUB_ONLY = 1u << 2,    /* model must be a hub repo id (download) */
+    /* takes an s3:// or redis:// model itself (download from S3); other
+     * types get an s3:// model's downloaded copy (DATA/remote/s3/...) */
+    MP_JOB_REMOTE_SOURCE = 1u << 3,
 };
 
 typedef struct mp_job_type {

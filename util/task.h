@@ -33,6 +33,12 @@ typedef struct mp_task_env {
      * --model-root folders, then <data_dir>/converted and <data_dir>/sharded
      * (our own outputs are models too). */
     const char *const *model_roots;
+    /* Remote stores (loader/remote): --s3-credentials-file (NULL: the AWS_*
+     * environment), --s3-endpoint / AWS_ENDPOINT_URL (NULL: AWS), and
+     * --redis-password-file (NULL: no AUTH unless a URL carries one). */
+    const char *s3_credentials_file;
+    const char *s3_endpoint;
+    const char *redis_password_file;
     struct gpu_set *gpus;
     struct resident_set *residents;
 } mp_task_env;

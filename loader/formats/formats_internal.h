@@ -43,14 +43,5 @@ extern const mp_format_handler *const mp_format_handlers[];
 
 /* Appends a file that the reader opened; w takes fd over on success only. */
 int weights_add_file(mp_weights *w, const char *path, int fd, mp_error *err);
-/* Maps file i whole, read-only, so that weights_read copies tensors out of
- * the page cache with memcpy instead of pread (faster: no per-call copy
- * setup, and the kernel maps large page-cache folios with huge entries).
- * Best effort: returns 0 and leaves the file unmapped when it is empty or
- * mmap fails; -1 only for a bad index. weights_read checks the file's
- * current size before touching the mapping, so a file truncated after
- * opening fails with "truncated" rather than SIGBUS (a truncation racing
- * with the copy itself can still fault, as with any mapped file). */
-int weights_map_file(mp_weights *w, uint32_t i, mp_error *err);
 
 #endif

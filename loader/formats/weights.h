@@ -62,4 +62,16 @@ mp_tensor *weights_add_tensor(mp_weights *w, mp_error *err);
  * Errors: "truncated" at end of file, "io_error". */
 int weights_pread(int fd, void *buf, size_t len, uint64_t off, mp_error *err);
 
+/* Public because consumers that stream whole files (convert, shard, the
+ * Redis publisher) read faster through a mapping.
+ * Maps file i whole, read-only, so that weights_read copies tensors out of
+ * the page cache with memcpy instead of pread (faster: no per-call copy
+ * setup, and the kernel maps large page-cache folios with huge entries).
+ * Best effort: returns 0 and leaves the file unmapped when it is empty or
+ * mmap fails; -1 only for a bad index. weights_read checks the file's
+ * current size before touching the mapping, so a file truncated after
+ * opening fails with "truncated" rather than SIGBUS (a truncation racing
+ * with the copy itself can still fault, as with any mapped file). */
+int weights_map_file(mp_weights *w, uint32_t i, mp_error *err);
+
 #endif

@@ -8,11 +8,14 @@
 #include <string.h>
 
 #include "loader/hub/hub.h"
+#include "loader/jobs/jobs_internal.h"
+#include "loader/models/models.h"
 #include "util/jobtype.h"
 
 #define MAX_PATTERNS 256
 
 static const char *const load_formats[] = {"auto", "safetensors", "pt", "gguf", "all", NULL};
+static const char *const addressing_values[] = {"path", "virtual", NULL};
 
 static const mp_param_spec download_params[] = {
     {"allow_patterns", MP_P_STRING_ARRAY, NULL, 0, 0},
@@ -22,6 +25,9 @@ static const mp_param_spec download_params[] = {
     {"connections", MP_P_INT, NULL, 1, 64},
     {"chunk_bytes", MP_P_INT, NULL, (int64_t)HUB_MIN_CHUNK_BYTES, (int64_t)1 << 32},
     {"max_retries", MP_P_INT, NULL, 0, 20},
+    /* s3:// models only (job_download_s3.c) */
+    {"addressing", MP_P_STRING, addressing_values, 0, 0},
+    {"overwrite", MP_P_BOOL, NULL, 0, 0},
     {NULL, 0, NULL, 0, 0},
 };
 
@@ -43,6 +49,13 @@ static int check_patterns(json_t *arr, const char *field, mp_error *err) {
 
 static int download_validate(const mp_task_info *info, mp_error *err) {
     json_t *p = info->params;
+    if (check_patterns(json_object_get(p, "allow_patterns"), "params.allow_patterns", err) ||
+        check_patterns(json_object_get(p, "ignore_patterns"), "params.ignore_patterns", err))
+        return -1;
+    if (mref_is_remote(info->model)) return job_s3_download_validate(info, err);
+    if (json_object_get(p, "addressing") || json_object_get(p, "overwrite"))
+        return mp_err_field(err, "params", "bad_param",
+                            "addressing and overwrite apply to s3:// downloads only");
     if (!hub_repo_id_valid(info->model))
         return mp_err_field(err, "model", "bad_param", "download needs a hub repo id (org/name)");
     const char *rev = info->revision ? info->revision : "main";
@@ -106,6 +119,7 @@ static size_t string_list(json_t *arr, const char **out) {
 
 static int download_run(mp_task *t) {
     const mp_task_info *info = task_info(t);
+    if (mref_is_remote(info->model)) return job_s3_download_run(t);
     json_t *p = info->params;
     const mp_task_env *env = info->env;
     hub_download_opts o = {0};
@@ -161,5 +175,5 @@ const mp_job_type mp_job_download = {
     .params = download_params,
     .validate = download_validate,
     .run = download_run,
-    .flags = MP_JOB_RESUMABLE | MP_JOB_HUB_ONLY,
+    .flags = MP_JOB_RESUMABLE | MP_JOB_HUB_ONLY | MP_JOB_REMOTE_SOURCE,
 };

@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "loader/jobs/jobs_internal.h"
+#include "loader/models/models.h"
 #include "loader/warm/warm.h"
 #include "loader/residents/residents.h"
 #include "util/jobtype.h"
@@ -124,6 +126,10 @@ static int key_path(const mp_task_info *in, const char *given, char *out, mp_err
 static int wl_validate(const mp_task_info *in, mp_error *err) {
     wl_params w;
     if (parse_params(in->params, &w, err) != 0) return -1;
+    if (mref_is_remote(in->model) &&
+        job_warm_remote_validate(in, json_string_value(json_object_get(in->params, "load_format")),
+                                 err) != 0)
+        return -1;
     if (w.key_file) {
         char p[PATH_MAX];
         if (key_path(in, w.key_file, p, err) != 0) return -1;
@@ -245,7 +251,9 @@ static int wl_run(mp_task *t) {
     wl_params w;
     if (parse_params(in->params, &w, &err) != 0) return task_fail(t, err.code, "%s", err.message);
     gpu_set *gpus = in->env ? in->env->gpus : NULL;
-    if (!gpus || !in->model_path) return task_fail(t, "internal", "no devices or no model path");
+    bool remote = mref_is_remote(in->model) && !in->model_path;
+    if (!gpus || (!in->model_path && !remote))
+        return task_fail(t, "internal", "no devices or no model path");
     int ndev = gpu_set_count(gpus);
     for (int i = 0; i < w.tp_size; i++)
         if (w.devices[i] < 0 || w.devices[i] >= ndev)
@@ -264,7 +272,9 @@ static int wl_run(mp_task *t) {
 
     load_source src;
     double o0 = time_mono();
-    if (load_source_open(in->model_path, w.format, w.tp_size, &src, &err) != 0) {
+    json_t *remote_info = NULL;
+    if ((remote ? job_warm_remote_open(t, w.tp_size, &w.format, &src, &remote_info, &err)
+                : load_source_open(in->model_path, w.format, w.tp_size, &src, &err)) != 0) {
         memset(key, 0, sizeof key);
         return task_fail(t, err.code, "%s", err.message);
     }
@@ -284,6 +294,7 @@ static int wl_run(mp_task *t) {
                          .dtype = w.dtype,
                          .dummy = w.format == LOAD_FMT_DUMMY};
     if (load_plan_build(&src, &po, &plan, &err) != 0) {
+        json_decref(remote_info);
         load_source_free(&src);
         memset(key, 0, sizeof key);
         return task_fail(t, err.code, "%s", err.message);
@@ -310,12 +321,17 @@ static int wl_run(mp_task *t) {
     int rc = load_run(gpus, &src, &plan, &ro, arenas, &st, &err);
     memset(key, 0, sizeof key);
     if (rc != 0) {
+        json_decref(remote_info);
         load_plan_free(&plan);
         load_source_free(&src);
         return task_fail(t, err.code, "%s", err.message);
     }
     double total_s = time_mono() - t_start;
     json_t *result = build_result(&src, &plan, &w, &st, plan_s, open_s, total_s, gpus);
+    if (result && remote_info)
+        json_object_set_new(result, "remote", remote_info);
+    else
+        json_decref(remote_info);
     rc = 0;
     if (!result) {
         rc = mp_err(&err, "no_memory", "out of memory");
@@ -366,5 +382,5 @@ const mp_job_type mp_job_warm_load = {
     .params = wl_params_spec,
     .validate = wl_validate,
     .run = wl_run,
-    .flags = MP_JOB_NEEDS_LOCAL,
+    .flags = MP_JOB_NEEDS_LOCAL | MP_JOB_REMOTE_SOURCE,
 };

@@ -32,4 +32,16 @@ int job_output_fresh(const char *out, bool overwrite, mp_error *err);
 int job_output_default(const mp_task_info *in, const char *sub, const char *suffix, bool make,
                        char **out, mp_error *err);
 
+/* The download job for an s3://bucket/prefix model (job_download_s3.c). */
+int job_s3_download_validate(const mp_task_info *info, mp_error *err);
+int job_s3_download_run(mp_task *t);
+
+/* warm_load of a remote model (job_warm_remote.c): the submit-time check,
+ * and opening a redis:// model's ranks as a sharded_state source (*fmt is
+ * set to it; *info describes what was read). */
+#include "loader/warm/warm.h"
+int job_warm_remote_validate(const mp_task_info *in, const char *format, mp_error *err);
+int job_warm_remote_open(mp_task *t, int tp, load_format *fmt, load_source *src, json_t **info,
+                         mp_error *err);
+
 #endif

@@ -12,10 +12,12 @@ extern const mp_job_type mp_job_inspect;
 extern const mp_job_type mp_job_warm_load;
 extern const mp_job_type mp_job_shard;
 extern const mp_job_type mp_job_prepare;
+extern const mp_job_type mp_job_publish;
 
 static const mp_job_type *const TYPES[] = {
-    &mp_job_download,  &mp_job_verify, &mp_job_convert, &mp_job_inspect,
-    &mp_job_warm_load, &mp_job_shard,  &mp_job_prepare, NULL,
+    &mp_job_download, &mp_job_verify,    &mp_job_convert,
+    &mp_job_inspect,  &mp_job_warm_load, &mp_job_shard,
+    &mp_job_prepare,  &mp_job_publish,   NULL,
 };
 
 const mp_job_type *const *job_types_all(void) {

@@ -83,4 +83,50 @@ json_t *cache_formats_of(json_t *names);
  * named by its sha256 as the hub advertised it): that sha256 into out (65
  * bytes). False for anything else. */
 bool cache_blob_sha256(const char *path, char *out);
+
+/* ---- remote stores (remote_ref.c) ----
+ * "model" may also name a remote store in SGLang's URL syntax:
+ *   s3://bucket/prefix            an object-store prefix of model files
+ *   redis://host[:port]/model     a KV store in SGLang's RedisConnector layout
+ * Everything is checked before use: bucket names as S3 allows them, prefix
+ * and model name components from a safe set (they become local directory
+ * names and SCAN patterns), no credentials in a model string (it is logged
+ * and listed). */
+typedef enum mref_scheme { MREF_NONE = 0, MREF_S3, MREF_REDIS } mref_scheme;
+
+#define MREF_BUCKET_MAX 63
+#define MREF_HOST_MAX 255
+#define MREF_SECRET_MAX 256
+
+typedef struct mref_remote {
+    mref_scheme scheme;
+    char bucket[MREF_BUCKET_MAX + 1];  /* s3 */
+    char prefix[MREF_MAX_LEN + 1];     /* s3: key prefix, no leading or trailing '/' */
+    char host[MREF_HOST_MAX + 1];      /* redis; an IPv6 literal without brackets */
+    int port;                          /* redis; 6379 unless given */
+    char model_name[MREF_MAX_LEN + 1]; /* redis: the URL path without its leading '/' */
+    /* redis only, and only where allow_secrets: the user and password of
+     * redis://user:password@host (as redis-py and SGLang read them). */
+    char user[MREF_SECRET_MAX + 1];
+    char password[MREF_SECRET_MAX + 1];
+    bool has_password;
+} mref_remote;
+
+/* True when s starts with "s3://" or "redis://" (then it is not a hub id or
+ * a path, and mref_remote_parse says whether it is usable). */
+bool mref_is_remote(const char *s);
+/* Parses and checks a remote URL (len must equal strlen). field names the
+ * request field in errors ("model", "params.url"). allow_secrets: accept
+ * user:password@ in a redis URL. Errors: "bad_model" (field set). */
+int mref_remote_parse(const char *s, size_t len, bool allow_secrets, const char *field,
+                      mref_remote *out, mp_error *err);
+/* Where a download of an s3:// model lives: <data_dir>/remote/s3/<bucket>/
+ * <prefix> into buf. Errors: "bad_model" (path too long). */
+int mref_remote_local_dir(const char *data_dir, const mref_remote *r, char *buf, size_t n,
+                          mp_error *err);
+/* For a job's model: parses it (no secrets) and, for s3://, *local is the
+ * realpath of the downloaded copy when one is there (else NULL; caller
+ * frees). Redis models have no local copy. */
+int mref_remote_resolve(const char *model, size_t len, const char *data_dir, mref_remote *out,
+                        char **local, mp_error *err);
 #endif

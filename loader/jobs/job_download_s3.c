@@ -1,0 +1,116 @@
+/*
+ * job_download_s3.c - the download job when its model is s3://bucket/prefix:
+ * the same params as a hub download where they mean the same thing
+ * (load_format, allow/ignore patterns, endpoint, connections, chunk_bytes,
+ * max_retries) plus addressing and overwrite, handed to
+ * remote_s3_download() (loader/remote). Resumable: a drain keeps the
+ * chunks that arrived and the re-queued job fetches only the rest (a crash
+ * starts over). The copy lands in
+ * <data_dir>/remote/s3/<bucket>/<prefix>/, which every other job then
+ * uses when given the same s3:// model.
+ */
+#include <string.h>
+
+#include "loader/jobs/jobs_internal.h"
+#include "loader/models/models.h"
+#include "loader/remote/remote.h"
+
+#define S3_MAX_PATTERNS 256
+
+int job_s3_download_validate(const mp_task_info *info, mp_error *err) {
+    mref_remote r;
+    if (mref_remote_parse(info->model, strlen(info->model), false, "model", &r, err) != 0)
+        return -1;
+    if (r.scheme != MREF_S3)
+        return mp_err_field(err, "model", "bad_model",
+                            "download takes a hub repo id or s3://bucket/prefix; a redis:// model "
+                            "is read by warm_load");
+    if (info->revision && strcmp(info->revision, "main") != 0)
+        return mp_err_field(err, "revision", "bad_param", "s3:// models have no revisions");
+    const char *ep = json_string_value(json_object_get(info->params, "endpoint"));
+    if (ep && !remote_endpoint_valid(ep))
+        return mp_err_field(err, "params.endpoint", "bad_param",
+                            "endpoint must be http(s)://host[:port]");
+    return 0;
+}
+
+/* An integer param, or dflt when absent (the spec has checked its type). */
+static json_int_t int_param(const json_t *p, const char *name, json_int_t dflt) {
+    json_t *v = json_object_get(p, name);
+    return v ? json_integer_value(v) : dflt;
+}
+
+static int cb_progress(void *arg, uint64_t done, uint64_t total, const char *msg) {
+    task_progress(arg, done, total, "bytes", msg);
+    return task_cancelled(arg);
+}
+static void cb_log(void *arg, const char *level, const char *msg) {
+    task_log(arg, level, "%s", msg);
+}
+static bool cb_cancelled(void *arg) {
+    return task_cancelled(arg);
+}
+static bool cb_draining(void *arg) {
+    return task_draining(arg);
+}
+
+static size_t strings(json_t *arr, const char **out) {
+    size_t n = 0, i;
+    json_t *v;
+    json_array_foreach(arr, i, v) {
+        if (n < S3_MAX_PATTERNS && json_is_string(v)) out[n++] = json_string_value(v);
+    }
+    return n;
+}
+
+int job_s3_download_run(mp_task *t) {
+    const mp_task_info *info = task_info(t);
+    json_t *p = info->params;
+    mp_error err = {0};
+    mref_remote src;
+    if (mref_remote_parse(info->model, strlen(info->model), false, "model", &src, &err) != 0)
+        return task_fail(t, err.code, "%s", err.message);
+    remote_s3_creds creds;
+    if (remote_s3_creds_load(info->env->s3_credentials_file, &creds, &err) != 0)
+        return task_fail(t, err.code, "%s", err.message);
+    const char *ep = json_string_value(json_object_get(p, "endpoint"));
+    if (!ep) ep = info->env->s3_endpoint;
+    const char *addr = json_string_value(json_object_get(p, "addressing"));
+    remote_s3_download_opts o = {
+        .src = &src,
+        .where = {.endpoint = ep,
+                  .virtual_hosted = addr ? strcmp(addr, "virtual") == 0 : !ep,
+                  .creds = &creds,
+                  .max_retries = int_param(p, "max_retries", -1)},
+        .data_dir = info->env->data_dir,
+        .tmp_tag = info->id,
+        .connections = int_param(p, "connections", 0),
+        .chunk_bytes = (uint64_t)int_param(p, "chunk_bytes", 0),
+        .overwrite = json_is_true(json_object_get(p, "overwrite")),
+    };
+    const char *fmt = json_string_value(json_object_get(p, "load_format"));
+    if (fmt && hub_parse_load_format(fmt, &o.load_format) != 0) {
+        remote_s3_creds_clear(&creds);
+        return task_fail(t, "bad_param", "unknown load_format %s", fmt);
+    }
+    const char *allow[S3_MAX_PATTERNS], *ignore[S3_MAX_PATTERNS];
+    json_t *a = json_object_get(p, "allow_patterns"), *ig = json_object_get(p, "ignore_patterns");
+    if (json_is_array(a)) {
+        o.allow = allow;
+        o.nallow = strings(a, allow);
+    }
+    if (json_is_array(ig)) {
+        o.ignore = ignore;
+        o.nignore = strings(ig, ignore);
+    }
+    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, cb_draining};
+    json_t *result = NULL;
+    int rc = remote_s3_download(&o, &cb, &result, &err);
+    remote_s3_creds_clear(&creds);
+    if (rc != 0) {
+        if (task_cancelled(t))
+            return task_fail(t, "cancelled", "download stopped: %s", err.message);
+        return task_fail(t, err.code[0] ? err.code : "internal", "%s", err.message);
+    }
+    return task_succeed(t, result);
+}

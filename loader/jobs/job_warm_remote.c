@@ -1,0 +1,131 @@
+/*
+ * job_warm_remote.c - warm_load of a redis://host:port/model_name model
+ * (SGLang's KV layout): the ranks are staged in memory by
+ * remote_redis_stage (loader/remote) and opened as a sharded_state
+ * checkpoint, rank r for the device that serves rank r; the staging folder
+ * and its descriptors go as soon as the loader has its own, so nothing of
+ * the model stays on disk. An s3:// model without a downloaded copy is
+ * fetched the same way into memory (the files a download would choose, by
+ * parallel ranged GETs, checked as a download checks them) and loaded in
+ * the requested format; with a copy, the copy is loaded.
+ */
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "loader/jobs/jobs_internal.h"
+#include "loader/models/models.h"
+#include "loader/remote/remote.h"
+#include "util/fsutil.h"
+
+int job_warm_remote_validate(const mp_task_info *in, const char *format, mp_error *err) {
+    mref_remote r;
+    if (mref_remote_parse(in->model, strlen(in->model), false, "model", &r, err) != 0) return -1;
+    if (r.scheme == MREF_REDIS && format && strcmp(format, "auto") != 0 &&
+        strcmp(format, "sharded_state") != 0)
+        return mp_err_field(err, "params.load_format", "bad_value",
+                            "a redis:// model holds per-rank tensors: load_format auto or "
+                            "sharded_state");
+    return 0;
+}
+
+static int cb_progress(void *arg, uint64_t done, uint64_t total, const char *msg) {
+    task_progress(arg, done, total, "bytes", msg);
+    return task_cancelled(arg);
+}
+static void cb_log(void *arg, const char *level, const char *msg) {
+    task_log(arg, level, "%s", msg);
+}
+static bool cb_cancelled(void *arg) {
+    return task_cancelled(arg);
+}
+
+#define WR_MAX_FILES 4096
+
+static int open_s3(mp_task *t, const mref_remote *r, int tp, load_format *fmt, load_source *src,
+                   json_t **info, mp_error *err) {
+    const mp_task_info *in = task_info(t);
+    remote_s3_creds creds;
+    if (remote_s3_creds_load(in->env->s3_credentials_file, &creds, err) != 0) return -1;
+    /* the files the requested format needs, as a download would pick them */
+    hub_load_format hf = *fmt == LOAD_FMT_AUTO          ? HUB_FMT_AUTO
+                         : *fmt == LOAD_FMT_SAFETENSORS ? HUB_FMT_SAFETENSORS
+                         : *fmt == LOAD_FMT_PT          ? HUB_FMT_PT
+                         : *fmt == LOAD_FMT_GGUF        ? HUB_FMT_GGUF
+                                                        : HUB_FMT_ALL;
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s/remote/.tmp/%s-s3", in->env->data_dir, in->id);
+    int *fds = calloc(WR_MAX_FILES, sizeof *fds);
+    size_t nfds = 0;
+    if (!fds) {
+        remote_s3_creds_clear(&creds);
+        return mp_err(err, "no_memory", "out of memory");
+    }
+    remote_s3_download_opts o = {
+        .src = r,
+        .where = {.endpoint = in->env->s3_endpoint,
+                  .virtual_hosted = !in->env->s3_endpoint,
+                  .creds = &creds,
+                  .max_retries = -1},
+        .data_dir = in->env->data_dir,
+        .tmp_tag = in->id,
+        .load_format = hf,
+        .stage_dir = dir,
+        .stage_fds = fds,
+        .stage_max = WR_MAX_FILES,
+        .nstage_fds = &nfds,
+    };
+    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, NULL};
+    int rc = remote_s3_download(&o, &cb, info, err);
+    remote_s3_creds_clear(&creds);
+    if (rc == 0) {
+        json_object_del(*info, "path"); /* the staging folder, gone below */
+        rc = load_source_open(dir, *fmt, tp, src, err);
+        if (rc != 0) {
+            json_decref(*info);
+            *info = NULL;
+        }
+    }
+    remote_unstage_dir(dir, fds, nfds);
+    free(fds);
+    return rc;
+}
+
+int job_warm_remote_open(mp_task *t, int tp, load_format *fmt, load_source *src, json_t **info,
+                         mp_error *err) {
+    const mp_task_info *in = task_info(t);
+    *info = NULL;
+    mref_remote r;
+    if (mref_remote_parse(in->model, strlen(in->model), false, "model", &r, err) != 0) return -1;
+    if (r.scheme == MREF_S3) return open_s3(t, &r, tp, fmt, src, info, err);
+    char *pw = NULL;
+    size_t pwlen = 0;
+    if (in->env->redis_password_file &&
+        fs_read_all(in->env->redis_password_file, 4096, &pw, &pwlen, err) != 0)
+        return mp_err_wrap(err, "bad_credentials", "--redis-password-file");
+    if (pw) pw[strcspn(pw, "\r\n")] = 0;
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s/remote/.tmp/%s-redis", in->env->data_dir, in->id);
+    int fds[GPU_MAX_DEVICES];
+    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, NULL};
+    int rc = remote_redis_stage(&r, pw, tp, dir, 0, &cb, fds, info, err);
+    if (pw) {
+        memset(pw, 0, pwlen);
+        free(pw);
+    }
+    if (rc != 0) return -1;
+    *fmt = LOAD_FMT_SHARDED_STATE;
+    json_t *ranks = *info;
+    *info = json_pack("{s:s,s:o}", "url", in->model, "ranks", ranks);
+    if (!*info) {
+        remote_redis_unstage(dir, fds, tp);
+        return mp_err(err, "no_memory", "out of memory");
+    }
+    rc = load_source_open(dir, LOAD_FMT_SHARDED_STATE, tp, src, err);
+    remote_redis_unstage(dir, fds, tp);
+    if (rc != 0) {
+        json_decref(*info);
+        *info = NULL;
+    }
+    return rc;
+}
