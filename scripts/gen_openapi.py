@@ -71,11 +71,18 @@ MODEL_PATH = {"type": "string", "pattern": ABS_PATH, "minLength": 2, "maxLength"
               "description": "an absolute directory under a --model-root, <data>/converted or <data>/sharded (a job result's next_model; at most 1024 characters)"}
 # Each alternative complete in itself (keywords next to anyOf make the
 # boundary-case generators slow and confused).
-MODEL_S3 = {"type": "string", "pattern": "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\\x00]*)?$", "maxLength": 1024,
+# Remote models, as loader/models/remote_ref.c takes them (these patterns are
+# a strict subset: names start with a letter or digit, buckets have no dots).
+_RNAME = "[A-Za-z0-9][A-Za-z0-9._+=,@~-]{0,254}"
+_RPATH = _RNAME + "(/" + _RNAME + ")*"
+_PORT = "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+S3_URL = "^s3://[a-z0-9][a-z0-9-]{1,61}[a-z0-9]/" + _RPATH + "$"
+REDIS_URL = "^redis://[a-z0-9]{1,63}(\\.[a-z0-9]{1,63}){0,3}(:" + _PORT + ")?/" + _RPATH + "$"
+MODEL_S3 = {"type": "string", "pattern": S3_URL, "maxLength": 1024,
             "description": "s3://bucket/prefix: download pulls it; the other jobs use its downloaded copy"}
-MODEL_REDIS = {"type": "string", "pattern": "^redis://[^\\s\\x00/]+/[^\\s\\x00]+$", "maxLength": 1024,
+MODEL_REDIS = {"type": "string", "pattern": REDIS_URL, "maxLength": 1024,
                "description": "redis://host:port/model_name in SGLang's KV layout (warm_load)"}
-MODEL_ANY = {"anyOf": [MODEL_REPO, MODEL_PATH, MODEL_S3, MODEL_REDIS],
+MODEL_ANY = {"anyOf": [MODEL_REPO, MODEL_PATH, MODEL_S3],
              "description": "a hub repo id (org/name) or an absolute directory under a "
                             "--model-root (at most 1024 characters)"}
 REVISION_S = {"type": "string", "pattern": REVISION, "minLength": 1, "maxLength": 255,
@@ -247,10 +254,11 @@ JOB_PARAMS = {
     "prepare": obj({"for": enum("sglang", "vllm", "transformers"), "tp_size": I_(1, 1024), "devices": IA(0, 63, description=DEVICES_DESC),
                     "dtype": enum("keep", "bf16", "fp16", "fp32"), "load": B,
                     "allow_patterns": {"type": "array", "items": S_(pattern=NO_NUL, maxLength=1024)}}),
-    "publish": obj({"url": S_(pattern="^(s3|redis)://[^\\s\\x00]+$", maxLength=2048,
+    "publish": obj({"url": S_(pattern="(" + S3_URL + ")|(" + REDIS_URL + ")", maxLength=1024,
                               description="s3://bucket/prefix or redis://[[user]:password@]host[:port]/model_name"),
                     "tp_size": I_(1, 1024), "naming": enum("sglang", "hf"), "pipeline_bytes": I_(1 << 20, 1 << 34),
-                    "endpoint": S_(pattern="^https?://[^\\s\\x00]*$", maxLength=256),
+                    "endpoint": S_(pattern="^https?://[a-z0-9]{1,63}(\\.[a-z0-9]{1,63}){0,3}(:" + _PORT + ")?$", maxLength=256,
+                                   description="the S3 endpoint, http(s)://host[:port] (s3:// urls only)"),
                     "addressing": enum("path", "virtual"), "part_bytes": I_(REMOTE_MIN_PART_BYTES, 5 << 30),
                     "connections": I_(1, 64), "max_retries": I_(0, 20), "overwrite": B}, required=["url"]),
 }
@@ -264,7 +272,9 @@ for name in JOB_TYPES:
     schemas["JobRequest_" + name] = {
         "type": "object", "required": req, "additionalProperties": False,
         "properties": {"type": enum(name),
-                       "model": {"anyOf": [MODEL_REPO, MODEL_S3]} if name == "download" else MODEL_ANY,
+                       "model": ({"anyOf": [MODEL_REPO, MODEL_S3]} if name == "download" else
+                                 dict(MODEL_ANY, anyOf=MODEL_ANY["anyOf"] + [MODEL_REDIS]) if name == "warm_load" else
+                                 MODEL_ANY),
                        "revision": REVISION_S,
                        "params": ref("Params_" + name)}}
 schemas["JobRequest"] = {"oneOf": [ref("JobRequest_" + n) for n in JOB_TYPES],

@@ -377,11 +377,12 @@ static int config_flags(mp_config *cfg, int argc, char **argv, mp_error *err) {
     return 0;
 }
 
-/* The output folders of convert and shard, made now so that they can be
- * realpath'd, and the list of every root a local model may live under. */
+/* The output folders of convert, shard and s3 downloads, made now so that
+ * they can be realpath'd, and the list of every root a local model may live
+ * under. */
 static int config_roots(mp_config *cfg, mp_error *err) {
-    static const char *const OUTS[] = {"converted", "sharded"};
-    for (int i = 0; i < 2; i++) {
+    static const char *const OUTS[] = {"converted", "sharded", "remote/s3"};
+    for (int i = 0; i < 3; i++) {
         char dir[4200];
         snprintf(dir, sizeof dir, "%s/%s", cfg->data_dir, OUTS[i]);
         if (fs_mkdirs(dir, err) != 0) return -1;

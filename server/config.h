@@ -18,13 +18,14 @@ typedef struct mp_config {
     char *hf_token;                            /* owned; HF_TOKEN */
     char *model_roots[MP_MAX_MODEL_ROOTS + 1]; /* owned, realpath'd, NULL-terminated */
     int n_model_roots;
-    /* The folders our own jobs write models into (<data>/converted and
-     * <data>/sharded, made at start, realpath'd, owned): implicit model roots,
-     * so a job's output can be the next job's model without a --model-root. */
-    char *output_roots[3];
+    /* The folders our own jobs write models into (<data>/converted,
+     * <data>/sharded and <data>/remote/s3, made at start, realpath'd, owned):
+     * implicit model roots, so a job's output can be the next job's model
+     * without a --model-root. */
+    char *output_roots[4];
     /* Where a local model may live: model_roots then output_roots
      * (borrowed, NULL-terminated). What confinement and run functions use. */
-    const char *roots[MP_MAX_MODEL_ROOTS + 3];
+    const char *roots[MP_MAX_MODEL_ROOTS + 4];
     int workers;
     int http_threads;
     int max_connections;

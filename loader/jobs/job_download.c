@@ -54,7 +54,7 @@ static int download_validate(const mp_task_info *info, mp_error *err) {
         return -1;
     if (mref_is_remote(info->model)) return job_s3_download_validate(info, err);
     if (json_object_get(p, "addressing") || json_object_get(p, "overwrite"))
-        return mp_err_field(err, "params", "bad_param",
+        return mp_err_field(err, "params", "param_conflict",
                             "addressing and overwrite apply to s3:// downloads only");
     if (!hub_repo_id_valid(info->model))
         return mp_err_field(err, "model", "bad_param", "download needs a hub repo id (org/name)");

@@ -26,10 +26,10 @@ int job_s3_download_validate(const mp_task_info *info, mp_error *err) {
                             "download takes a hub repo id or s3://bucket/prefix; a redis:// model "
                             "is read by warm_load");
     if (info->revision && strcmp(info->revision, "main") != 0)
-        return mp_err_field(err, "revision", "bad_param", "s3:// models have no revisions");
+        return mp_err_field(err, "revision", "param_conflict", "s3:// models have no revisions");
     const char *ep = json_string_value(json_object_get(info->params, "endpoint"));
     if (ep && !remote_endpoint_valid(ep))
-        return mp_err_field(err, "params.endpoint", "bad_param",
+        return mp_err_field(err, "params.endpoint", "param_conflict",
                             "endpoint must be http(s)://host[:port]");
     return 0;
 }

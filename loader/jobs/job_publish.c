@@ -58,7 +58,7 @@ static int publish_validate(const mp_task_info *in, mp_error *err) {
     const char *const *wrong = r.scheme == MREF_S3 ? redis_only : s3_only;
     for (int i = 0; wrong[i]; i++)
         if (json_object_get(in->params, wrong[i]))
-            return mp_err_field(err, "params", "bad_param", "params.%s does not apply to %s",
+            return mp_err_field(err, "params", "param_conflict", "params.%s does not apply to %s",
                                 wrong[i], r.scheme == MREF_S3 ? "s3://" : "redis://");
     const char *ep = json_string_value(json_object_get(in->params, "endpoint"));
     if (ep && !remote_endpoint_valid(ep))
