@@ -181,7 +181,9 @@ static void list_params(json_t *props) {
     json_object_foreach(props, k, v) {
         const char *t = jstr(v, "type");
         json_t *en = json_object_get(v, "enum");
-        fprintf(stderr, " --%s", k);
+        fputs(" --", stderr);
+        for (const char *p = k; *p; p++)
+            fputc(*p == '_' ? '-' : *p, stderr);
         if (json_is_array(en)) {
             fputs(" (", stderr);
             for (size_t i = 0; i < json_array_size(en); i++)

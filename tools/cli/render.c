@@ -277,8 +277,10 @@ void render_bars(cli_render *r, cli_bar *bars, int n, bool force) {
         size_t l = strlen(line);
         while (l && line[l - 1] == ' ')
             line[--l] = 0;
-        fprintf(r->out, "%s\n", line);
         bars[i].changed = false;
+        if (strncmp(bars[i].printed, line, sizeof bars[i].printed - 1) == 0) continue;
+        snprintf(bars[i].printed, sizeof bars[i].printed, "%s", line);
+        fprintf(r->out, "%s\n", line);
         any = true;
     }
     if (any) {
