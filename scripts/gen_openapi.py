@@ -86,7 +86,8 @@ schemas = {
                                                "commit": {"type": "string"}, "path": {"type": "string"},
                                                "size_bytes": {"type": "integer"}, "files": {},
                                                "formats": {"type": "array", "items": {"type": "string"}},
-                                               "inspection": {"type": "object", "nullable": True}}},
+                                               "inspection": {"type": "object", "nullable": True,
+                                                              "description": "the last inspect job's result on this model and revision (a path model: revision main): {result, job_id, at}, null when never inspected"}}},
     "Resident": {"type": "object", "properties": {"id": {"type": "string"}, "model": {"type": "string"},
                                                   "revision": {"type": "string"}, "state": {"type": "string"},
                                                   "bytes": {"type": "integer"}, "devices": {"type": "array", "items": {"type": "object"}},
@@ -155,7 +156,7 @@ paths = {
     "/v1/devices": {"get": op("devices weights can be placed on", {"200": resp("devices", {"type": "object", "properties": {"devices": {"type": "array", "items": ref("Device")},
                                                                                                        "cuda_error": {"type": "string", "nullable": True,
                                                                                                                       "description": "why CUDA discovery found no device (e.g. a driver older than the runtime); null when it did not fail"}}}), **ERR})},
-    "/v1/models": {"get": op("every model a job can take: the hub cache (kind hub), the model roots (local) and our outputs (converted, sharded)", {"200": resp("models", {"type": "object", "properties": {"models": {"type": "array", "items": ref("Model")}}}), **ERR})},
+    "/v1/models": {"get": op("every model a job can take: the hub cache (kind hub), the model roots (local) and our outputs (converted, sharded), each with its last inspection", {"200": resp("models", {"type": "object", "properties": {"models": {"type": "array", "items": ref("Model")}}}), **ERR})},
     "/v1/models/{org}/{name}": {
         "get": op("one cached model with its files and last inspection", {"200": resp("model", ref("Model")), "404": PROBLEM, **ERR},
                   params=[path_param("org"), path_param("name"), query("revision", {"type": "string"})]),

@@ -415,6 +415,10 @@ static int job_outcome(json_t *job, int status) {
         }
         return CLI_EXIT_OK;
     }
+    if (!strcmp(state, "cancelled")) {
+        fprintf(stderr, "modelprep: job %s cancelled\n", jstr(job, "id"));
+        return CLI_EXIT_FAILED;
+    }
     if (state[0]) {
         json_t *e = json_object_get(job, "error");
         fprintf(stderr, "modelprep: job %s %s: %s: %s\n", jstr(job, "id"), state, jstr(e, "code"),

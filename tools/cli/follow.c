@@ -9,7 +9,9 @@
  * be running behind a restarting proxy or server); the replayed logs we
  * already printed are skipped by count, since logs are kept in order. A
  * first Ctrl-C asks the server to cancel and keeps following, so the user
- * sees the job end; a second leaves the job running and returns.
+ * sees the job end. The cancel is sent 1.5 s after that Ctrl-C: a second
+ * one within that time leaves the job running and returns (after it, the
+ * client just stops waiting for the cancel to finish).
  */
 #include <curl/curl.h>
 #include <stdlib.h>
@@ -25,6 +27,7 @@
  * document, an inspect result included, which stays far below this. */
 #define MAX_EVENT_LINE (8u << 20)
 #define UNREACHABLE_AFTER_S 15.0
+#define CANCEL_GRACE_S 1.5
 
 volatile sig_atomic_t cli_interrupts;
 
@@ -337,8 +340,7 @@ static void ask_cancel(follower *f, const char *id) {
     cli_resp r;
     int rc = cli_request(f->c, "DELETE", path, NULL, &r);
     if (rc == CLI_HTTP_OK && (r.status == 202 || r.status == 409))
-        render_line(&f->r, f->bars, f->nbars,
-                    "cancelling job %s (Ctrl-C again to leave it running)", id);
+        render_line(&f->r, f->bars, f->nbars, "cancel requested for job %s", id);
     else
         render_line(&f->r, f->bars, f->nbars, "could not cancel job %s: %s", id,
                     rc == CLI_HTTP_OK ? "the server refused" : r.error);
@@ -375,17 +377,35 @@ int follow_job(cli_client *c, json_t *job, render_mode mode, json_t **final) {
     }
     double unreachable_since = 0;
     bool cancel_sent = false;
+    double ctrlc_at = 0;
     while (!status && !f->final) {
         if (cli_interrupts >= 2) {
             render_done(&f->r, f->bars, f->nbars);
-            fprintf(stderr, "modelprep: left job %s running; follow it with: modelprep watch %s\n",
-                    id, id);
+            if (cancel_sent)
+                fprintf(stderr,
+                        "modelprep: stopped following job %s (its cancel was requested); "
+                        "modelprep watch %s follows it again\n",
+                        id, id);
+            else
+                fprintf(stderr,
+                        "modelprep: left job %s running; follow it with: modelprep watch %s\n", id,
+                        id);
             status = CLI_EXIT_INTERRUPTED;
             break;
         }
+        /* The cancel goes out after a short grace, so that a second Ctrl-C
+         * can still mean "leave it running" rather than come too late. */
         if (cli_interrupts == 1 && !cancel_sent) {
-            cancel_sent = true;
-            ask_cancel(f, id);
+            double now = time_mono();
+            if (ctrlc_at == 0) {
+                ctrlc_at = now;
+                render_line(&f->r, f->bars, f->nbars,
+                            "cancelling job %s in %.1f s (Ctrl-C again to leave it running)", id,
+                            CANCEL_GRACE_S);
+            } else if (now - ctrlc_at >= CANCEL_GRACE_S) {
+                cancel_sent = true;
+                ask_cancel(f, id);
+            }
         }
         int running = 0;
         curl_multi_perform(f->m, &running);

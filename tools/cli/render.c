@@ -201,6 +201,11 @@ static void bar_text(const cli_bar *b, int cols, bool tty, char *out, size_t len
         snprintf(out + n, len - (size_t)n, "skipped  %s", b->note);
     } else if (final_state(b->state)) {
         const char *mark = !strcmp(b->state, "succeeded") ? "done" : b->state;
+        /* A cancel's error says only that it was cancelled. */
+        if (!strcmp(b->state, "cancelled")) {
+            snprintf(out + n, len - (size_t)n, "cancelled");
+            goto cut;
+        }
         if (b->total && !strcmp(b->state, "succeeded"))
             snprintf(out + n, len - (size_t)n, "%-9s %s", mark, total);
         else
@@ -234,6 +239,7 @@ static void bar_text(const cli_bar *b, int cols, bool tty, char *out, size_t len
         else
             snprintf(out + n, len - (size_t)n, "%s %s", b->state, b->note);
     }
+cut:
     (void)tty;
     /* Never wider than the terminal: a wrapped line would throw off the
      * count of lines to move up by. */
@@ -242,7 +248,9 @@ static void bar_text(const cli_bar *b, int cols, bool tty, char *out, size_t len
 }
 
 static void tty_clear(cli_render *r) {
-    if (r->drawn > 0) fprintf(r->out, "\x1b[%dA\x1b[J", r->drawn);
+    /* \r first: a ^C echoed by the terminal moved the cursor off column 0,
+     * and [J clears only from the cursor on. */
+    if (r->drawn > 0) fprintf(r->out, "\r\x1b[%dA\x1b[J", r->drawn);
     r->drawn = 0;
 }
 
@@ -250,7 +258,7 @@ static void tty_draw(cli_render *r, cli_bar *bars, int n) {
     char line[512];
     for (int i = 0; i < n; i++) {
         bar_text(&bars[i], r->cols, true, line, sizeof line);
-        fprintf(r->out, "\x1b[2K%s\n", line);
+        fprintf(r->out, "\r\x1b[2K%s\n", line);
         bars[i].changed = false;
     }
     r->drawn = n;
