@@ -42,9 +42,8 @@ void h_models_list(http_req *rq, http_resp *rs) {
     json_t *m;
     json_array_foreach(models, i, m) {
         const char *rev = json_string_value(json_object_get(m, "revision"));
-        json_t *insp = store_inspection_get(rq->srv->store,
-                                            json_string_value(json_object_get(m, "model")),
-                                            rev ? rev : "main");
+        json_t *insp = store_inspection_get(
+            rq->srv->store, json_string_value(json_object_get(m, "model")), rev ? rev : "main");
         json_object_set_new(m, "inspection", insp ? insp : json_null());
     }
     resp_json(rs, 200, json_pack("{s:o}", "models", models));

@@ -600,7 +600,7 @@
       const sizeCell = el("td", { class: "num", text: fmtBytes(m.size_bytes) });
       sizeCell.title = (m.files || 0) + " files · " + (m.formats || []).join(", ");
       return el("tr", { "data-model": m.model, "data-kind": m.kind },
-        el("td", {}, clip(label, "mono model-name"), el("div", {}, clip(m.path || m.model, "mono muted small path"))),
+        el("td", { title: m.model }, clip(label, "mono model-name"), el("div", {}, clip(m.path || m.model, "mono muted small path"))),
         el("td", {}, el("span", { class: "kind", "data-kind": m.kind, text: m.kind })),
         sizeCell,
         el("td", { class: "inspection" }, ...inspectionCells(m.inspection)),

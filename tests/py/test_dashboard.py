@@ -286,10 +286,12 @@ def test_dashboard_models_detail_and_form(make_server, model_root, browser):
     row = wait(drv).until(EC.presence_of_element_located((By.CSS_SELECTOR, row_sel)))
     assert "converted" in row.text and "not inspected" in row.text
     # the path is one line, cut with an ellipsis, whole in the tooltip
-    name = row.find_element(By.CSS_SELECTOR, ".model-name")
-    assert name.get_attribute("title") == converted
-    assert name.value_of_css_property("white-space") == "nowrap"
-    assert name.value_of_css_property("text-overflow") == "ellipsis"
+    assert row.find_element(By.CSS_SELECTOR, ".model-name").text == "old"
+    path = row.find_element(By.CSS_SELECTOR, ".path")
+    assert path.get_attribute("title") == converted
+    assert path.value_of_css_property("white-space") == "nowrap"
+    assert path.value_of_css_property("text-overflow") == "ellipsis"
+    assert path.size["height"] < 20  # one line
 
     # actions submit jobs: inspect fills in what the model is
     row.find_element(By.CSS_SELECTOR, "button.act-inspect").click()
