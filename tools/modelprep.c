@@ -802,11 +802,6 @@ static int cmd_devices(cli_client *c, opts *o) {
 
 /* ---- main ------------------------------------------------------------------------------ */
 
-static void on_sigint(int sig) {
-    (void)sig;
-    if (cli_interrupts < 2) cli_interrupts++;
-}
-
 static char *read_token_file(const char *path) {
     FILE *f = fopen(path, "r");
     if (!f) return NULL;
@@ -900,11 +895,6 @@ int main(int argc, char **argv) {
         fprintf(stderr, "modelprep: cannot start libcurl\n");
         return CLI_EXIT_FAILED;
     }
-    /* No SA_RESTART: a Ctrl-C wakes the follower's poll at once. */
-    struct sigaction sa = {0};
-    sa.sa_handler = on_sigint;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
     cli_client c;
     if (cli_client_init(&c, o.url, o.token) != 0) {

@@ -309,10 +309,14 @@ def test_cli_terminal_progress_and_ctrl_c(make_server, tmp_path):
         stop_hub(hub)
 
 
+Y = {"id": "j_y", "type": "verify", "model": "m", "state": "queued"}
+
+
 class Hostile(http.server.BaseHTTPRequestHandler):
     """Answers like modelprepd, badly: events that are not JSON, one event
     line of 20 MiB, a list that is not JSON."""
     protocol_version = "HTTP/1.0"
+    y_streams = 0
 
     def log_message(self, *a):
         pass
@@ -339,6 +343,20 @@ class Hostile(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"event: " + b"k" * 5000 + b"\ndata: {}\n\n")
             self.wfile.write(b"\x00\xff\xfe garbage without a newline")
             # the stream ends before the job did: the client asks for the job
+        elif self.path == "/v1/jobs/j_y/events":
+            # dropped after one log, then replayed from the start: the
+            # client prints each log once
+            Hostile.y_streams += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'event: log\ndata: {"level":"info","message":"first log"}\n\n')
+            if Hostile.y_streams > 1:
+                self.wfile.write(b'event: log\ndata: {"level":"info","message":"second log"}\n\n')
+                self.wfile.write(b'event: state\ndata: ' + json.dumps(
+                    dict(Y, state="succeeded", result={"ok": True})).encode() + b"\n\n")
+        elif self.path == "/v1/jobs/j_y":
+            self.send(200, json.dumps(dict(Y, state="running")).encode())
         elif self.path == "/v1/jobs/j_x":
             self.send(200, json.dumps({"id": "j_x", "type": "verify", "model": "m",
                                        "state": "failed", "error": {
@@ -366,6 +384,11 @@ def test_cli_hostile_server():
         assert "not JSON" in p.stderr
         p = run(None, "ls", env=env)
         assert p.returncode == 1 and "not JSON" in p.stderr, p.stderr
+        # a stream that drops mid-job is reopened; replayed logs are not repeated
+        p = run(None, "watch", "j_y", env=env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.count("first log") == 1 and p.stdout.count("second log") == 1, p.stdout
+        assert Hostile.y_streams == 2
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -28,8 +28,29 @@
 #define MAX_EVENT_LINE (8u << 20)
 #define UNREACHABLE_AFTER_S 15.0
 #define CANCEL_GRACE_S 1.5
+#define MAX_REOPENS 20
 
 volatile sig_atomic_t cli_interrupts;
+
+static void on_sigint(int sig) {
+    (void)sig;
+    if (cli_interrupts < 2) cli_interrupts++;
+}
+
+/* Ctrl-C is ours only while following; elsewhere it stops the client as
+ * usual. No SA_RESTART: a Ctrl-C wakes the poll at once. */
+static void catch_sigint(bool on, struct sigaction *old) {
+    if (on) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_sigint;
+        sigemptyset(&sa.sa_mask);
+        cli_interrupts = 0;
+        sigaction(SIGINT, &sa, old);
+    } else {
+        sigaction(SIGINT, old, NULL);
+    }
+}
 
 struct follower;
 
@@ -54,6 +75,7 @@ typedef struct follower {
     bool steps_dirty;
     bool final;
     bool force_draw;
+    int reopens; /* stream reopenings since the last event */
     cli_bar bars[MAX_BARS];
     int nbars;
     cli_render r;
@@ -138,6 +160,7 @@ static void steps_to_bars(follower *f, json_t *steps) {
 static void on_event(void *arg, const char *kind, const char *data) {
     stream *s = arg;
     follower *f = s->f;
+    f->reopens = 0;
     json_t *doc = json_loads(data, 0, NULL);
     if (!json_is_object(doc)) {
         f->bad_events++;
@@ -320,6 +343,18 @@ static int root_dropped(follower *f, stream *s, double *unreachable_since) {
         return CLI_EXIT_FAILED;
     }
     cli_resp_free(&r);
+    /* A stream that keeps failing while the job goes on (a proxy that cuts
+     * it, a server refusing streams): not forever. */
+    if (rc != CLI_HTTP_UNREACHABLE && ++f->reopens > MAX_REOPENS) {
+        render_done(&f->r, f->bars, f->nbars);
+        fprintf(stderr, "modelprep: the event stream of job %s keeps failing; it is still %s\n",
+                s->job, jstr(f->job, "state"));
+        return CLI_EXIT_FAILED;
+    }
+    if (rc != CLI_HTTP_UNREACHABLE && f->reopens > 1) {
+        struct timespec ts = {0, 500 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
     char job[48];
     snprintf(job, sizeof job, "%s", s->job);
     int skip = s->logs_seen + s->logs_skip;
@@ -377,6 +412,8 @@ int follow_job(cli_client *c, json_t *job, render_mode mode, json_t **final) {
     }
     double unreachable_since = 0;
     bool cancel_sent = false;
+    struct sigaction old_int;
+    catch_sigint(true, &old_int);
     double ctrlc_at = 0;
     while (!status && !f->final) {
         if (cli_interrupts >= 2) {
@@ -432,6 +469,7 @@ int follow_job(cli_client *c, json_t *job, render_mode mode, json_t **final) {
         f->force_draw = false;
         if (!status && !f->final) curl_multi_poll(f->m, NULL, 0, 100, NULL);
     }
+    catch_sigint(false, &old_int);
     if (status != CLI_EXIT_INTERRUPTED) render_done(&f->r, f->bars, f->nbars);
     if (f->bad_events)
         fprintf(stderr, "modelprep: %lu event(s) from the server were not JSON and were skipped\n",
