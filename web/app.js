@@ -548,6 +548,11 @@
     const out = $("models-result");
     out.className = "status";
     const req = { type, model: m.model, params: {} };
+    /* A shard output loads as sharded_state, one rank per device: its
+     * folder is named <name>-tp<N>. */
+    const tp = /-tp(\d+)$/.exec(m.model);
+    if (type === "warm_load" && m.kind === "sharded" && tp)
+      req.params = { load_format: "sharded_state", tp_size: Number(tp[1]) };
     if (m.kind === "hub" && m.revision && m.revision !== "main") req.revision = m.revision;
     btn.disabled = true;
     try {

@@ -119,6 +119,8 @@ typedef struct cli_bar {
     double rate;
     bool changed;
     char printed[192]; /* the last plain line of this bar: never printed twice */
+    int logs;          /* this job's logs printed (see follow.c) */
+    bool ended;        /* its job was seen to end */
 } cli_bar;
 
 typedef enum { RENDER_TTY, RENDER_PLAIN, RENDER_QUIET } render_mode;

@@ -62,7 +62,11 @@ typedef struct stream {
     char step[24]; /* the step type, for a child; "" for the job followed */
     sse_parser p;
     bool root;
-    int logs_seen, logs_skip;
+    /* Logs of this job printed so far (the follower's or the bar's count):
+     * a reopened stream replays the history, whose first `skip` logs were
+     * printed already. Logs are kept in order, so counting is enough. */
+    int *logs;
+    int skip;
 } stream;
 
 typedef struct follower {
@@ -75,6 +79,7 @@ typedef struct follower {
     bool steps_dirty;
     bool final;
     bool force_draw;
+    int root_logs;
     int reopens; /* stream reopenings since the last event */
     cli_bar bars[MAX_BARS];
     int nbars;
@@ -147,10 +152,14 @@ static void steps_to_bars(follower *f, json_t *steps) {
             snprintf(b->job, sizeof b->job, "%s", job);
             b->done = b->total = 0;
             b->rate = 0;
+            b->logs = 0;
+            b->ended = false;
         }
         const char *state = jstr(st, "state");
         if (!strcmp(state, "skipped")) snprintf(b->note, sizeof b->note, "%s", jstr(st, "reason"));
-        bar_set_state(b, state);
+        /* The prepare's stream may lag behind the child's: a step whose job
+         * was seen to end does not go back to running. */
+        if (!b->ended || is_final(state)) bar_set_state(b, state);
     }
     f->nbars = (int)(json_array_size(steps) < MAX_BARS ? json_array_size(steps) : MAX_BARS);
     f->steps_dirty = true;
@@ -177,6 +186,7 @@ static void on_event(void *arg, const char *kind, const char *data) {
         } else {
             cli_bar *b = bar_for_job(f, s->job);
             if (b) bar_from_doc(b, doc);
+            if (b && is_final(jstr(doc, "state"))) b->ended = true;
         }
         f->force_draw = true;
     } else if (!strcmp(kind, "progress")) {
@@ -193,10 +203,10 @@ static void on_event(void *arg, const char *kind, const char *data) {
             b->changed = true;
         }
     } else if (!strcmp(kind, "log")) {
-        if (s->logs_skip > 0) {
-            s->logs_skip--; /* printed before the stream was reopened */
+        if (s->skip > 0) {
+            s->skip--; /* printed before the stream was reopened */
         } else {
-            s->logs_seen++;
+            (*s->logs)++;
             render_line(&f->r, f->bars, f->nbars, "%s%s%s[%s] %s", s->step, s->step[0] ? ": " : "",
                         "", jstr(doc, "level"), jstr(doc, "message"));
         }
@@ -233,8 +243,7 @@ static void stream_close(follower *f, stream *s) {
     free(s);
 }
 
-static stream *stream_open(follower *f, const char *job, const char *step, bool root,
-                           int logs_skip) {
+static stream *stream_open(follower *f, const char *job, const char *step, bool root, int *logs) {
     if (f->ns >= MAX_STREAMS) return NULL;
     stream *s = calloc(1, sizeof *s);
     char *id = cli_escape(job), *url = NULL;
@@ -246,7 +255,8 @@ static stream *stream_open(follower *f, const char *job, const char *step, bool 
     free(id);
     s->f = f;
     s->root = root;
-    s->logs_skip = logs_skip;
+    s->logs = logs;
+    s->skip = *logs;
     snprintf(s->job, sizeof s->job, "%s", job);
     snprintf(s->step, sizeof s->step, "%s", step);
     sse_init(&s->p, MAX_EVENT_LINE, on_event, s);
@@ -292,10 +302,11 @@ static void sync_child_streams(follower *f) {
     f->steps_dirty = false;
     for (int i = 0; i < f->nbars; i++) {
         cli_bar *b = &f->bars[i];
-        if (!b->job[0] || strcmp(b->state, "running") != 0 || stream_for(f, b->job)) continue;
+        if (!b->job[0] || b->ended || strcmp(b->state, "running") != 0 || stream_for(f, b->job))
+            continue;
         char step[24];
         snprintf(step, sizeof step, "%.*s", (int)strcspn(b->label, " "), b->label);
-        if (!stream_open(f, b->job, step, false, 0))
+        if (!stream_open(f, b->job, step, false, &b->logs))
             render_line(&f->r, f->bars, f->nbars, "cannot follow step %s", b->job);
     }
 }
@@ -357,9 +368,8 @@ static int root_dropped(follower *f, stream *s, double *unreachable_since) {
     }
     char job[48];
     snprintf(job, sizeof job, "%s", s->job);
-    int skip = s->logs_seen + s->logs_skip;
     stream_close(f, s);
-    if (!stream_open(f, job, "", true, skip)) {
+    if (!stream_open(f, job, "", true, &f->root_logs)) {
         fprintf(stderr, "modelprep: cannot open the event stream again\n");
         return CLI_EXIT_FAILED;
     }
@@ -406,7 +416,7 @@ int follow_job(cli_client *c, json_t *job, render_mode mode, json_t **final) {
     if (is_final(jstr(job, "state"))) f->final = true;
     int status = 0;
     f->m = curl_multi_init();
-    if (!f->m || (!f->final && !stream_open(f, id, "", true, 0))) {
+    if (!f->m || (!f->final && !stream_open(f, id, "", true, &f->root_logs))) {
         fprintf(stderr, "modelprep: cannot open the event stream\n");
         status = CLI_EXIT_FAILED;
     }
