@@ -132,6 +132,12 @@ $(SAN)/tests/unit/%: $(SAN)/obj/tests/unit/%.o $(SAN_LIB)
 	@echo "  LD      $@"
 	@$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL) -lcmocka
 
+# The client's parser is tested on its own: its object is not in the library.
+$(SAN)/tests/unit/test_cli_sse: $(SAN)/obj/tests/unit/test_cli_sse.o $(SAN)/obj/tools/cli/sse.o $(SAN_LIB)
+	@mkdir -p $(dir $@)
+	@echo "  LD      $@"
+	@$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL) -lcmocka
+
 $(SAN)/tests/integration/%: $(SAN)/obj/tests/integration/%.o $(patsubst %.c,$(SAN)/obj/%.o,$(INTEG_LIB)) $(SAN_LIB)
 	@mkdir -p $(dir $@)
 	@echo "  LD      $@"

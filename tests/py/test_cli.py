@@ -251,7 +251,8 @@ def test_cli_terminal_progress_and_ctrl_c(make_server, tmp_path):
     bytes, rate and ETA; Ctrl-C cancels the job (exit 1), Ctrl-C twice
     leaves it running (exit 130). With stdout a pipe: plain lines, at most
     one a second."""
-    hub, url = hub_with(tmp_path, {"slow": 3 << 20, "plain": 1200 << 10}, "--slow", "400000")
+    hub, url = hub_with(tmp_path, {"slow": 3 << 20, "plain": 1200 << 10, "gone": 2 << 20},
+                        "--slow", "400000")
     try:
         srv = make_server(args=["--hub-endpoint", url])
         term = Tmux(tmp_path)
@@ -301,6 +302,16 @@ def test_cli_terminal_progress_and_ctrl_c(make_server, tmp_path):
         assert moving and len(lines) <= took + 3, (took, p.stdout)
         assert len(set(lines)) == len(lines)
         assert "next model: acme/plain" in p.stdout
+        # cancel: a detached pull, cancelled by id; watch sees it end cancelled
+        p = run(srv, "--detach", "pull", "acme/gone", "--connections", "1")
+        assert p.returncode == 0, p.stderr
+        gone = p.stdout.strip()
+        p = run(srv, "cancel", gone)
+        assert p.returncode == 0 and "cancelling " + gone in p.stdout, p.stderr
+        p = run(srv, "watch", gone)
+        assert p.returncode == 1 and "job %s cancelled" % gone in p.stderr, p.stderr
+        assert js(run(srv, "watch", gone, "--json"))["state"] == "cancelled"
+
         p = run(srv, "ls")
         assert any(ln.startswith("acme/slow ") and " hub " in ln for ln in p.stdout.splitlines())
         assert run(srv, "rm", "acme/slow").returncode == 0
