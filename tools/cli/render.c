@@ -167,14 +167,20 @@ void table_free(cli_table *t) {
 
 /* ---- progress bars --------------------------------------------------------------- */
 
+/* The terminal's width, asked again at each redraw: it may have been
+ * resized while a job ran. */
+static void query_cols(cli_render *r) {
+    struct winsize ws;
+    if (r->mode == RENDER_TTY && ioctl(fileno(r->out), TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0)
+        r->cols = ws.ws_col;
+}
+
 void render_init(cli_render *r, render_mode mode, FILE *out) {
     memset(r, 0, sizeof *r);
     r->mode = mode;
     r->out = out;
     r->cols = 100;
-    struct winsize ws;
-    if (mode == RENDER_TTY && ioctl(fileno(out), TIOCGWINSZ, &ws) == 0 && ws.ws_col > 20)
-        r->cols = ws.ws_col;
+    query_cols(r);
 }
 
 static bool final_state(const char *s) {
@@ -256,6 +262,7 @@ static void tty_clear(cli_render *r) {
 
 static void tty_draw(cli_render *r, cli_bar *bars, int n) {
     char line[512];
+    query_cols(r);
     for (int i = 0; i < n; i++) {
         bar_text(&bars[i], r->cols, true, line, sizeof line);
         fprintf(r->out, "\r\x1b[2K%s\n", line);
