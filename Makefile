@@ -2,7 +2,8 @@
 # module folder) under server/ handlers/ store/ loader/ gpu/ util/ needs no
 # edit here.
 #
-#   make            release build: build/modelprepd and build/modelprep-* tools
+#   make            release build: build/modelprepd, the client build/modelprep
+#                   and build/modelprep-* tools
 #   make run        install the build deps, build, start the server on its defaults
 #   make test       install the build and test deps, build under ASan+UBSan, run every suite
 #   make bench      benchmarks under bench/ (prints ratios against peers)
@@ -32,6 +33,8 @@ CORE_DIRS := util store loader gpu handlers server
 CORE_SRC  := $(filter-out server/main.c,$(sort $(shell find $(CORE_DIRS) -name '*.c')))
 WEB_ASSETS := $(wildcard web/*)
 TOOL_SRC  := $(wildcard tools/*.c)
+# The client's parts (tools/cli/): linked into build/modelprep only.
+CLI_SRC   := $(wildcard tools/cli/*.c)
 UNIT_SRC  := $(wildcard tests/unit/test_*.c)
 INTEG_SRC := $(wildcard tests/integration/test_*.c)
 INTEG_LIB := $(filter-out $(INTEG_SRC),$(wildcard tests/integration/*.c))
@@ -103,6 +106,10 @@ $(REL)/%: $(REL)/obj/tools/%.o $(REL_LIB)
 	@echo "  LD      $@"
 	@$(CC) $(OPT_FLAGS) -o $@ $^ $(LDLIBS_ALL)
 
+$(REL)/modelprep: $(REL)/obj/tools/modelprep.o $(patsubst %.c,$(REL)/obj/%.o,$(CLI_SRC)) $(REL_LIB)
+	@echo "  LD      $@"
+	@$(CC) $(OPT_FLAGS) -o $@ $^ $(LDLIBS_ALL)
+
 # --- sanitized ---------------------------------------------------------------
 $(SAN)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -126,7 +133,17 @@ $(SAN)/modelprep-%: $(SAN)/obj/tools/modelprep-%.o $(SAN_LIB)
 	@echo "  LD      $@"
 	@$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL)
 
+$(SAN)/modelprep: $(SAN)/obj/tools/modelprep.o $(patsubst %.c,$(SAN)/obj/%.o,$(CLI_SRC)) $(SAN_LIB)
+	@echo "  LD      $@"
+	@$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL)
+
 $(SAN)/tests/unit/%: $(SAN)/obj/tests/unit/%.o $(SAN_LIB)
+	@mkdir -p $(dir $@)
+	@echo "  LD      $@"
+	@$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL) -lcmocka
+
+# The client's parser is tested on its own: its object is not in the library.
+$(SAN)/tests/unit/test_cli_sse: $(SAN)/obj/tests/unit/test_cli_sse.o $(SAN)/obj/tools/cli/sse.o $(SAN_LIB)
 	@mkdir -p $(dir $@)
 	@echo "  LD      $@"
 	@$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL) -lcmocka
@@ -209,7 +226,8 @@ $(CUDA_DIR)/%: $(CUDA_DIR)/obj/tools/%.o $(CUDA_DIR)/libmodelprep.a
 	@echo "  LD      $@"
 	@$(CC) -o $@ $^ $(LDLIBS_ALL) $(CUDA_LIBS)
 
-cuda: $(CUDA_DIR)/modelprepd $(patsubst tools/%.c,$(CUDA_DIR)/%,$(TOOL_SRC)) $(CUDA_TEST_BIN)
+# The client (tools/modelprep.c) speaks only HTTP: no CUDA build of it.
+cuda: $(CUDA_DIR)/modelprepd $(patsubst tools/%.c,$(CUDA_DIR)/%,$(filter-out tools/modelprep.c,$(TOOL_SRC))) $(CUDA_TEST_BIN)
 
 # Builds and links the CUDA backend when nvcc exists (no GPU needed to link).
 cuda-check:

@@ -1,5 +1,6 @@
 /* models.c - /v1/models: every model a job can take (the hub cache, the
- * model roots, our convert and shard outputs, each with its kind), one
+ * model roots, our convert and shard outputs, each with its kind and last
+ * inspection), one
  * cached model with its files and last inspection, and eviction (409 while
  * resident or in use). */
 #include <string.h>
@@ -33,6 +34,17 @@ void h_models_list(http_req *rq, http_resp *rs) {
         json_decref(models);
         resp_problem(rs, 503, "out of memory", NULL);
         return;
+    }
+    /* Each model's last inspection, so a client lists what the node has and
+     * what it is in one call. A path model is inspected at revision "main"
+     * (what a job on it records), a hub model at the ref it is listed by. */
+    size_t i;
+    json_t *m;
+    json_array_foreach(models, i, m) {
+        const char *rev = json_string_value(json_object_get(m, "revision"));
+        json_t *insp = store_inspection_get(
+            rq->srv->store, json_string_value(json_object_get(m, "model")), rev ? rev : "main");
+        json_object_set_new(m, "inspection", insp ? insp : json_null());
     }
     resp_json(rs, 200, json_pack("{s:o}", "models", models));
 }

@@ -16,7 +16,10 @@ fails (exit 1, one line per violation) when:
     families under loader/formats/ are parts of one module: the directory
     and index logic of weights.c sits above them, the mp_weights they fill
     below them), and in server/, where each file pair (x.c, x.h) is one;
-    server/main.c, the composition root, is left out.
+    server/main.c, the composition root, is left out;
+  - the command-line client (tools/modelprep.c, tools/cli/) includes
+    anything of ours but util/ and tools/cli/: it talks to the server only
+    through the API, never through the loader or the store.
 
 Usage: scripts/check_layers.py [repo root]
 """
@@ -114,6 +117,34 @@ def check():
             if a != b:
                 edges.setdefault(a, set()).add(b)
     errors += cycles(edges)
+    errors += client_errors()
+    return errors
+
+
+# What the client may include of ours.
+CLIENT_MAY = ("util/", "tools/cli/")
+
+
+def client_sources():
+    for rel in ("tools/modelprep.c",):
+        if os.path.exists(os.path.join(ROOT, rel)):
+            yield rel
+    for d, _, files in os.walk(os.path.join(ROOT, "tools", "cli")):
+        for f in files:
+            if f.endswith((".c", ".h")):
+                yield os.path.relpath(os.path.join(d, f), ROOT)
+
+
+def client_errors():
+    errors = []
+    for src in sorted(client_sources()):
+        for line, kind, inc in includes(src):
+            if kind == '"' and inc.split("/")[0] in TOP + ("tools",) and not inc.startswith(CLIENT_MAY):
+                errors.append(f'{src}:{line}: #include "{inc}": the client speaks only the API '
+                              "(util/ and tools/cli/ only)")
+            for rx, owners, why in SYSTEM_OWNERS:
+                if kind == "<" and rx.match(inc):
+                    errors.append(f"{src}:{line}: #include <{inc}>: {why}")
     return errors
 
 

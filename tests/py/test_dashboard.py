@@ -1,8 +1,11 @@
 """The dashboard at / end to end in headless Chromium (Debian's chromium and
 chromium-driver, driven by selenium): it asks for the token once and keeps it
 for the session, shows devices, submits a job from the form and follows it
-to the end over /v1/events, and unloads a resident. Screenshots go to the
-build directory (dashboard.png, dashboard-unload.png)."""
+to the end over /v1/events, and unloads a resident; the models panel (kinds,
+inspection, residency, actions that submit jobs), the job detail view
+(timeline, params, result, a prepare's steps), failed states in red and the
+job form at 480 px with every param of a type from /openapi.json.
+Screenshots go to the build directory (dashboard*.png): look at them."""
 import json
 import os
 import shutil
@@ -54,13 +57,13 @@ def wait(drv, timeout=60):
     return WebDriverWait(drv, timeout, poll_frequency=0.1)
 
 
-def screenshot(drv, name):
+def screenshot(drv, name, width=1400):
     os.makedirs(BUILD, exist_ok=True)
     path = os.path.join(BUILD, name)
     # The whole page, not just the window.
     drv.execute_script("window.scrollTo(0, 0)")
     h = drv.execute_script("return document.documentElement.scrollHeight")
-    drv.set_window_size(1400, max(900, min(int(h) + 40, 4000)))
+    drv.set_window_size(width, max(900, min(int(h) + 40, 4000)))
     assert drv.save_screenshot(path)
     assert os.path.getsize(path) > 10000
     return path
@@ -252,3 +255,155 @@ def test_dashboard_live_progress_and_cancel(make_server, tmp_path, browser):
         hub.terminate()
         hub.wait(timeout=30)
         hub.stdout.close()
+
+
+RED = "rgba(214, 69, 69, 1)"
+
+
+def css(drv, sel):
+    return drv.find_element(By.CSS_SELECTOR, sel)
+
+
+def test_dashboard_models_detail_and_form(make_server, model_root, browser):
+    """The models panel lists a converted model, its actions submit jobs
+    (inspect fills in the inspection, load shows where it is resident); a
+    job opens in a detail view with its timeline, params and result; a
+    prepare shows its steps linked to their jobs; failed jobs (and a verify
+    mismatch) are red; at 480 px the form offers every param of a type."""
+    pytest.importorskip("torch")
+    from test_prepare import bin_model
+    bin_model(str(model_root / "old"))
+    (model_root / "bad").mkdir()
+    (model_root / "bad" / "w0.bin").write_bytes(os.urandom(4096))
+    (model_root / "v").mkdir()
+    (model_root / "v" / "w.bin").write_bytes(b"1" * 4096)
+    srv = make_server(args=["--model-root", str(model_root), "--devices", "host"])
+    conv = srv.run_job({"type": "convert", "model": str(model_root / "old")})
+    assert conv["state"] == "succeeded", conv
+    converted = conv["result"]["next_model"]
+    bad = srv.run_job({"type": "inspect", "model": str(model_root / "bad")})
+    assert bad["state"] == "failed", bad
+    assert srv.run_job({"type": "verify", "model": str(model_root / "v")})["result"]["ok"]
+    (model_root / "v" / "w.bin").write_bytes(b"2" * 4096)
+    mism = srv.run_job({"type": "verify", "model": str(model_root / "v")})
+    assert mism["state"] == "succeeded" and mism["result"]["ok"] is False, mism
+
+    drv = browser
+    drv.get(srv.base + "/")
+    wait(drv).until(EC.visibility_of_element_located((By.ID, "app")))
+    row_sel = 'tr[data-model="%s"][data-kind="converted"]' % converted
+    row = wait(drv).until(EC.presence_of_element_located((By.CSS_SELECTOR, row_sel)))
+    assert "converted" in row.text and "not inspected" in row.text
+    # the path is one line, cut with an ellipsis, whole in the tooltip
+    assert row.find_element(By.CSS_SELECTOR, ".model-name").text == "old"
+    path = row.find_element(By.CSS_SELECTOR, ".path")
+    assert path.get_attribute("title") == converted
+    assert path.value_of_css_property("white-space") == "nowrap"
+    assert path.value_of_css_property("text-overflow") == "ellipsis"
+    assert path.size["height"] < 20  # one line
+
+    # actions submit jobs: inspect fills in what the model is
+    row.find_element(By.CSS_SELECTOR, "button.act-inspect").click()
+    res = css(drv, "#models-result")
+    wait(drv).until(lambda d: res.get_attribute("data-job-id"))
+    job_row(drv, res.get_attribute("data-job-id"), "succeeded")
+    wait(drv).until(lambda d: "LlamaForCausalLM" in css(d, row_sel + " td.inspection").text)
+    insp = css(drv, row_sel + " td.inspection").text
+    assert "params" in insp and "per rank" in insp and "tp1" in insp, insp
+    # load: it becomes resident on device #0, and the chart has a bar for it
+    first = res.get_attribute("data-job-id")
+    css(drv, row_sel + " button.act-warm_load").click()
+    wait(drv).until(lambda d: res.get_attribute("data-job-id") != first)
+    load_id = res.get_attribute("data-job-id")
+    job_row(drv, load_id, "succeeded")
+    assert srv.get("/v1/jobs/" + load_id)[1]["type"] == "warm_load"
+    wait(drv).until(lambda d: "#0" in css(d, row_sel + " td.where").text)
+    wait(drv).until(EC.text_to_be_present_in_element((By.ID, "chart-legend"), "1 finished load"))
+
+    # failed and mismatched jobs are red, with start time and duration
+    for jid, text in ((bad["id"], "failed"), (mism["id"], "mismatch")):
+        r = job_row(drv, jid, "failed" if text == "failed" else "succeeded")
+        assert "bad" in r.get_attribute("class").split()
+        state = r.find_element(By.CSS_SELECTOR, ".state")
+        assert state.text == text and state.value_of_css_property("color") == RED
+        assert r.find_element(By.CSS_SELECTOR, "td.started").text not in ("", "–")
+        assert r.find_element(By.CSS_SELECTOR, "td.duration").text.endswith(("ms", "s"))
+    assert page_errors(drv) == []
+    screenshot(drv, "dashboard-models.png")
+
+    # the job detail: timeline replayed from the job's events, params, result
+    drv.set_window_size(1400, 1300)
+    job_row(drv, conv["id"], "succeeded").find_element(By.CSS_SELECTOR, "a.job-link").click()
+    wait(drv).until(EC.visibility_of_element_located((By.ID, "job-detail")))
+    wait(drv).until(EC.text_to_be_present_in_element((By.ID, "detail-id"), conv["id"]))
+    wait(drv).until(lambda d: d.find_elements(
+        By.CSS_SELECTOR, '#detail-timeline li[data-kind="state"][data-state="succeeded"]'))
+    kinds = {li.get_attribute("data-kind")
+             for li in drv.find_elements(By.CSS_SELECTOR, "#detail-timeline li")}
+    assert {"state", "progress"} <= kinds, kinds
+    assert json.loads(css(drv, "#detail-params").text) == conv["params"]
+    assert json.loads(css(drv, "#detail-result").text)["next_model"] == converted
+    facts = css(drv, "#detail-facts").text
+    assert "duration" in facts and "throughput" in facts and "convert" in facts
+    screenshot(drv, "dashboard-job.png")
+
+    # a prepare: its steps, each linked to its child job
+    prep = srv.run_job({"type": "prepare", "model": str(model_root / "old"),
+                        "params": {"load": True}})
+    assert prep["state"] == "succeeded", prep
+    drv.set_window_size(1400, 1300)
+    drv.execute_script("location.hash = arguments[0]", "#job=" + prep["id"])
+    wait(drv).until(EC.text_to_be_present_in_element((By.ID, "detail-id"), prep["id"]))
+    steps = wait(drv).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail-steps tbody tr"))
+    assert [s.get_attribute("data-step") for s in steps] == [s["type"] for s in prep["steps"]]
+    links = drv.find_elements(By.CSS_SELECTOR, "#detail-steps a.step-link")
+    ran = [s["job"] for s in prep["steps"] if s.get("job")]
+    assert ran and [a.get_attribute("title") for a in links] == ran
+    screenshot(drv, "dashboard-prepare.png")
+    drv.set_window_size(1400, 1300)
+    css(drv, "#detail-steps a.step-link").click()
+    wait(drv).until(EC.text_to_be_present_in_element((By.ID, "detail-id"), ran[0]))
+    wait(drv).until(EC.text_to_be_present_in_element((By.ID, "detail-facts"), prep["id"]))
+
+    # a failed job's detail is red and says why
+    drv.execute_script("location.hash = arguments[0]", "#job=" + bad["id"])
+    wait(drv).until(EC.text_to_be_present_in_element((By.ID, "detail-id"), bad["id"]))
+    err = wait(drv).until(EC.visibility_of_element_located((By.ID, "detail-error")))
+    assert bad["error"]["code"] in err.text and err.value_of_css_property("color") == RED
+    assert css(drv, "#detail-state").value_of_css_property("color") == RED
+    wait(drv).until(lambda d: d.find_elements(
+        By.CSS_SELECTOR, '#detail-timeline li.bad[data-kind="state"]'))
+    screenshot(drv, "dashboard-failed.png")
+    css(drv, "#detail-close").click()
+    assert not css(drv, "#job-detail").is_displayed()
+
+    # the form at 480 px: every param of each type, from /openapi.json, fits
+    schemas = srv.get("/openapi.json")[1]["components"]["schemas"]
+    drv.set_window_size(480, 1000)
+    form = css(drv, "#job-form")
+    drv.execute_script("arguments[0].scrollIntoView()", form)
+    for t in ("download", "convert", "inspect", "shard", "warm_load", "verify", "prepare"):
+        Select(css(drv, "#job-type")).select_by_value(t)
+        names = [e.get_attribute("data-param")
+                 for e in drv.find_elements(By.CSS_SELECTOR, "#job-fields [data-param]")]
+        assert names == list(schemas["Params_" + t]["properties"]), (t, names)
+    Select(css(drv, "#job-type")).select_by_value("warm_load")
+    assert drv.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth") is True
+    assert drv.execute_script(
+        "const f = document.getElementById('job-form'); return f.scrollWidth <= f.clientWidth") is True
+    # the fields are typed by the schema and sent as params
+    m = css(drv, "#job-model")
+    m.clear()
+    m.send_keys(converted)
+    css(drv, '#job-fields [data-param="tp_size"]').send_keys("1")
+    Select(css(drv, '#job-fields [data-param="load_format"]')).select_by_value("safetensors")
+    css(drv, '#job-fields [data-param="devices"]').send_keys("0")
+    css(drv, "#job-submit").click()
+    out = css(drv, "#job-result")
+    wait(drv).until(lambda d: out.text.startswith("submitted "))
+    doc = srv.wait_job(out.get_attribute("data-job-id"))
+    assert doc["params"] == {"tp_size": 1, "load_format": "safetensors", "devices": [0]}, doc
+    assert doc["state"] == "succeeded", doc
+    assert page_errors(drv) == []
+    screenshot(drv, "dashboard-form-480.png", width=480)

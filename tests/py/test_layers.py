@@ -60,6 +60,8 @@ def test_each_violation_is_named(tmp_path):
         ("loader/hub/bad4.c", "#include <cuda_runtime.h>\n", "only gpu/ speaks CUDA"),
         ("loader/hub/bad5.c", '#include "util/task.h"\n', "only loader/jobs/ knows the task contract"),
         ("server/bad3.c", '#include "util/nope.h"\n', "no such header"),
+        ("tools/cli/bad.c", '#include "loader/hub/hub.h"\n', "the client speaks only the API"),
+        ("tools/modelprep.c", '#include "store/store.h"\n', "the client speaks only the API"),
     ]
     for rel, text, expect in cases:
         d = tmp_path / rel.replace("/", "_")
