@@ -397,7 +397,8 @@ static void print_result(json_t *job) {
 }
 
 /* The exit status of a finished job, with its error on stderr. A verify
- * that found a mismatch succeeded as a job but failed as a check. */
+ * that finds a mismatch fails with checksum_mismatch; a server from before
+ * that change ended it succeeded with result.ok false, still a failed check. */
 static int job_outcome(json_t *job, int status) {
     const char *state = jstr(job, "state");
     if (!strcmp(state, "succeeded")) {

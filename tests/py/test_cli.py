@@ -122,7 +122,10 @@ def test_cli_commands(make_server, model_root):
     with open(model_root / "tiny" / "config.json", "a") as f:
         f.write(" ")
     p = run(srv, "verify", tiny)
-    assert p.returncode == 1 and "verify_mismatch" in p.stderr and "config.json" in p.stderr
+    assert p.returncode == 1 and "checksum_mismatch" in p.stderr and "config.json" in p.stderr
+    # put the byte back: the recorded hash matches again
+    cfg = model_root / "tiny" / "config.json"
+    cfg.write_bytes(cfg.read_bytes()[:-1])
 
     # a failing job: 1, its code and message on stderr
     p = run(srv, "inspect", str(model_root / "bad"))
@@ -133,7 +136,9 @@ def test_cli_commands(make_server, model_root):
     p = run(srv, "jobs", "--state", "failed")
     assert p.returncode == 0 and failed_id in p.stdout and "unsupported_format" in p.stdout
     assert "STARTED" in p.stdout and "DURATION" in p.stdout
-    assert [j["id"] for j in js(run(srv, "jobs", "--state", "failed", "--json"))["jobs"]] == [failed_id]
+    # (the verify that found the mismatch above failed too, just before)
+    failed = [j["id"] for j in js(run(srv, "jobs", "--state", "failed", "--json"))["jobs"]]
+    assert failed[0] == failed_id and len(failed) == 2
     assert js(run(srv, "jobs", "--limit", "2", "--json"))["next_cursor"]
 
     # --detach returns the id at once; watch follows it to its end

@@ -286,7 +286,7 @@ def test_dashboard_models_detail_and_form(make_server, model_root, browser):
     assert srv.run_job({"type": "verify", "model": str(model_root / "v")})["result"]["ok"]
     (model_root / "v" / "w.bin").write_bytes(b"2" * 4096)
     mism = srv.run_job({"type": "verify", "model": str(model_root / "v")})
-    assert mism["state"] == "succeeded" and mism["result"]["ok"] is False, mism
+    assert mism["state"] == "failed" and mism["error"]["code"] == "checksum_mismatch", mism
 
     drv = browser
     drv.get(srv.base + "/")
@@ -321,8 +321,8 @@ def test_dashboard_models_detail_and_form(make_server, model_root, browser):
     wait(drv).until(EC.text_to_be_present_in_element((By.ID, "chart-legend"), "1 finished load"))
 
     # failed and mismatched jobs are red, with start time and duration
-    for jid, text in ((bad["id"], "failed"), (mism["id"], "mismatch")):
-        r = job_row(drv, jid, "failed" if text == "failed" else "succeeded")
+    for jid, text in ((bad["id"], "failed"), (mism["id"], "failed")):
+        r = job_row(drv, jid, "failed")
         assert "bad" in r.get_attribute("class").split()
         state = r.find_element(By.CSS_SELECTOR, ".state")
         assert state.text == text and state.value_of_css_property("color") == RED

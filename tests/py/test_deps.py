@@ -11,7 +11,7 @@ BUILD_ONLY = {"build-essential", "pkg-config", "libmicrohttpd-dev", "libjansson-
               "libcurl4-openssl-dev", "libsqlite3-dev", "libssl-dev", "libhiredis-dev"}
 TEST_ONLY = {"libcmocka-dev", "python3", "python3-venv", "python3-pip", "python3-torch",
              "python3-numpy", "clang", "libclang-rt-14-dev", "chromium", "chromium-driver",
-             "python3-selenium", "prometheus", "redis-server"}
+             "python3-selenium", "prometheus", "redis-server", "tmux"}
 
 
 def dry(what):

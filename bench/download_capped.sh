@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Hub download at the link limit: the C test hub caps every body response
+# (one connection's ranged GET) at BENCH_CAP_MBPS MB/s (default 40), as one
+# TCP stream over a long path is capped, and our downloader fetches a repo of
+# 4 files (BENCH_GB total, default 1) with BENCH_CONN connections (default
+# 16). Compared in the same run with:
+#   - the link limit: total bytes / (connections x cap);
+#   - dd conv=fsync of the same number of bytes (is the disk the limit?);
+#   - huggingface_hub.snapshot_download under the same cap.
+# Goals (issue 12): >= 85% of the link, >= 2x huggingface_hub.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GB=${BENCH_GB:-1}
+CAP=${BENCH_CAP_MBPS:-40}
+CONN=${BENCH_CONN:-16}
+CHUNK=${BENCH_CHUNK:-16777216}
+PY=${PY:-.venv/bin/python}
+work=$(mktemp -d "${BENCH_DIR:-/tmp}/download_capped.XXXXXX")
+hub_pid=
+cleanup() {
+  [ -n "$hub_pid" ] && kill "$hub_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+PKGS="libmicrohttpd jansson libcurl openssl"
+CF="-std=c11 -O2 -D_GNU_SOURCE -DMP_VERSION=\"bench\" -I. $(pkg-config --cflags $PKGS)"
+LIBS="$(pkg-config --libs $PKGS) -lm -pthread"
+cc $CF tests/helpers/testhub.c util/fsutil.c util/error.c $LIBS -o "$work/testhub"
+cc $CF tests/helpers/hub_fetch.c loader/hub/hub_select.c loader/hub/hub_cache.c loader/hub/hub_http.c \
+  loader/hub/hub_transfer.c loader/hub/hub_download.c util/fsutil.c util/error.c util/timeutil.c \
+  $LIBS -o "$work/hub_fetch"
+
+repo="$work/repos/bench/model"
+mkdir -p "$repo"
+per_mb=$(( GB * 1024 / 4 ))
+for i in 1 2 3 4; do
+  openssl rand -out "$repo/model-0000$i-of-00004.safetensors" $(( per_mb * 1024 * 1024 ))
+done
+total=$(cat "$repo"/*.safetensors | wc -c)
+
+"$work/testhub" --slow $(( CAP * 1000000 )) "$work/repos" > "$work/hub.out" 2> "$work/hub.err" &
+hub_pid=$!
+for _ in $(seq 100); do [ -s "$work/hub.out" ] && break; sleep 0.1; done
+url=$(head -1 "$work/hub.out" | sed 's/^listening on //')
+[ -n "$url" ] || { echo "testhub did not start"; cat "$work/hub.err"; exit 1; }
+cat "$repo"/* > /dev/null
+
+now() { date +%s.%N; }
+
+# the disk: the same bytes written and fsync'ed, as our blobs are
+sync
+t0=$(now)
+dd if=/dev/zero of="$work/dd.out" bs=16M count=$(( total / 16777216 )) conv=fsync status=none
+t1=$(now)
+dd_s=$(echo "$t1 - $t0" | bc -l)
+rm -f "$work/dd.out"
+
+# ours, as the server runs it (sha256-verified, every blob fsync'ed)
+rm -rf "$work/ours"; sync
+t0=$(now)
+"$work/hub_fetch" --endpoint "$url" --cache "$work/ours" --connections "$CONN" \
+  --chunk-bytes "$CHUNK" bench/model > "$work/ours.json"
+t1=$(now)
+ours=$(echo "$t1 - $t0" | bc -l)
+grep -q '"commit"' "$work/ours.json" || { cat "$work/ours.json"; exit 1; }
+rm -rf "$work/ours"; sync
+
+# ours without the fsync: the pipeline alone
+t0=$(now)
+"$work/hub_fetch" --endpoint "$url" --cache "$work/ours" --connections "$CONN" \
+  --chunk-bytes "$CHUNK" --no-fsync bench/model > "$work/ours.json"
+t1=$(now)
+nosync=$(echo "$t1 - $t0" | bc -l)
+rm -rf "$work/ours"; sync
+
+hf=$(HF_HUB_DISABLE_TELEMETRY=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_XET=1 \
+    "$PY" - "$url" "$work/hf" <<'PYEOF'
+import sys, time
+from huggingface_hub import snapshot_download
+t = time.perf_counter()
+snapshot_download("bench/model", cache_dir=sys.argv[2], endpoint=sys.argv[1])
+print(time.perf_counter() - t)
+PYEOF
+)
+
+"$PY" - "$total" "$CAP" "$CONN" "$ours" "$nosync" "$hf" "$dd_s" <<'PYEOF'
+import sys
+total, cap, conn = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+ours, nosync, hf, dd = map(float, sys.argv[4:8])
+link = total / (conn * cap * 1e6)
+print("download %.2f GB in 4 files, each connection capped at %d MB/s, %d connections"
+      % (total / 1e9, cap, conn))
+print("  link limit (bytes / (connections x cap)): %7.3f s" % link)
+print("  dd conv=fsync of the same bytes:          %7.3f s" % dd)
+print("  ours, sha256 + fsync (default):           %7.3f s  = %.0f%% of the link (goal >= 85%%)"
+      % (ours, 100 * link / ours))
+print("  ours, no fsync:                           %7.3f s  = %.0f%% of the link" % (nosync, 100 * link / nosync))
+print("  huggingface_hub snapshot_download:        %7.3f s  -> ours %.2fx (goal >= 2x)" % (hf, hf / ours))
+print("  the limit here: %s" % ("the disk (dd with fsync is slower than the link)" if dd > link
+                                else "not the disk (dd with fsync is faster than the link)"))
+PYEOF
