@@ -264,6 +264,20 @@ def css(drv, sel):
     return drv.find_element(By.CSS_SELECTOR, sel)
 
 
+def click_fresh(drv, sel):
+    """Clicks sel, finding it again if a live update re-rendered it between
+    the find and the click (the detail view redraws on each event)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def attempt(d):
+        try:
+            css(d, sel).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+    wait(drv).until(attempt)
+
+
 def test_dashboard_models_detail_and_form(make_server, model_root, browser):
     """The models panel lists a converted model, its actions submit jobs
     (inspect fills in the inspection, load shows where it is resident); a
@@ -361,7 +375,7 @@ def test_dashboard_models_detail_and_form(make_server, model_root, browser):
     assert ran and [a.get_attribute("title") for a in links] == ran
     screenshot(drv, "dashboard-prepare.png")
     drv.set_window_size(1400, 1300)
-    css(drv, "#detail-steps a.step-link").click()
+    click_fresh(drv, "#detail-steps a.step-link")
     wait(drv).until(EC.text_to_be_present_in_element((By.ID, "detail-id"), ran[0]))
     wait(drv).until(EC.text_to_be_present_in_element((By.ID, "detail-facts"), prep["id"]))
 

@@ -300,7 +300,7 @@ def test_prepare_resumes_after_kill9(make_server, hub, tmp_path):
     while time.time() < deadline:
         st, doc = s.get("/v1/jobs/" + j["id"])
         steps = dict(step_states(doc)) if doc.get("steps") else {}
-        if steps.get("download") == "succeeded" or doc["state"] != "running":
+        if steps.get("download") == "succeeded" or doc["state"] not in ("queued", "running"):
             break
         time.sleep(0.02)
     if doc["state"] == "succeeded":
