@@ -23,28 +23,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-PKGS="libmicrohttpd jansson libcurl openssl"
-CF="-std=c11 -O2 -D_GNU_SOURCE -DMP_VERSION=\"bench\" -I. $(pkg-config --cflags $PKGS)"
-LIBS="$(pkg-config --libs $PKGS) -lm -pthread"
-cc $CF tests/helpers/testhub.c util/fsutil.c util/error.c $LIBS -o "$work/testhub"
-cc $CF tests/helpers/hub_fetch.c loader/hub/hub_select.c loader/hub/hub_cache.c loader/hub/hub_http.c \
-  loader/hub/hub_transfer.c loader/hub/hub_download.c util/fsutil.c util/error.c util/timeutil.c \
-  $LIBS -o "$work/hub_fetch"
-
-repo="$work/repos/bench/model"
-mkdir -p "$repo"
-per_mb=$(( GB * 1024 / 4 ))
-for i in 1 2 3 4; do
-  openssl rand -out "$repo/model-0000$i-of-00004.safetensors" $(( per_mb * 1024 * 1024 ))
-done
-total=$(cat "$repo"/*.safetensors | wc -c)
-
-"$work/testhub" --slow $(( CAP * 1000000 )) "$work/repos" > "$work/hub.out" 2> "$work/hub.err" &
-hub_pid=$!
-for _ in $(seq 100); do [ -s "$work/hub.out" ] && break; sleep 0.1; done
-url=$(head -1 "$work/hub.out" | sed 's/^listening on //')
-[ -n "$url" ] || { echo "testhub did not start"; cat "$work/hub.err"; exit 1; }
-cat "$repo"/* > /dev/null
+. bench/hub_bench_lib.sh
+hub_bench_build "$work"
+total=$(hub_bench_repo "$work" "$GB")
+hub_bench_start "$work" --slow $(( CAP * 1000000 ))
 
 now() { date +%s.%N; }
 

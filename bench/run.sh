@@ -11,7 +11,7 @@ rc=0
 for b in bench/*.sh; do
   name=$(basename "$b" .sh)
   [ "$name" = run ] && continue
-  case "$name" in *_gpu) continue ;; esac # GPU benches run from scripts/gpu-check.sh
+  case "$name" in *_gpu) continue ;; *_lib) continue ;; esac # GPU benches: scripts/gpu-check.sh; *_lib: sourced
   if [ -n "${BENCH_ONLY:-}" ] && [[ ",$BENCH_ONLY," != *",$name,"* ]]; then continue; fi
   echo "=== bench: $name"
   bash "$b" || { echo "bench $name failed"; rc=1; }

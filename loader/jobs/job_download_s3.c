@@ -40,20 +40,6 @@ static json_int_t int_param(const json_t *p, const char *name, json_int_t dflt) 
     return v ? json_integer_value(v) : dflt;
 }
 
-static int cb_progress(void *arg, uint64_t done, uint64_t total, const char *msg) {
-    task_progress(arg, done, total, "bytes", msg);
-    return task_cancelled(arg);
-}
-static void cb_log(void *arg, const char *level, const char *msg) {
-    task_log(arg, level, "%s", msg);
-}
-static bool cb_cancelled(void *arg) {
-    return task_cancelled(arg);
-}
-static bool cb_draining(void *arg) {
-    return task_draining(arg);
-}
-
 static size_t strings(json_t *arr, const char **out) {
     size_t n = 0, i;
     json_t *v;
@@ -103,7 +89,7 @@ int job_s3_download_run(mp_task *t) {
         o.ignore = ignore;
         o.nignore = strings(ig, ignore);
     }
-    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, cb_draining};
+    remote_callbacks cb = {job_cb_progress, job_cb_log, job_cb_cancelled, t, job_cb_draining};
     json_t *result = NULL;
     int rc = remote_s3_download(&o, &cb, &result, &err);
     remote_s3_creds_clear(&creds);

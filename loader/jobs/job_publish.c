@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "loader/jobs/jobs_internal.h"
 #include "loader/models/models.h"
 #include "loader/remote/remote.h"
 #include "util/fsutil.h"
@@ -76,17 +77,6 @@ static int publish_validate(const mp_task_info *in, mp_error *err) {
     return 0;
 }
 
-static int cb_progress(void *arg, uint64_t done, uint64_t total, const char *msg) {
-    task_progress(arg, done, total, "bytes", msg);
-    return task_cancelled(arg);
-}
-static void cb_log(void *arg, const char *level, const char *msg) {
-    task_log(arg, level, "%s", msg);
-}
-static bool cb_cancelled(void *arg) {
-    return task_cancelled(arg);
-}
-
 /* The Redis password from --redis-password-file (first line; *out owned,
  * wiped and freed by the caller). */
 static int read_password(const char *file, char **out, mp_error *err) {
@@ -124,7 +114,7 @@ static int publish_redis(mp_task *t, const mref_remote *dst, json_t **result, mp
         .tmp_tag = in->id,
         .pipeline_bytes = pb ? (uint64_t)json_integer_value(pb) : 0,
     };
-    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, NULL};
+    remote_callbacks cb = {job_cb_progress, job_cb_log, job_cb_cancelled, t, NULL};
     int rc = remote_redis_publish(&o, &cb, result, err);
     wipe_free(pw);
     return rc;
@@ -150,7 +140,7 @@ static int publish_s3(mp_task *t, const mref_remote *dst, json_t **result, mp_er
         .part_bytes = (uint64_t)int_param(p, "part_bytes", 0),
         .overwrite = json_is_true(json_object_get(p, "overwrite")),
     };
-    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, NULL};
+    remote_callbacks cb = {job_cb_progress, job_cb_log, job_cb_cancelled, t, NULL};
     int rc = remote_s3_publish(&o, &cb, result, err);
     remote_s3_creds_clear(&creds);
     return rc;

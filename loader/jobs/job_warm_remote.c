@@ -29,17 +29,6 @@ int job_warm_remote_validate(const mp_task_info *in, const char *format, mp_erro
     return 0;
 }
 
-static int cb_progress(void *arg, uint64_t done, uint64_t total, const char *msg) {
-    task_progress(arg, done, total, "bytes", msg);
-    return task_cancelled(arg);
-}
-static void cb_log(void *arg, const char *level, const char *msg) {
-    task_log(arg, level, "%s", msg);
-}
-static bool cb_cancelled(void *arg) {
-    return task_cancelled(arg);
-}
-
 #define WR_MAX_FILES 4096
 
 static int open_s3(mp_task *t, const mref_remote *r, int tp, load_format *fmt, load_source *src,
@@ -75,7 +64,7 @@ static int open_s3(mp_task *t, const mref_remote *r, int tp, load_format *fmt, l
         .stage_max = WR_MAX_FILES,
         .nstage_fds = &nfds,
     };
-    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, NULL};
+    remote_callbacks cb = {job_cb_progress, job_cb_log, job_cb_cancelled, t, NULL};
     int rc = remote_s3_download(&o, &cb, info, err);
     remote_s3_creds_clear(&creds);
     if (rc == 0) {
@@ -107,7 +96,7 @@ int job_warm_remote_open(mp_task *t, int tp, load_format *fmt, load_source *src,
     char dir[PATH_MAX];
     snprintf(dir, sizeof dir, "%s/remote/.tmp/%s-redis", in->env->data_dir, in->id);
     int fds[GPU_MAX_DEVICES];
-    remote_callbacks cb = {cb_progress, cb_log, cb_cancelled, t, NULL};
+    remote_callbacks cb = {job_cb_progress, job_cb_log, job_cb_cancelled, t, NULL};
     int rc = remote_redis_stage(&r, pw, tp, dir, 0, &cb, fds, info, err);
     if (pw) {
         memset(pw, 0, pwlen);

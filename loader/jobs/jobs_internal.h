@@ -6,6 +6,7 @@
 #define MP_LOADER_JOBS_INTERNAL_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "util/error.h"
 #include "util/task.h"
@@ -43,5 +44,13 @@ int job_s3_download_run(mp_task *t);
 int job_warm_remote_validate(const mp_task_info *in, const char *format, mp_error *err);
 int job_warm_remote_open(mp_task *t, int tp, load_format *fmt, load_source *src, json_t **info,
                          mp_error *err);
+
+/* Callbacks for the domain modules, the job's mp_task as their argument
+ * (job_callbacks.c). Progress is in bytes; it returns non-zero once the job
+ * is cancelled, for modules that stop on it. */
+int job_cb_progress(void *task, uint64_t done, uint64_t total, const char *msg);
+void job_cb_log(void *task, const char *level, const char *msg);
+bool job_cb_cancelled(void *task);
+bool job_cb_draining(void *task);
 
 #endif
