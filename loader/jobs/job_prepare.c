@@ -84,7 +84,7 @@ static int prepare_validate(const mp_task_info *in, mp_error *err) {
                             "devices must list tp_size (%d) devices", tp);
     bool load = json_is_true(json_object_get(in->params, "load"));
     if (load && !devs && in->env && in->env->gpus && tp > gpu_set_count(in->env->gpus))
-        return mp_err_field(err, "params.tp_size", "out_of_range",
+        return mp_err_field(err, "params.tp_size", "no_such_device",
                             "tp_size %d needs %d devices to load on, the server has %d", tp, tp,
                             gpu_set_count(in->env->gpus));
     return 0;

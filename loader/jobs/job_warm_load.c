@@ -99,7 +99,7 @@ static int parse_params(const json_t *p, wl_params *w, mp_error *err) {
             }
         }
         if (!(w->low <= w->high))
-            return mp_err_field(err, "params.dummy", "bad_value",
+            return mp_err_field(err, "params.dummy", "param_conflict",
                                 "dummy.low must be <= dummy.high");
     }
     json_t *kr = json_object_get(p, "keep_resident");
@@ -144,12 +144,12 @@ static int wl_validate(const mp_task_info *in, mp_error *err) {
                                 (unsigned long long)w.staging_bytes, (unsigned long long)cap);
         int n = gpu_set_count(in->env->gpus);
         if (w.tp_size > n && !w.ndevices)
-            return mp_err_field(err, "params.tp_size", "out_of_range",
+            return mp_err_field(err, "params.tp_size", "no_such_device",
                                 "tp_size %d needs %d devices, the server has %d", w.tp_size,
                                 w.tp_size, n);
         for (int i = 0; i < w.ndevices; i++)
             if (w.devices[i] >= n)
-                return mp_err_field(err, "params.devices", "out_of_range",
+                return mp_err_field(err, "params.devices", "no_such_device",
                                     "device %d does not exist (the server has %d)", w.devices[i],
                                     n);
     }

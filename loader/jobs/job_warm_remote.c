@@ -23,7 +23,7 @@ int job_warm_remote_validate(const mp_task_info *in, const char *format, mp_erro
     if (mref_remote_parse(in->model, strlen(in->model), false, "model", &r, err) != 0) return -1;
     if (r.scheme == MREF_REDIS && format && strcmp(format, "auto") != 0 &&
         strcmp(format, "sharded_state") != 0)
-        return mp_err_field(err, "params.load_format", "bad_value",
+        return mp_err_field(err, "params.load_format", "param_conflict",
                             "a redis:// model holds per-rank tensors: load_format auto or "
                             "sharded_state");
     return 0;

@@ -34,7 +34,9 @@ STATE_CODES = {"not_cached", "not_found", "outside_roots", "no_model_roots",
                # OpenAPI 3.0 cannot state; the descriptions say it
                "param_conflict",
                # staging_bytes over --staging-cap (a share of this host's memory)
-               "staging_cap"}
+               "staging_cap",
+               # a tp_size or device index beyond the devices this server has
+               "no_such_device"}
 TOKEN = "st-T0ken"
 
 
