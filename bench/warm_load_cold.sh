@@ -24,23 +24,8 @@ cleanup() {
 trap cleanup EXIT
 make -s BUILD="$BUILD" "$BUILD/modelprepd" >/dev/null
 
-mkdir -p "$work/model"
-"$PY" - "$work/model" "$GB" <<'PYEOF'
-import sys, numpy as np
-from safetensors.numpy import save_file
-d, gb = sys.argv[1], float(sys.argv[2])
-rng = np.random.default_rng(0)
-block = rng.integers(0, 65535, 16 * 2**20, dtype=np.uint16)
-i = 0
-for shard in (1, 2):
-    ts, total = {}, 0
-    while total < gb * 2**30 / 2:
-        ts["model.layers.%d.mlp.w" % i] = block.view(np.float16).reshape(4096, 4096).copy()
-        ts["model.layers.%d.norm" % i] = np.ones(4096, np.float32)
-        total += 32 * 2**20 + 4096 * 4
-        i += 1
-    save_file(ts, "%s/model-0000%d-of-00002.safetensors" % (d, shard), metadata={"format": "pt"})
-PYEOF
+. bench/warm_load_lib.sh
+warm_bench_model "$work/model" "$GB"
 shards=("$work"/model/*.safetensors)
 sync
 
@@ -48,12 +33,7 @@ can_drop=0
 if [ -w /proc/sys/vm/drop_caches ] && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then can_drop=1; fi
 drop() { if [ "$can_drop" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi; }
 
-"$BUILD/modelprepd" --listen 127.0.0.1:0 --data-dir "$work/data" --model-root "$work" \
-  --devices host --no-access-log > "$work/srv.out" 2> "$work/srv.log" &
-srv_pid=$!
-for _ in $(seq 100); do grep -q listening "$work/srv.out" 2>/dev/null && break; sleep 0.1; done
-base=$(sed -n 's/^listening on //p' "$work/srv.out")
-[ -n "$base" ] || { echo "modelprepd did not start"; cat "$work/srv.log"; exit 1; }
+warm_bench_server "$work"
 
 # One job; prints its wall time (and the result's timings to $work/last.json).
 job() {

@@ -69,16 +69,6 @@ static int convert_validate(const mp_task_info *in, mp_error *err) {
     return 0;
 }
 
-static void cb_progress(void *cb, uint64_t done, uint64_t total, const char *msg) {
-    task_progress(cb, done, total, "bytes", msg);
-}
-static bool cb_cancelled(void *cb) {
-    return task_cancelled(cb);
-}
-static void cb_log(void *cb, const char *level, const char *msg) {
-    task_log(cb, level, "%s", msg);
-}
-
 /* ---- encryption_key_file (added by the warm_load issue; loader/formats/safetensors/safetensors.h)
  * Each output shard is re-written encrypted in place (aes-256-gcm-chunked-v1)
  * once the conversion has been verified; the sizes in the result are
@@ -150,9 +140,9 @@ static int convert_run(mp_task *t) {
         .max_shard_bytes = ms ? (uint64_t)json_integer_value(ms) : 0,
         .tag = in->id,
         .cb = t,
-        .progress = cb_progress,
-        .cancelled = cb_cancelled,
-        .log = cb_log,
+        .progress = job_cb_bytes,
+        .cancelled = job_cb_cancelled,
+        .log = job_cb_log,
     };
     json_t *result = NULL;
     int rc = conv_run(&o, &result, &err);

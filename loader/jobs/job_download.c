@@ -12,8 +12,6 @@
 #include "loader/models/models.h"
 #include "util/jobtype.h"
 
-#define MAX_PATTERNS 256
-
 static const char *const load_formats[] = {"auto", "safetensors", "pt", "gguf", "all", NULL};
 static const char *const addressing_values[] = {"path", "virtual", NULL};
 
@@ -33,8 +31,8 @@ static const mp_param_spec download_params[] = {
 
 static int check_patterns(json_t *arr, const char *field, mp_error *err) {
     if (!arr) return 0;
-    if (json_array_size(arr) > MAX_PATTERNS)
-        return mp_err_field(err, field, "bad_param", "at most %d patterns", MAX_PATTERNS);
+    if (json_array_size(arr) > JOB_MAX_PATTERNS)
+        return mp_err_field(err, field, "bad_param", "at most %d patterns", JOB_MAX_PATTERNS);
     size_t i;
     json_t *v;
     json_array_foreach(arr, i, v) {
@@ -108,15 +106,6 @@ static bool cb_cancelled(void *arg) {
     return task_cancelled(c->t);
 }
 
-static size_t string_list(json_t *arr, const char **out) {
-    size_t n = 0, i;
-    json_t *v;
-    json_array_foreach(arr, i, v) {
-        if (n < MAX_PATTERNS && json_is_string(v)) out[n++] = json_string_value(v);
-    }
-    return n;
-}
-
 static int download_run(mp_task *t) {
     const mp_task_info *info = task_info(t);
     if (mref_is_remote(info->model)) return job_s3_download_run(t);
@@ -137,16 +126,12 @@ static int download_run(mp_task *t) {
     const char *fmt = json_string_value(json_object_get(p, "load_format"));
     if (fmt && hub_parse_load_format(fmt, &o.load_format) != 0)
         return task_fail(t, "bad_param", "unknown load_format %s", fmt);
-    const char *allow[MAX_PATTERNS], *ignore[MAX_PATTERNS];
-    json_t *a = json_object_get(p, "allow_patterns"), *ig = json_object_get(p, "ignore_patterns");
-    if (json_is_array(a)) {
-        o.allow = allow;
-        o.nallow = string_list(a, allow);
-    }
-    if (json_is_array(ig)) {
-        o.ignore = ignore;
-        o.nignore = string_list(ig, ignore);
-    }
+    job_patterns pat;
+    job_patterns_get(p, &pat);
+    o.allow = pat.allow;
+    o.nallow = pat.nallow;
+    o.ignore = pat.ignore;
+    o.nignore = pat.nignore;
     json_t *v;
     if ((v = json_object_get(p, "connections"))) o.connections = (int)json_integer_value(v);
     if ((v = json_object_get(p, "chunk_bytes"))) o.chunk_bytes = (uint64_t)json_integer_value(v);

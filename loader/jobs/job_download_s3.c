@@ -15,8 +15,6 @@
 #include "loader/models/models.h"
 #include "loader/remote/remote.h"
 
-#define S3_MAX_PATTERNS 256
-
 int job_s3_download_validate(const mp_task_info *info, mp_error *err) {
     mref_remote r;
     if (mref_remote_parse(info->model, strlen(info->model), false, "model", &r, err) != 0)
@@ -38,15 +36,6 @@ int job_s3_download_validate(const mp_task_info *info, mp_error *err) {
 static json_int_t int_param(const json_t *p, const char *name, json_int_t dflt) {
     json_t *v = json_object_get(p, name);
     return v ? json_integer_value(v) : dflt;
-}
-
-static size_t strings(json_t *arr, const char **out) {
-    size_t n = 0, i;
-    json_t *v;
-    json_array_foreach(arr, i, v) {
-        if (n < S3_MAX_PATTERNS && json_is_string(v)) out[n++] = json_string_value(v);
-    }
-    return n;
 }
 
 int job_s3_download_run(mp_task *t) {
@@ -79,16 +68,12 @@ int job_s3_download_run(mp_task *t) {
         remote_s3_creds_clear(&creds);
         return task_fail(t, "bad_param", "unknown load_format %s", fmt);
     }
-    const char *allow[S3_MAX_PATTERNS], *ignore[S3_MAX_PATTERNS];
-    json_t *a = json_object_get(p, "allow_patterns"), *ig = json_object_get(p, "ignore_patterns");
-    if (json_is_array(a)) {
-        o.allow = allow;
-        o.nallow = strings(a, allow);
-    }
-    if (json_is_array(ig)) {
-        o.ignore = ignore;
-        o.nignore = strings(ig, ignore);
-    }
+    job_patterns pat;
+    job_patterns_get(p, &pat);
+    o.allow = pat.allow;
+    o.nallow = pat.nallow;
+    o.ignore = pat.ignore;
+    o.nignore = pat.nignore;
     remote_callbacks cb = {job_cb_progress, job_cb_log, job_cb_cancelled, t, job_cb_draining};
     json_t *result = NULL;
     int rc = remote_s3_download(&o, &cb, &result, &err);

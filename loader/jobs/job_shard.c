@@ -89,19 +89,6 @@ static int shard_validate(const mp_task_info *in, mp_error *err) {
     return 0;
 }
 
-static void cb_progress(void *cb, uint64_t done, uint64_t total, const char *msg) {
-    task_progress(cb, done, total, "bytes", msg);
-}
-static bool cb_cancelled(void *cb) {
-    return task_cancelled(cb);
-}
-static bool cb_draining(void *cb) {
-    return task_draining(cb);
-}
-static void cb_log(void *cb, const char *level, const char *msg) {
-    task_log(cb, level, "%s", msg);
-}
-
 static void cb_checkpoint(void *cb, json_t *state) {
     int saved = task_checkpoint(cb, state);
     /* Unsaved: task_checkpoint has logged it, warned in the job's history and
@@ -138,10 +125,10 @@ static int shard_job_run(mp_task *t) {
         .resume = in->checkpoint,
         .checkpoint = cb_checkpoint,
         .cb = t,
-        .progress = cb_progress,
-        .cancelled = cb_cancelled,
-        .draining = cb_draining,
-        .log = cb_log,
+        .progress = job_cb_bytes,
+        .cancelled = job_cb_cancelled,
+        .draining = job_cb_draining,
+        .log = job_cb_log,
     };
     json_t *result = NULL;
     int rc = shard_run(&o, &result, &err);

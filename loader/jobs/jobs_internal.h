@@ -45,10 +45,23 @@ int job_warm_remote_validate(const mp_task_info *in, const char *format, mp_erro
 int job_warm_remote_open(mp_task *t, int tp, load_format *fmt, load_source *src, json_t **info,
                          mp_error *err);
 
+/* A download's allow/ignore patterns, borrowed from its params (hub and s3
+ * downloads choose files alike). download_validate has refused more than
+ * JOB_MAX_PATTERNS of either; a NULL list means the param was not given. */
+#define JOB_MAX_PATTERNS 256
+typedef struct job_patterns {
+    const char *allow_v[JOB_MAX_PATTERNS], *ignore_v[JOB_MAX_PATTERNS];
+    const char **allow, **ignore; /* NULL when absent, else the _v arrays */
+    size_t nallow, nignore;
+} job_patterns;
+void job_patterns_get(const json_t *params, job_patterns *out);
+
 /* Callbacks for the domain modules, the job's mp_task as their argument
  * (job_callbacks.c). Progress is in bytes; it returns non-zero once the job
  * is cancelled, for modules that stop on it. */
 int job_cb_progress(void *task, uint64_t done, uint64_t total, const char *msg);
+/* The same, for modules that check for a cancel on their own. */
+void job_cb_bytes(void *task, uint64_t done, uint64_t total, const char *msg);
 void job_cb_log(void *task, const char *level, const char *msg);
 bool job_cb_cancelled(void *task);
 bool job_cb_draining(void *task);

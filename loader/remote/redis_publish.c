@@ -62,18 +62,6 @@ typedef struct rp_ctx {
     uint64_t done, total;
 } rp_ctx;
 
-static void say(const rp_ctx *c, const char *level, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void say(const rp_ctx *c, const char *level, const char *fmt, ...) {
-    if (!c->cb || !c->cb->log) return;
-    char msg[600];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    c->cb->log(c->cb->arg, level, msg);
-}
-
 static bool stop(const rp_ctx *c) {
     return c->cb && c->cb->cancelled && c->cb->cancelled(c->cb->arg);
 }
@@ -293,8 +281,9 @@ static int put_files(rp_ctx *c, const char *dir, int depth, strvec *names, json_
                 break;
             }
             if (!utf8_valid((const unsigned char *)data, len)) {
-                say(c, "warn", "%s is not UTF-8 text: not stored (SGLang reads files as text)",
-                    e->d_name);
+                remote_log(c->cb, "warn",
+                           "%s is not UTF-8 text: not stored (SGLang reads files as text)",
+                           e->d_name);
                 json_array_append_new(
                     skipped, json_pack("{s:s,s:s}", "name", e->d_name, "reason", "not UTF-8 text"));
                 free(data);
@@ -357,7 +346,7 @@ static void drop_staged(rp_ctx *c, const char *password) {
     snprintf(pattern, sizeof pattern, "%s*", c->stage_prefix);
     if (rkv_connect(d->host, d->port, d->user, password, c->o->timeout_s, &c->kv, &e) != 0 ||
         drop_pattern(c, pattern, &e) != 0)
-        say(c, "warn", "staged keys %s may be left behind: %s", pattern, e.message);
+        remote_log(c->cb, "warn", "staged keys %s may be left behind: %s", pattern, e.message);
 }
 
 /* One transaction: the old model's keys go, the staged ones take their

@@ -131,6 +131,10 @@ void s3_mpu_abort(s3_client *c, const char *key, const char *upload_id);
 /* DELETE one key (204 / 404 are both fine). */
 int s3_delete(s3_client *c, const char *key, mp_error *err);
 
+/* A printf-style line to cb->log, when there is one (cb may be NULL). */
+void remote_log(const remote_callbacks *cb, const char *level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /* AWS URI encoding: everything but A-Za-z0-9-._~ (and '/' when keep_slash). */
 int s3_uri_encode(char *buf, size_t n, const char *s, bool keep_slash);
 /* Helpers for tests and the other files. */

@@ -78,18 +78,6 @@ typedef struct s3d_ctx {
     char tmp_dir[PATH_MAX];
 } s3d_ctx;
 
-static void say(const s3d_ctx *c, const char *level, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void say(const s3d_ctx *c, const char *level, const char *fmt, ...) {
-    if (!c->cb || !c->cb->log) return;
-    char msg[600];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    c->cb->log(c->cb->arg, level, msg);
-}
-
 static bool cancelled_cb(void *arg) {
     s3d_ctx *c = arg;
     if (atomic_load(&c->stop)) return true;
@@ -412,7 +400,7 @@ static int choose(s3d_ctx *c, const s3_listing *ls, size_t plen, size_t **sel, s
         const char *rel = key + plen;
         if (strcmp(rel, S3D_PROVENANCE) == 0) continue;
         if (!hub_path_safe(rel, strlen(rel))) {
-            say(c, "warn", "skipping object %.200s: not a safe relative path", key);
+            remote_log(c->cb, "warn", "skipping object %.200s: not a safe relative path", key);
             continue;
         }
         hub_file *f = &hl.files[hl.nfiles];
@@ -736,8 +724,8 @@ static int list_and_choose(s3d_ctx *c, const char *prefix, s3_listing *ls, mp_er
     size_t *sel = NULL, nsel = 0;
     int rc = s3_list(c->s3, prefix, ls, err);
     if (rc == 0)
-        say(c, "info", "s3://%s/%s: %zu objects in %zu pages", o->src->bucket, o->src->prefix,
-            ls->n, ls->pages);
+        remote_log(c->cb, "info", "s3://%s/%s: %zu objects in %zu pages", o->src->bucket,
+                   o->src->prefix, ls->n, ls->pages);
     if (rc == 0) rc = choose(c, ls, strlen(prefix), &sel, &nsel, err);
     if (rc == 0 && o->stage_dir && nsel > o->stage_max)
         rc = mp_err(err, "too_large", "%zu files to stage, room for %zu", nsel, o->stage_max);
@@ -796,8 +784,8 @@ static int transfer(s3d_ctx *c, uint64_t chunk, int conns, uint64_t *total, uint
     *xfer_s = 0;
     int rc = plan_chunks(c, chunk, total, resumed, err);
     if (rc == 0 && *resumed) {
-        say(c, "info", "resuming: %llu bytes kept from the drained run",
-            (unsigned long long)*resumed);
+        remote_log(c->cb, "info", "resuming: %llu bytes kept from the drained run",
+                   (unsigned long long)*resumed);
         atomic_store(&c->done, *resumed);
         rc = hash_resumed(c, err);
     }
