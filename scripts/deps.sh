@@ -91,7 +91,7 @@ fi
 
 [ "$what" = run ] || [ "$what" = cuda ] && exit 0
 
-# The venv uses Debian's interpreter so that python3-torch is importable.
+# The venv uses Debian's interpreter so that python3-numpy and selenium are importable.
 VENV=.venv
 REQ=scripts/requirements.txt
 stamp="$VENV/.req-$(sha256sum "$REQ" | cut -c1-16)"

@@ -9,7 +9,7 @@ import subprocess
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BUILD_ONLY = {"build-essential", "pkg-config", "libmicrohttpd-dev", "libjansson-dev",
               "libcurl4-openssl-dev", "libsqlite3-dev", "libssl-dev", "libhiredis-dev"}
-TEST_ONLY = {"libcmocka-dev", "python3", "python3-venv", "python3-pip", "python3-torch",
+TEST_ONLY = {"libcmocka-dev", "python3", "python3-venv", "python3-pip",
              "python3-numpy", "clang", "libclang-rt-14-dev", "chromium", "chromium-driver",
              "python3-selenium", "prometheus", "redis-server", "tmux"}
 
