@@ -141,7 +141,7 @@ void resp_defer(http_resp *rs, void (*fn)(void *arg, http_resp *rs), void *arg,
     memset(rs, 0, sizeof *rs);
     rs->defer_fn = fn;
     rs->defer_arg = arg;
-    rs->http_defer_free = free_arg;
+    rs->defer_free = free_arg;
 }
 
 int http_deferred_inflight(mp_server *srv) {
@@ -165,14 +165,14 @@ static int defer_response(mp_server *srv, struct MHD_Connection *conn, req_state
     if (j) {
         j->fn = rs->defer_fn;
         j->arg = rs->defer_arg;
-        j->free_arg = rs->http_defer_free;
+        j->free_arg = rs->defer_free;
         st->djob = j;
         if (http_defer_start(srv->deferrals, conn, defer_job_run, j, &st->deferred, &why) == 0)
             return 0;
         st->djob = NULL;
         free(j);
     }
-    if (rs->http_defer_free) rs->http_defer_free(rs->defer_arg);
+    if (rs->defer_free) rs->defer_free(rs->defer_arg);
     resp_problem(rs, 503, why, NULL);
     rs->defer_fn = NULL;
     return -1;
