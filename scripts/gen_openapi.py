@@ -251,7 +251,11 @@ JOB_PARAMS = {
                                 "properties": {"low": N, "high": N, "seed": I_(0)}},
                       "keep_resident": B, "staging_bytes": I_(65536, 1 << 40), "direct_io": B, "host_direct": B,
                       "device_convert": B,
-                      "readers": I_(1, 64)}),
+                      "readers": I_(1, 64),
+                      "s3_read": S_(enum=["ranged", "whole"],
+                                    description="s3:// models: ranged GETs per tensor into the staging ring "
+                                                "(safetensors; the default) or the files fetched whole into memory"),
+                      "addressing": enum("path", "virtual")}),
     "verify": obj({}),
     "prepare": obj({"for": enum("sglang", "vllm", "transformers"), "tp_size": I_(1, 1024), "devices": IA(0, 63, description=DEVICES_DESC, uniqueItems=True),
                     "dtype": enum("keep", "bf16", "fp16", "fp32"), "load": B,

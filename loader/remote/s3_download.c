@@ -363,28 +363,10 @@ static void files_free(s3d_ctx *c) {
 
 /* ---- choosing ----------------------------------------------------------------------- */
 
-typedef struct buf_sink {
-    char *p;
-    size_t n, cap;
-} buf_sink;
-
-static int bs_write(void *arg, const void *p, size_t n) {
-    buf_sink *b = arg;
-    if (b->n + n > b->cap) return -1;
-    memcpy(b->p + b->n, p, n);
-    b->n += n;
-    return 0;
-}
-static void bs_restart(void *arg) {
-    ((buf_sink *)arg)->n = 0;
-}
-
-/* The objects to fetch: hub_select_files over the listing, fetching the
- * safetensors index when it asks for it. sel[] gets the chosen listing
- * indexes. */
-static int choose(s3d_ctx *c, const s3_listing *ls, size_t plen, size_t **sel, size_t *nsel,
-                  mp_error *err) {
-    const remote_s3_download_opts *o = c->o;
+/* hub_select_files over the listing, fetching the safetensors index when it
+ * asks for it (remote_internal.h). */
+int s3_choose(s3_client *s3, const remote_callbacks *cb, const s3_pick *o, const s3_listing *ls,
+              size_t plen, size_t **sel, size_t *nsel, mp_error *err) {
     hub_listing hl = {0};
     size_t *map = calloc(ls->n ? ls->n : 1, sizeof *map);
     hl.files = calloc(ls->n ? ls->n : 1, sizeof *hl.files);
@@ -400,7 +382,7 @@ static int choose(s3d_ctx *c, const s3_listing *ls, size_t plen, size_t **sel, s
         const char *rel = key + plen;
         if (strcmp(rel, S3D_PROVENANCE) == 0) continue;
         if (!hub_path_safe(rel, strlen(rel))) {
-            remote_log(c->cb, "warn", "skipping object %.200s: not a safe relative path", key);
+            remote_log(cb, "warn", "skipping object %.200s: not a safe relative path", key);
             continue;
         }
         hub_file *f = &hl.files[hl.nfiles];
@@ -424,19 +406,17 @@ static int choose(s3d_ctx *c, const s3_listing *ls, size_t plen, size_t **sel, s
         if (!io || io->size > S3D_MAX_INDEX) {
             rc = mp_err(err, "bad_response", "%s is missing or too large", HUB_SAFE_INDEX);
         } else {
-            buf_sink b = {malloc(io->size + 1), 0, io->size};
-            s3_sink sink = {bs_write, bs_restart, &b};
-            if (!b.p)
+            char *b = malloc(io->size + 1);
+            if (!b)
                 rc = mp_err(err, "no_memory", "out of memory");
-            else if (io->size == 0 ||
-                     (rc = s3_get_range(c->s3, io->key, 0, io->size, io->etag, &sink, err)) == 0) {
-                b.p[b.n] = 0;
-                index = b.p;
-                b.p = NULL;
+            else if ((rc = s3_get_bytes(s3, io->key, 0, io->size, io->etag, b, err)) == 0) {
+                b[io->size] = 0;
+                index = b;
+                b = NULL;
                 rc = hub_select_files(&hl, o->load_format, o->allow, o->nallow, o->ignore,
                                       o->nignore, index, &needs_index, err);
             }
-            free(b.p);
+            free(b);
         }
     }
     free(index);
@@ -726,7 +706,8 @@ static int list_and_choose(s3d_ctx *c, const char *prefix, s3_listing *ls, mp_er
     if (rc == 0)
         remote_log(c->cb, "info", "s3://%s/%s: %zu objects in %zu pages", o->src->bucket,
                    o->src->prefix, ls->n, ls->pages);
-    if (rc == 0) rc = choose(c, ls, strlen(prefix), &sel, &nsel, err);
+    s3_pick pick = {o->src, o->load_format, o->allow, o->nallow, o->ignore, o->nignore};
+    if (rc == 0) rc = s3_choose(c->s3, c->cb, &pick, ls, strlen(prefix), &sel, &nsel, err);
     if (rc == 0 && o->stage_dir && nsel > o->stage_max)
         rc = mp_err(err, "too_large", "%zu files to stage, room for %zu", nsel, o->stage_max);
     if (rc == 0 && !(c->files = calloc(nsel, sizeof *c->files)))

@@ -305,7 +305,8 @@ class FaultProxy:
     a list of callables (method, path) -> None or an action:
     ("status", code, s3_code) answers with an S3 error; ("cut", n) forwards
     but closes the connection after n body bytes; ("header", name, value)
-    forwards with that response header replaced. With `secret`, each
+    forwards with that response header replaced; ("body", f) forwards f(body)
+    instead of the body (with its length). With `secret`, each
     request's SigV4 signature is recomputed with botocore's signer and a
     mismatch is answered 403 SignatureDoesNotMatch, as S3 does."""
 
@@ -350,6 +351,8 @@ class FaultProxy:
                 c.request(self.command, self.path, body=body or None, headers=hdrs)
                 r = c.getresponse()
                 data = r.read()
+                if action and action[0] == "body":
+                    data = action[1](data)
                 self.send_response(r.status)
                 for k, v in r.getheaders():
                     if action and action[0] == "header" and k.lower() == action[1].lower():
@@ -435,6 +438,12 @@ def upload_model(port, bucket, prefix, d, multipart_file=None):
         c.upload_file(os.path.join(d, f), bucket, "%s/%s" % (prefix, f), Config=cfg)
 
 
+def no_temp(s):
+    """Nothing left in <data>/remote/.tmp (which a ranged load never makes)."""
+    t = os.path.join(s.data_dir, "remote", ".tmp")
+    return not os.path.exists(t) or not os.listdir(t)
+
+
 def local_copy(s, bucket, prefix):
     return os.path.join(s.data_dir, "remote", "s3", bucket, prefix)
 
@@ -481,7 +490,7 @@ def test_s3_download_matches_boto3_uploads(make_server, model_root, moto, tmp_pa
     assert job4["state"] == "succeeded", job4
     assert job4["result"]["bytes_downloaded"] == len(json.dumps(cfg)) + 1
     assert open(os.path.join(out, "config.json"), "rb").read().endswith(b"} ")
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
 
 
 def test_s3_download_pages_over_1000_keys(make_server, moto):
@@ -576,7 +585,7 @@ def test_s3_faults(make_server, model_root, moto, proxy):
     assert job["state"] == "failed" and job["error"]["code"] == "not_found", job
     assert "config.json" in job["error"]["message"]
     assert not os.path.exists(out)
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
 
     # the store's own SHA-256 (x-amz-checksum-sha256) is compared with what
     # arrived; a HEAD that disagrees, or a changed ETag, fails the job
@@ -720,7 +729,7 @@ def test_warm_load_from_redis(make_server, model_root, redis_server):
         for name, a in tm.expected_rank(cfg, src, 2, rank, "sglang").items():
             want[(name, rank)] = hashlib.sha256(a.tobytes()).hexdigest()
     assert got == want
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
     # a dtype cast on the way, as for any checkpoint
     job = s.run_job({"type": "warm_load", "model": r.url("fleet/m"),
                      "params": {"tp_size": 2, "dtype": "fp32", "keep_resident": False}})
@@ -745,7 +754,7 @@ def test_warm_load_from_redis(make_server, model_root, redis_server):
     st, doc = s.post("/v1/jobs", {"type": "warm_load", "model": r.url("fleet/m"),
                                   "params": {"load_format": "dummy"}})
     assert st == 400, doc
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
 
 
 def test_warm_load_from_s3_without_a_copy(make_server, model_root, moto):
@@ -763,24 +772,170 @@ def test_warm_load_from_s3_without_a_copy(make_server, model_root, moto):
     assert job["state"] == "succeeded", job
     res = job["result"]
     assert res["load_format"] == "safetensors"
-    assert sorted(f["name"] for f in res["remote"]["files"]) == sorted(os.listdir(d))
+    # read by ranges: the weight files' headers and tensors, nothing else
+    assert res["remote"]["mode"] == "ranged"
+    assert sorted(f["name"] for f in res["remote"]["files"]) == \
+        sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
     src = read_source(str(d))
     st, doc = s.get("/v1/residents/%s/digest" % res["resident_id"])
     got = {(t["name"], t["rank"]): t["sha256"] for t in doc["tensors"]}
     want = {(n, rank): hashlib.sha256(a.tobytes()).hexdigest()
             for rank in range(2) for n, a in tm.expected_rank(cfg, src, 2, rank, "hf").items()}
     assert got == want
+    assert res["source_reads"] >= 1 and res["remote"]["bytes_fetched"] > 0
+    # the whole-file path (what pt/gguf models take) gives the same tensors
+    job = s.run_job({"type": "warm_load", "model": model,
+                     "params": {"tp_size": 2, "s3_read": "whole"}})
+    assert job["state"] == "succeeded", job
+    assert "mode" not in job["result"]["remote"]
+    st, doc = s.get("/v1/residents/%s/digest" % job["result"]["resident_id"])
+    assert {(t["name"], t["rank"]): t["sha256"] for t in doc["tensors"]} == want
     assert not os.path.exists(local_copy(s, bucket, "m"))
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
     # a missing bucket: a clear error, nothing left
     job = s.run_job({"type": "warm_load", "model": "s3://no-such-bucket-y/m"})
     assert job["state"] == "failed" and job["error"]["code"] == "not_found", job
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
     # with a downloaded copy, the copy is what loads (no requests to the store)
     assert s.run_job({"type": "download", "model": model})["state"] == "succeeded"
     job = s.run_job({"type": "warm_load", "model": model, "params": {"keep_resident": False}})
     assert job["state"] == "succeeded", job
     assert "remote" not in job["result"]
+
+
+def vm_hwm(pid):
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM")
+
+
+def big_model(d, mib=256):
+    """A safetensors file of `mib` MiB written by safetensors.torch: 4 MiB
+    fp32 matrices plus 300 small vectors (bf16 and fp32), the small ones
+    neighbours in the file so the loader can fetch them together."""
+    g = torch.Generator().manual_seed(7)
+    state = {"layers.%03d.weight" % i: torch.randn(1024, 1024, generator=g)
+             for i in range((mib << 20) // (4 << 20) - 1)}
+    for i in range(300):
+        dt = torch.bfloat16 if i % 2 else torch.float32
+        state["norms.%03d.weight" % i] = torch.randn(256, generator=g).to(dt)
+    os.makedirs(d, exist_ok=True)
+    from safetensors.torch import save_file
+    save_file(state, os.path.join(d, "model.safetensors"))
+    json.dump({"architectures": ["Unknown"]}, open(os.path.join(d, "config.json"), "w"))
+    return {n: hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16
+                              else t.numpy().tobytes()).hexdigest() for n, t in state.items()}
+
+
+def resident_digests(s, rid):
+    st, doc = s.get("/v1/residents/%s/digest" % rid)
+    assert st == 200, doc
+    return {t["name"]: t["sha256"] for t in doc["tensors"]}
+
+
+def test_warm_load_from_s3_by_ranges_holds_only_the_ring(make_server, model_root, moto):
+    """A 256 MiB model warm-loaded straight from S3 with a 16 MiB staging ring:
+    the headers and tensors come by ranged GETs (small neighbours together),
+    the resident's tensors are the file's, and host memory stays near the
+    ring: the job's peak_host_bytes and the server's VmHWM both stay far
+    below what the whole-file path holds (measured in the same test)."""
+    d = str(model_root / "big")
+    want = big_model(d)
+    size = os.path.getsize(os.path.join(d, "model.safetensors"))
+    bucket = new_bucket(moto)
+    upload_model(moto, bucket, "big", d)
+    model = "s3://%s/big" % bucket
+    params = {"staging_bytes": 16 << 20, "keep_resident": True}
+
+    cfg = tm.make_config("llama")
+    tm.write_model(str(model_root / "small"), cfg, tm.make_state(cfg))
+    upload_model(moto, bucket, "small", str(model_root / "small"))
+    s = make_server(env=s3_env(moto))
+    # warm the process up (threads, curl, TLS tables) on a small model
+    job = s.run_job({"type": "warm_load", "model": "s3://%s/small" % bucket,
+                     "params": dict(params, keep_resident=False)})
+    assert job["state"] == "succeeded", job
+    hwm0 = vm_hwm(s.proc.pid)
+    job = s.run_job({"type": "warm_load", "model": model, "params": params}, timeout=300)
+    assert job["state"] == "succeeded", job
+    res = job["result"]
+    hwm = vm_hwm(s.proc.pid) - hwm0
+    assert res["remote"]["mode"] == "ranged" and res["bytes"] > 250 << 20
+    assert resident_digests(s, res["resident_id"]) == want
+    # ring (16 MiB) + one slot per reader for batches: nowhere near the file
+    assert res["peak_host_bytes"] <= (24 << 20), res
+    # every GET was a range of at most a slot, and the 300 small tensors
+    # came in a handful of requests
+    slot = res["staging"]["slot_bytes"]
+    assert res["source_reads"] < (size // slot) + 1 + 300 // 4, res
+    assert res["remote"]["bytes_fetched"] <= size
+    # the host "device" arena is the model (256 MiB) in this process; the
+    # rest is the ring and the client's buffers (a whole-file path buffering
+    # in the heap would add the file again)
+    assert hwm < res["bytes"] + (64 << 20), (hwm, res["bytes"])
+
+    # the whole-file path holds the file in memory (memfds) besides: the
+    # peak_host_bytes bound above would fail for it
+    s2 = make_server(env=s3_env(moto))
+    job = s2.run_job({"type": "warm_load", "model": model,
+                      "params": dict(params, s3_read="whole")}, timeout=300)
+    assert job["state"] == "succeeded", job
+    assert job["result"]["peak_host_bytes"] >= size
+    assert resident_digests(s2, job["result"]["resident_id"]) == want
+
+
+def test_warm_load_from_s3_by_ranges_refuses_hostile_answers(make_server, model_root, moto,
+                                                            proxy):
+    """A store that answers a range with fewer or more bytes, or with another
+    Content-Range, or an object whose header length runs past its end: the
+    job fails with a clear code, no resident is left, nothing on disk."""
+    cfg = tm.make_config("llama")
+    d = model_root / "m"
+    tm.write_model(str(d), cfg, tm.make_state(cfg))
+    bucket = new_bucket(moto)
+    upload_model(moto, bucket, "m", str(d))
+    c = s3client(moto)
+    c.put_object(Bucket=bucket, Key="liar/model.safetensors",
+                 Body=struct.pack("<Q", 1 << 20) + b'{"a":')
+    c.put_object(Bucket=bucket, Key="huge/model.safetensors",
+                 Body=struct.pack("<Q", 1 << 62) + b"{}")
+    p = proxy()
+    s = make_server(env=dict(s3_env(moto), AWS_ENDPOINT_URL="http://127.0.0.1:%d" % p.port))
+    model = "s3://%s/m" % bucket
+
+    def weights_get(fault):
+        seen = [0]
+
+        def f(method, path):
+            # the tensors' GETs, not the 8-byte length's or the header's
+            if method == "GET" and path.split("?")[0].endswith(".safetensors"):
+                seen[0] += 1
+                if seen[0] > 2:
+                    return fault
+        return f
+
+    cases = [
+        (("body", lambda b: b[:-1]), "bad_response", "bytes arrived"),
+        (("body", lambda b: b + b"xx"), "bad_response", "longer than the range"),
+        (("header", "Content-Range", "bytes 0-9/99999999"), "bad_response", "Content-Range"),
+    ]
+    for fault, code, words in cases:
+        p.faults = [weights_get(fault)]
+        job = s.run_job({"type": "warm_load", "model": model})
+        assert job["state"] == "failed", job
+        assert job["error"]["code"] == code and words in job["error"]["message"], job
+    p.faults = []
+    for prefix in ("liar", "huge"):
+        job = s.run_job({"type": "warm_load", "model": "s3://%s/%s" % (bucket, prefix)})
+        assert job["state"] == "failed", job
+        assert job["error"]["code"] == "bad_header", job
+        assert "header length" in job["error"]["message"], job
+    st, doc = s.get("/v1/residents")
+    assert st == 200 and not doc["residents"], doc
+    assert no_temp(s)
+    # the same store, answering straight: loads
+    assert s.run_job({"type": "warm_load", "model": model})["state"] == "succeeded"
 
 
 def test_s3_download_resumes_after_a_drain(make_server, moto, proxy, tmp_path):
@@ -862,7 +1017,7 @@ def test_s3_download_cancel_leaves_nothing(make_server, moto, proxy):
     assert done["state"] == "cancelled", done
     assert time.time() - t0 < 10  # the transfer in flight was aborted, not waited for
     assert not os.path.exists(local_copy(s, bucket, "c"))
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
 
 
 def test_redis_publish_failure_keeps_the_old_model(make_server, model_root, redis_server):
