@@ -30,7 +30,7 @@
 #include "loader/remote/remote_internal.h"
 #include "util/fsutil.h"
 
-#define S3D_PROVENANCE ".modelprep-s3.json"
+#define S3D_PROVENANCE MREF_S3_PROVENANCE
 #define S3D_PARTIAL ".modelprep-partial.json"
 #define S3D_MAX_INDEX (64u << 20)
 #define S3D_HASH_BLOCK (4u << 20)

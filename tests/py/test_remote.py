@@ -803,6 +803,42 @@ def test_warm_load_from_s3_without_a_copy(make_server, model_root, moto):
     assert "remote" not in job["result"]
 
 
+def test_s3_copies_are_listed_and_usable_by_url(make_server, model_root, moto):
+    """A download from s3:// (here a nested prefix) is listed by GET
+    /v1/models under its s3:// URL (kind and source "s3", the copy's path),
+    and every job that works on local files takes that URL; temp folders and
+    a prefix without a finished copy are not listed."""
+    cfg = tm.make_config("llama")
+    d = model_root / "m"
+    tm.write_model(str(d), cfg, tm.make_state(cfg))
+    bucket = new_bucket(moto)
+    upload_model(moto, bucket, "team/llama-a", str(d))
+    s = make_server(env=s3_env(moto))
+    model = "s3://%s/team/llama-a" % bucket
+    assert s.run_job({"type": "download", "model": model})["state"] == "succeeded"
+    # a stray folder without the download's record is no model
+    os.makedirs(os.path.join(s.data_dir, "remote", "s3", bucket, "half"))
+    shutil.copy(str(d / "model.safetensors"), os.path.join(s.data_dir, "remote", "s3", bucket,
+                                                            "half"))
+    st, doc = s.get("/v1/models")
+    assert st == 200, doc
+    s3m = [m for m in doc["models"] if m["kind"] == "s3"]
+    assert len(s3m) == 1, doc
+    m = s3m[0]
+    assert m["model"] == model and m["source"] == "s3" and m["inspection"] is None
+    assert m["path"] == local_copy(s, bucket, "team/llama-a")
+    assert m["formats"] == ["safetensors"] and m["size_bytes"] > 0
+    for job in ({"type": "inspect", "model": model},
+                {"type": "verify", "model": model},
+                {"type": "shard", "model": model, "params": {"tp_size": 2}},
+                {"type": "warm_load", "model": model, "params": {"keep_resident": False}}):
+        j = s.run_job(job)
+        assert j["state"] == "succeeded", j
+    st, doc = s.get("/v1/models")
+    m = [m for m in doc["models"] if m["model"] == model][0]
+    assert m["inspection"] is not None
+
+
 def vm_hwm(pid):
     for line in open("/proc/%d/status" % pid):
         if line.startswith("VmHWM:"):
