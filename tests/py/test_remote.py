@@ -658,6 +658,60 @@ def test_s3_signatures_checked(make_server, model_root, moto, proxy, tmp_path):
     assert SK not in s.logs()
 
 
+def test_s3_virtual_hosted_addressing(make_server, model_root, moto, proxy):
+    """AWS_S3_ADDRESSING_STYLE=virtual (botocore's addressing_style): every
+    request goes to <bucket>.localhost:<port> (libcurl resolves *.localhost
+    to loopback) with the bucket out of the path, and is signed as botocore
+    signs that virtual-hosted request (the proxy recomputes each signature
+    with botocore's S3SigV4Auth and refuses a mismatch). Download, ranged
+    warm_load and publish all work so; a job's addressing overrides it."""
+    cfg = tm.make_config("llama")
+    d = model_root / "m"
+    tm.write_model(str(d), cfg, tm.make_state(cfg))
+    bucket = new_bucket(moto)
+    upload_model(moto, bucket, "m", str(d))
+    p = proxy(secret=SK)
+    ep = "http://localhost:%d" % p.port
+    vhost = "%s.localhost:%d" % (bucket, p.port)
+    s = make_server(args=["--model-root", str(model_root)],
+                    env=dict(s3_env(moto), AWS_ENDPOINT_URL=ep, AWS_S3_ADDRESSING_STYLE="virtual"))
+    model = "s3://%s/m" % bucket
+
+    def hosts():
+        got = {(h.get("Host"), path.startswith("/%s" % bucket)) for _, path, h, _ in p.log}
+        p.log.clear()
+        return got
+
+    job = s.run_job({"type": "download", "model": model})
+    assert job["state"] == "succeeded", job
+    assert hosts() == {(vhost, False)}
+    for f in os.listdir(d):
+        assert open(os.path.join(local_copy(s, bucket, "m"), f), "rb").read() == \
+            (d / f).read_bytes()
+    job = s.run_job({"type": "warm_load", "model": "s3://%s/m" % bucket,
+                     "params": {"keep_resident": False, "s3_read": "ranged"}})
+    assert job["state"] == "succeeded", job  # the copy: no requests
+    job = s.run_job({"type": "publish", "model": str(d),
+                     "params": {"url": "s3://%s/pub/m" % bucket}})
+    assert job["state"] == "succeeded", job
+    assert hosts() == {(vhost, False)}
+    assert s3client(moto).get_object(Bucket=bucket, Key="pub/m/model.safetensors")["Body"] \
+        .read() == (d / "model.safetensors").read_bytes()
+    # streamed from the store, virtual-hosted; then path-style for one job
+    job = s.run_job({"type": "warm_load", "model": "s3://%s/pub/m" % bucket,
+                     "params": {"keep_resident": False}})
+    assert job["state"] == "succeeded" and job["result"]["remote"]["mode"] == "ranged", job
+    assert hosts() == {(vhost, False)}
+    job = s.run_job({"type": "warm_load", "model": "s3://%s/pub/m" % bucket,
+                     "params": {"keep_resident": False, "addressing": "path"}})
+    assert job["state"] == "succeeded", job
+    assert hosts() == {("localhost:%d" % p.port, True)}
+    # addressing is for s3:// models only
+    st, doc = s.post("/v1/jobs", {"type": "warm_load", "model": str(d),
+                                  "params": {"addressing": "virtual"}})
+    assert st == 400 and doc["errors"][0]["code"] == "param_conflict", doc
+
+
 def test_s3_publish_read_back_by_boto3(make_server, model_root, moto):
     cfg = tm.make_config("llama", hidden=512, inter=1536, vocab=4000)
     d = model_root / "llama"
