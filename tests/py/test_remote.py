@@ -306,7 +306,8 @@ class FaultProxy:
     ("status", code, s3_code) answers with an S3 error; ("cut", n) forwards
     but closes the connection after n body bytes; ("header", name, value)
     forwards with that response header replaced; ("body", f) forwards f(body)
-    instead of the body (with its length). With `secret`, each
+    instead of the body (with its length); ("stall", n, event) sends the
+    headers and n body bytes, then waits for the event. With `secret`, each
     request's SigV4 signature is recomputed with botocore's signer and a
     mismatch is answered 403 SignatureDoesNotMatch, as S3 does."""
 
@@ -365,7 +366,12 @@ class FaultProxy:
                                  if self.command == "HEAD" else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    if action and action[0] == "cut":
+                    if action and action[0] == "stall":
+                        self.wfile.write(data[:action[1]])
+                        self.wfile.flush()
+                        action[2].wait(60)
+                        self.close_connection = True
+                    elif action and action[0] == "cut":
                         self.wfile.write(data[:action[1]])
                         self.wfile.flush()
                         self.close_connection = True
@@ -1028,34 +1034,55 @@ def test_warm_load_from_s3_by_ranges_refuses_hostile_answers(make_server, model_
     assert s.run_job({"type": "warm_load", "model": model})["state"] == "succeeded"
 
 
-def test_s3_download_resumes_after_a_drain(make_server, moto, proxy, tmp_path):
-    """SIGTERM mid-download: the job goes back to the queue with the ranges
-    that arrived; the next server start fetches only the rest, and the file
-    is whole and checked."""
-    bucket = new_bucket(moto)
-    body = os.urandom(12 << 20)
-    s3client(moto).put_object(Bucket=bucket, Key="r/model.safetensors", Body=body)
-    s3client(moto).put_object(Bucket=bucket, Key="r/config.json", Body=b"{}")
-    p = proxy()
+def weights_gate(p, npass, stall=None):
+    """A fault for proxy p: the first npass GETs of model.safetensors pass;
+    the next sends `stall` bytes and then waits for the gate (without stall,
+    it waits before answering), and so do the ones after it. Returns the
+    fault, the gate and the list of paths asked for."""
     gate = threading.Event()
     passed = []
 
-    def hold(method, path):
-        # the first 4 ranges of the weights pass, the rest wait for the gate
+    def fault(method, path):
         if method == "GET" and path.endswith("model.safetensors"):
             with p.lock:
                 passed.append(path)
                 n = len(passed)
-            if n > 4:
-                gate.wait(30)
+            if n == npass + 1 and stall:
+                return ("stall", stall, gate)
+            if n > npass:
+                gate.wait(60)
         return None
+    return fault, gate, passed
 
-    p.faults = [hold]
-    data = tmp_path / "data"
-    env = dict(s3_env(moto), AWS_ENDPOINT_URL="http://127.0.0.1:%d" % p.port)
-    s = make_server(env=env, data_dir=data)
-    job = s.submit({"type": "download", "model": "s3://%s/r" % bucket,
-                    "params": {"chunk_bytes": 1 << 20, "connections": 1}})
+
+class GatedDownload:
+    """A 12 MiB model.safetensors and a config.json under s3://<new>/r, a
+    server whose store is proxy p with weights_gate(p, 4, stall) as its
+    fault, and a download of it started (1 MiB ranges, one connection)."""
+
+    def __init__(self, make_server, moto, p, tmp_path, stall=None):
+        self.p = p
+        self.bucket = new_bucket(moto)
+        self.body = os.urandom(12 << 20)
+        c = s3client(moto)
+        c.put_object(Bucket=self.bucket, Key="r/model.safetensors", Body=self.body)
+        c.put_object(Bucket=self.bucket, Key="r/config.json", Body=b"{}")
+        self.fault, self.gate, self.passed = weights_gate(p, 4, stall)
+        p.faults = [self.fault]
+        self.data = tmp_path / "data"
+        self.env = dict(s3_env(moto), AWS_ENDPOINT_URL="http://127.0.0.1:%d" % p.port)
+        self.s = make_server(env=self.env, data_dir=self.data)
+        self.job = self.s.submit({"type": "download", "model": "s3://%s/r" % self.bucket,
+                                  "params": {"chunk_bytes": 1 << 20, "connections": 1}})
+
+
+def test_s3_download_resumes_after_a_drain(make_server, moto, proxy, tmp_path):
+    """SIGTERM mid-download: the job goes back to the queue with the ranges
+    that arrived; the next server start fetches only the rest, and the file
+    is whole and checked."""
+    g = GatedDownload(make_server, moto, proxy(), tmp_path)
+    bucket, body, env, data, s, job = g.bucket, g.body, g.env, g.data, g.s, g.job
+    passed, gate = g.passed, g.gate
     deadline = time.time() + 60
     while len(passed) < 5 and time.time() < deadline:
         time.sleep(0.05)
@@ -1076,6 +1103,73 @@ def test_s3_download_resumes_after_a_drain(make_server, moto, proxy, tmp_path):
     f = [x for x in res["files"] if x["name"] == "model.safetensors"][0]
     assert f["sha256"] == hashlib.sha256(body).hexdigest()
     assert not os.listdir(os.path.join(s2.data_dir, "remote", ".tmp"))
+
+
+def test_s3_download_resumes_after_a_crash(make_server, moto, proxy, tmp_path):
+    """kill -9 mid-download: the re-queued job takes over what the last
+    record (fsync'ed data, then the record, every 2 s) says is on disk:
+    finished ranges, and the fetched start of a range cut short, whose rest
+    comes with a ranged GET from there; the copy equals boto3's download byte
+    for byte. An object replaced while the server was down starts over."""
+    # 4 ranges of the weights pass, the 5th stops after 300000 bytes
+    g = GatedDownload(make_server, moto, proxy(), tmp_path, stall=300000)
+    bucket, env, data, s, job, p = g.bucket, g.env, g.data, g.s, g.job, g.p
+    passed, gate, stall, c = g.passed, g.gate, g.fault, s3client(moto)
+    record = os.path.join(str(data), "remote", ".tmp", job["id"], ".modelprep-partial.json")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            part = json.load(open(record))["files"]["model.safetensors"]["part"]
+            if part:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    assert part == {"4": 300000}, part
+    s.kill9()
+    p.faults = []
+    gate.set()
+    with p.lock:
+        p.log.clear()
+    s2 = make_server(env=env, data_dir=data)
+    done = s2.wait_job(job["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    res = done["result"]
+    assert res["bytes_resumed"] == (4 << 20) + 300000 + 2, res
+    assert res["bytes_downloaded"] == (8 << 20) - 300000, res
+    # the cut range's rest was asked for from where the disk left off
+    ranges = [h.get("Range") for m, path, h, _ in p.log
+              if m == "GET" and path.endswith("model.safetensors")]
+    assert ranges[0] == "bytes=%d-%d" % ((4 << 20) + 300000, (5 << 20) - 1), ranges
+    out = local_copy(s2, bucket, "r")
+    want = tmp_path / "boto3.bin"
+    c.download_file(bucket, "r/model.safetensors", str(want))
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == want.read_bytes()
+    assert sorted(os.listdir(out)) == [".modelprep-s3.json", "config.json", "model.safetensors"]
+    assert no_temp(s2)
+
+    # the object replaced while the server is down: nothing of it is kept
+    passed.clear()
+    gate.clear()
+    p.faults = [stall]
+    job = s2.submit({"type": "download", "model": "s3://%s/r" % bucket,
+                     "params": {"chunk_bytes": 1 << 20, "connections": 1, "overwrite": True}})
+    record = os.path.join(str(data), "remote", ".tmp", job["id"], ".modelprep-partial.json")
+    deadline = time.time() + 60
+    while time.time() < deadline and not os.path.exists(record):
+        time.sleep(0.1)
+    time.sleep(2.5)  # a record with the weights' ranges in it
+    s2.kill9()
+    p.faults = []
+    gate.set()
+    body2 = os.urandom(12 << 20)
+    c.put_object(Bucket=bucket, Key="r/model.safetensors", Body=body2)
+    s3 = make_server(env=env, data_dir=data)
+    done = s3.wait_job(job["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    assert done["result"]["bytes_resumed"] == 2, done["result"]  # config.json only
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == body2
+    assert no_temp(s3)
 
 
 def test_s3_download_cancel_leaves_nothing(make_server, moto, proxy):
