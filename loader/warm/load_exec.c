@@ -571,6 +571,7 @@ static int do_batch(reader *r, const load_item *first, size_t nb, mp_error *err)
     r->bytes_read += hi - lo;
     for (size_t k = 0; rc == 0 && k < nb && !atomic_load(&c->abort); k++) {
         uint64_t b;
+        if (first[k].bytes == 0) continue; /* an empty tensor: nothing to stage */
         rc = src_base(&first[k], &b, err);
         if (rc == 0) rc = do_piece(r, &first[k], 0, first[k].bytes, r->batch + (b - lo), err);
     }
