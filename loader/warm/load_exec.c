@@ -749,7 +749,9 @@ static void size_ring(run_ctx *c) {
     if (staging > need) staging = need;
     if (staging < LOAD_MIN_STAGING) staging = LOAD_MIN_STAGING;
     int nreaders = o->readers > 0 ? o->readers : default_readers();
-    uint64_t nslots = staging / (4ull << 20);
+    /* 4 MiB slots; 8 MiB from a read_at source, where a slot is one request
+     * and each request costs a round trip */
+    uint64_t nslots = staging / (o->read_at ? 8ull << 20 : 4ull << 20);
     if (nslots < (uint64_t)nreaders * 2) nslots = (uint64_t)nreaders * 2;
     if (nslots > 64) nslots = 64;
     c->slot_bytes = staging / nslots / DIO_ALIGN * DIO_ALIGN;
