@@ -1,5 +1,6 @@
 /* models.c - /v1/models: every model a job can take (the hub cache, the
- * model roots, our convert and shard outputs, each with its kind and last
+ * model roots, our convert and shard outputs, the copies of s3:// downloads,
+ * each with its kind and last
  * inspection), one
  * cached model with its files and last inspection, and eviction (409 while
  * resident or in use). */
@@ -30,6 +31,7 @@ void h_models_list(http_req *rq, http_resp *rs) {
         rc = mref_list_root(cfg->output_roots[0], "converted", models);
     if (rc == 0 && cfg->output_roots[1])
         rc = mref_list_root(cfg->output_roots[1], "sharded", models);
+    if (rc == 0) rc = mref_list_s3(cfg->data_dir, models);
     if (rc != 0) {
         json_decref(models);
         resp_problem(rs, 503, "out of memory", NULL);

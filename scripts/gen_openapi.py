@@ -177,7 +177,9 @@ schemas = {
                                                      "runtime": {"type": "integer"}, "driver": {"type": "integer"}}}}},
     "ModelSummary": {"type": "object", "required": ["model", "kind", "revision", "path", "size_bytes", "files", "formats"],
                      "properties": {"model": S_(description="what to pass as a job's model"),
-                                    "kind": S_(enum=["hub", "local", "converted", "sharded"]),
+                                    "kind": S_(enum=["hub", "local", "converted", "sharded", "s3"]),
+                                    "source": S_(enum=["s3"], description="the copy of an s3:// download (kind s3): "
+                                                 "model is its s3://bucket/prefix URL, path the copy under <data>/remote/s3"),
                                     "revision": nullable(S_(description="hub snapshots only")),
                                     "commit": nullable(S_(pattern="^[0-9a-f]{40}$", description="hub snapshots only")),
                                     "path": {"type": "string"},
@@ -251,7 +253,11 @@ JOB_PARAMS = {
                                 "properties": {"low": N, "high": N, "seed": I_(0)}},
                       "keep_resident": B, "staging_bytes": I_(65536, 1 << 40), "direct_io": B, "host_direct": B,
                       "device_convert": B,
-                      "readers": I_(1, 64)}),
+                      "readers": I_(1, 64),
+                      "s3_read": S_(enum=["ranged", "whole"],
+                                    description="s3:// models: ranged GETs per tensor into the staging ring "
+                                                "(safetensors; the default) or the files fetched whole into memory"),
+                      "addressing": enum("path", "virtual")}),
     "verify": obj({}),
     "prepare": obj({"for": enum("sglang", "vllm", "transformers"), "tp_size": I_(1, 1024), "devices": IA(0, 63, description=DEVICES_DESC, uniqueItems=True),
                     "dtype": enum("keep", "bf16", "fp16", "fp32"), "load": B,
@@ -317,7 +323,7 @@ paths = {
                              params=[{"name": "Last-Event-ID", "in": "header", "required": False, "schema": S_(pattern="^[0-9]{1,18}$")}])},
     "/v1/devices": {"get": op("devices weights can be placed on", {"200": resp("devices", {"type": "object", "required": ["devices"], "properties": {"devices": {"type": "array", "items": ref("Device")},
                                                                                                                                "cuda_error": nullable(S_(description="why CUDA discovery found no device (e.g. a driver older than the runtime); null when it did not fail"))}}), **ERR})},
-    "/v1/models": {"get": op("every model a job can take: one entry per cached hub revision (kind hub), each model folder under the model roots (local) and our outputs (converted, sharded), each with its last inspection", {"200": resp("models", {"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": ref("ModelSummary")}}}), **ERR})},
+    "/v1/models": {"get": op("every model a job can take: one entry per cached hub revision (kind hub), each model folder under the model roots (local) and our outputs (converted, sharded), each copy of an s3:// download (s3, listed by its s3:// URL), each with its last inspection", {"200": resp("models", {"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": ref("ModelSummary")}}}), **ERR})},
     "/v1/models/{org}/{name}": {
         "get": op("one cached model with its files and last inspection", {"200": resp("model", ref("Model")), "404": PROBLEM, **ERR},
                   params=[ORG_P, NAME_P, query("revision", S_(pattern=REVISION, maxLength=255))]),

@@ -41,6 +41,7 @@ static const char USAGE[] =
     "  --no-access-log         do not log each HTTP request\n"
     "  --s3-credentials-file F AWS credentials file for s3:// (default: AWS_* environment)\n"
     "  --s3-endpoint URL       S3-compatible endpoint (default $AWS_ENDPOINT_URL or AWS)\n"
+    "  --s3-addressing STYLE   path, virtual or auto (default $AWS_S3_ADDRESSING_STYLE or auto)\n"
     "  --redis-password-file F password for AUTH to redis:// URLs that carry none\n"
     "  --version, --help\n";
 
@@ -112,6 +113,14 @@ static int parse_mem(const char *flag, const char *v, bool zero_ok, uint64_t *ou
 }
 
 /* Defaults, then the environment's tokens. */
+/* "path", "virtual" or "auto" (stored as "": the job decides by endpoint). */
+static int set_addressing(mp_config *cfg, const char *v, mp_error *err) {
+    if (strcmp(v, "path") && strcmp(v, "virtual") && strcmp(v, "auto"))
+        return mp_err(err, "bad_flag", "S3 addressing must be path, virtual or auto");
+    snprintf(cfg->s3_addressing, sizeof cfg->s3_addressing, "%s", strcmp(v, "auto") ? v : "");
+    return 0;
+}
+
 static int config_defaults(mp_config *cfg, mp_error *err) {
     memset(cfg, 0, sizeof *cfg);
     snprintf(cfg->listen_host, sizeof cfg->listen_host, "127.0.0.1");
@@ -139,6 +148,11 @@ static int config_defaults(mp_config *cfg, mp_error *err) {
             return mp_err(err, "bad_flag", "AWS_ENDPOINT_URL must be http(s)://host[:port]");
         snprintf(cfg->s3_endpoint, sizeof cfg->s3_endpoint, "%s", s3ep);
     }
+    /* botocore's addressing_style, which its config file and the SDKs'
+     * AWS_S3_ADDRESSING_STYLE name alike */
+    const char *style = getenv("AWS_S3_ADDRESSING_STYLE");
+    if (style && *style && set_addressing(cfg, style, err) != 0)
+        return mp_err_wrap(err, NULL, "AWS_S3_ADDRESSING_STYLE");
     const char *tok = getenv("MODELPREP_TOKEN");
     if (tok && *tok && !(cfg->token = strdup(tok))) return mp_err(err, "no_memory", "oom");
     const char *hf = getenv("HF_TOKEN");
@@ -235,6 +249,10 @@ static int flag_s3_endpoint(mp_config *cfg, const char *v, mp_error *err) {
         return mp_err(err, "bad_flag", "--s3-endpoint must be http(s)://host[:port]");
     snprintf(cfg->s3_endpoint, sizeof cfg->s3_endpoint, "%s", v);
     return 0;
+}
+
+static int flag_s3_addressing(mp_config *cfg, const char *v, mp_error *err) {
+    return set_addressing(cfg, v, err);
 }
 
 static int flag_hub_endpoint(mp_config *cfg, const char *v, mp_error *err) {
@@ -341,6 +359,7 @@ static const flag_def FLAGS[] = {
     {"no-access-log", no_argument, flag_no_access_log},
     {"s3-credentials-file", required_argument, flag_s3_credentials_file},
     {"s3-endpoint", required_argument, flag_s3_endpoint},
+    {"s3-addressing", required_argument, flag_s3_addressing},
     {"redis-password-file", required_argument, flag_redis_password_file},
     {"version", no_argument, flag_version},
     {"help", no_argument, flag_help},

@@ -39,6 +39,7 @@ typedef struct mp_config {
     char export_socket[1024];
     char s3_credentials_file[4096]; /* --s3-credentials-file, read at each job */
     char s3_endpoint[1024];         /* --s3-endpoint / AWS_ENDPOINT_URL(_S3) */
+    char s3_addressing[16];         /* --s3-addressing / AWS_S3_ADDRESSING_STYLE, "" auto */
     char redis_password_file[4096]; /* --redis-password-file, read at each job */
     bool insecure_listen;
     bool log_json;

@@ -115,6 +115,7 @@ static int server_start(mp_server *srv) {
         .s3_credentials_file =
             srv->cfg.s3_credentials_file[0] ? srv->cfg.s3_credentials_file : NULL,
         .s3_endpoint = srv->cfg.s3_endpoint[0] ? srv->cfg.s3_endpoint : NULL,
+        .s3_addressing = srv->cfg.s3_addressing[0] ? srv->cfg.s3_addressing : NULL,
         .redis_password_file =
             srv->cfg.redis_password_file[0] ? srv->cfg.redis_password_file : NULL,
         .gpus = srv->gpus,

@@ -38,6 +38,7 @@ typedef struct mp_task_env {
      * --redis-password-file (NULL: no AUTH unless a URL carries one). */
     const char *s3_credentials_file;
     const char *s3_endpoint;
+    const char *s3_addressing; /* --s3-addressing: "path", "virtual", NULL (auto) */
     const char *redis_password_file;
     struct gpu_set *gpus;
     struct resident_set *residents;

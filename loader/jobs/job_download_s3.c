@@ -54,7 +54,7 @@ int job_s3_download_run(mp_task *t) {
     remote_s3_download_opts o = {
         .src = &src,
         .where = {.endpoint = ep,
-                  .virtual_hosted = addr ? strcmp(addr, "virtual") == 0 : !ep,
+                  .virtual_hosted = remote_s3_virtual(addr, info->env->s3_addressing, ep),
                   .creds = &creds,
                   .max_retries = int_param(p, "max_retries", -1)},
         .data_dir = info->env->data_dir,

@@ -133,7 +133,7 @@ static int publish_s3(mp_task *t, const mref_remote *dst, json_t **result, mp_er
         .source_model = in->model,
         .dst = dst,
         .where = {.endpoint = ep,
-                  .virtual_hosted = addr ? strcmp(addr, "virtual") == 0 : !ep,
+                  .virtual_hosted = remote_s3_virtual(addr, in->env->s3_addressing, ep),
                   .creds = &creds,
                   .max_retries = int_param(p, "max_retries", -1)},
         .connections = int_param(p, "connections", 0),

@@ -126,6 +126,11 @@ static int key_path(const mp_task_info *in, const char *given, char *out, mp_err
 static int wl_validate(const mp_task_info *in, mp_error *err) {
     wl_params w;
     if (parse_params(in->params, &w, err) != 0) return -1;
+    static const char *const s3_only[] = {"s3_read", "addressing"};
+    for (size_t i = 0; strncmp(in->model, "s3://", 5) != 0 && i < 2; i++)
+        if (json_object_get(in->params, s3_only[i]))
+            return mp_err_field(err, "params", "param_conflict", "%s applies to s3:// models only",
+                                s3_only[i]);
     if (mref_is_remote(in->model) &&
         job_warm_remote_validate(in, json_string_value(json_object_get(in->params, "load_format")),
                                  err) != 0)
@@ -196,6 +201,8 @@ static json_t *build_result(const load_source *src, const load_plan *plan, const
     if (r)
         json_object_set_new(r, "device_converted_bytes",
                             json_integer((json_int_t)st->device_converted));
+    if (r && st->reads) /* a read_at source: its calls (ranged GETs) */
+        json_object_set_new(r, "source_reads", json_integer((json_int_t)st->reads));
     return r;
 }
 
@@ -273,7 +280,8 @@ static int wl_run(mp_task *t) {
     load_source src;
     double o0 = time_mono();
     json_t *remote_info = NULL;
-    if ((remote ? job_warm_remote_open(t, w.tp_size, &w.format, &src, &remote_info, &err)
+    remote_s3_ranged *ranged = NULL; /* s3:// read by ranges: the loader's byte source */
+    if ((remote ? job_warm_remote_open(t, w.tp_size, &w.format, &src, &remote_info, &ranged, &err)
                 : load_source_open(in->model_path, w.format, w.tp_size, &src, &err)) != 0) {
         memset(key, 0, sizeof key);
         return task_fail(t, err.code, "%s", err.message);
@@ -282,7 +290,7 @@ static int wl_run(mp_task *t) {
         src.format = LOAD_FMT_DUMMY;
         src.encrypted = false; /* shapes only: the header is readable without the key */
     }
-    if (w.direct_io) load_source_open_direct(&src);
+    if (w.direct_io && !ranged) load_source_open_direct(&src);
     double open_s = time_mono() - o0;
     task_log(t, "info", "%s: %zu file(s), format %s%s", in->model, src.nfiles,
              load_format_name(src.format), src.encrypted ? " (encrypted)" : "");
@@ -295,6 +303,7 @@ static int wl_run(mp_task *t) {
                          .dummy = w.format == LOAD_FMT_DUMMY};
     if (load_plan_build(&src, &po, &plan, &err) != 0) {
         json_decref(remote_info);
+        remote_s3_ranged_free(ranged);
         load_source_free(&src);
         memset(key, 0, sizeof key);
         return task_fail(t, err.code, "%s", err.message);
@@ -303,7 +312,10 @@ static int wl_run(mp_task *t) {
 
     wl_cb cb = {t};
     load_run_opts ro = {.staging_bytes = w.staging_bytes,
-                        .readers = w.readers,
+                        /* over a network a reader mostly waits: one per connection */
+                        .readers = w.readers || !ranged ? w.readers : REMOTE_DEFAULT_CONNECTIONS,
+                        .read_at = ranged ? remote_s3_ranged_read : NULL,
+                        .read_arg = ranged,
                         .direct_io = w.direct_io,
                         .host_direct = w.host_direct,
                         .device_convert = w.device_convert >= 0
@@ -320,6 +332,12 @@ static int wl_run(mp_task *t) {
     load_stats st;
     int rc = load_run(gpus, &src, &plan, &ro, arenas, &st, &err);
     memset(key, 0, sizeof key);
+    if (ranged) {
+        /* the counters now include the tensors' GETs */
+        json_decref(remote_info);
+        remote_info = remote_s3_ranged_info(ranged);
+        remote_s3_ranged_free(ranged);
+    }
     if (rc != 0) {
         json_decref(remote_info);
         load_plan_free(&plan);
@@ -327,6 +345,9 @@ static int wl_run(mp_task *t) {
         return task_fail(t, err.code, "%s", err.message);
     }
     double total_s = time_mono() - t_start;
+    /* A remote model fetched whole sat in host memory (memfds) for the whole
+     * load: that counts as host memory the load held, beside the ring. */
+    st.peak_host_bytes += (uint64_t)json_integer_value(json_object_get(remote_info, "host_bytes"));
     json_t *result = build_result(&src, &plan, &w, &st, plan_s, open_s, total_s, gpus);
     if (result && remote_info)
         json_object_set_new(result, "remote", remote_info);
@@ -360,6 +381,8 @@ static int wl_run(mp_task *t) {
 static const char *const FORMATS[] = {"auto",    "safetensors",   "pt",    "gguf",
                                       "npcache", "sharded_state", "dummy", NULL};
 static const char *const DTYPES[] = {"auto", "keep", "bf16", "fp16", "fp32", NULL};
+static const char *const S3_READS[] = {"ranged", "whole", NULL};
+static const char *const ADDRESSING[] = {"path", "virtual", NULL};
 
 static const mp_param_spec wl_params_spec[] = {
     {"load_format", MP_P_STRING, FORMATS, 0, 0},
@@ -374,6 +397,8 @@ static const mp_param_spec wl_params_spec[] = {
     {"host_direct", MP_P_BOOL, NULL, 0, 0},
     {"device_convert", MP_P_BOOL, NULL, 0, 0},
     {"readers", MP_P_INT, NULL, 1, 64},
+    {"s3_read", MP_P_STRING, S3_READS, 0, 0},
+    {"addressing", MP_P_STRING, ADDRESSING, 0, 0},
     {NULL, 0, NULL, 0, 0},
 };
 

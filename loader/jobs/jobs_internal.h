@@ -39,11 +39,15 @@ int job_s3_download_run(mp_task *t);
 
 /* warm_load of a remote model (job_warm_remote.c): the submit-time check,
  * and opening a redis:// model's ranks as a sharded_state source (*fmt is
- * set to it; *info describes what was read). */
+ * set to it; *info describes what was read), or an s3:// model. *ranged
+ * non-NULL: the source's bytes are to be read through it
+ * (load_run_opts.read_at = remote_s3_ranged_read; the caller frees it with
+ * remote_s3_ranged_free after the load). */
+#include "loader/remote/remote.h"
 #include "loader/warm/warm.h"
 int job_warm_remote_validate(const mp_task_info *in, const char *format, mp_error *err);
 int job_warm_remote_open(mp_task *t, int tp, load_format *fmt, load_source *src, json_t **info,
-                         mp_error *err);
+                         remote_s3_ranged **ranged, mp_error *err);
 
 /* A download's allow/ignore patterns, borrowed from its params (hub and s3
  * downloads choose files alike). download_validate has refused more than

@@ -65,6 +65,14 @@ char *mref_snapshot_dir(const char *hub_cache, const char *repo, const char *rev
  * the path: what a job takes). kind: "local", "converted" or "sharded". */
 int mref_list_root(const char *root, const char *kind, json_t *out);
 
+/* The record an s3:// download leaves in its copy (loader/remote). */
+#define MREF_S3_PROVENANCE ".modelprep-s3.json"
+/* Appends one entry per downloaded s3:// copy under
+ * <data_dir>/remote/s3/<bucket>/<prefix>/ (a folder holding
+ * MREF_S3_PROVENANCE and a weight file): as mref_list_root's, with kind and
+ * source "s3" and model the s3://bucket/prefix URL a job takes. */
+int mref_list_s3(const char *data_dir, json_t *out);
+
 /* ---- the hub cache (cache.c) ---- */
 
 /* Every cached (repo, revision): [{"model","revision","commit","path",

@@ -10,6 +10,7 @@
  *                    with backoff, ListObjectsV2 paging, ranged GETs, PUTs,
  *                    multipart uploads; the XML answers parsed defensively
  *   s3_download.c    s3://bucket/prefix -> DATA/remote/s3/<bucket>/<prefix>/
+ *   s3_ranged.c      warm_load from s3:// by ranged GETs per tensor
  *   s3_publish.c     a local model -> s3://bucket/prefix, manifest last
  *   redis_kv.c       a hiredis connection: AUTH, pipelined SETs, SCAN, swap
  *   redis_publish.c  a local model -> redis://host:port/model_name in
@@ -32,6 +33,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "loader/formats/weights.h"
 #include "loader/hub/hub.h"
 #include "loader/models/models.h"
 #include "loader/tp_rules/tp_rules.h"
@@ -92,6 +94,13 @@ typedef struct remote_s3_where {
     long timeout_s;        /* per request without progress; 0: 60 */
 } remote_s3_where;
 
+/* Virtual-hosted or not: the job's addressing param ("path", "virtual")
+ * when given, else the server's style (--s3-addressing /
+ * AWS_S3_ADDRESSING_STYLE: "path", "virtual", "auto" or NULL), and for
+ * "auto" as botocore does: path-style for a custom endpoint, virtual-hosted
+ * on AWS. */
+bool remote_s3_virtual(const char *param, const char *server_style, const char *endpoint);
+
 /* True for "http://..." or "https://..." with a host, no path, query,
  * userinfo or whitespace (what `endpoint` and AWS_ENDPOINT_URL may be). */
 bool remote_endpoint_valid(const char *s);
@@ -146,6 +155,46 @@ void remote_unstage_dir(const char *dir, int *fds, size_t n);
  * only the rest. */
 int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks *cb,
                        json_t **result, mp_error *err);
+
+/* ---- warm_load straight from s3:// by ranged reads (s3_ranged.c) ------------ */
+
+/* The way the Run:ai model streamer reads: the safetensors headers with
+ * ranged GETs (the 8-byte length, then the header), the tensors planned as
+ * from local files, then each tensor's bytes (or a run of small neighbours)
+ * with a ranged GET straight into the loader's staging ring, so host memory
+ * is the ring's, not the model's. Every GET carries If-Match with the listed
+ * ETag (an object replaced mid-load fails "changed_during_download") and must
+ * come back as exactly the range asked for. */
+typedef struct remote_s3_ranged remote_s3_ranged;
+
+typedef struct remote_s3_ranged_opts {
+    const mref_remote *src; /* scheme MREF_S3 */
+    remote_s3_where where;
+    hub_load_format load_format; /* which files, as a download would choose */
+} remote_s3_ranged_opts;
+
+/* Lists the prefix, chooses the files, reads every chosen .safetensors
+ * file's header and config.json. Returns 1 (nothing opened, *out NULL) when
+ * the choice holds no safetensors file or an encrypted one: the caller then
+ * fetches the files whole. Errors: those of remote_s3_download, "bad_header"
+ * (a header length of 0, over 10^8 or past the object, a header that is not
+ * safetensors), "truncated". */
+int remote_s3_ranged_open(const remote_s3_ranged_opts *o, const remote_callbacks *cb,
+                          remote_s3_ranged **out, mp_error *err);
+/* The chosen safetensors files, in name order; file i's table (files[0] is
+ * its s3:// URL, fds[0] -1) is handed to the caller once by take. */
+size_t remote_s3_ranged_nfiles(const remote_s3_ranged *r);
+mp_weights *remote_s3_ranged_take(remote_s3_ranged *r, size_t i);
+/* config.json of the prefix (borrowed), or NULL. */
+json_t *remote_s3_ranged_config(const remote_s3_ranged *r);
+/* load_run_opts.read_at: len bytes at off of file `file` (part 0), one
+ * ranged GET; thread-safe. */
+int remote_s3_ranged_read(void *r, uint32_t file, uint32_t part, uint64_t off, void *dst,
+                          uint64_t len, mp_error *err);
+/* {url, mode: "ranged", files: [{name, size, etag}], requests, retries,
+ * bytes_fetched}. */
+json_t *remote_s3_ranged_info(const remote_s3_ranged *r);
+void remote_s3_ranged_free(remote_s3_ranged *r);
 
 /* ---- publish (s3_publish.c, redis_publish.c) ------------------------------- */
 

@@ -133,6 +133,13 @@ void remote_s3_creds_clear(remote_s3_creds *c) {
         p[i] = 0;
 }
 
+bool remote_s3_virtual(const char *param, const char *server_style, const char *endpoint) {
+    const char *style = param && *param ? param : server_style;
+    if (style && !strcmp(style, "virtual")) return true;
+    if (style && !strcmp(style, "path")) return false;
+    return !endpoint || !*endpoint;
+}
+
 bool remote_endpoint_valid(const char *s) {
     if (!s) return false;
     const char *h;

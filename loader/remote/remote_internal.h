@@ -111,6 +111,12 @@ typedef struct s3_sink {
 } s3_sink;
 int s3_get_range(s3_client *c, const char *key, uint64_t off, uint64_t len, const char *if_match,
                  const s3_sink *sink, mp_error *err);
+/* Exactly [off, off+len) of key into dst (len bytes): a 206 whose
+ * Content-Range names that range and whose body is that long ("bad_response"
+ * otherwise: shorter, longer, another range); a 200 only for a whole object
+ * of len bytes at off 0. */
+int s3_get_bytes(s3_client *c, const char *key, uint64_t off, uint64_t len, const char *if_match,
+                 void *dst, mp_error *err);
 /* HEAD: size, etag, and x-amz-checksum-sha256 (base64, "" when absent;
  * asked for with x-amz-checksum-mode: ENABLED). */
 int s3_head(s3_client *c, const char *key, uint64_t *size, char *etag, size_t etagn,
@@ -130,6 +136,22 @@ int s3_mpu_complete(s3_client *c, const char *key, const char *upload_id, int np
 void s3_mpu_abort(s3_client *c, const char *key, const char *upload_id);
 /* DELETE one key (204 / 404 are both fine). */
 int s3_delete(s3_client *c, const char *key, mp_error *err);
+
+/* What to fetch of a prefix, and the choice a hub download would make
+ * (load_format, patterns, the safetensors index fetched when it decides):
+ * sel[] gets the chosen indexes into ls (caller frees). plen: the prefix's
+ * length with its '/'. Errors: "not_found", "file_not_found",
+ * "bad_response". */
+typedef struct s3_pick {
+    const mref_remote *src;
+    hub_load_format load_format;
+    const char *const *allow;
+    size_t nallow;
+    const char *const *ignore;
+    size_t nignore;
+} s3_pick;
+int s3_choose(s3_client *s3, const remote_callbacks *cb, const s3_pick *p, const s3_listing *ls,
+              size_t plen, size_t **sel, size_t *nsel, mp_error *err);
 
 /* A printf-style line to cb->log, when there is one (cb may be NULL). */
 void remote_log(const remote_callbacks *cb, const char *level, const char *fmt, ...)

@@ -194,6 +194,7 @@ typedef struct s3_req {
     char sha256[64];
     uint64_t length;
     bool has_length;
+    char crange[96]; /* Content-Range, "" when absent */
     /* state */
     bool to_sink;
     int sink_rc;
@@ -210,7 +211,7 @@ static size_t on_header(char *b, size_t size, size_t n, void *arg) {
     line[strcspn(line, "\r\n")] = 0;
     if (strncmp(line, "HTTP/", 5) == 0) {
         /* a new response (after a redirect or 100-continue): forget the old */
-        r->etag[0] = r->sha256[0] = 0;
+        r->etag[0] = r->sha256[0] = r->crange[0] = 0;
         r->has_length = false;
         return len;
     }
@@ -237,6 +238,8 @@ static size_t on_header(char *b, size_t size, size_t n, void *arg) {
         }
     } else if (strcasecmp(line, "x-amz-checksum-sha256") == 0) {
         if (strlen(v) == 44) snprintf(r->sha256, sizeof r->sha256, "%s", v);
+    } else if (strcasecmp(line, "content-range") == 0) {
+        snprintf(r->crange, sizeof r->crange, "%s", v);
     } else if (strcasecmp(line, "content-length") == 0) {
         char *end;
         unsigned long long x = strtoull(v, &end, 10);
@@ -604,6 +607,16 @@ int s3_list(s3_client *c, const char *prefix, s3_listing *out, mp_error *err) {
     }
 }
 
+/* "bytes FIRST-LAST/TOTAL" (TOTAL may be '*') naming exactly [off, off+len). */
+static bool crange_ok(const char *v, uint64_t off, uint64_t len) {
+    unsigned long long a, b;
+    int used = 0;
+    if (strncasecmp(v, "bytes ", 6) != 0 || sscanf(v + 6, "%llu-%llu/%n", &a, &b, &used) != 2 ||
+        used == 0)
+        return false;
+    return a == off && b == off + len - 1;
+}
+
 int s3_get_range(s3_client *c, const char *key, uint64_t off, uint64_t len, const char *if_match,
                  const s3_sink *sink, mp_error *err) {
     char range[80], im[120];
@@ -620,7 +633,51 @@ int s3_get_range(s3_client *c, const char *key, uint64_t off, uint64_t len, cons
     if (rc == 0 && len > 0 && r.status != 206 && !(r.status == 200 && off == 0))
         rc = mp_err(err, "bad_response", "S3 GET %s: asked for a range, got HTTP %ld", key,
                     r.status);
+    if (rc == 0 && r.status == 206 && !crange_ok(r.crange, off, len))
+        rc = mp_err(err, "bad_response",
+                    "S3 GET %s: asked for bytes %llu-%llu, the answer says Content-Range '%.60s'",
+                    key, (unsigned long long)off, (unsigned long long)(off + len - 1), r.crange);
     req_free(&r);
+    return rc;
+}
+
+typedef struct exact_sink {
+    unsigned char *dst;
+    uint64_t n, cap;
+    bool over;
+} exact_sink;
+
+static int es_write(void *arg, const void *p, size_t n) {
+    exact_sink *s = arg;
+    if (n > s->cap - s->n) {
+        s->over = true; /* more than the range: not a store we trust */
+        return -1;
+    }
+    memcpy(s->dst + s->n, p, n);
+    s->n += n;
+    return 0;
+}
+
+static void es_restart(void *arg) {
+    exact_sink *s = arg;
+    s->n = 0;
+    s->over = false;
+}
+
+int s3_get_bytes(s3_client *c, const char *key, uint64_t off, uint64_t len, const char *if_match,
+                 void *dst, mp_error *err) {
+    if (len == 0) return 0;
+    exact_sink es = {dst, 0, len, false};
+    s3_sink sink = {es_write, es_restart, &es};
+    int rc = s3_get_range(c, key, off, len, if_match, &sink, err);
+    if (rc != 0 && es.over)
+        return mp_err(err, "bad_response",
+                      "S3 GET %s: the answer to a %llu-byte range is longer than the range", key,
+                      (unsigned long long)len);
+    if (rc == 0 && es.n != len)
+        rc = mp_err(err, "bad_response",
+                    "S3 GET %s: %llu bytes arrived for a %llu-byte range at %llu", key,
+                    (unsigned long long)es.n, (unsigned long long)len, (unsigned long long)off);
     return rc;
 }
 

@@ -30,7 +30,7 @@
 #include "loader/remote/remote_internal.h"
 #include "util/fsutil.h"
 
-#define S3D_PROVENANCE ".modelprep-s3.json"
+#define S3D_PROVENANCE MREF_S3_PROVENANCE
 #define S3D_PARTIAL ".modelprep-partial.json"
 #define S3D_MAX_INDEX (64u << 20)
 #define S3D_HASH_BLOCK (4u << 20)
@@ -51,14 +51,19 @@ typedef struct s3d_file {
     bool *done;
     bool hashing, want_md5;
     bool store_sha256;   /* the store's x-amz-checksum-sha256 matched */
-    json_t *resume_done; /* chunk numbers a drained run finished, or NULL */
+    json_t *resume_done; /* chunk numbers an earlier run finished, or NULL */
+    json_t *resume_part; /* {chunk number: bytes from its start} it left half done */
     EVP_MD_CTX *sha, *md5ctx;
 } s3d_file;
 
 typedef struct s3d_chunk {
     size_t file;
     uint64_t off, len;
-    bool skip; /* on disk from a drained run */
+    bool skip;         /* on disk from an earlier run */
+    uint64_t start_at; /* bytes at its start on disk from an earlier run */
+    /* bytes from its start written so far (in order: a range arrives as one
+     * stream), what a record of the download may call on disk once fsync'ed */
+    atomic_uint_least64_t have;
 } s3d_chunk;
 
 typedef struct s3d_ctx {
@@ -76,6 +81,7 @@ typedef struct s3d_ctx {
     pthread_mutex_t mu;
     mp_error first_err;
     char tmp_dir[PATH_MAX];
+    uint64_t chunk; /* the range size, named in the resume record */
 } s3d_ctx;
 
 static bool cancelled_cb(void *arg) {
@@ -94,6 +100,7 @@ static double now_s(void) {
 
 typedef struct range_sink {
     s3d_ctx *c;
+    s3d_chunk *ch;
     int fd;
     uint64_t start, pos, end;
 } range_sink;
@@ -115,6 +122,7 @@ static int rs_write(void *arg, const void *p, size_t n) {
         left -= (size_t)w;
         s->pos += (uint64_t)w;
     }
+    atomic_store(&s->ch->have, s->pos - s->ch->off);
     atomic_fetch_add(&s->c->done, n);
     return 0;
 }
@@ -123,6 +131,7 @@ static void rs_restart(void *arg) {
     range_sink *s = arg;
     atomic_fetch_sub(&s->c->done, s->pos - s->start);
     s->pos = s->start;
+    atomic_store(&s->ch->have, s->start - s->ch->off);
 }
 
 static void set_error(s3d_ctx *c, const mp_error *e) {
@@ -183,13 +192,15 @@ static void *transfer_main(void *arg) {
     for (;;) {
         size_t i = atomic_fetch_add(&c->next, 1);
         if (i >= c->nchunks || atomic_load(&c->stop)) break;
-        const s3d_chunk *ch = &c->chunks[i];
+        s3d_chunk *ch = &c->chunks[i];
         if (ch->skip) continue;
         const s3d_file *f = &c->files[ch->file];
-        range_sink rs = {c, f->fd, ch->off, ch->off, ch->off + ch->len};
+        /* the rest of a range an earlier run left half done */
+        uint64_t from = ch->off + ch->start_at;
+        range_sink rs = {c, ch, f->fd, from, from, ch->off + ch->len};
         s3_sink sink = {rs_write, rs_restart, &rs};
         mp_error e = {0};
-        if (s3_get_range(c->s3, f->obj->key, ch->off, ch->len, f->obj->etag, &sink, &e) != 0) {
+        if (s3_get_range(c->s3, f->obj->key, from, rs.end - from, f->obj->etag, &sink, &e) != 0) {
             if (strcmp(e.code, "cancelled") == 0 && atomic_load(&c->failed)) break;
             mp_err_wrap(&e, NULL, "%s", f->rel);
             set_error(c, &e);
@@ -197,7 +208,7 @@ static void *transfer_main(void *arg) {
         }
         if (rs.pos != rs.end) {
             mp_err(&e, "bad_response", "%s: the store sent %llu of %llu bytes of a range", f->rel,
-                   (unsigned long long)(rs.pos - rs.start), (unsigned long long)ch->len);
+                   (unsigned long long)(rs.pos - rs.start), (unsigned long long)(rs.end - from));
             set_error(c, &e);
             break;
         }
@@ -214,6 +225,10 @@ static void *transfer_main(void *arg) {
     return NULL;
 }
 
+static bool write_record(s3d_ctx *c);
+
+#define S3D_RECORD_EVERY_S 2.0
+
 static int run_pool(s3d_ctx *c, int threads, void *(*fn)(void *), size_t items, uint64_t total,
                     mp_error *err) {
     pthread_t th[64];
@@ -224,9 +239,18 @@ static int run_pool(s3d_ctx *c, int threads, void *(*fn)(void *), size_t items, 
     }
     if (started == 0) return mp_err(err, "internal", "cannot start transfer threads");
     bool stopped = false;
+    /* While ranges arrive on disk, a record of them every few seconds lets
+     * a run after a crash fetch only the rest (in memory there is nothing
+     * to keep). */
+    bool record = fn == transfer_main && !c->o->stage_dir;
+    double last_record = now_s();
     /* The job's thread reports progress and watches for a cancel while the
      * pool works. */
     for (;;) {
+        if (record && now_s() - last_record >= S3D_RECORD_EVERY_S) {
+            (void)write_record(c); /* best effort: the download goes on without */
+            last_record = now_s();
+        }
         bool all_done = atomic_load(&c->next) >= items + (size_t)started;
         uint64_t d = atomic_load(&c->done);
         if (c->cb && c->cb->progress && !stopped &&
@@ -357,34 +381,17 @@ static void files_free(s3d_ctx *c) {
         EVP_MD_CTX_free(f->md5ctx);
         free(f->done);
         json_decref(f->resume_done);
+        json_decref(f->resume_part);
     }
     free(c->files);
 }
 
 /* ---- choosing ----------------------------------------------------------------------- */
 
-typedef struct buf_sink {
-    char *p;
-    size_t n, cap;
-} buf_sink;
-
-static int bs_write(void *arg, const void *p, size_t n) {
-    buf_sink *b = arg;
-    if (b->n + n > b->cap) return -1;
-    memcpy(b->p + b->n, p, n);
-    b->n += n;
-    return 0;
-}
-static void bs_restart(void *arg) {
-    ((buf_sink *)arg)->n = 0;
-}
-
-/* The objects to fetch: hub_select_files over the listing, fetching the
- * safetensors index when it asks for it. sel[] gets the chosen listing
- * indexes. */
-static int choose(s3d_ctx *c, const s3_listing *ls, size_t plen, size_t **sel, size_t *nsel,
-                  mp_error *err) {
-    const remote_s3_download_opts *o = c->o;
+/* hub_select_files over the listing, fetching the safetensors index when it
+ * asks for it (remote_internal.h). */
+int s3_choose(s3_client *s3, const remote_callbacks *cb, const s3_pick *o, const s3_listing *ls,
+              size_t plen, size_t **sel, size_t *nsel, mp_error *err) {
     hub_listing hl = {0};
     size_t *map = calloc(ls->n ? ls->n : 1, sizeof *map);
     hl.files = calloc(ls->n ? ls->n : 1, sizeof *hl.files);
@@ -400,7 +407,7 @@ static int choose(s3d_ctx *c, const s3_listing *ls, size_t plen, size_t **sel, s
         const char *rel = key + plen;
         if (strcmp(rel, S3D_PROVENANCE) == 0) continue;
         if (!hub_path_safe(rel, strlen(rel))) {
-            remote_log(c->cb, "warn", "skipping object %.200s: not a safe relative path", key);
+            remote_log(cb, "warn", "skipping object %.200s: not a safe relative path", key);
             continue;
         }
         hub_file *f = &hl.files[hl.nfiles];
@@ -424,19 +431,17 @@ static int choose(s3d_ctx *c, const s3_listing *ls, size_t plen, size_t **sel, s
         if (!io || io->size > S3D_MAX_INDEX) {
             rc = mp_err(err, "bad_response", "%s is missing or too large", HUB_SAFE_INDEX);
         } else {
-            buf_sink b = {malloc(io->size + 1), 0, io->size};
-            s3_sink sink = {bs_write, bs_restart, &b};
-            if (!b.p)
+            char *b = malloc(io->size + 1);
+            if (!b)
                 rc = mp_err(err, "no_memory", "out of memory");
-            else if (io->size == 0 ||
-                     (rc = s3_get_range(c->s3, io->key, 0, io->size, io->etag, &sink, err)) == 0) {
-                b.p[b.n] = 0;
-                index = b.p;
-                b.p = NULL;
+            else if ((rc = s3_get_bytes(s3, io->key, 0, io->size, io->etag, b, err)) == 0) {
+                b[io->size] = 0;
+                index = b;
+                b = NULL;
                 rc = hub_select_files(&hl, o->load_format, o->allow, o->nallow, o->ignore,
                                       o->nignore, index, &needs_index, err);
             }
-            free(b.p);
+            free(b);
         }
     }
     free(index);
@@ -523,9 +528,10 @@ static bool can_reuse(const json_t *old, const char *final_dir, const s3d_file *
     return false;
 }
 
-/* A file a drained run left in partial_dir, when it is still the same
- * object: moved into the temp folder and opened as it is; its finished
- * chunks are marked by plan_chunks. */
+/* A file a drained or crashed run left in partial_dir, when it is still the
+ * same object (same ETag and size; a replaced object starts over): moved
+ * into the temp folder and opened as it is; its finished chunks and the
+ * fetched starts of the others are marked by plan_chunks. */
 static bool resume_file(s3d_file *f, const json_t *partial, const char *partial_dir,
                         const char *p) {
     json_t *e = json_object_get(json_object_get(partial, "files"), f->rel);
@@ -542,6 +548,8 @@ static bool resume_file(s3d_file *f, const json_t *partial, const char *partial_
         return false;
     if ((f->fd = open(p, O_RDWR | O_CLOEXEC)) < 0) return false;
     f->resume_done = json_incref(done);
+    json_t *part = json_object_get(e, "part");
+    if (json_is_object(part)) f->resume_part = json_incref(part);
     return true;
 }
 
@@ -581,6 +589,23 @@ static int open_targets(s3d_ctx *c, const char *final_dir, const json_t *old, co
     return 0;
 }
 
+/* Chunks an earlier run left half done: fetched from where it stopped. */
+static void resume_parts(s3d_ctx *c, s3d_file *f, size_t k, uint64_t *resumed) {
+    const char *key;
+    json_t *v;
+    json_object_foreach(f->resume_part, key, v) {
+        char *end;
+        unsigned long long x = strtoull(key, &end, 10);
+        json_int_t have = json_integer_value(v);
+        if (*end || end == key || x >= k || !json_is_integer(v) || have <= 0) continue;
+        s3d_chunk *ch = &c->chunks[f->first + (size_t)x];
+        if (ch->skip || ch->start_at || (uint64_t)have >= ch->len) continue;
+        ch->start_at = (uint64_t)have;
+        atomic_store(&ch->have, ch->start_at);
+        *resumed += ch->start_at;
+    }
+}
+
 static int plan_chunks(s3d_ctx *c, uint64_t chunk, uint64_t *total, uint64_t *resumed,
                        mp_error *err) {
     *resumed = 0;
@@ -604,18 +629,23 @@ static int plan_chunks(s3d_ctx *c, uint64_t chunk, uint64_t *total, uint64_t *re
         for (uint64_t off = 0; off < c->files[i].obj->size; off += chunk) {
             uint64_t len =
                 c->files[i].obj->size - off < chunk ? c->files[i].obj->size - off : chunk;
-            c->chunks[c->nchunks++] = (s3d_chunk){i, off, len, false};
+            s3d_chunk *ch = &c->chunks[c->nchunks++]; /* zeroed by calloc */
+            ch->file = i;
+            ch->off = off;
+            ch->len = len;
         }
-        /* chunks a drained run finished: not fetched again */
+        /* chunks an earlier run finished: not fetched again */
         size_t j;
         json_t *v;
         json_array_foreach(c->files[i].resume_done, j, v) {
             json_int_t x = json_integer_value(v);
             if (!json_is_integer(v) || x < 0 || (size_t)x >= k) continue;
             s3d_chunk *ch = &c->chunks[c->files[i].first + (size_t)x];
-            if (!ch->skip) *resumed += ch->len;
+            if (!ch->skip) *resumed += ch->len - ch->start_at;
             ch->skip = true;
+            ch->start_at = 0;
         }
+        resume_parts(c, &c->files[i], k, resumed);
     }
     return 0;
 }
@@ -634,28 +664,40 @@ static int hash_resumed(s3d_ctx *c, mp_error *err) {
     return rc;
 }
 
-/* A drain stopped the download: what arrived is kept for the job's next
- * run (the temp folder moves to partial_dir with a record of the finished
- * chunks). A crash keeps nothing; that run starts over. */
-static void save_partial(s3d_ctx *c, uint64_t chunk, const char *partial_dir) {
+/* The record of what is on disk in the temp folder (S3D_PARTIAL): per file
+ * its ETag, size, finished chunks and how far the others got. What it
+ * names is fsync'ed first, and it replaces the last one atomically, so after
+ * a crash it never claims bytes the disk does not have. */
+static bool write_record(s3d_ctx *c) {
     json_t *files = json_object();
     for (size_t i = 0; files && i < c->nfiles; i++) {
         s3d_file *f = &c->files[i];
         if (f->reused || f->fd < 0 || !f->done) continue;
-        json_t *done = json_array();
+        json_t *done = json_array(), *part = json_object();
         pthread_mutex_lock(&f->mu);
-        for (size_t k = 0; done && k < f->nchunks; k++)
-            if (f->done[k]) json_array_append_new(done, json_integer((json_int_t)k));
+        for (size_t k = 0; done && part && k < f->nchunks; k++) {
+            uint64_t have = atomic_load(&c->chunks[f->first + k].have);
+            if (f->done[k] || c->chunks[f->first + k].skip) {
+                json_array_append_new(done, json_integer((json_int_t)k));
+            } else if (have > 0) {
+                char key[24];
+                snprintf(key, sizeof key, "%zu", k);
+                json_object_set_new(part, key, json_integer((json_int_t)have));
+            }
+        }
         pthread_mutex_unlock(&f->mu);
-        if (fsync(f->fd) != 0) {
+        /* the snapshot above, then the fsync: everything it names is on disk */
+        if (!done || !part || fdatasync(f->fd) != 0) {
             json_decref(done);
+            json_decref(part);
             continue;
         }
         json_object_set_new(files, f->rel,
-                            json_pack("{s:s,s:I,s:o}", "etag", f->obj->etag, "size",
-                                      (json_int_t)f->obj->size, "done", done));
+                            json_pack("{s:s,s:I,s:o,s:o}", "etag", f->obj->etag, "size",
+                                      (json_int_t)f->obj->size, "done", done, "part", part));
     }
-    json_t *doc = files ? json_pack("{s:I,s:o}", "chunk", (json_int_t)chunk, "files", files) : NULL;
+    json_t *doc =
+        files ? json_pack("{s:I,s:o}", "chunk", (json_int_t)c->chunk, "files", files) : NULL;
     char *text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
     json_decref(doc);
     char p[PATH_MAX];
@@ -663,6 +705,13 @@ static void save_partial(s3d_ctx *c, uint64_t chunk, const char *partial_dir) {
     bool ok = text && snprintf(p, sizeof p, "%s/%s", c->tmp_dir, S3D_PARTIAL) < (int)sizeof p &&
               fs_write_atomic(p, text, strlen(text), &e) == 0;
     free(text);
+    return ok;
+}
+
+/* A drain stopped the download: what arrived is kept for the job's next
+ * run (the temp folder moves to partial_dir with its record). */
+static void save_partial(s3d_ctx *c, const char *partial_dir) {
+    bool ok = write_record(c);
     rm_tree(partial_dir);
     if (!ok || rename(c->tmp_dir, partial_dir) != 0) rm_tree(c->tmp_dir);
 }
@@ -726,7 +775,8 @@ static int list_and_choose(s3d_ctx *c, const char *prefix, s3_listing *ls, mp_er
     if (rc == 0)
         remote_log(c->cb, "info", "s3://%s/%s: %zu objects in %zu pages", o->src->bucket,
                    o->src->prefix, ls->n, ls->pages);
-    if (rc == 0) rc = choose(c, ls, strlen(prefix), &sel, &nsel, err);
+    s3_pick pick = {o->src, o->load_format, o->allow, o->nallow, o->ignore, o->nignore};
+    if (rc == 0) rc = s3_choose(c->s3, c->cb, &pick, ls, strlen(prefix), &sel, &nsel, err);
     if (rc == 0 && o->stage_dir && nsel > o->stage_max)
         rc = mp_err(err, "too_large", "%zu files to stage, room for %zu", nsel, o->stage_max);
     if (rc == 0 && !(c->files = calloc(nsel, sizeof *c->files)))
@@ -758,8 +808,16 @@ static int prepare_tmp(s3d_ctx *c, const char *final_dir, json_t **old, const ch
                       "%s exists and was not written by an s3 download; pass overwrite", final_dir);
     json_t *partial = NULL;
     if (!o->stage_dir) {
-        char pp[PATH_MAX + 64];
+        char pp[PATH_MAX + 64], tp[PATH_MAX + 64];
         snprintf(pp, sizeof pp, "%s/%s", partial_dir, S3D_PARTIAL);
+        snprintf(tp, sizeof tp, "%s/%s", c->tmp_dir, S3D_PARTIAL);
+        /* A crash left the temp folder with its last record (a drain would
+         * have moved it): that is what to resume from. */
+        if (access(pp, F_OK) != 0 && access(tp, F_OK) == 0) {
+            rm_tree(partial_dir);
+            if (rename(c->tmp_dir, partial_dir) == 0)
+                remote_log(c->cb, "info", "resuming what an interrupted run left on disk");
+        }
         partial = json_load_file(pp, 0, NULL);
     }
     json_t *pc = json_object_get(partial, "chunk");
@@ -835,6 +893,13 @@ static int finish(s3d_ctx *c, char *final_dir, size_t fdn, double t0, double xfe
         *o->nstage_fds = c->nfiles;
         snprintf(final_dir, fdn, "%s", o->stage_dir);
     }
+    if (rc == 0 && !o->stage_dir) {
+        /* the resume record has done its work: not part of the copy */
+        char rp[PATH_MAX + 64];
+        snprintf(rp, sizeof rp, "%s/%s", c->tmp_dir, S3D_PARTIAL);
+        if (unlink(rp) != 0 && errno != ENOENT)
+            rc = mp_err(err, "io_error", "%s: %s", rp, strerror(errno));
+    }
     if (rc == 0 && !o->stage_dir) rc = write_provenance(c, files, err);
     if (rc == 0 && !o->stage_dir) rc = fs_sync_parent(c->tmp_dir, err);
     close_files(c);
@@ -882,6 +947,7 @@ int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks 
     int conns = o->connections > 0 ? o->connections : REMOTE_DEFAULT_CONNECTIONS;
     uint64_t chunk = o->chunk_bytes ? o->chunk_bytes : auto_chunk(&c, conns);
     if (rc == 0) rc = prepare_tmp(&c, final_dir, &old, partial_dir, &chunk, err);
+    c.chunk = chunk;
     uint64_t total = 0, resumed = 0;
     double xfer_s = 0;
     if (rc == 0) rc = transfer(&c, chunk, conns, &total, &resumed, &xfer_s, err);
@@ -891,7 +957,7 @@ int remote_s3_download(const remote_s3_download_opts *o, const remote_callbacks 
      * failed leaves nothing behind. */
     bool keep = rc != 0 && !o->stage_dir && partial_dir[0] && strcmp(err->code, "cancelled") == 0 &&
                 cb && cb->draining && cb->draining(cb->arg);
-    if (keep) save_partial(&c, chunk, partial_dir);
+    if (keep) save_partial(&c, partial_dir);
     if (c.files) files_free(&c);
     if (rc != 0 && c.tmp_dir[0] && !keep) rm_tree(c.tmp_dir);
     json_decref(old);

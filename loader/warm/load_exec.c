@@ -8,7 +8,12 @@
  * and records the slot's fence. Readers queue copies themselves: the
  * device's stream orders them, and on the host backend (where a copy is a
  * memcpy done on return) the copies then run on as many threads as reads.
- * Only the calling thread talks to the caller (progress, cancel). */
+ * Only the calling thread talks to the caller (progress, cancel).
+ *
+ * With a read_at source (bytes over the network, where a request costs a
+ * round trip), a piece may be a batch: a run of whole small tensors that lie
+ * next to each other in one file, fetched with one read into the reader's
+ * batch buffer (one slot long) and then staged tensor by tensor from it. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -25,6 +30,9 @@
 #include "util/timeutil.h"
 
 #define DIO_ALIGN 4096u
+/* A batch may read over a hole this big between two tensors rather than
+ * end (a request costs more than this many bytes on any link). */
+#define BATCH_MAX_GAP (256u << 10)
 
 typedef struct slot {
     unsigned char *buf;
@@ -53,7 +61,7 @@ typedef struct run_ctx {
     bool err_set;
     mp_error err;
     double read_s, copy_s;
-    uint64_t bytes_read;
+    uint64_t bytes_read, reads;
     atomic_uint_fast64_t done;
     atomic_uint_fast64_t host_cur, host_peak;
     atomic_int running;
@@ -77,8 +85,9 @@ typedef struct reader {
     stc_cache cache;
     int pipe_fd[2]; /* host fast path: file -> pipe -> arena memfd */
     bool no_splice;
+    unsigned char *batch; /* read_at sources: a batch's bytes (slot_bytes) */
     double read_s, copy_s;
-    uint64_t bytes_read;
+    uint64_t bytes_read, reads;
 } reader;
 
 static void host_add(run_ctx *c, int64_t delta) {
@@ -124,40 +133,17 @@ static bool item_on_device(const run_ctx *c, const load_item *it) {
            gpu_cast_supported(it->src->dtype, it->out_dtype);
 }
 
-/* Next piece, or false when the plan is done. A view is one piece. */
-static bool next_piece(run_ctx *c, const load_item **it_out, uint64_t *off, uint64_t *n) {
-    pthread_mutex_lock(&c->mu);
-    bool got = false;
-    while (c->next_item < c->plan->nitems) {
-        const load_item *it = &c->plan->items[c->next_item];
-        if (it->kind == LOAD_K_DUMMY || it->kind == LOAD_K_ZERO || c->next_off >= it->bytes) {
-            c->next_item++;
-            c->next_off = 0;
-            continue;
-        }
-        *it_out = it;
-        *off = c->next_off;
-        if (it->kind == LOAD_K_VIEW) {
-            *n = it->bytes;
-        } else {
-            uint64_t unit = item_unit(it);
-            uint64_t max = c->slot_bytes / unit * unit;
-            /* On the device the slot holds the raw bytes: a down-cast's
-             * source is bigger than its output. */
-            unsigned ei = esize(it->src->dtype), eo = esize(it->out_dtype);
-            if (item_on_device(c, it) && it->kind == LOAD_K_FILE && ei > eo)
-                max = c->slot_bytes / ei * eo / unit * unit;
-            *n = it->bytes - c->next_off < max ? it->bytes - c->next_off : max;
-        }
-        c->next_off += *n;
-        got = true;
-        break;
-    }
-    pthread_mutex_unlock(&c->mu);
-    return got;
+/* The longest piece of the item: a whole number of units that fits a slot. */
+static uint64_t piece_max(const run_ctx *c, const load_item *it) {
+    uint64_t unit = item_unit(it);
+    uint64_t max = c->slot_bytes / unit * unit;
+    /* On the device the slot holds the raw bytes: a down-cast's source is
+     * bigger than its output. */
+    unsigned ei = esize(it->src->dtype), eo = esize(it->out_dtype);
+    if (item_on_device(c, it) && it->kind == LOAD_K_FILE && ei > eo)
+        max = c->slot_bytes / ei * eo / unit * unit;
+    return max;
 }
-
-/* ---- reading source bytes ---- */
 
 /* Byte offset of the tensor's first element in its file. */
 static int src_base(const load_item *it, uint64_t *base, mp_error *err) {
@@ -174,6 +160,77 @@ static int src_base(const load_item *it, uint64_t *base, mp_error *err) {
         return mp_err(err, "bad_header", "tensor %s lies outside its storage", t->name);
     return 0;
 }
+
+/* Whether the item can be part of a batch: a whole tensor read from the
+ * file and staged in one piece, converted (if at all) on the CPU. Its
+ * source bytes [*b, *e) of the file. */
+static bool batchable(const run_ctx *c, const load_item *it, uint64_t *b, uint64_t *e) {
+    mp_error ignored;
+    if (it->kind != LOAD_K_FILE || item_on_device(c, it) || it->bytes > piece_max(c, it) ||
+        it->src->nbytes > c->slot_bytes || src_base(it, b, &ignored) != 0)
+        return false;
+    *e = *b + it->src->nbytes;
+    return true;
+}
+
+/* How many items from the cursor (a fresh, batchable item) go in one batch:
+ * the following items of the same file whose bytes extend the span by at
+ * most BATCH_MAX_GAP past its end, while the span fits a slot. Called with
+ * c->mu held. */
+static size_t batch_len(const run_ctx *c, size_t first) {
+    const load_item *it0 = &c->plan->items[first];
+    uint64_t lo, hi;
+    if (!c->o->read_at || !batchable(c, it0, &lo, &hi)) return 1;
+    size_t k = first + 1;
+    for (; k < c->plan->nitems; k++) {
+        const load_item *it = &c->plan->items[k];
+        uint64_t b, e;
+        if (it->file != it0->file || it->src->file_index != it0->src->file_index ||
+            !batchable(c, it, &b, &e) || b < lo || b > hi + BATCH_MAX_GAP)
+            break;
+        uint64_t nhi = e > hi ? e : hi;
+        if (nhi - lo > c->slot_bytes) break;
+        hi = nhi;
+    }
+    return k - first;
+}
+
+/* Next piece, or false when the plan is done. A view is one piece; *nb
+ * items from *it_out on are one batch (1: a plain piece). */
+static bool next_piece(run_ctx *c, const load_item **it_out, uint64_t *off, uint64_t *n,
+                       size_t *nb) {
+    pthread_mutex_lock(&c->mu);
+    bool got = false;
+    *nb = 1;
+    while (c->next_item < c->plan->nitems) {
+        const load_item *it = &c->plan->items[c->next_item];
+        if (it->kind == LOAD_K_DUMMY || it->kind == LOAD_K_ZERO || c->next_off >= it->bytes) {
+            c->next_item++;
+            c->next_off = 0;
+            continue;
+        }
+        *it_out = it;
+        *off = c->next_off;
+        if (it->kind == LOAD_K_VIEW) {
+            *n = it->bytes;
+        } else {
+            uint64_t max = piece_max(c, it);
+            *n = it->bytes - c->next_off < max ? it->bytes - c->next_off : max;
+        }
+        if (c->next_off == 0 && (*nb = batch_len(c, c->next_item)) > 1) {
+            c->next_item += *nb; /* every item of the batch is whole */
+            c->next_off = 0;
+        } else {
+            c->next_off += *n;
+        }
+        got = true;
+        break;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return got;
+}
+
+/* ---- reading source bytes ---- */
 
 static int dio_read(reader *r, int fd, uint64_t off, unsigned char *dst, uint64_t len,
                     mp_error *err) {
@@ -213,6 +270,11 @@ static int fetch(reader *r, const load_item *it, uint64_t off, void *dst, uint64
         return mp_err(err, "internal", "read past tensor %s", it->src->name);
     int fd = f->w->fds[it->src->file_index];
     r->bytes_read += len;
+    if (r->c->o->read_at) {
+        r->reads++;
+        return r->c->o->read_at(r->c->o->read_arg, it->file, it->src->file_index, base + off, dst,
+                                len, err);
+    }
     if (f->crypt.encrypted)
         return stc_read(&f->crypt, fd, r->c->o->key, base + off, dst, len, &r->cache, err);
     if (r->dio && f->dio_fds && f->dio_fds[it->src->file_index] >= 0)
@@ -482,15 +544,52 @@ static int do_piece(reader *r, const load_item *it, uint64_t off, uint64_t n,
     return rc;
 }
 
+/* A batch of nb whole items (next_piece): their span of the file in one
+ * read_at, then each item staged from the batch buffer. */
+static int do_batch(reader *r, const load_item *first, size_t nb, mp_error *err) {
+    run_ctx *c = r->c;
+    uint64_t lo = UINT64_MAX, hi = 0;
+    for (size_t k = 0; k < nb; k++) {
+        uint64_t b;
+        if (src_base(&first[k], &b, err) != 0) return -1;
+        if (b < lo) lo = b;
+        if (b + first[k].src->nbytes > hi) hi = b + first[k].src->nbytes;
+    }
+    if (hi - lo > c->slot_bytes) return mp_err(err, "internal", "batch larger than a slot");
+    if (!r->batch) {
+        if (posix_memalign((void **)&r->batch, DIO_ALIGN, c->slot_bytes) != 0) {
+            r->batch = NULL;
+            return mp_err(err, "no_memory", "out of memory");
+        }
+        host_add(c, (int64_t)c->slot_bytes);
+    }
+    double t0 = time_mono();
+    int rc = c->o->read_at(c->o->read_arg, first->file, first->src->file_index, lo, r->batch,
+                           hi - lo, err);
+    r->read_s += time_mono() - t0;
+    r->reads++;
+    r->bytes_read += hi - lo;
+    for (size_t k = 0; rc == 0 && k < nb && !atomic_load(&c->abort); k++) {
+        uint64_t b;
+        if (first[k].bytes == 0) continue; /* an empty tensor: nothing to stage */
+        rc = src_base(&first[k], &b, err);
+        if (rc == 0) rc = do_piece(r, &first[k], 0, first[k].bytes, r->batch + (b - lo), err);
+    }
+    return rc;
+}
+
 static void *reader_main(void *arg) {
     reader *r = arg;
     run_ctx *c = r->c;
     mp_error err = {0};
     const load_item *it;
     uint64_t off, n;
-    while (!atomic_load(&c->abort) && next_piece(c, &it, &off, &n)) {
+    size_t nb;
+    while (!atomic_load(&c->abort) && next_piece(c, &it, &off, &n, &nb)) {
         int rc = 0;
-        if (it->kind == LOAD_K_VIEW) {
+        if (nb > 1) {
+            rc = do_batch(r, it, nb, &err);
+        } else if (it->kind == LOAD_K_VIEW) {
             /* A strided view is gathered whole by the reader, then cut. */
             unsigned char *mem = malloc(it->src->nbytes ? it->src->nbytes : 1);
             if (!mem) {
@@ -523,6 +622,7 @@ static void *reader_main(void *arg) {
     c->read_s += r->read_s;
     c->copy_s += r->copy_s;
     c->bytes_read += r->bytes_read;
+    c->reads += r->reads;
     pthread_mutex_unlock(&c->mu);
     pthread_mutex_lock(&c->mu);
     atomic_fetch_sub(&c->running, 1);
@@ -649,7 +749,9 @@ static void size_ring(run_ctx *c) {
     if (staging > need) staging = need;
     if (staging < LOAD_MIN_STAGING) staging = LOAD_MIN_STAGING;
     int nreaders = o->readers > 0 ? o->readers : default_readers();
-    uint64_t nslots = staging / (4ull << 20);
+    /* 4 MiB slots; 8 MiB from a read_at source, where a slot is one request
+     * and each request costs a round trip */
+    uint64_t nslots = staging / (o->read_at ? 8ull << 20 : 4ull << 20);
     if (nslots < (uint64_t)nreaders * 2) nslots = (uint64_t)nreaders * 2;
     if (nslots > 64) nslots = 64;
     c->slot_bytes = staging / nslots / DIO_ALIGN * DIO_ALIGN;
@@ -713,10 +815,11 @@ static void arena_fds(run_ctx *c) {
 }
 
 static int readers_init(run_ctx *c, mp_error *err) {
-    bool dio = c->o->direct_io;
+    bool dio = c->o->direct_io && !c->o->read_at;
     for (int i = 0; i < c->nreaders; i++) {
         reader *r = &c->rd[i];
         r->c = c;
+        r->no_splice = c->o->read_at != NULL; /* no descriptor to splice from */
         r->scratch_cap = 2 * c->slot_bytes;
         r->dio_cap = dio ? c->slot_bytes + 2 * DIO_ALIGN : 0;
         if (dio && posix_memalign((void **)&r->dio, DIO_ALIGN, r->dio_cap) != 0)
@@ -811,6 +914,7 @@ static void run_teardown(run_ctx *c) {
     for (int i = 0; i < c->nreaders && c->rd; i++) {
         free(c->rd[i].scratch);
         free(c->rd[i].dio);
+        free(c->rd[i].batch);
         stc_cache_free(&c->rd[i].cache);
         if (c->rd[i].pipe_fd[0] >= 0) close(c->rd[i].pipe_fd[0]);
         if (c->rd[i].pipe_fd[1] >= 0) close(c->rd[i].pipe_fd[1]);
@@ -867,6 +971,7 @@ int load_run(gpu_set *gpus, const load_source *src, const load_plan *plan, const
     st->read_s = c.read_s;
     st->copy_s = c.copy_s;
     st->bytes_read = c.bytes_read;
+    st->reads = c.reads;
     st->peak_host_bytes = atomic_load(&c.host_peak);
     st->readers = c.nreaders;
     st->slots = c.nslots;

@@ -374,6 +374,10 @@ int load_source_open(const char *dir, load_format fmt, int tp_size, load_source 
     return rc;
 }
 
+int load_source_add(load_source *src, mp_weights *w, mp_error *err) {
+    return add_file(src, w, -1, err);
+}
+
 void load_source_open_direct(load_source *src) {
     for (size_t i = 0; i < src->nfiles; i++) {
         load_file *f = &src->files[i];

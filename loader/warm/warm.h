@@ -78,6 +78,9 @@ void load_source_free(load_source *src);
 /* Opens O_DIRECT descriptors next to the normal ones (where the file system
  * allows; others read through the page cache). */
 void load_source_open_direct(load_source *src);
+/* Appends an opened weight file (src takes w, also on failure): for a
+ * source built by hand, e.g. from headers read over the network. */
+int load_source_add(load_source *src, mp_weights *w, mp_error *err);
 
 /* ---- plan ---- */
 
@@ -151,6 +154,16 @@ typedef struct load_run_opts {
      * sets; the async backend runs the same path in tests. */
     bool device_convert;
     const unsigned char *key; /* decryption key, or NULL */
+    /* Where the bytes come from when the files are not local (warm_load
+     * straight from s3://: loader/jobs wires in a ranged-GET reader): len
+     * bytes at byte off of file `part` of src->files[file]; called from the
+     * reader threads at once. NULL: pread of the files' descriptors. With
+     * it, runs of small neighbouring tensors of one file are fetched with
+     * one call of up to a slot (each reader holds one slot-sized buffer for
+     * that), and splice and O_DIRECT are off. */
+    int (*read_at)(void *arg, uint32_t file, uint32_t part, uint64_t off, void *dst, uint64_t len,
+                   mp_error *err);
+    void *read_arg;
     float dummy_low, dummy_high;
     uint64_t dummy_seed;
     /* Called from the calling thread only, a few times a second. */
@@ -162,6 +175,7 @@ typedef struct load_run_opts {
 typedef struct load_stats {
     double read_s, copy_s, pipeline_s, alloc_s; /* read_s/copy_s: summed over threads */
     uint64_t bytes_read;                        /* from files */
+    uint64_t reads;                             /* read_at calls (0 without one) */
     uint64_t peak_host_bytes;                   /* staging + scratch + materialized views */
     uint64_t free_before[GPU_MAX_DEVICES], free_after[GPU_MAX_DEVICES];
     int readers, slots;

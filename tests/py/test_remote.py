@@ -305,7 +305,9 @@ class FaultProxy:
     a list of callables (method, path) -> None or an action:
     ("status", code, s3_code) answers with an S3 error; ("cut", n) forwards
     but closes the connection after n body bytes; ("header", name, value)
-    forwards with that response header replaced. With `secret`, each
+    forwards with that response header replaced; ("body", f) forwards f(body)
+    instead of the body (with its length); ("stall", n, event) sends the
+    headers and n body bytes, then waits for the event. With `secret`, each
     request's SigV4 signature is recomputed with botocore's signer and a
     mismatch is answered 403 SignatureDoesNotMatch, as S3 does."""
 
@@ -350,6 +352,8 @@ class FaultProxy:
                 c.request(self.command, self.path, body=body or None, headers=hdrs)
                 r = c.getresponse()
                 data = r.read()
+                if action and action[0] == "body":
+                    data = action[1](data)
                 self.send_response(r.status)
                 for k, v in r.getheaders():
                     if action and action[0] == "header" and k.lower() == action[1].lower():
@@ -362,7 +366,12 @@ class FaultProxy:
                                  if self.command == "HEAD" else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    if action and action[0] == "cut":
+                    if action and action[0] == "stall":
+                        self.wfile.write(data[:action[1]])
+                        self.wfile.flush()
+                        action[2].wait(60)
+                        self.close_connection = True
+                    elif action and action[0] == "cut":
                         self.wfile.write(data[:action[1]])
                         self.wfile.flush()
                         self.close_connection = True
@@ -435,6 +444,12 @@ def upload_model(port, bucket, prefix, d, multipart_file=None):
         c.upload_file(os.path.join(d, f), bucket, "%s/%s" % (prefix, f), Config=cfg)
 
 
+def no_temp(s):
+    """Nothing left in <data>/remote/.tmp (which a ranged load never makes)."""
+    t = os.path.join(s.data_dir, "remote", ".tmp")
+    return not os.path.exists(t) or not os.listdir(t)
+
+
 def local_copy(s, bucket, prefix):
     return os.path.join(s.data_dir, "remote", "s3", bucket, prefix)
 
@@ -481,7 +496,7 @@ def test_s3_download_matches_boto3_uploads(make_server, model_root, moto, tmp_pa
     assert job4["state"] == "succeeded", job4
     assert job4["result"]["bytes_downloaded"] == len(json.dumps(cfg)) + 1
     assert open(os.path.join(out, "config.json"), "rb").read().endswith(b"} ")
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
 
 
 def test_s3_download_pages_over_1000_keys(make_server, moto):
@@ -576,7 +591,7 @@ def test_s3_faults(make_server, model_root, moto, proxy):
     assert job["state"] == "failed" and job["error"]["code"] == "not_found", job
     assert "config.json" in job["error"]["message"]
     assert not os.path.exists(out)
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
 
     # the store's own SHA-256 (x-amz-checksum-sha256) is compared with what
     # arrived; a HEAD that disagrees, or a changed ETag, fails the job
@@ -647,6 +662,60 @@ def test_s3_signatures_checked(make_server, model_root, moto, proxy, tmp_path):
     assert job["state"] == "failed" and job["error"]["code"] == "unauthorized", job
     assert "nope" not in json.dumps(job) and "nope" not in s2.logs()
     assert SK not in s.logs()
+
+
+def test_s3_virtual_hosted_addressing(make_server, model_root, moto, proxy):
+    """AWS_S3_ADDRESSING_STYLE=virtual (botocore's addressing_style): every
+    request goes to <bucket>.localhost:<port> (libcurl resolves *.localhost
+    to loopback) with the bucket out of the path, and is signed as botocore
+    signs that virtual-hosted request (the proxy recomputes each signature
+    with botocore's S3SigV4Auth and refuses a mismatch). Download, ranged
+    warm_load and publish all work so; a job's addressing overrides it."""
+    cfg = tm.make_config("llama")
+    d = model_root / "m"
+    tm.write_model(str(d), cfg, tm.make_state(cfg))
+    bucket = new_bucket(moto)
+    upload_model(moto, bucket, "m", str(d))
+    p = proxy(secret=SK)
+    ep = "http://localhost:%d" % p.port
+    vhost = "%s.localhost:%d" % (bucket, p.port)
+    s = make_server(args=["--model-root", str(model_root)],
+                    env=dict(s3_env(moto), AWS_ENDPOINT_URL=ep, AWS_S3_ADDRESSING_STYLE="virtual"))
+    model = "s3://%s/m" % bucket
+
+    def hosts():
+        got = {(h.get("Host"), path.startswith("/%s" % bucket)) for _, path, h, _ in p.log}
+        p.log.clear()
+        return got
+
+    job = s.run_job({"type": "download", "model": model})
+    assert job["state"] == "succeeded", job
+    assert hosts() == {(vhost, False)}
+    for f in os.listdir(d):
+        assert open(os.path.join(local_copy(s, bucket, "m"), f), "rb").read() == \
+            (d / f).read_bytes()
+    job = s.run_job({"type": "warm_load", "model": "s3://%s/m" % bucket,
+                     "params": {"keep_resident": False, "s3_read": "ranged"}})
+    assert job["state"] == "succeeded", job  # the copy: no requests
+    job = s.run_job({"type": "publish", "model": str(d),
+                     "params": {"url": "s3://%s/pub/m" % bucket}})
+    assert job["state"] == "succeeded", job
+    assert hosts() == {(vhost, False)}
+    assert s3client(moto).get_object(Bucket=bucket, Key="pub/m/model.safetensors")["Body"] \
+        .read() == (d / "model.safetensors").read_bytes()
+    # streamed from the store, virtual-hosted; then path-style for one job
+    job = s.run_job({"type": "warm_load", "model": "s3://%s/pub/m" % bucket,
+                     "params": {"keep_resident": False}})
+    assert job["state"] == "succeeded" and job["result"]["remote"]["mode"] == "ranged", job
+    assert hosts() == {(vhost, False)}
+    job = s.run_job({"type": "warm_load", "model": "s3://%s/pub/m" % bucket,
+                     "params": {"keep_resident": False, "addressing": "path"}})
+    assert job["state"] == "succeeded", job
+    assert hosts() == {("localhost:%d" % p.port, True)}
+    # addressing is for s3:// models only
+    st, doc = s.post("/v1/jobs", {"type": "warm_load", "model": str(d),
+                                  "params": {"addressing": "virtual"}})
+    assert st == 400 and doc["errors"][0]["code"] == "param_conflict", doc
 
 
 def test_s3_publish_read_back_by_boto3(make_server, model_root, moto):
@@ -720,7 +789,7 @@ def test_warm_load_from_redis(make_server, model_root, redis_server):
         for name, a in tm.expected_rank(cfg, src, 2, rank, "sglang").items():
             want[(name, rank)] = hashlib.sha256(a.tobytes()).hexdigest()
     assert got == want
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
     # a dtype cast on the way, as for any checkpoint
     job = s.run_job({"type": "warm_load", "model": r.url("fleet/m"),
                      "params": {"tp_size": 2, "dtype": "fp32", "keep_resident": False}})
@@ -745,7 +814,7 @@ def test_warm_load_from_redis(make_server, model_root, redis_server):
     st, doc = s.post("/v1/jobs", {"type": "warm_load", "model": r.url("fleet/m"),
                                   "params": {"load_format": "dummy"}})
     assert st == 400, doc
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
 
 
 def test_warm_load_from_s3_without_a_copy(make_server, model_root, moto):
@@ -763,19 +832,30 @@ def test_warm_load_from_s3_without_a_copy(make_server, model_root, moto):
     assert job["state"] == "succeeded", job
     res = job["result"]
     assert res["load_format"] == "safetensors"
-    assert sorted(f["name"] for f in res["remote"]["files"]) == sorted(os.listdir(d))
+    # read by ranges: the weight files' headers and tensors, nothing else
+    assert res["remote"]["mode"] == "ranged"
+    assert sorted(f["name"] for f in res["remote"]["files"]) == \
+        sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
     src = read_source(str(d))
     st, doc = s.get("/v1/residents/%s/digest" % res["resident_id"])
     got = {(t["name"], t["rank"]): t["sha256"] for t in doc["tensors"]}
     want = {(n, rank): hashlib.sha256(a.tobytes()).hexdigest()
             for rank in range(2) for n, a in tm.expected_rank(cfg, src, 2, rank, "hf").items()}
     assert got == want
+    assert res["source_reads"] >= 1 and res["remote"]["bytes_fetched"] > 0
+    # the whole-file path (what pt/gguf models take) gives the same tensors
+    job = s.run_job({"type": "warm_load", "model": model,
+                     "params": {"tp_size": 2, "s3_read": "whole"}})
+    assert job["state"] == "succeeded", job
+    assert "mode" not in job["result"]["remote"]
+    st, doc = s.get("/v1/residents/%s/digest" % job["result"]["resident_id"])
+    assert {(t["name"], t["rank"]): t["sha256"] for t in doc["tensors"]} == want
     assert not os.path.exists(local_copy(s, bucket, "m"))
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
     # a missing bucket: a clear error, nothing left
     job = s.run_job({"type": "warm_load", "model": "s3://no-such-bucket-y/m"})
     assert job["state"] == "failed" and job["error"]["code"] == "not_found", job
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
     # with a downloaded copy, the copy is what loads (no requests to the store)
     assert s.run_job({"type": "download", "model": model})["state"] == "succeeded"
     job = s.run_job({"type": "warm_load", "model": model, "params": {"keep_resident": False}})
@@ -783,34 +863,226 @@ def test_warm_load_from_s3_without_a_copy(make_server, model_root, moto):
     assert "remote" not in job["result"]
 
 
-def test_s3_download_resumes_after_a_drain(make_server, moto, proxy, tmp_path):
-    """SIGTERM mid-download: the job goes back to the queue with the ranges
-    that arrived; the next server start fetches only the rest, and the file
-    is whole and checked."""
+def test_s3_copies_are_listed_and_usable_by_url(make_server, model_root, moto):
+    """A download from s3:// (here a nested prefix) is listed by GET
+    /v1/models under its s3:// URL (kind and source "s3", the copy's path),
+    and every job that works on local files takes that URL; temp folders and
+    a prefix without a finished copy are not listed."""
+    cfg = tm.make_config("llama")
+    d = model_root / "m"
+    tm.write_model(str(d), cfg, tm.make_state(cfg))
     bucket = new_bucket(moto)
-    body = os.urandom(12 << 20)
-    s3client(moto).put_object(Bucket=bucket, Key="r/model.safetensors", Body=body)
-    s3client(moto).put_object(Bucket=bucket, Key="r/config.json", Body=b"{}")
+    upload_model(moto, bucket, "team/llama-a", str(d))
+    s = make_server(env=s3_env(moto))
+    model = "s3://%s/team/llama-a" % bucket
+    assert s.run_job({"type": "download", "model": model})["state"] == "succeeded"
+    # a stray folder without the download's record is no model
+    os.makedirs(os.path.join(s.data_dir, "remote", "s3", bucket, "half"))
+    shutil.copy(str(d / "model.safetensors"), os.path.join(s.data_dir, "remote", "s3", bucket,
+                                                            "half"))
+    st, doc = s.get("/v1/models")
+    assert st == 200, doc
+    s3m = [m for m in doc["models"] if m["kind"] == "s3"]
+    assert len(s3m) == 1, doc
+    m = s3m[0]
+    assert m["model"] == model and m["source"] == "s3" and m["inspection"] is None
+    assert m["path"] == local_copy(s, bucket, "team/llama-a")
+    assert m["formats"] == ["safetensors"] and m["size_bytes"] > 0
+    for job in ({"type": "inspect", "model": model},
+                {"type": "verify", "model": model},
+                {"type": "shard", "model": model, "params": {"tp_size": 2}},
+                {"type": "warm_load", "model": model, "params": {"keep_resident": False}}):
+        j = s.run_job(job)
+        assert j["state"] == "succeeded", j
+    st, doc = s.get("/v1/models")
+    m = [m for m in doc["models"] if m["model"] == model][0]
+    assert m["inspection"] is not None
+
+
+def vm_hwm(pid):
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM")
+
+
+def big_model(d, mib=256):
+    """A safetensors file of `mib` MiB written by safetensors.torch: 4 MiB
+    fp32 matrices plus 300 small vectors (bf16 and fp32), the small ones
+    neighbours in the file so the loader can fetch them together."""
+    g = torch.Generator().manual_seed(7)
+    state = {"layers.%03d.weight" % i: torch.randn(1024, 1024, generator=g)
+             for i in range((mib << 20) // (4 << 20) - 1)}
+    for i in range(300):
+        dt = torch.bfloat16 if i % 2 else torch.float32
+        state["norms.%03d.weight" % i] = torch.randn(256, generator=g).to(dt)
+    os.makedirs(d, exist_ok=True)
+    from safetensors.torch import save_file
+    save_file(state, os.path.join(d, "model.safetensors"))
+    json.dump({"architectures": ["Unknown"]}, open(os.path.join(d, "config.json"), "w"))
+    return {n: hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16
+                              else t.numpy().tobytes()).hexdigest() for n, t in state.items()}
+
+
+def resident_digests(s, rid):
+    st, doc = s.get("/v1/residents/%s/digest" % rid)
+    assert st == 200, doc
+    return {t["name"]: t["sha256"] for t in doc["tensors"]}
+
+
+def test_warm_load_from_s3_by_ranges_holds_only_the_ring(make_server, model_root, moto):
+    """A 256 MiB model warm-loaded straight from S3 with a 16 MiB staging ring:
+    the headers and tensors come by ranged GETs (small neighbours together),
+    the resident's tensors are the file's, and host memory stays near the
+    ring: the job's peak_host_bytes and the server's VmHWM both stay far
+    below what the whole-file path holds (measured in the same test)."""
+    d = str(model_root / "big")
+    want = big_model(d)
+    size = os.path.getsize(os.path.join(d, "model.safetensors"))
+    bucket = new_bucket(moto)
+    upload_model(moto, bucket, "big", d)
+    model = "s3://%s/big" % bucket
+    params = {"staging_bytes": 16 << 20, "keep_resident": True}
+
+    cfg = tm.make_config("llama")
+    tm.write_model(str(model_root / "small"), cfg, tm.make_state(cfg))
+    upload_model(moto, bucket, "small", str(model_root / "small"))
+    s = make_server(env=s3_env(moto))
+    # warm the process up (threads, curl, TLS tables) on a small model
+    job = s.run_job({"type": "warm_load", "model": "s3://%s/small" % bucket,
+                     "params": dict(params, keep_resident=False)})
+    assert job["state"] == "succeeded", job
+    hwm0 = vm_hwm(s.proc.pid)
+    job = s.run_job({"type": "warm_load", "model": model, "params": params}, timeout=300)
+    assert job["state"] == "succeeded", job
+    res = job["result"]
+    hwm = vm_hwm(s.proc.pid) - hwm0
+    assert res["remote"]["mode"] == "ranged" and res["bytes"] > 250 << 20
+    assert resident_digests(s, res["resident_id"]) == want
+    # ring (16 MiB) + one slot per reader for batches: nowhere near the file
+    assert res["peak_host_bytes"] <= (24 << 20), res
+    # every GET was a range of at most a slot, and the 300 small tensors
+    # came in a handful of requests
+    slot = res["staging"]["slot_bytes"]
+    assert res["source_reads"] < (size // slot) + 1 + 300 // 4, res
+    assert res["remote"]["bytes_fetched"] <= size
+    # the host "device" arena is the model (256 MiB) in this process; the
+    # rest is the ring and the client's buffers (a whole-file path buffering
+    # in the heap would add the file again)
+    assert hwm < res["bytes"] + (64 << 20), (hwm, res["bytes"])
+
+    # the whole-file path holds the file in memory (memfds) besides: the
+    # peak_host_bytes bound above would fail for it
+    s2 = make_server(env=s3_env(moto))
+    job = s2.run_job({"type": "warm_load", "model": model,
+                      "params": dict(params, s3_read="whole")}, timeout=300)
+    assert job["state"] == "succeeded", job
+    assert job["result"]["peak_host_bytes"] >= size
+    assert resident_digests(s2, job["result"]["resident_id"]) == want
+
+
+def test_warm_load_from_s3_by_ranges_refuses_hostile_answers(make_server, model_root, moto,
+                                                            proxy):
+    """A store that answers a range with fewer or more bytes, or with another
+    Content-Range, or an object whose header length runs past its end: the
+    job fails with a clear code, no resident is left, nothing on disk."""
+    cfg = tm.make_config("llama")
+    d = model_root / "m"
+    tm.write_model(str(d), cfg, tm.make_state(cfg))
+    bucket = new_bucket(moto)
+    upload_model(moto, bucket, "m", str(d))
+    c = s3client(moto)
+    c.put_object(Bucket=bucket, Key="liar/model.safetensors",
+                 Body=struct.pack("<Q", 1 << 20) + b'{"a":')
+    c.put_object(Bucket=bucket, Key="huge/model.safetensors",
+                 Body=struct.pack("<Q", 1 << 62) + b"{}")
     p = proxy()
+    s = make_server(env=dict(s3_env(moto), AWS_ENDPOINT_URL="http://127.0.0.1:%d" % p.port))
+    model = "s3://%s/m" % bucket
+
+    def weights_get(fault):
+        seen = [0]
+
+        def f(method, path):
+            # the tensors' GETs, not the 8-byte length's or the header's
+            if method == "GET" and path.split("?")[0].endswith(".safetensors"):
+                seen[0] += 1
+                if seen[0] > 2:
+                    return fault
+        return f
+
+    cases = [
+        (("body", lambda b: b[:-1]), "bad_response", "bytes arrived"),
+        (("body", lambda b: b + b"xx"), "bad_response", "longer than the range"),
+        (("header", "Content-Range", "bytes 0-9/99999999"), "bad_response", "Content-Range"),
+    ]
+    for fault, code, words in cases:
+        p.faults = [weights_get(fault)]
+        job = s.run_job({"type": "warm_load", "model": model})
+        assert job["state"] == "failed", job
+        assert job["error"]["code"] == code and words in job["error"]["message"], job
+    p.faults = []
+    for prefix in ("liar", "huge"):
+        job = s.run_job({"type": "warm_load", "model": "s3://%s/%s" % (bucket, prefix)})
+        assert job["state"] == "failed", job
+        assert job["error"]["code"] == "bad_header", job
+        assert "header length" in job["error"]["message"], job
+    st, doc = s.get("/v1/residents")
+    assert st == 200 and not doc["residents"], doc
+    assert no_temp(s)
+    # the same store, answering straight: loads
+    assert s.run_job({"type": "warm_load", "model": model})["state"] == "succeeded"
+
+
+def weights_gate(p, npass, stall=None):
+    """A fault for proxy p: the first npass GETs of model.safetensors pass;
+    the next sends `stall` bytes and then waits for the gate (without stall,
+    it waits before answering), and so do the ones after it. Returns the
+    fault, the gate and the list of paths asked for."""
     gate = threading.Event()
     passed = []
 
-    def hold(method, path):
-        # the first 4 ranges of the weights pass, the rest wait for the gate
+    def fault(method, path):
         if method == "GET" and path.endswith("model.safetensors"):
             with p.lock:
                 passed.append(path)
                 n = len(passed)
-            if n > 4:
-                gate.wait(30)
+            if n == npass + 1 and stall:
+                return ("stall", stall, gate)
+            if n > npass:
+                gate.wait(60)
         return None
+    return fault, gate, passed
 
-    p.faults = [hold]
-    data = tmp_path / "data"
-    env = dict(s3_env(moto), AWS_ENDPOINT_URL="http://127.0.0.1:%d" % p.port)
-    s = make_server(env=env, data_dir=data)
-    job = s.submit({"type": "download", "model": "s3://%s/r" % bucket,
-                    "params": {"chunk_bytes": 1 << 20, "connections": 1}})
+
+class GatedDownload:
+    """A 12 MiB model.safetensors and a config.json under s3://<new>/r, a
+    server whose store is proxy p with weights_gate(p, 4, stall) as its
+    fault, and a download of it started (1 MiB ranges, one connection)."""
+
+    def __init__(self, make_server, moto, p, tmp_path, stall=None):
+        self.p = p
+        self.bucket = new_bucket(moto)
+        self.body = os.urandom(12 << 20)
+        c = s3client(moto)
+        c.put_object(Bucket=self.bucket, Key="r/model.safetensors", Body=self.body)
+        c.put_object(Bucket=self.bucket, Key="r/config.json", Body=b"{}")
+        self.fault, self.gate, self.passed = weights_gate(p, 4, stall)
+        p.faults = [self.fault]
+        self.data = tmp_path / "data"
+        self.env = dict(s3_env(moto), AWS_ENDPOINT_URL="http://127.0.0.1:%d" % p.port)
+        self.s = make_server(env=self.env, data_dir=self.data)
+        self.job = self.s.submit({"type": "download", "model": "s3://%s/r" % self.bucket,
+                                  "params": {"chunk_bytes": 1 << 20, "connections": 1}})
+
+
+def test_s3_download_resumes_after_a_drain(make_server, moto, proxy, tmp_path):
+    """SIGTERM mid-download: the job goes back to the queue with the ranges
+    that arrived; the next server start fetches only the rest, and the file
+    is whole and checked."""
+    g = GatedDownload(make_server, moto, proxy(), tmp_path)
+    bucket, body, env, data, s, job = g.bucket, g.body, g.env, g.data, g.s, g.job
+    passed, gate = g.passed, g.gate
     deadline = time.time() + 60
     while len(passed) < 5 and time.time() < deadline:
         time.sleep(0.05)
@@ -831,6 +1103,73 @@ def test_s3_download_resumes_after_a_drain(make_server, moto, proxy, tmp_path):
     f = [x for x in res["files"] if x["name"] == "model.safetensors"][0]
     assert f["sha256"] == hashlib.sha256(body).hexdigest()
     assert not os.listdir(os.path.join(s2.data_dir, "remote", ".tmp"))
+
+
+def test_s3_download_resumes_after_a_crash(make_server, moto, proxy, tmp_path):
+    """kill -9 mid-download: the re-queued job takes over what the last
+    record (fsync'ed data, then the record, every 2 s) says is on disk:
+    finished ranges, and the fetched start of a range cut short, whose rest
+    comes with a ranged GET from there; the copy equals boto3's download byte
+    for byte. An object replaced while the server was down starts over."""
+    # 4 ranges of the weights pass, the 5th stops after 300000 bytes
+    g = GatedDownload(make_server, moto, proxy(), tmp_path, stall=300000)
+    bucket, env, data, s, job, p = g.bucket, g.env, g.data, g.s, g.job, g.p
+    passed, gate, stall, c = g.passed, g.gate, g.fault, s3client(moto)
+    record = os.path.join(str(data), "remote", ".tmp", job["id"], ".modelprep-partial.json")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            part = json.load(open(record))["files"]["model.safetensors"]["part"]
+            if part:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    assert part == {"4": 300000}, part
+    s.kill9()
+    p.faults = []
+    gate.set()
+    with p.lock:
+        p.log.clear()
+    s2 = make_server(env=env, data_dir=data)
+    done = s2.wait_job(job["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    res = done["result"]
+    assert res["bytes_resumed"] == (4 << 20) + 300000 + 2, res
+    assert res["bytes_downloaded"] == (8 << 20) - 300000, res
+    # the cut range's rest was asked for from where the disk left off
+    ranges = [h.get("Range") for m, path, h, _ in p.log
+              if m == "GET" and path.endswith("model.safetensors")]
+    assert ranges[0] == "bytes=%d-%d" % ((4 << 20) + 300000, (5 << 20) - 1), ranges
+    out = local_copy(s2, bucket, "r")
+    want = tmp_path / "boto3.bin"
+    c.download_file(bucket, "r/model.safetensors", str(want))
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == want.read_bytes()
+    assert sorted(os.listdir(out)) == [".modelprep-s3.json", "config.json", "model.safetensors"]
+    assert no_temp(s2)
+
+    # the object replaced while the server is down: nothing of it is kept
+    passed.clear()
+    gate.clear()
+    p.faults = [stall]
+    job = s2.submit({"type": "download", "model": "s3://%s/r" % bucket,
+                     "params": {"chunk_bytes": 1 << 20, "connections": 1, "overwrite": True}})
+    record = os.path.join(str(data), "remote", ".tmp", job["id"], ".modelprep-partial.json")
+    deadline = time.time() + 60
+    while time.time() < deadline and not os.path.exists(record):
+        time.sleep(0.1)
+    time.sleep(2.5)  # a record with the weights' ranges in it
+    s2.kill9()
+    p.faults = []
+    gate.set()
+    body2 = os.urandom(12 << 20)
+    c.put_object(Bucket=bucket, Key="r/model.safetensors", Body=body2)
+    s3 = make_server(env=env, data_dir=data)
+    done = s3.wait_job(job["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    assert done["result"]["bytes_resumed"] == 2, done["result"]  # config.json only
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == body2
+    assert no_temp(s3)
 
 
 def test_s3_download_cancel_leaves_nothing(make_server, moto, proxy):
@@ -862,7 +1201,7 @@ def test_s3_download_cancel_leaves_nothing(make_server, moto, proxy):
     assert done["state"] == "cancelled", done
     assert time.time() - t0 < 10  # the transfer in flight was aborted, not waited for
     assert not os.path.exists(local_copy(s, bucket, "c"))
-    assert not os.listdir(os.path.join(s.data_dir, "remote", ".tmp"))
+    assert no_temp(s)
 
 
 def test_redis_publish_failure_keeps_the_old_model(make_server, model_root, redis_server):

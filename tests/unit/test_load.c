@@ -3,9 +3,11 @@
  * picking, arena offsets, a staging ring far smaller than the model (the
  * ring wraps many times), casts, tensor-parallel slices by the shard rules,
  * out-of-memory and cancel leaving nothing allocated, encrypted files
- * refusing to load without a key.
+ * refusing to load without a key, a read_at source (bytes from a callback,
+ * as from S3) with small neighbours batched into one read.
  */
 #include <setjmp.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -474,6 +476,82 @@ static void test_cast_on_device(void **state) {
         }
 }
 
+/* A read_at source over the real file: counts the calls, fails from call
+ * fail_at on (0: never), as a store that stops answering would. */
+typedef struct fake_store {
+    const load_source *src;
+    atomic_int calls;
+    int fail_at;
+} fake_store;
+
+static int fake_read(void *arg, uint32_t file, uint32_t part, uint64_t off, void *dst, uint64_t len,
+                     mp_error *err) {
+    fake_store *f = arg;
+    int n = atomic_fetch_add(&f->calls, 1) + 1;
+    if (f->fail_at && n >= f->fail_at) return mp_err(err, "bad_response", "injected");
+    return weights_pread(f->src->files[file].w->fds[part], dst, len, off, err);
+}
+
+static void test_read_at_batches_neighbours(void **state) {
+    (void)state;
+    enum { NSMALL = 20 };
+    st_wtensor ts[1 + NSMALL] = {{"big", MP_DT_F32, 2, {300, 500}}};
+    char names[NSMALL][8];
+    for (int i = 0; i < NSMALL; i++) {
+        snprintf(names[i], sizeof names[i], "s%02d", i);
+        ts[1 + i] = (st_wtensor){names[i], MP_DT_F32, 1, {64}};
+    }
+    write_model("remote", ts, 1 + NSMALL, NULL);
+    const char *kinds[] = {"host:1", "async:1/100"};
+    for (int round = 0; round < 3; round++) {
+        gpu_set *g = NULL;
+        mp_error err = {0};
+        assert_int_equal(gpu_set_open(kinds[round == 1], 0, &g, &err), 0);
+        load_source src;
+        load_plan plan;
+        assert_int_equal(load_source_open(model_dir("remote"), LOAD_FMT_AUTO, 1, &src, &err), 0);
+        int devs[1] = {0};
+        load_plan_opts po = {.tp_size = 1, .devices = devs};
+        assert_int_equal(load_plan_build(&src, &po, &plan, &err), 0);
+        fake_store fs = {.src = &src, .fail_at = round == 2 ? 3 : 0};
+        atomic_init(&fs.calls, 0);
+        load_run_opts ro = {.staging_bytes = 256 << 10,
+                            .readers = 3,
+                            .host_direct = round == 0,
+                            .read_at = fake_read,
+                            .read_arg = &fs};
+        gpu_arena *arenas[GPU_MAX_DEVICES];
+        load_stats st;
+        int rc = load_run(g, &src, &plan, &ro, arenas, &st, &err);
+        if (round == 2) {
+            /* the store's error, and nothing left allocated */
+            assert_int_equal(rc, -1);
+            assert_string_equal(err.code, "bad_response");
+            assert_null(arenas[0]);
+        } else {
+            if (rc != 0) fail_msg("%s: %s", err.code, err.message);
+            /* the big tensor in slot-sized reads, the 20 small ones in one */
+            uint64_t pieces = (600000 + st.slot_bytes - 1) / st.slot_bytes;
+            assert_int_equal(st.reads, pieces + 1);
+            assert_int_equal(atomic_load(&fs.calls), (int)st.reads);
+            for (size_t i = 0; i < plan.nitems; i++) {
+                const load_item *it = &plan.items[i];
+                size_t ti =
+                    strcmp(it->src->name, "big") == 0 ? 0 : 1 + (size_t)atoi(it->src->name + 1);
+                unsigned char *buf = malloc(it->bytes);
+                assert_non_null(buf);
+                assert_int_equal(gpu_read(arenas[0], it->offset, buf, it->bytes, &err), 0);
+                for (uint64_t k = 0; k < it->bytes; k++)
+                    if (buf[k] != pat(ti, k))
+                        fail_msg("%s byte %llu", it->src->name, (unsigned long long)k);
+                free(buf);
+            }
+        }
+        done(&src, &plan, arenas);
+        gpu_set_close(g);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_formats_and_offsets),
@@ -485,6 +563,7 @@ int main(void) {
         cmocka_unit_test(test_encrypted_needs_key),
         cmocka_unit_test(test_pool_second_load_reuses),
         cmocka_unit_test(test_cast_on_device),
+        cmocka_unit_test(test_read_at_batches_neighbours),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
