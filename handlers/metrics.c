@@ -180,6 +180,10 @@ void h_metrics_render(mp_server *srv, sbuf *out) {
     render_workers(srv, out);
     render_devices(srv, out);
     render_residents(srv, out);
+    metrics_family(out, "modelprep_http_deferred", "gauge",
+                   "Slow requests (resident digests) being answered off the HTTP threads.");
+    metrics_sample_u(out, "modelprep_http_deferred", NULL, 0,
+                     (uint64_t)http_deferred_inflight(srv));
 }
 
 void h_metrics(http_req *rq, http_resp *rs) {

@@ -49,12 +49,38 @@ void h_residents_delete(http_req *rq, http_resp *rs) {
     resp_json(rs, 200, json_pack("{s:s,s:s}", "id", rq->params[0], "state", "unloaded"));
 }
 
-void h_residents_digest(http_req *rq, http_resp *rs) {
+/* The digest reads every byte of the resident back from its device: it is
+ * deferred (resp_defer) so that it never holds an HTTP thread. */
+typedef struct digest_req {
+    resident_set *set;
+    char *id;
+} digest_req;
+
+static void digest_req_free(void *arg) {
+    digest_req *d = arg;
+    free(d->id);
+    free(d);
+}
+
+static void digest_run(void *arg, http_resp *rs) {
+    digest_req *d = arg;
     json_t *out = NULL;
     mp_error err = {0};
-    if (res_digest(rq->srv->residents, rq->params[0], &out, &err) != 0) {
+    if (res_digest(d->set, d->id, &out, &err) != 0) {
         resp_error(rs, err.code[0] && !strcmp(err.code, "not_found") ? 404 : 503, &err);
         return;
     }
     resp_json(rs, 200, out);
+}
+
+void h_residents_digest(http_req *rq, http_resp *rs) {
+    digest_req *d = calloc(1, sizeof *d);
+    if (d) d->id = strdup(rq->params[0]);
+    if (!d || !d->id) {
+        if (d) digest_req_free(d);
+        resp_problem(rs, 503, "out of memory", NULL);
+        return;
+    }
+    d->set = rq->srv->residents;
+    resp_defer(rs, digest_run, d, digest_req_free);
 }

@@ -332,7 +332,7 @@ paths = {
                      {"200": resp("unloaded", {"type": "object", "properties": {"id": S, "state": S_(enum=["unloaded"])}}), "404": PROBLEM, "409": PROBLEM, **ERR},
                      params=[RES_ID_P, query("force", {"type": "boolean", "default": False})]),
     },
-    "/v1/residents/{id}/digest": {"get": op("sha256 of every tensor read back from its device", {"200": resp("digests", {"type": "object", "properties": {"id": S, "tensors": {"type": "array", "items": {"type": "object", "properties": {"name": S, "device": I_(0), "rank": I_(0), "sha256": S_(pattern="^[0-9a-f]{64}$")}}}}}), "404": PROBLEM, "503": PROBLEM, **ERR}, params=[RES_ID_P])},
+    "/v1/residents/{id}/digest": {"get": op("sha256 of every tensor read back from its device (off the HTTP threads; 503 while 4 digests are already running)", {"200": resp("digests", {"type": "object", "properties": {"id": S, "tensors": {"type": "array", "items": {"type": "object", "properties": {"name": S, "device": I_(0), "rank": I_(0), "sha256": S_(pattern="^[0-9a-f]{64}$")}}}}}), "404": PROBLEM, "503": PROBLEM, **ERR}, params=[RES_ID_P])},
     "/metrics": {"get": op("Prometheus text exposition", {"200": resp("metrics", {"type": "string"}, "text/plain"), "401": PROBLEM})},
     "/": {"get": op("the web dashboard (HTML); it asks for the token itself", {"200": resp("page", {"type": "string"}, "text/html")}, tags=["dashboard"], security=False)},
     "/ui/{file}": {"get": op("a static file of the dashboard", {"200": {"description": "file", "content": {"text/javascript": {"schema": S}, "text/css": {"schema": S}}}, "404": PROBLEM},

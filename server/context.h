@@ -32,7 +32,8 @@ typedef struct mp_server {
     struct mp_metrics *metrics;
     const struct route *routes; /* the handlers' table, set by main.c */
     struct MHD_Daemon *httpd;
-    mp_task_env env; /* what run functions see; points into cfg and the above */
+    struct http_deferrals *deferrals; /* slow responses off the HTTP threads (http.c) */
+    mp_task_env env;                  /* what run functions see; points into cfg and the above */
     atomic_bool draining;
     double started_mono;
 } mp_server;

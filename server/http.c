@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "server/http_defer.h"
 #include "server/metrics.h"
 #include "server/router.h"
 #include "util/sbuf.h"
@@ -28,8 +29,18 @@ typedef struct req_state {
     const char *route_name;
     double t0;
     char method[16];
-    char path[256]; /* for the access log; truncated */
+    char path[256];          /* for the access log; truncated */
+    http_deferred *deferred; /* set while a deferred response is pending */
+    struct defer_job *djob;  /* what the deferred work fills */
 } req_state;
+
+/* A handler's deferred response: run on http_defer's thread. */
+typedef struct defer_job {
+    void (*fn)(void *arg, http_resp *rs);
+    void *arg;
+    void (*free_arg)(void *arg);
+    http_resp rs;
+} defer_job;
 
 const char *http_query(const http_req *rq, const char *key) {
     return MHD_lookup_connection_value(rq->conn, MHD_GET_ARGUMENT_KIND, key);
@@ -124,6 +135,49 @@ void resp_error(http_resp *rs, int status, const mp_error *err) {
     resp_problem(rs, status, err->message, errors);
 }
 
+void resp_defer(http_resp *rs, void (*fn)(void *arg, http_resp *rs), void *arg,
+                void (*free_arg)(void *arg)) {
+    free(rs->body);
+    memset(rs, 0, sizeof *rs);
+    rs->defer_fn = fn;
+    rs->defer_arg = arg;
+    rs->defer_free = free_arg;
+}
+
+int http_deferred_inflight(mp_server *srv) {
+    return http_defer_inflight(srv->deferrals);
+}
+
+static void defer_job_run(void *p) {
+    defer_job *j = p;
+    j->fn(j->arg, &j->rs);
+    if (j->free_arg) j->free_arg(j->arg);
+    j->arg = NULL;
+    if (!j->rs.status) resp_problem(&j->rs, 500, "deferred handler produced no response", NULL);
+}
+
+/* 0: the connection is suspended and st owns the job. -1: rs is a 503 to
+ * queue now (the handler's arg freed). */
+static int defer_response(mp_server *srv, struct MHD_Connection *conn, req_state *st,
+                          http_resp *rs) {
+    defer_job *j = calloc(1, sizeof *j);
+    const char *why = "out of memory deferring the response";
+    if (j) {
+        j->fn = rs->defer_fn;
+        j->arg = rs->defer_arg;
+        j->free_arg = rs->defer_free;
+        st->djob = j;
+        if (http_defer_start(srv->deferrals, conn, defer_job_run, j, &st->deferred, &why) == 0)
+            return 0;
+        st->djob = NULL;
+        free(j);
+    }
+    if (rs->defer_free) rs->defer_free(rs->defer_arg);
+    resp_problem(rs, 503, why, NULL);
+    rs->defer_fn = NULL;
+    return -1;
+}
+
 /* Constant-time token check: comparing digests hides the token's length
  * as well as its bytes. */
 static int auth_ok(mp_server *srv, struct MHD_Connection *conn) {
@@ -181,6 +235,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         if (cl && strtoull(cl, NULL, 10) > HTTP_MAX_BODY) st->too_big = 1;
         return MHD_YES;
     }
+    if (st->deferred) {
+        /* Called again after a resume: the deferred response is ready. */
+        if (!http_defer_ready(st->deferred)) return MHD_YES;
+        http_resp out = st->djob->rs;
+        memset(&st->djob->rs, 0, sizeof st->djob->rs);
+        return queue(conn, st, &out);
+    }
     if (*upload_size) {
         if (!st->too_big) {
             if (st->body.len + *upload_size > HTTP_MAX_BODY) {
@@ -217,10 +278,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             rq.body = st->body.buf ? st->body.buf : "";
             rq.body_len = st->body.len;
             r->handler(&rq, &rs);
-            if (!rs.status) resp_problem(&rs, 500, "handler produced no response", NULL);
+            if (!rs.status && !rs.defer_fn)
+                resp_problem(&rs, 500, "handler produced no response", NULL);
         }
     }
     (void)version;
+    if (rs.defer_fn && defer_response(srv, conn, st, &rs) == 0) return MHD_YES;
     return queue(conn, st, &rs);
 }
 
@@ -243,6 +306,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (aborted)");
     }
     sb_free(&st->body);
+    http_defer_free(st->deferred);
+    if (st->djob) free(st->djob->rs.body);
+    free(st->djob);
     free(st);
     *con_cls = NULL;
 }
@@ -276,6 +342,11 @@ int http_start(mp_server *srv, mp_error *err) {
     int gai = getaddrinfo(srv->cfg.listen_host, port, &hints, &ai);
     if (gai != 0 || !ai)
         return mp_err(err, "bad_flag", "--listen %s: %s", srv->cfg.listen_host, gai_strerror(gai));
+    srv->deferrals = http_defer_create(HTTP_MAX_DEFERRED);
+    if (!srv->deferrals) {
+        freeaddrinfo(ai);
+        return mp_err(err, "no_memory", "out of memory starting the HTTP server");
+    }
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
                      MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
@@ -295,6 +366,10 @@ int http_start(mp_server *srv, mp_error *err) {
         MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_END);
     int start_errno = errno;
     freeaddrinfo(ai);
+    if (!srv->httpd) {
+        http_defer_destroy(srv->deferrals);
+        srv->deferrals = NULL;
+    }
     if (!srv->httpd)
         return mp_err(err, "listen_failed", "cannot listen on %s:%d: %s%s", srv->cfg.listen_host,
                       srv->cfg.listen_port,
@@ -309,7 +384,11 @@ int http_start(mp_server *srv, mp_error *err) {
 }
 
 void http_stop(mp_server *srv) {
-    if (!srv->httpd) return;
-    MHD_stop_daemon(srv->httpd);
+    /* Deferred responses first: libmicrohttpd must not stop with a
+     * connection still suspended. */
+    http_defer_quiesce(srv->deferrals);
+    if (srv->httpd) MHD_stop_daemon(srv->httpd);
     srv->httpd = NULL;
+    http_defer_destroy(srv->deferrals);
+    srv->deferrals = NULL;
 }

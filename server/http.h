@@ -2,7 +2,9 @@
  * http.h - the request/response types handlers work with, and the
  * libmicrohttpd daemon that drives them. A handler reads an http_req and
  * fills an http_resp; it never touches MHD directly except to hand over a
- * streaming response (SSE).
+ * streaming response (SSE). Slow work (a resident's digest, read back from a
+ * device) is deferred: it runs on a thread of its own while the connection
+ * is suspended, so it never holds one of the few HTTP threads.
  */
 #ifndef MP_SERVER_HTTP_H
 #define MP_SERVER_HTTP_H
@@ -37,7 +39,15 @@ typedef struct http_resp {
     char location[256];
     char allow[64];
     struct MHD_Response *stream; /* set by handlers that stream (SSE) */
+    /* Set by resp_defer: the response comes later from defer_fn. */
+    void (*defer_fn)(void *arg, struct http_resp *rs);
+    void *defer_arg;
+    void (*defer_free)(void *arg);
 } http_resp;
+
+/* At most this many deferred responses are in progress; past that a
+ * deferring request is answered 503 (try again) at once. */
+#define HTTP_MAX_DEFERRED 4
 
 /* http_handler is declared in router.h, which the route table needs alone. */
 
@@ -52,6 +62,14 @@ void resp_static(http_resp *rs, int status, const char *content_type, const char
 void resp_problem(http_resp *rs, int status, const char *detail, json_t *errors);
 /* 400/404/409/... from an mp_error: the field, if any, goes into "errors". */
 void resp_error(http_resp *rs, int status, const mp_error *err);
+/* Defers the response: fn(arg, rs) fills it later on a thread of its own;
+ * then free_arg(arg) (may be NULL). Takes arg in every case: when the
+ * deferral cannot start (HTTP_MAX_DEFERRED reached, the server stopping,
+ * no thread), free_arg runs and the answer is a 503. */
+void resp_defer(http_resp *rs, void (*fn)(void *arg, http_resp *rs), void *arg,
+                void (*free_arg)(void *arg));
+/* Deferred responses in progress (the modelprep_http_deferred gauge). */
+int http_deferred_inflight(mp_server *srv);
 
 int http_start(mp_server *srv, mp_error *err);
 /* Stops accepting, ends streams, waits for in-flight requests. */

@@ -428,6 +428,45 @@ def test_export_socket_matches_digests(dev4, make_server, model_root, tmp_path):
     assert out.returncode != 0 and "not_found" in out.stderr
 
 
+def metric(srv, name):
+    s, _, body = srv.request("GET", "/metrics", raw=True)
+    assert s == 200
+    for line in body.decode().split("\n"):
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def test_digest_runs_off_the_http_threads(dev4, make_server, model_root):
+    """A digest reads every byte back from the device: with one HTTP thread,
+    other requests must still be answered while it runs (they were not while
+    the digest ran on the HTTP thread), and stopping the server mid-digest
+    must end cleanly (libmicrohttpd cannot stop with a suspended connection)."""
+    import threading
+    big = {"w": torch.randn(64 << 20, generator=torch.Generator().manual_seed(3))}  # 256 MiB
+    m = write_model(model_root / "big", big, config=None)
+    srv = make_server(args=["--model-root", str(model_root), "--http-threads", "1"] + dev4)
+    rid = ok(load(srv, m, timeout=300))["resident_id"]
+    got = {}
+    t = threading.Thread(target=lambda: got.update(d=digests(srv, rid)))
+    t.start()
+    seen = []
+    while t.is_alive():
+        seen.append(metric(srv, "modelprep_http_deferred"))
+    t.join()
+    assert 1.0 in seen, seen
+    assert got["d"] == {("w", 0): sha(big["w"])}
+    assert metric(srv, "modelprep_http_deferred") == 0.0
+    # SIGTERM while a digest is in flight: the server waits for it, exits 0.
+    t = threading.Thread(target=lambda: got.update(late=srv.get("/v1/residents/%s/digest" % rid)))
+    t.start()
+    while metric(srv, "modelprep_http_deferred") != 1.0 and t.is_alive():
+        pass
+    assert srv.stop() == 0, srv.logs()
+    t.join()
+    assert got["late"][0] == 200 and got["late"][1]["tensors"][0]["sha256"] == sha(big["w"])
+
+
 # --------------------------------------------------------------------------- residents
 
 def test_keep_resident_false_frees(dev4, make_server, model_root):
