@@ -101,6 +101,16 @@ int qz_quantize(const qz_params *p, const qz_plan *plan, mp_dtype src_dtype, con
  * bnb_4bit_compute_dtype. New reference. */
 json_t *qz_quant_config(const qz_params *p, json_t *ignored, const char *compute_dtype);
 
+/* ---- which tensors warm_load quantizes (qz_select.c) ---- */
+
+/* Whether tensor `name` (dtype dt, ndim dimensions) is quantized: a 2-D
+ * F32/F16/BF16 tensor named "<module>.weight" whose module matches neither
+ * the default ignore patterns (the offline job's: embeddings, lm_head,
+ * norms, MoE routers/gates) nor one of ignore[0..nignore) (fnmatch, `*`
+ * crossing dots). */
+bool qz_select_weight(const char *name, mp_dtype dt, int ndim, const char *const *ignore,
+                      size_t nignore);
+
 /* ---- kernels, exposed for unit tests and warm_load ---- */
 
 /* f32 -> e4m3fn, round to nearest even; |x| must be <= 448 or NaN. */
