@@ -250,3 +250,25 @@ def test_host_memory_is_one_tensor_per_reader(dev4, make_server, model_root):
     assert tensor < r["peak_host_bytes"] <= staging + 2 * (2 * tensor)
     assert r["peak_host_bytes"] < 16 * tensor
     check_resident(srv, r["resident_id"], expected(ts, "nf4"))
+
+
+def test_pt_views_quantized(dev4, make_server, model_root):
+    # a .bin written by torch.save: an offset slice of a storage and a
+    # strided (transposed) view, both quantized from their logical values
+    d = model_root / "pt"
+    d.mkdir()
+    base = torch.randn(48, 40)
+    sd = {"a.weight": base[:16], "b.weight": base[16:].t(), "c.bias": torch.arange(10)}
+    torch.save(sd, str(d / "pytorch_model.bin"))
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
+    r = ok(load(srv, str(d), quantize="fp8-channel"))
+    assert r["load_format"] == "pt"
+    want = {}
+    for k, v in sd.items():
+        if k.endswith(".weight"):
+            want.update({(n, 0): p for n, p in
+                         reference_parts(k[:-7], v.contiguous(), "fp8-channel").items()})
+        else:
+            want[(k, 0)] = (sha(v), "I64", [10])
+    check_resident(srv, r["resident_id"], want)
+    assert r["quantization"]["bytes_before"] == (16 * 40 + 40 * 32) * 4
