@@ -12,13 +12,8 @@ BUILD=${BUILD:-build}
 GB=${BENCH_QGB:-0.5}
 REPS=${BENCH_REPS:-3}
 PY=${PY:-.venv/bin/python}
-work=$(mktemp -d "${BENCH_DIR:-/tmp}/warm_load_quantize.XXXXXX")
-srv_pid=
-cleanup() {
-  [ -n "$srv_pid" ] && kill "$srv_pid" 2>/dev/null && wait "$srv_pid" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. bench/warm_load_lib.sh
+warm_bench_workdir warm_load_quantize
 make -s BUILD="$BUILD" "$BUILD/modelprepd" >/dev/null
 
 mkdir -p "$work/model"
@@ -37,7 +32,6 @@ PYEOF
 shards=("$work"/model/*.safetensors)
 cat "${shards[@]}" >/dev/null
 
-. bench/warm_load_lib.sh
 warm_bench_server "$work"
 declare -A j
 while read -r k v; do j[$k]=$v; done < <(PYTHONPATH=bench "$PY" bench/warm_load_quantize.py \
