@@ -82,6 +82,16 @@ void qz_params_default(qz_params *p, qz_method m);
 /* Refuses block sizes of 0 or over 65536 ("bad_params"). */
 int qz_params_check(const qz_params *p, mp_error *err);
 
+/* ---- which tensors warm_load quantizes (qz_select.c) ---- */
+
+/* Whether tensor `name` (dtype dt, ndim dimensions) is quantized: a 2-D
+ * F32/F16/BF16 tensor named "<module>.weight" whose module matches neither
+ * the default ignore patterns (the offline job's: embeddings, lm_head,
+ * norms, MoE routers/gates) nor one of ignore[0..nignore) (fnmatch, `*`
+ * crossing dots). */
+bool qz_select_weight(const char *name, mp_dtype dt, int ndim, const char *const *ignore,
+                      size_t nignore);
+
 /* The parts that `name` (a `<module>.weight`, 2-D, F32/F16/BF16, shape
  * [rows, cols], both > 0) becomes. Errors: "bad_params" (not 2-D, a dtype
  * that is not floating, an empty or too large tensor, a name too long). */
@@ -100,16 +110,6 @@ int qz_quantize(const qz_params *p, const qz_plan *plan, mp_dtype src_dtype, con
  * model's torch dtype name ("bfloat16"; NULL: not written) for
  * bnb_4bit_compute_dtype. New reference. */
 json_t *qz_quant_config(const qz_params *p, json_t *ignored, const char *compute_dtype);
-
-/* ---- which tensors warm_load quantizes (qz_select.c) ---- */
-
-/* Whether tensor `name` (dtype dt, ndim dimensions) is quantized: a 2-D
- * F32/F16/BF16 tensor named "<module>.weight" whose module matches neither
- * the default ignore patterns (the offline job's: embeddings, lm_head,
- * norms, MoE routers/gates) nor one of ignore[0..nignore) (fnmatch, `*`
- * crossing dots). */
-bool qz_select_weight(const char *name, mp_dtype dt, int ndim, const char *const *ignore,
-                      size_t nignore);
 
 /* ---- kernels, exposed for unit tests and warm_load ---- */
 
