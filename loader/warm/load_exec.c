@@ -541,8 +541,8 @@ static int quant_gather(reader *r, const load_item *it, const qz_plan *qp, unsig
     if (it->src->is_view) {
         if (!(view = held_alloc(c, it->src->nbytes)))
             rc = mp_err(err, "no_memory", "cannot materialize view %s", it->src->name);
-        if (rc == 0) rc = weights_read(c->src->files[it->file].w, it->src, view, err);
-        r->bytes_read += it->src->nbytes;
+        if (rc == 0 && (rc = weights_read(c->src->files[it->file].w, it->src, view, err)) == 0)
+            r->bytes_read += it->src->nbytes;
     }
     if (rc == 0) rc = produce(r, &piece, 0, piece.bytes, buf, view, err);
     r->read_s += time_mono() - t0;

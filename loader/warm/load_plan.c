@@ -204,8 +204,10 @@ static int item_place(load_plan *plan, const mp_tensor *t, load_item *it, mp_err
  * per part (the quantized weight, its scales, bitsandbytes' state), each
  * at its own aligned offset, with the part's name, dtype and shape. `it` is
  * the planned (sliced, unplaced) item of the source. */
-static int plan_quant_parts(const plan_ctx *pc, const load_item *it, mp_error *err) {
+static int plan_quant_parts(const plan_ctx *pc, const load_item *planned, mp_error *err) {
     load_plan *plan = pc->plan;
+    /* A copy: the first part is written over the planned item's slot. */
+    const load_item base = *planned, *it = &base;
     load_quant *q = &plan->quants[plan->nquants];
     uint64_t shape[2] = {(uint64_t)it->shape[0], (uint64_t)it->shape[1]};
     if (qz_plan_tensor(pc->o->quant, it->src->name, it->src->dtype, shape, &q->qz, err) != 0)
