@@ -135,21 +135,22 @@ def test_fp8_block_sizes_and_nf4_without_double_quant(dev4, make_server, model_r
     check_resident(srv, r["resident_id"], expected(ts, "nf4", dq=False))
 
 
-@pytest.mark.parametrize("method", ["fp8-channel", "nf4"])
+@pytest.mark.parametrize("method", ["fp8", "fp8-channel", "fp8-block", "nf4", "int8"])
 def test_tp2_quantizes_each_ranks_piece(dev4, make_server, model_root, method):
     torch.set_num_threads(1)
     ts = llama_tensors(seed=5)
     m = write_model(model_root / "m", ts)
     srv = make_server(args=["--model-root", str(model_root)] + dev4)
-    r = ok(load(srv, m, quantize=method, tp_size=2, devices=[2, 1]))
-    want = expected(ts, method, tp=2)
+    extra = {"quantize_block_size": [8, 12]} if method == "fp8-block" else {}
+    r = ok(load(srv, m, quantize=method, tp_size=2, devices=[2, 1], **extra))
+    want = expected(ts, method, tp=2, **({"block": (8, 12)} if extra else {}))
     check_resident(srv, r["resident_id"], want, tp=2)
     s, doc = srv.get("/v1/residents/" + r["resident_id"])
     assert {(t["rank"], t["device"]) for t in doc["tensor_table"]} == {(0, 2), (1, 1)}
     # a row-parallel weight's piece is half its columns, quantized alone
     row = [t for t in doc["tensor_table"]
            if t["name"] == "model.layers.0.self_attn.o_proj.weight" and t["rank"] == 1][0]
-    assert row["shape"] == ([32, 16] if method == "fp8-channel" else [32 * 16 // 2, 1])
+    assert row["shape"] == ([32 * 16 // 2, 1] if method == "nf4" else [32, 16])
 
 
 def test_export_consumer_lists_the_parts(dev4, make_server, model_root, tmp_path):
