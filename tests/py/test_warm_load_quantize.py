@@ -6,12 +6,17 @@ socket, an inference process's view) equal the references computed here:
 the torch FP8 recipe (amax / 448, x / scale, clamp, .to(float8_e4m3fn)) and
 bitsandbytes on CPU (quantize_4bit, int8_vectorwise_quant). With tp_size 2
 each rank's piece is sliced first and quantized on its own, as SGLang's
-BitsAndBytesModelLoader does. Every test runs on `host:4` and on `async:4`
-(arenas not CPU-addressable, everything through the staging ring)."""
+BitsAndBytesModelLoader does; a sharded_state checkpoint's rank files and
+a .bin's strided views are quantized too. Also: ignore patterns, the
+refusals (param conflicts, an already quantized checkpoint, a NaN), a
+cancel leaving nothing behind, and host memory bounded by one tensor per
+reader. Every test runs on `host:4` and on `async:4` (arenas not
+CPU-addressable, everything through the staging ring)."""
 import json
 import subprocess
 
 import pytest
+import safetensors.torch as st
 import torch
 
 from conftest import tool
@@ -273,3 +278,23 @@ def test_pt_views_quantized(dev4, make_server, model_root):
             want[(k, 0)] = (sha(v), "I64", [10])
     check_resident(srv, r["resident_id"], want)
     assert r["quantization"]["bytes_before"] == (16 * 40 + 40 * 32) * 4
+
+
+def test_sharded_state_ranks_quantized(dev4, make_server, model_root):
+    # a checkpoint pre-split per rank (SGLang sharded_state, fused qkv_proj):
+    # each rank's file is its piece already, quantized as it is
+    d = model_root / "ss"
+    d.mkdir()
+    ranks = []
+    for rk in range(2):
+        t = {"model.layers.0.self_attn.qkv_proj.weight": (torch.randn(24, 16) + rk).bfloat16(),
+             "model.norm.weight": torch.full((16,), float(rk)).bfloat16()}
+        st.save_file(t, str(d / ("model-rank-%d-part-0.safetensors" % rk)))
+        ranks.append(t)
+    srv = make_server(args=["--model-root", str(model_root)] + dev4)
+    r = ok(load(srv, str(d), load_format="sharded_state", tp_size=2, quantize="fp8"))
+    want = {}
+    for rk, t in enumerate(ranks):
+        want.update({(k, rk): v for (k, _), v in expected(t, "fp8").items()})
+    check_resident(srv, r["resident_id"], want)
+    assert r["quantization"]["tensors"] == 2
