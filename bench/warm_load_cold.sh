@@ -15,16 +15,10 @@ BUILD=${BUILD:-build}
 GB=${BENCH_GB:-2}
 REPS=${BENCH_REPS:-3}
 PY=${PY:-.venv/bin/python}
-work=$(mktemp -d "${BENCH_DIR:-/tmp}/warm_load_cold.XXXXXX")
-srv_pid=
-cleanup() {
-  [ -n "$srv_pid" ] && kill "$srv_pid" 2>/dev/null && wait "$srv_pid" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. bench/warm_load_lib.sh
+warm_bench_workdir warm_load_cold
 make -s BUILD="$BUILD" "$BUILD/modelprepd" >/dev/null
 
-. bench/warm_load_lib.sh
 warm_bench_model "$work/model" "$GB"
 shards=("$work"/model/*.safetensors)
 sync

@@ -27,9 +27,9 @@ import safetensors.torch as st
 import torch  # noqa: F401  (load_file returns torch tensors)
 
 
-def job_wall(conn, model, path):
+def job_wall(conn, model, path, **params):
     body = json.dumps({"type": "warm_load", "model": model,
-                       "params": {"keep_resident": False}})
+                       "params": dict(params, keep_resident=False)})
     t0 = time.perf_counter()
     conn.request("POST", path + "/v1/jobs", body, {"Content-Type": "application/json"})
     r = conn.getresponse()

@@ -4,6 +4,8 @@
 #                             checkpoint's layers look (needs $PY)
 #   warm_bench_server WORK    a release modelprepd on an ephemeral port with
 #                             WORK as model root; sets srv_pid and base
+#   warm_bench_workdir NAME   a fresh $BENCH_DIR/NAME.XXXXXX as $work, removed
+#                             (and the server stopped) when the bench exits
 
 warm_bench_model() {
   mkdir -p "$1"
@@ -33,4 +35,10 @@ warm_bench_server() {
   for _ in $(seq 100); do grep -q listening "$work/srv.out" 2>/dev/null && break; sleep 0.1; done
   base=$(sed -n 's/^listening on //p' "$work/srv.out")
   [ -n "$base" ] || { echo "modelprepd did not start"; cat "$work/srv.log"; return 1; }
+}
+
+warm_bench_workdir() {
+  work=$(mktemp -d "${BENCH_DIR:-/tmp}/$1.XXXXXX")
+  srv_pid=
+  trap 'if [ -n "$srv_pid" ]; then kill "$srv_pid" 2>/dev/null; wait "$srv_pid" 2>/dev/null; fi; rm -rf "$work"' EXIT
 }

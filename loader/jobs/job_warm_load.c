@@ -21,6 +21,8 @@
 #include "util/jobtype.h"
 #include "util/timeutil.h"
 
+#define WL_MAX_IGNORE 64
+
 typedef struct wl_params {
     load_format format;
     int tp_size;
@@ -34,6 +36,10 @@ typedef struct wl_params {
     int device_convert; /* -1: as the devices' kind says (on for CUDA) */
     uint64_t staging_bytes;
     int readers;
+    bool quantize; /* q holds the method's parameters */
+    qz_params q;
+    const char *ignore[WL_MAX_IGNORE]; /* borrowed from the params */
+    size_t nignore;
 } wl_params;
 
 static mp_dtype dtype_param(const char *s) {
@@ -41,6 +47,59 @@ static mp_dtype dtype_param(const char *s) {
     if (!strcmp(s, "bf16")) return MP_DT_BF16;
     if (!strcmp(s, "fp16")) return MP_DT_F16;
     return MP_DT_F32;
+}
+
+/* quantize and its options: a method name, options only where the method
+ * has them, and nothing a quantizing load cannot do (a dtype cast, dummy
+ * weights, GGUF blocks). */
+static int parse_quantize(const json_t *p, wl_params *w, mp_error *err) {
+    const char *m = json_string_value(json_object_get(p, "quantize"));
+    json_t *bs = json_object_get(p, "quantize_block_size");
+    json_t *dq = json_object_get(p, "quantize_double_quant");
+    json_t *ig = json_object_get(p, "quantize_ignore");
+    if (!m) {
+        if (bs || dq || ig)
+            return mp_err_field(err, "params.quantize", "param_conflict",
+                                "quantize_block_size, quantize_double_quant and quantize_ignore "
+                                "need quantize");
+        return 0;
+    }
+    qz_method meth;
+    if (qz_method_parse(m, &meth) != 0)
+        return mp_err_field(err, "params.quantize", "bad_value", "unknown quantization method");
+    w->quantize = true;
+    qz_params_default(&w->q, meth);
+    if (bs && meth != QZ_FP8_BLOCK)
+        return mp_err_field(err, "params.quantize_block_size", "param_conflict",
+                            "quantize_block_size is for quantize fp8-block only");
+    if (bs) {
+        if (json_array_size(bs) != 2)
+            return mp_err_field(err, "params.quantize_block_size", "bad_value",
+                                "quantize_block_size is [block_n, block_k]");
+        w->q.block_n = (uint32_t)json_integer_value(json_array_get(bs, 0));
+        w->q.block_k = (uint32_t)json_integer_value(json_array_get(bs, 1));
+    }
+    if (dq && meth != QZ_NF4)
+        return mp_err_field(err, "params.quantize_double_quant", "param_conflict",
+                            "quantize_double_quant is for quantize nf4 only");
+    if (dq) w->q.double_quant = json_is_true(dq);
+    if (json_array_size(ig) > WL_MAX_IGNORE)
+        return mp_err_field(err, "params.quantize_ignore", "out_of_range",
+                            "at most %d ignore patterns", WL_MAX_IGNORE);
+    for (size_t i = 0; i < json_array_size(ig); i++)
+        w->ignore[w->nignore++] = json_string_value(json_array_get(ig, i));
+    if (w->dtype != MP_DT_INVALID)
+        return mp_err_field(err, "params.dtype", "param_conflict",
+                            "quantize loads the checkpoint's weights quantized: leave dtype out");
+    if (w->format == LOAD_FMT_DUMMY || w->format == LOAD_FMT_GGUF)
+        return mp_err_field(err, "params.load_format", "param_conflict",
+                            "quantize needs real F32/F16/BF16 weights, not load_format %s",
+                            load_format_name(w->format));
+    if (qz_params_check(&w->q, err) != 0) {
+        snprintf(err->field, sizeof err->field, "params.quantize_block_size");
+        return -1;
+    }
+    return 0;
 }
 
 /* Params beyond what the declarative spec checks. */
@@ -113,7 +172,7 @@ static int parse_params(const json_t *p, wl_params *w, mp_error *err) {
     w->staging_bytes = sb ? (uint64_t)json_integer_value(sb) : LOAD_DEFAULT_STAGING;
     json_t *rd = json_object_get(p, "readers");
     w->readers = rd ? (int)json_integer_value(rd) : 0;
-    return 0;
+    return parse_quantize(p, w, err);
 }
 
 /* The key file, confined like models (loader/formats/safetensors/safetensors.h). */
@@ -203,6 +262,14 @@ static json_t *build_result(const load_source *src, const load_plan *plan, const
                             json_integer((json_int_t)st->device_converted));
     if (r && st->reads) /* a read_at source: its calls (ranged GETs) */
         json_object_set_new(r, "source_reads", json_integer((json_int_t)st->reads));
+    if (r)
+        json_object_set_new(
+            r, "quantization",
+            w->quantize ? json_pack("{s:s,s:s,s:I,s:I,s:I}", "method", qz_method_name(w->q.method),
+                                    "where", "host", "tensors", (json_int_t)plan->nquants,
+                                    "bytes_before", (json_int_t)plan->quant_bytes_in, "bytes_after",
+                                    (json_int_t)plan->quant_bytes_out)
+                        : json_null());
     return r;
 }
 
@@ -222,7 +289,7 @@ static int make_resident(const mp_task_info *in, const load_plan *plan, gpu_aren
     for (size_t i = 0; ok && i < plan->nitems; i++) {
         const load_item *it = &plan->items[i];
         res_tensor *rt = &sp.tensors[i];
-        if (!(rt->name = strdup(it->src->name))) {
+        if (!(rt->name = strdup(it->name))) {
             ok = false;
             break;
         }
@@ -300,7 +367,10 @@ static int wl_run(mp_task *t) {
     load_plan_opts po = {.tp_size = w.tp_size,
                          .devices = w.devices,
                          .dtype = w.dtype,
-                         .dummy = w.format == LOAD_FMT_DUMMY};
+                         .dummy = w.format == LOAD_FMT_DUMMY,
+                         .quant = w.quantize ? &w.q : NULL,
+                         .quant_ignore = w.ignore,
+                         .quant_nignore = w.nignore};
     if (load_plan_build(&src, &po, &plan, &err) != 0) {
         json_decref(remote_info);
         remote_s3_ranged_free(ranged);
@@ -383,6 +453,7 @@ static const char *const FORMATS[] = {"auto",    "safetensors",   "pt",    "gguf
 static const char *const DTYPES[] = {"auto", "keep", "bf16", "fp16", "fp32", NULL};
 static const char *const S3_READS[] = {"ranged", "whole", NULL};
 static const char *const ADDRESSING[] = {"path", "virtual", NULL};
+static const char *const QMETHODS[] = {"fp8", "fp8-channel", "fp8-block", "nf4", "int8", NULL};
 
 static const mp_param_spec wl_params_spec[] = {
     {"load_format", MP_P_STRING, FORMATS, 0, 0},
@@ -399,6 +470,10 @@ static const mp_param_spec wl_params_spec[] = {
     {"readers", MP_P_INT, NULL, 1, 64},
     {"s3_read", MP_P_STRING, S3_READS, 0, 0},
     {"addressing", MP_P_STRING, ADDRESSING, 0, 0},
+    {"quantize", MP_P_STRING, QMETHODS, 0, 0},
+    {"quantize_block_size", MP_P_INT_ARRAY, NULL, 1, 65536},
+    {"quantize_double_quant", MP_P_BOOL, NULL, 0, 0},
+    {"quantize_ignore", MP_P_STRING_ARRAY, NULL, 0, 0},
     {NULL, 0, NULL, 0, 0},
 };
 

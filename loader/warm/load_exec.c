@@ -13,7 +13,12 @@
  * With a read_at source (bytes over the network, where a request costs a
  * round trip), a piece may be a batch: a run of whole small tensors that lie
  * next to each other in one file, fetched with one read into the reader's
- * batch buffer (one slot long) and then staged tensor by tensor from it. */
+ * batch buffer (one slot long) and then staged tensor by tensor from it.
+ *
+ * A quantized tensor (LOAD_K_QUANT) is one piece too: the reader of its
+ * first part gathers the rank's piece into host memory, quantizes it once
+ * (loader/quantize, on this thread for every backend: no device kernel
+ * exists) and streams every part through the ring. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -120,8 +125,9 @@ static uint64_t item_unit(const load_item *it) {
     return esize(it->out_dtype);
 }
 
+/* The output is the input's bytes (a quantized part's come from memory). */
 static bool item_raw(const load_item *it) {
-    return it->slice.dim < 0 && (it->out_dtype == it->src->dtype);
+    return it->kind == LOAD_K_QUANT || (it->slice.dim < 0 && (it->out_dtype == it->src->dtype));
 }
 
 /* Whether the item is cast or dequantized on the device: a whole tensor
@@ -204,14 +210,18 @@ static bool next_piece(run_ctx *c, const load_item **it_out, uint64_t *off, uint
     *nb = 1;
     while (c->next_item < c->plan->nitems) {
         const load_item *it = &c->plan->items[c->next_item];
-        if (it->kind == LOAD_K_DUMMY || it->kind == LOAD_K_ZERO || c->next_off >= it->bytes) {
+        /* A quantized tensor's parts after the first are written by the
+         * reader of the first. */
+        bool later_part = it->kind == LOAD_K_QUANT && it->part > 0;
+        if (it->kind == LOAD_K_DUMMY || it->kind == LOAD_K_ZERO || later_part ||
+            c->next_off >= it->bytes) {
             c->next_item++;
             c->next_off = 0;
             continue;
         }
         *it_out = it;
         *off = c->next_off;
-        if (it->kind == LOAD_K_VIEW) {
+        if (it->kind == LOAD_K_VIEW || it->kind == LOAD_K_QUANT) {
             *n = it->bytes;
         } else {
             uint64_t max = piece_max(c, it);
@@ -578,6 +588,104 @@ static int do_batch(reader *r, const load_item *first, size_t nb, mp_error *err)
     return rc;
 }
 
+/* Streams bytes [0, it->bytes) of an item held in host memory (mem)
+ * through the ring, a slot at a time. */
+static int stream_from_memory(reader *r, const load_item *it, const unsigned char *mem,
+                              mp_error *err) {
+    run_ctx *c = r->c;
+    uint64_t unit = item_unit(it), max = c->slot_bytes / unit * unit;
+    int rc = 0;
+    for (uint64_t p = 0; rc == 0 && p < it->bytes && !atomic_load(&c->abort); p += max) {
+        uint64_t m = it->bytes - p < max ? it->bytes - p : max;
+        rc = do_piece(r, it, p, m, mem, err);
+    }
+    return rc;
+}
+
+/* Host memory the reader holds for a while, counted in peak_host_bytes. */
+static unsigned char *held_alloc(run_ctx *c, uint64_t n) {
+    unsigned char *p = malloc(n ? n : 1);
+    if (p) host_add(c, (int64_t)n);
+    return p;
+}
+
+static void held_free(run_ctx *c, unsigned char *p, uint64_t n) {
+    if (!p) return;
+    free(p);
+    host_add(c, -(int64_t)n);
+}
+
+/* The rank's piece of a quantized tensor, in the source dtype, gathered
+ * into *out (rows x cols of the quant plan): a strided view is
+ * materialized whole first, a tensor-parallel slice gathered run by run as
+ * any sliced item is. */
+static int quant_gather(reader *r, const load_item *it, const qz_plan *qp, unsigned char **out,
+                        uint64_t *out_bytes, mp_error *err) {
+    run_ctx *c = r->c;
+    load_item piece = *it;
+    piece.kind = LOAD_K_FILE;
+    piece.out_dtype = it->src->dtype;
+    piece.ndim = 2;
+    memset(piece.shape, 0, sizeof piece.shape);
+    piece.shape[0] = (int64_t)qp->rows;
+    piece.shape[1] = (int64_t)qp->cols;
+    piece.bytes = qp->rows * qp->cols * esize(piece.out_dtype);
+    unsigned char *view = NULL, *buf = held_alloc(c, piece.bytes);
+    if (!buf) return mp_err(err, "no_memory", "cannot hold %s for quantization", it->src->name);
+    int rc = 0;
+    double t0 = time_mono();
+    if (it->src->is_view) {
+        if (!(view = held_alloc(c, it->src->nbytes)))
+            rc = mp_err(err, "no_memory", "cannot materialize view %s", it->src->name);
+        if (rc == 0 && (rc = weights_read(c->src->files[it->file].w, it->src, view, err)) == 0)
+            r->bytes_read += it->src->nbytes;
+    }
+    if (rc == 0) rc = produce(r, &piece, 0, piece.bytes, buf, view, err);
+    r->read_s += time_mono() - t0;
+    held_free(c, view, it->src->nbytes);
+    if (rc != 0) {
+        held_free(c, buf, piece.bytes);
+        return -1;
+    }
+    *out = buf;
+    *out_bytes = piece.bytes;
+    return 0;
+}
+
+/* A quantized (tensor, rank), from its first part's item: gathered,
+ * quantized once into every part, and each part (the items after `it`)
+ * streamed through the ring. Host memory held: the piece, then its parts. */
+static int quant_group(reader *r, const load_item *it, mp_error *err) {
+    run_ctx *c = r->c;
+    const qz_plan *qp = &c->plan->quants[it->quant].qz;
+    size_t first = (size_t)(it - c->plan->items);
+    if (it->part != 0 || first + (size_t)qp->n > c->plan->nitems)
+        return mp_err(err, "internal", "quantized parts of %s out of order", it->src->name);
+    unsigned char *piece = NULL, *parts[QZ_MAX_PARTS] = {0};
+    uint64_t piece_bytes = 0;
+    if (quant_gather(r, it, qp, &piece, &piece_bytes, err) != 0) return -1;
+    int rc = 0;
+    for (int k = 0; rc == 0 && k < qp->n; k++)
+        if (!(parts[k] = held_alloc(c, qp->parts[k].nbytes)))
+            rc = mp_err(err, "no_memory", "cannot hold %s", qp->parts[k].name);
+    if (rc == 0) {
+        double t0 = time_mono();
+        rc = qz_quantize(&c->plan->qparams, qp, it->src->dtype, piece, (void *const *)parts, err);
+        r->read_s += time_mono() - t0;
+    }
+    held_free(c, piece, piece_bytes);
+    for (int k = 0; rc == 0 && k < qp->n && !atomic_load(&c->abort); k++) {
+        const load_item *pk = &c->plan->items[first + (size_t)k];
+        if (pk->kind != LOAD_K_QUANT || pk->quant != it->quant || pk->part != k)
+            rc = mp_err(err, "internal", "quantized parts of %s out of order", it->src->name);
+        else
+            rc = stream_from_memory(r, pk, parts[k], err);
+    }
+    for (int k = 0; k < qp->n; k++)
+        held_free(c, parts[k], qp->parts[k].nbytes);
+    return rc;
+}
+
 static void *reader_main(void *arg) {
     reader *r = arg;
     run_ctx *c = r->c;
@@ -601,15 +709,12 @@ static void *reader_main(void *arg) {
                 rc = weights_read(c->src->files[it->file].w, it->src, mem, &err);
                 r->read_s += time_mono() - t0;
                 r->bytes_read += it->src->nbytes;
-                uint64_t unit = item_unit(it), max = c->slot_bytes / unit * unit;
-                for (uint64_t p = 0; rc == 0 && p < it->bytes && !atomic_load(&c->abort);
-                     p += max) {
-                    uint64_t m = it->bytes - p < max ? it->bytes - p : max;
-                    rc = do_piece(r, it, p, m, mem, &err);
-                }
+                if (rc == 0) rc = stream_from_memory(r, it, mem, &err);
                 free(mem);
                 host_add(c, -(int64_t)it->src->nbytes);
             }
+        } else if (it->kind == LOAD_K_QUANT) {
+            rc = quant_group(r, it, &err);
         } else {
             rc = do_piece(r, it, off, n, NULL, &err);
         }

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "loader/formats/gguf/gguf.h"
+#include "loader/inspect/inspect.h"
 #include "loader/warm/warm.h"
 #include "loader/tp_rules/tp_rules.h"
 
@@ -199,6 +200,56 @@ static int item_place(load_plan *plan, const mp_tensor *t, load_item *it, mp_err
     return 0;
 }
 
+/* The rank's piece of a tensor the load quantizes: one LOAD_K_QUANT item
+ * per part (the quantized weight, its scales, bitsandbytes' state), each
+ * at its own aligned offset, with the part's name, dtype and shape. `it` is
+ * the planned (sliced, unplaced) item of the source. */
+static int plan_quant_parts(const plan_ctx *pc, const load_item *planned, mp_error *err) {
+    load_plan *plan = pc->plan;
+    /* A copy: the first part is written over the planned item's slot. */
+    const load_item base = *planned, *it = &base;
+    load_quant *q = &plan->quants[plan->nquants];
+    uint64_t shape[2] = {(uint64_t)it->shape[0], (uint64_t)it->shape[1]};
+    if (qz_plan_tensor(pc->o->quant, it->src->name, it->src->dtype, shape, &q->qz, err) != 0)
+        return -1;
+    for (int k = 0; k < q->qz.n; k++) {
+        const qz_part *pt = &q->qz.parts[k];
+        load_item *pi = &plan->items[plan->nitems];
+        *pi = *it;
+        pi->kind = LOAD_K_QUANT;
+        pi->name = pt->name;
+        pi->out_dtype = pt->dtype;
+        pi->ndim = pt->ndim;
+        memset(pi->shape, 0, sizeof pi->shape);
+        for (int d = 0; d < pt->ndim; d++)
+            pi->shape[d] = (int64_t)pt->shape[d];
+        pi->part = k;
+        pi->quant = (uint32_t)plan->nquants;
+        /* Sizes come from the plan: a scalar's shape gives no bytes. */
+        uint64_t *end = &plan->arena_bytes[pi->device];
+        uint64_t off = (*end + GPU_ARENA_ALIGN - 1) / GPU_ARENA_ALIGN * GPU_ARENA_ALIGN;
+        if (off < *end || off + pt->nbytes < off)
+            return mp_err(err, "too_large", "arena size overflows");
+        pi->offset = off;
+        pi->bytes = pt->nbytes;
+        *end = off + pt->nbytes;
+        plan->total_bytes += pt->nbytes;
+        plan->quant_bytes_out += pt->nbytes;
+        plan->nitems++;
+    }
+    plan->quant_bytes_in += shape[0] * shape[1] * (mp_dtype_bits(it->src->dtype) / 8);
+    plan->nquants++;
+    return 0;
+}
+
+/* Whether the load quantizes this (sliced) item. */
+static bool item_quantized(const load_plan_opts *o, const load_item *it) {
+    return o->quant && it->kind != LOAD_K_DEQUANT &&
+           qz_select_weight(it->src->name, it->src->dtype, it->src->ndim, o->quant_ignore,
+                            o->quant_nignore) &&
+           it->shape[0] > 0 && it->shape[1] > 0;
+}
+
 /* Rank r's item of tensor ref: appended to the plan unless the tp rules
  * drop the tensor. */
 static int plan_item(const plan_ctx *pc, const tref *ref, int r, mp_error *err) {
@@ -209,6 +260,7 @@ static int plan_item(const plan_ctx *pc, const tref *ref, int r, mp_error *err) 
     memset(it, 0, sizeof *it);
     it->file = ref->file;
     it->src = t;
+    it->name = t->name;
     it->rank = r;
     it->device = o->devices[r];
     it->ndim = t->ndim;
@@ -226,6 +278,7 @@ static int plan_item(const plan_ctx *pc, const tref *ref, int r, mp_error *err) 
     }
     if (it->slice.dim >= 0 && mp_dtype_bits(t->dtype) % 8 != 0)
         return mp_err(err, "bad_request", "cannot split %s (sub-byte dtype)", t->name);
+    if (item_quantized(o, it)) return plan_quant_parts(pc, it, err);
     if (item_place(plan, t, it, err) != 0) return -1;
     plan->nitems++;
     return 0;
@@ -234,15 +287,70 @@ static int plan_item(const plan_ctx *pc, const tref *ref, int r, mp_error *err) 
 /* One item per (tensor, rank): the rank of its file for a sharded
  * checkpoint, every rank otherwise; refs are in file order. */
 static int plan_items(const plan_ctx *pc, const tref *refs, size_t n, mp_error *err) {
-    size_t per = pc->sharded ? 1 : (size_t)pc->o->tp_size, cap = 0;
-    if (__builtin_mul_overflow(n, per, &cap)) return mp_err(err, "too_large", "too many tensors");
-    if (!(pc->plan->items = calloc(cap ? cap : 1, sizeof *pc->plan->items)))
+    size_t per = pc->sharded ? 1 : (size_t)pc->o->tp_size, cap = 0, icap = 0;
+    size_t parts = pc->o->quant ? QZ_MAX_PARTS : 1;
+    if (__builtin_mul_overflow(n, per, &cap) || __builtin_mul_overflow(cap, parts, &icap))
+        return mp_err(err, "too_large", "too many tensors");
+    if (!(pc->plan->items = calloc(icap ? icap : 1, sizeof *pc->plan->items)))
+        return mp_err(err, "no_memory", "out of memory");
+    if (pc->o->quant && !(pc->plan->quants = calloc(cap ? cap : 1, sizeof *pc->plan->quants)))
         return mp_err(err, "no_memory", "out of memory");
     for (size_t i = 0; i < n; i++) {
         int r0 = pc->sharded ? pc->src->files[refs[i].file].rank : 0;
         int r1 = pc->sharded ? r0 + 1 : pc->o->tp_size;
         for (int r = r0; r < r1; r++)
             if (plan_item(pc, &refs[i], r, err) != 0) return -1;
+    }
+    return 0;
+}
+
+/* Quantizing twice multiplies the error, and the loaders would not know
+ * the result: a declared quantization, tensors already in a quantized
+ * dtype or carrying quantization scales, and GGUF blocks are refused. */
+static int quant_source_check(const load_source *src, const load_plan_opts *o, mp_error *err) {
+    if (o->dtype != MP_DT_INVALID || o->dummy)
+        return mp_err_field(err, "params.quantize", "param_conflict",
+                            "quantize cannot be combined with dtype or a dummy load");
+    if (qz_params_check(o->quant, err) != 0) return -1;
+    const json_t *tc = src->config ? json_object_get(src->config, "text_config") : NULL;
+    const char *keys[] = {"quantization_config", "compression_config"};
+    for (int i = 0; src->config && i < 2; i++) {
+        const json_t *q = json_object_get(src->config, keys[i]);
+        if (!q && tc) q = json_object_get(tc, keys[i]);
+        if (q) {
+            const char *m = json_string_value(json_object_get(q, "quant_method"));
+            return mp_err(err, "already_quantized",
+                          "the model is already quantized (config.json %s, quant_method %s): "
+                          "load it without quantize, or quantize its unquantized original",
+                          keys[i], m ? m : "?");
+        }
+    }
+    for (size_t f = 0; f < src->nfiles; f++) {
+        const mp_weights *w = src->files[f].w;
+        json_t *q = insp_quant_from_tensors(w->tensors, w->ntensors);
+        if (q) {
+            const char *m = json_string_value(json_object_get(q, "method"));
+            mp_err(err, "already_quantized",
+                   "the model's tensors are already quantized (%s, recognized from their names "
+                   "and dtypes): load it without quantize",
+                   m ? m : "?");
+            json_decref(q);
+            return -1;
+        }
+        for (size_t i = 0; i < w->ntensors; i++) {
+            mp_dtype d = w->tensors[i].dtype;
+            if (d == MP_DT_GGML)
+                return mp_err(err, "unsupported_format",
+                              "tensor %s is GGUF blocks: quantize loads safetensors or PyTorch "
+                              "checkpoints in F32/F16/BF16",
+                              w->tensors[i].name);
+            if (d == MP_DT_F8_E4M3 || d == MP_DT_F8_E5M2 || d == MP_DT_I8 || d == MP_DT_F4 ||
+                d == MP_DT_F8_E4M3FNUZ || d == MP_DT_F8_E5M2FNUZ)
+                return mp_err(err, "already_quantized",
+                              "tensor %s is %s: the model is already quantized; load it without "
+                              "quantize",
+                              w->tensors[i].name, mp_dtype_name(d));
+        }
     }
     return 0;
 }
@@ -262,6 +370,10 @@ int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *
         return mp_err_field(err, "params.tp_size", "bad_request",
                             "a GGUF checkpoint loads on one device (tp_size 1)");
 
+    if (o->quant) {
+        if (quant_source_check(src, o, err) != 0) return -1;
+        plan->qparams = *o->quant;
+    }
     tp_model_cfg cfg;
     if (plan_tp_config(src, tp, sharded, &cfg, err) != 0) return -1;
     tref *refs = NULL;
@@ -274,11 +386,15 @@ int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *
     plan_ctx pc = {.src = src, .o = o, .cfg = &cfg, .sharded = sharded, .plan = plan};
     if (rc == 0) rc = plan_items(&pc, refs, n, err);
     free(refs);
+    if (rc == 0 && o->quant && plan->nquants == 0)
+        rc = mp_err(err, "nothing_to_quantize",
+                    "no tensor is quantized: every 2-D weight is ignored or not F32/F16/BF16");
     if (rc != 0) load_plan_free(plan);
     return rc;
 }
 
 void load_plan_free(load_plan *plan) {
     free(plan->items);
+    free(plan->quants);
     memset(plan, 0, sizeof *plan);
 }

@@ -17,7 +17,10 @@
  * a slot: a tensor-parallel slice (runs gathered from the source rows), a
  * dtype cast (F32/F16/BF16/F8 -> F32/F16/BF16), a GGUF dequantization, the
  * decryption of an encrypted safetensors file (chunks verified before use).
- * Only a strided PyTorch view is materialized whole in host memory first.
+ * Only a strided PyTorch view is materialized whole in host memory first,
+ * and a tensor quantized on the fly (load_plan_opts.quant): its rank's piece
+ * is gathered, quantized (loader/quantize) and its parts streamed through
+ * the same ring, so the arenas need not be CPU-addressable.
  */
 #ifndef MP_LOADER_WARM_H
 #define MP_LOADER_WARM_H
@@ -29,6 +32,7 @@
 #include "gpu/gpu.h"
 #include "loader/formats/safetensors/safetensors.h"
 #include "loader/formats/weights.h"
+#include "loader/quantize/quantize.h"
 #include "util/error.h"
 
 #define LOAD_MAX_SEGS 16
@@ -90,6 +94,7 @@ typedef enum load_kind {
     LOAD_K_DEQUANT,  /* ggml blocks dequantized on the CPU */
     LOAD_K_DUMMY,    /* gpu_fill_dummy on the device */
     LOAD_K_ZERO,     /* zeros (a dummy load's non-float tensors) */
+    LOAD_K_QUANT,    /* part `part` of the rank's piece, quantized on the CPU */
 } load_kind;
 
 /* A slice along dim: the output's extent along dim is the concatenation of
@@ -106,6 +111,7 @@ typedef struct load_slice {
 typedef struct load_item {
     uint32_t file;        /* index into src->files */
     const mp_tensor *src; /* borrowed from that file's weights */
+    const char *name;     /* the output's name: src->name, or a quantized part's */
     load_kind kind;
     int rank, device;   /* device: index in the gpu set */
     mp_dtype out_dtype; /* MP_DT_GGML for blocks kept as they are */
@@ -114,7 +120,18 @@ typedef struct load_item {
     int64_t shape[MP_MAX_DIMS]; /* output shape */
     load_slice slice;
     uint64_t offset, bytes; /* in the device's arena */
+    /* LOAD_K_QUANT: the part's index in plan->quants[quant] (a tensor's
+     * parts are consecutive items, part 0 first; the reader of part 0
+     * quantizes once and writes them all). */
+    int part;
+    uint32_t quant;
 } load_item;
+
+/* One quantized (tensor, rank): the parts and the rank's piece (qz->rows x
+ * qz->cols in the source dtype). */
+typedef struct load_quant {
+    qz_plan qz;
+} load_quant;
 
 typedef struct load_plan {
     load_item *items;
@@ -123,6 +140,10 @@ typedef struct load_plan {
     int devices[GPU_MAX_DEVICES];          /* rank -> device index */
     uint64_t arena_bytes[GPU_MAX_DEVICES]; /* by device index */
     uint64_t total_bytes;
+    load_quant *quants; /* nquants of them, when the load quantizes */
+    size_t nquants;
+    qz_params qparams;
+    uint64_t quant_bytes_in, quant_bytes_out; /* the quantized pieces, before and after */
 } load_plan;
 
 typedef struct load_plan_opts {
@@ -130,10 +151,19 @@ typedef struct load_plan_opts {
     const int *devices; /* rank -> device index (tp_size entries) */
     mp_dtype dtype;     /* MP_DT_INVALID keeps each tensor's dtype */
     bool dummy;         /* fill instead of reading */
+    /* Quantize on the fly (NULL: no): the tensors qz_select_weight picks
+     * (with the extra ignore patterns), each rank's piece after its
+     * tensor-parallel slice, as SGLang's BitsAndBytesModelLoader does. */
+    const qz_params *quant;
+    const char *const *quant_ignore;
+    size_t quant_nignore;
 } load_plan_opts;
 
 /* Errors: "bad_request" (a dtype that cannot be cast, a tensor the tp
- * rules cannot split), "too_large". */
+ * rules cannot split), "too_large"; with quant: "already_quantized" (the
+ * config declares a quantization, or tensors are already FP8/INT8/FP4 or
+ * carry quantization scales), "unsupported_format" (GGUF blocks),
+ * "nothing_to_quantize". */
 int load_plan_build(const load_source *src, const load_plan_opts *o, load_plan *plan,
                     mp_error *err);
 void load_plan_free(load_plan *plan);

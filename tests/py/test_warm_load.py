@@ -544,9 +544,14 @@ def test_cancel_releases_everything(dev4, make_server, model_root):
     ts = {"model.layers.0.mlp.down_proj.weight": torch.ones(1024, 24 * 1024, dtype=torch.bfloat16)}
     m = write_model(model_root / "cx", ts)
     srv = make_server(args=["--model-root", str(model_root)] + dev4)
-    job = srv.submit({"type": "warm_load", "model": m,
-                      "params": {"tp_size": 2, "dtype": "fp32", "staging_bytes": 65536,
-                                 "readers": 1, "host_direct": False}})
+    cancel_while_running(srv, m, {"tp_size": 2, "dtype": "fp32", "staging_bytes": 65536,
+                                  "readers": 1, "host_direct": False})
+
+
+def cancel_while_running(srv, m, params):
+    """Submits a warm_load, cancels it once running: it ends cancelled with
+    nothing left on the devices."""
+    job = srv.submit({"type": "warm_load", "model": m, "params": params})
     deadline = time.time() + 60
     while time.time() < deadline:
         s, doc = srv.get("/v1/jobs/" + job["id"])

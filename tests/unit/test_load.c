@@ -4,7 +4,8 @@
  * ring wraps many times), casts, tensor-parallel slices by the shard rules,
  * out-of-memory and cancel leaving nothing allocated, encrypted files
  * refusing to load without a key, a read_at source (bytes from a callback,
- * as from S3) with small neighbours batched into one read.
+ * as from S3) with small neighbours batched into one read, quantizing on
+ * the way.
  */
 #include <setjmp.h>
 #include <stdatomic.h>
@@ -44,9 +45,17 @@ static unsigned char pat(size_t i, uint64_t k) {
     return (unsigned char)((k * 131 + i * 17 + (k >> 9)) & 0xff);
 }
 
-/* Writes <dir>/<sub>/model.safetensors with these tensors (pattern bytes)
- * and, when config is given, config.json. */
-static void write_model(const char *sub, const st_wtensor *ts, size_t n, const char *config) {
+typedef void (*fill_fn)(size_t i, unsigned char *buf, uint64_t bytes);
+
+static void fill_pat(size_t i, unsigned char *buf, uint64_t bytes) {
+    for (uint64_t j = 0; j < bytes; j++)
+        buf[j] = pat(i, j);
+}
+
+/* Writes <dir>/<sub>/model.safetensors with these tensors (tensor i's
+ * bytes from fill) and, when config is given, config.json. */
+static void write_model_with(const char *sub, const st_wtensor *ts, size_t n, const char *config,
+                             fill_fn fill) {
     char d[256], p[300];
     snprintf(d, sizeof d, "%s/%s", dir, sub);
     mkdir(d, 0755);
@@ -59,8 +68,7 @@ static void write_model(const char *sub, const st_wtensor *ts, size_t n, const c
         uint64_t b = 0;
         assert_true(mp_tensor_bytes(ts[i].dtype, ts[i].shape, ts[i].ndim, &b));
         unsigned char *buf = malloc(b ? b : 1);
-        for (uint64_t j = 0; j < b; j++)
-            buf[j] = pat(i, j);
+        fill(i, buf, b);
         assert_int_equal(st_writer_write(w, buf, b, &err), 0);
         free(buf);
     }
@@ -71,6 +79,11 @@ static void write_model(const char *sub, const st_wtensor *ts, size_t n, const c
         fputs(config, f);
         fclose(f);
     }
+}
+
+/* The same with pattern bytes. */
+static void write_model(const char *sub, const st_wtensor *ts, size_t n, const char *config) {
+    write_model_with(sub, ts, n, config, fill_pat);
 }
 
 static const char *model_dir(const char *sub) {
@@ -550,6 +563,98 @@ static void test_read_at_batches_neighbours(void **state) {
         done(&src, &plan, arenas);
         gpu_set_close(g);
     }
+/* Finite bf16 values (tensor i's), and the same with one NaN. */
+static void fill_bf16(size_t i, unsigned char *buf, uint64_t bytes) {
+    for (uint64_t j = 0; j + 1 < bytes; j += 2) {
+        float v = (float)((int)((j / 2 * 37 + i * 11) % 401) - 200) / 32.0f;
+        uint16_t h = half_f32_to_bf16(v);
+        memcpy(buf + j, &h, 2);
+    }
+}
+
+static void fill_bf16_nan(size_t i, unsigned char *buf, uint64_t bytes) {
+    fill_bf16(i, buf, bytes);
+    uint16_t nan = 0x7fc0;
+    if (i == 0 && bytes > 2 * 1234) memcpy(buf + 2 * 1234, &nan, 2);
+}
+
+/* Quantizing on the way (fp8-block, ragged 16 x 24 blocks) through 64 KiB
+ * of staging on host and async devices: the weight's parts are items of
+ * their own at aligned offsets, and their bytes are qz_quantize's of the
+ * source; lm_head stays as it is (default ignore). A NaN fails the load
+ * with non_finite_weight and leaves nothing allocated. */
+static void test_quantize_on_the_way(void **state) {
+    (void)state;
+    st_wtensor ts[2] = {{"model.layers.0.mlp.up_proj.weight", MP_DT_BF16, 2, {300, 70}},
+                        {"lm_head.weight", MP_DT_BF16, 2, {10, 70}}};
+    write_model_with("quant", ts, 2, NULL, fill_bf16);
+    write_model_with("quant_nan", ts, 2, NULL, fill_bf16_nan);
+    qz_params qp;
+    qz_params_default(&qp, QZ_FP8_BLOCK);
+    qp.block_n = 16;
+    qp.block_k = 24;
+    uint64_t shape[2] = {300, 70};
+    qz_plan want;
+    mp_error err = {0};
+    assert_int_equal(qz_plan_tensor(&qp, ts[0].name, MP_DT_BF16, shape, &want, &err), 0);
+    unsigned char *src = malloc(300 * 70 * 2), *parts[2];
+    fill_bf16(0, src, 300 * 70 * 2);
+    for (int k = 0; k < 2; k++)
+        parts[k] = malloc(want.parts[k].nbytes);
+    assert_int_equal(qz_quantize(&qp, &want, MP_DT_BF16, src, (void *const *)parts, &err), 0);
+    const char *specs[] = {"async/100", "host"};
+    for (int v = 0; v < 2; v++) {
+        gpu_set *g = NULL;
+        assert_int_equal(gpu_set_open(specs[v], 0, &g, &err), 0);
+        load_source src_;
+        load_plan plan;
+        load_stats st;
+        gpu_arena *arenas[GPU_MAX_DEVICES];
+        int devs[1] = {0};
+        load_plan_opts po = {.tp_size = 1, .devices = devs, .dtype = MP_DT_INVALID, .quant = &qp};
+        load_run_opts ro = {.staging_bytes = 65536, .readers = 3, .host_direct = true};
+        assert_int_equal(load_source_open(model_dir("quant"), LOAD_FMT_AUTO, 1, &src_, &err), 0);
+        assert_int_equal(load_plan_build(&src_, &po, &plan, &err), 0);
+        assert_int_equal(plan.nitems, 3);
+        assert_int_equal(plan.nquants, 1);
+        assert_int_equal(plan.quant_bytes_in, 300 * 70 * 2);
+        int rc = load_run(g, &src_, &plan, &ro, arenas, &st, &err);
+        if (rc != 0) fail_msg("%s: %s: %s", specs[v], err.code, err.message);
+        size_t k = 0;
+        for (size_t i = 0; i < plan.nitems; i++) {
+            const load_item *it = &plan.items[i];
+            assert_int_equal(it->offset % 256, 0);
+            if (it->kind != LOAD_K_QUANT) {
+                assert_string_equal(it->name, "lm_head.weight");
+                continue;
+            }
+            assert_string_equal(it->name, want.parts[k].name);
+            assert_int_equal(it->out_dtype, want.parts[k].dtype);
+            assert_int_equal(it->bytes, want.parts[k].nbytes);
+            unsigned char *got = malloc(it->bytes);
+            assert_int_equal(gpu_read(arenas[0], it->offset, got, it->bytes, &err), 0);
+            if (memcmp(got, parts[k], it->bytes) != 0)
+                fail_msg("%s: %s differs", specs[v], it->name);
+            free(got);
+            k++;
+        }
+        assert_int_equal(k, 2);
+        done(&src_, &plan, arenas);
+        /* the NaN */
+        assert_int_equal(load_source_open(model_dir("quant_nan"), LOAD_FMT_AUTO, 1, &src_, &err),
+                         0);
+        assert_int_equal(load_plan_build(&src_, &po, &plan, &err), 0);
+        assert_int_equal(load_run(g, &src_, &plan, &ro, arenas, &st, &err), -1);
+        assert_string_equal(err.code, "non_finite_weight");
+        for (int d = 0; d < GPU_MAX_DEVICES; d++)
+            assert_null(arenas[d]);
+        assert_int_equal(gpu_device_resident(g, 0), 0);
+        done(&src_, &plan, arenas);
+        gpu_set_close(g);
+    }
+    for (int k = 0; k < 2; k++)
+        free(parts[k]);
+    free(src);
 }
 
 int main(void) {
@@ -564,6 +669,7 @@ int main(void) {
         cmocka_unit_test(test_pool_second_load_reuses),
         cmocka_unit_test(test_cast_on_device),
         cmocka_unit_test(test_read_at_batches_neighbours),
+        cmocka_unit_test(test_quantize_on_the_way),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
