@@ -101,6 +101,50 @@ int qz_quantize(const qz_params *p, const qz_plan *plan, mp_dtype src_dtype, con
  * bnb_4bit_compute_dtype. New reference. */
 json_t *qz_quant_config(const qz_params *p, json_t *ignored, const char *compute_dtype);
 
+/* ---- which tensors are quantized (qz_names.c) ---- */
+
+/* A candidate: a 2-D F32/F16/BF16 tensor whose name ends in ".weight". */
+bool qz_candidate(const char *name, mp_dtype dt, int ndim);
+/* The default ignore patterns, NULL-terminated: embeddings, lm_head, norms,
+ * MoE routers/gates (not gate_proj). Matched like user patterns. */
+const char *const *qz_default_ignore(void);
+/* Index of the first of pats[0..n) that matches `module` (fnmatch, `*`
+ * crossing dots; a module is the tensor name without ".weight"), or -1. */
+int qz_ignore_match(const char *module, const char *const *pats, size_t n);
+
+/* ---- the offline job body (qz_run.c) ---- */
+
+#define QZ_MAX_IGNORE 256
+
+typedef struct qz_opts {
+    const char *src;     /* a model folder of safetensors shards */
+    const char *out_dir; /* final output folder (its parent must exist) */
+    qz_params params;
+    const char *const *ignore; /* user patterns (added to the defaults) */
+    size_t nignore;
+    bool no_default_ignore;   /* true: only the user's patterns */
+    uint64_t max_shard_bytes; /* 0: CONV_DEFAULT_MAX_SHARD */
+    const char *tag;          /* names the temp folder (job id), may be NULL */
+    void *cb;                 /* reporting, as conv_opts; each may be NULL */
+    void (*progress)(void *cb, uint64_t done, uint64_t total, const char *msg);
+    bool (*cancelled)(void *cb);
+    void (*log)(void *cb, const char *level, const char *msg);
+} qz_opts;
+
+/* Quantizes a checkpoint into a complete one: safetensors shards (split as
+ * convert splits) with the quantized weights and their scales, the other
+ * tensors as they were, config.json with quantization_config, the other
+ * files copied. Streams tensor by tensor: peak memory is about the largest
+ * tensor (source and parts), not the model. Built in a temp folder next to
+ * out_dir, every shard fsynced and re-read (names, dtypes, shapes), then
+ * renamed into place; a failure leaves nothing. *result = {"output_path",
+ * "method", "files", "quantized", "copied", "ignored" (modules),
+ * "unmatched_ignore" (user patterns that matched nothing), "warnings",
+ * "bytes_in", "bytes_out", "seconds", ...}. Errors: "unsupported_format"
+ * (not safetensors: convert first), "already_quantized", "non_finite_weight",
+ * "nothing_to_quantize", "cancelled", "output_exists", "io_error". */
+int qz_run(const qz_opts *o, json_t **result, mp_error *err);
+
 /* ---- kernels, exposed for unit tests and warm_load ---- */
 
 /* f32 -> e4m3fn, round to nearest even; |x| must be <= 448 or NaN. */
