@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "loader/jobs/jobs_internal.h"
 #include "loader/quantize/quantize.h"
@@ -88,6 +89,11 @@ static int quantize_run(mp_task *t) {
                  .log = job_cb_log};
     if (params_of(in->params, &o.params, &err) != 0)
         return task_fail(t, "bad_request", "%s", err.message);
+    /* One tensor at a time, on every core; the nested NF4 offset as torch
+     * computes it by default on this machine (see qz_mean_f32_threads). */
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    o.params.threads = cpus > 0 ? (int)cpus : 1;
+    o.params.torch_threads = qz_torch_default_threads();
     const char *pats[QZ_MAX_IGNORE];
     size_t i;
     json_t *v;

@@ -56,6 +56,12 @@ typedef struct qz_params {
     qz_method method;
     uint32_t block_n, block_k; /* fp8-block (default 128, 128) */
     bool double_quant;         /* nf4 (default true) */
+    /* Threads one qz_quantize call may use, the caller's included (default
+     * 1). The bytes are the same for any count. */
+    int threads;
+    /* NF4 double quant: the torch thread count whose absmax.mean() the
+     * nested offset reproduces (see qz_mean_f32; default 1). */
+    int torch_threads;
 } qz_params;
 
 /* One output tensor of a quantized source tensor. */
@@ -79,6 +85,10 @@ int qz_method_parse(const char *s, qz_method *out);
 const char *qz_method_name(qz_method m);
 /* The defaults above for one method. */
 void qz_params_default(qz_params *p, qz_method m);
+/* torch's default intra-op thread count on this machine, as bitsandbytes'
+ * callers get it: OMP_NUM_THREADS, else MKL_NUM_THREADS, else the number of
+ * physical cores (what torch's cpuinfo counts). */
+int qz_torch_default_threads(void);
 /* Refuses block sizes of 0 or over 65536 ("bad_params"). */
 int qz_params_check(const qz_params *p, mp_error *err);
 
@@ -156,11 +166,14 @@ const float *qz_dynamic_code(void);
  * absmax[ceil(n/blocksize)]. A zero block gives codes 0 and absmax 0. */
 int qz_quantize_blockwise(const float *a, size_t n, size_t blocksize, uint8_t *out, float *absmax,
                           mp_error *err);
-/* The nested offset: torch's absmax.mean() on CPU, reproduced (its cascade
- * sum from SumKernel.cpp with its vector width on this CPU, then / n). For
- * 32768 or more elements torch splits the sum between its threads, and its
- * result then depends on their number: this is its single-thread result
- * (torch.set_num_threads(1)), the one below that size whatever the count. */
+/* The nested offset: torch's absmax.mean() on CPU, reproduced: its cascade
+ * sum (SumKernel.cpp) with its vector width on this CPU, split as its
+ * two-pass reduction splits it between `torch_threads` threads when there
+ * are 32768 elements or more (below that, or with 1 thread, one pass), then
+ * divided by n. torch's result depends on its thread count; bitsandbytes'
+ * therefore does too. */
+float qz_mean_f32_threads(const float *a, size_t n, int torch_threads);
+/* Single-thread torch (torch.set_num_threads(1)). */
 float qz_mean_f32(const float *a, size_t n);
 
 #endif

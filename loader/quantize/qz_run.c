@@ -295,6 +295,14 @@ static int write_shard(qctx *c, size_t s, const char *path, mp_error *err) {
     st_writer *w = NULL;
     int rc = ts && meta ? 0 : mp_err(err, "out_of_memory", "out of memory");
     if (rc == 0) rc = st_writer_open(path, ts, n, meta, &w, err);
+    /* Writeback is started after every tensor without waiting for it, so
+     * the disk works while the next one is quantized and the final fsync
+     * (st_writer_finish) has little left to do. The writer's file is
+     * "<path>.tmp" (safetensors.h). */
+    char tmp[PATH_MAX];
+    int kick = rc == 0 && snprintf(tmp, sizeof tmp, "%s.tmp", path) < (int)sizeof tmp
+                   ? open(tmp, O_RDONLY | O_CLOEXEC)
+                   : -1;
     for (size_t i = 0; rc == 0 && i < c->nitems; i++) {
         const qitem *it = &c->items[i];
         if (it->shard != s) continue;
@@ -314,9 +322,11 @@ static int write_shard(qctx *c, size_t s, const char *path, mp_error *err) {
         else
             rc = st_writer_pwrite(w, wt_of[i], 0, src, (size_t)it->t->nbytes, err);
         source_close(base, map_len);
+        if (kick >= 0) sync_file_range(kick, 0, 0, SYNC_FILE_RANGE_WRITE);
         c->done += it->t->nbytes;
         if (c->o->progress) c->o->progress(c->o->cb, c->done, c->total, it->t->name);
     }
+    if (kick >= 0) close(kick);
     rc = st_writer_end(w, rc, err);
     json_decref(meta);
     free(ts);
@@ -511,6 +521,8 @@ static json_t *result_of(qctx *c, double t0) {
             json_pack("[I,I]", (json_int_t)c->o->params.block_n, (json_int_t)c->o->params.block_k));
     if (r && c->o->params.method == QZ_NF4)
         json_object_set_new(r, "double_quant", json_boolean(c->o->params.double_quant));
+    if (r && c->o->params.method == QZ_NF4 && c->o->params.double_quant)
+        json_object_set_new(r, "torch_threads", json_integer(c->o->params.torch_threads));
     return r;
 }
 

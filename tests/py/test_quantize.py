@@ -478,3 +478,33 @@ def test_cli_quantize(make_server, model_root):
     p = subprocess.run([tool("modelprep"), "quantize", str(d), "--method", "int4"], capture_output=True,
                        text=True, env=cli_env(s), timeout=120)
     assert p.returncode == 2 and "params.method" in p.stderr, p.stderr  # a 400 is a usage error
+
+
+def test_job_nf4_nested_mean_as_torch_default(make_server, model_root):
+    """Over 32768 blocks torch sums absmax.mean() in parallel, so its result
+    (and bitsandbytes') depends on its thread count: the job reproduces torch's
+    default on this machine, and says which it used."""
+    d = model_root / "big"
+    d.mkdir()
+    x = (torch.randn(1031, 2049, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    save_file({"model.layers.0.mlp.up_proj.weight": x}, str(d / "model.safetensors"))
+    s = start(make_server, model_root)
+    job = quantize(s, d, method="nf4", output=str(model_root / "out"))
+    assert job["state"] == "succeeded", job
+    threads = job["result"]["torch_threads"]
+    default = subprocess.run([os.sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, env=dict(os.environ))
+    assert int(default.stdout) == threads
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref, st = bnbf.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    finally:
+        torch.set_num_threads(old)
+    out = read_out(str(model_root / "out"))
+    m = "model.layers.0.mlp.up_proj.weight"
+    assert raw(out[m]) == raw(ref)
+    assert raw(out[m + ".absmax"]) == raw(st.absmax)
+    assert raw(out[m + ".nested_absmax"]) == raw(st.state2.absmax)
+    state = json.loads(bytes(out[m + ".quant_state.bitsandbytes__nf4"].numpy()))
+    assert state["nested_offset"] == st.offset.item()
