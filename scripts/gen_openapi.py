@@ -61,7 +61,7 @@ NO_NUL = "^[^\\x00]+$"
 JOB_ID = "^j_[0-9a-f]{20}$"
 RESIDENT_ID = "^r_[0-9a-f]{4,64}$"
 CURSOR = "^[1-9][0-9]{0,17}$"
-JOB_TYPES = ["download", "convert", "inspect", "shard", "warm_load", "verify", "prepare", "publish"]
+JOB_TYPES = ["download", "convert", "inspect", "shard", "warm_load", "verify", "prepare", "publish", "quantize"]
 REMOTE_MIN_PART_BYTES = 5 << 20  # loader/remote/remote.h: S3's minimum multipart part
 JOB_STATES = ["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -276,6 +276,15 @@ JOB_PARAMS = {
                                    description="the S3 endpoint, http(s)://host[:port] (s3:// urls only)"),
                     "addressing": enum("path", "virtual"), "part_bytes": I_(REMOTE_MIN_PART_BYTES, 5 << 30),
                     "connections": I_(1, 64), "max_retries": I_(0, 20), "overwrite": B}, required=["url"]),
+    "quantize": obj({"method": enum("fp8", "fp8-channel", "fp8-block", "nf4", "int8"),
+                     "block_size": IA(1, 65536, minItems=2, maxItems=2,
+                                      description="[n, k] of fp8-block's scale blocks (default [128, 128]; "
+                                                  "400 param_conflict with another method)"),
+                     "double_quant": dict(B, description="nf4: quantize the absmax vector too (default true; "
+                                                         "400 param_conflict with another method)"),
+                     "ignore": dict(PATTERNS, description="module names left unquantized (fnmatch), added to the defaults"),
+                     "ignore_defaults": B, "max_shard_bytes": I_(1, I64_MAX),
+                     "output": S_(pattern=ABS_PATH, maxLength=1024), "overwrite": B}, required=["method"]),
 }
 for name, sch in JOB_PARAMS.items():
     schemas["Params_" + name] = sch

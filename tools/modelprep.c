@@ -31,6 +31,7 @@ static const char USAGE[] =
     "  convert MODEL          .bin/.pt/GGUF -> safetensors\n"
     "  inspect MODEL          architecture, params, dtypes, quantization, bytes per TP rank\n"
     "  shard MODEL            one checkpoint per tensor-parallel rank (--tp-size N)\n"
+    "  quantize MODEL         fp8 / fp8-channel / fp8-block / nf4 / int8 (--method M)\n"
     "  load MODEL             warm_load onto the node's devices\n"
     "  prepare MODEL          download/convert/inspect/shard/load, what is missing\n"
     "  verify MODEL           re-hash the model's files\n"
@@ -874,6 +875,7 @@ static const struct {
     {"pull", "download"},       {"download", "download"}, {"convert", "convert"},
     {"inspect", "inspect"},     {"shard", "shard"},       {"load", "warm_load"},
     {"warm_load", "warm_load"}, {"prepare", "prepare"},   {"verify", "verify"},
+    {"quantize", "quantize"},
 };
 
 static const struct {

@@ -142,7 +142,7 @@ static void win_close(fwin *w) {
 }
 
 /* Removes a flat directory we created (files only). */
-static int rm_flat_dir(const char *dir) {
+int conv_rm_flat_dir(const char *dir) {
     DIR *d = opendir(dir);
     if (!d) return errno == ENOENT ? 0 : -1;
     struct dirent *e;
@@ -156,7 +156,7 @@ static int rm_flat_dir(const char *dir) {
     return rc;
 }
 
-static int sync_path(const char *path, mp_error *err) {
+int conv_sync_path(const char *path, mp_error *err) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return mp_err(err, "io_error", "open %s: %s", path, strerror(errno));
     int rc = fsync(fd);
@@ -167,7 +167,7 @@ static int sync_path(const char *path, mp_error *err) {
 
 /* Written as <path>.tmp, fsynced and renamed over path, like every other
  * output: a crash never leaves a half-written JSON file under its name. */
-static int write_json_file(const char *path, json_t *doc, mp_error *err) {
+int conv_write_json(const char *path, json_t *doc, mp_error *err) {
     char tmp[PATH_MAX];
     if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
         return mp_err(err, "io_error", "path too long: %s", path);
@@ -594,12 +594,7 @@ static int conv_write_shard(cctx *c, size_t s, const char *path, mp_error *err) 
         if (rc == 0) rc = produce(c, it, sink_write, &ws, err);
     }
     if (ws.kick_fd >= 0) close(ws.kick_fd);
-    if (w) {
-        if (rc == 0)
-            rc = st_writer_finish(w, err);
-        else
-            st_writer_abort(w);
-    }
+    rc = st_writer_end(w, rc, err);
     json_decref(meta);
     free(ts);
     free(idx);
@@ -722,23 +717,23 @@ static int write_index(cctx *c, mp_error *err) {
     return rc;
 }
 
-static int copy_aux(cctx *c, const char *src_dir, mp_error *err) {
+int conv_copy_aux(const char *src_dir, const char *tmp_dir, bool skip_config, char *buf,
+                  size_t bufsz, mp_error *err) {
     DIR *d = opendir(src_dir);
     if (!d) return mp_err(err, "io_error", "open %s: %s", src_dir, strerror(errno));
-    char *buf = c->buf; /* free during this phase */
     struct dirent *e;
     int rc = 0;
     while (rc == 0 && (e = readdir(d)) != NULL) {
         const char *nm = e->d_name;
         if (nm[0] == '.' || conv_is_weight_file(nm)) continue;
-        if (c->gguf && strcmp(nm, "config.json") == 0) continue; /* derived from the GGUF */
+        if (skip_config && strcmp(nm, "config.json") == 0) continue; /* the caller writes it */
         char from[PATH_MAX], to[PATH_MAX];
         if (snprintf(from, sizeof from, "%s/%s", src_dir, nm) >= (int)sizeof from ||
-            snprintf(to, sizeof to, "%s/%s", c->tmp_dir, nm) >= (int)sizeof to)
+            snprintf(to, sizeof to, "%s/%s", tmp_dir, nm) >= (int)sizeof to)
             continue;
         struct stat st;
         if (stat(from, &st) != 0 || !S_ISREG(st.st_mode)) continue;
-        rc = copy_file(from, to, buf, CONV_CHUNK, err);
+        rc = copy_file(from, to, buf, bufsz, err);
     }
     closedir(d);
     return rc;
@@ -753,7 +748,7 @@ static int gguf_config(cctx *c, mp_error *err) {
     json_object_set_new(cfg, "torch_dtype", json_string(dt));
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/config.json", c->tmp_dir);
-    int rc = write_json_file(path, cfg, err);
+    int rc = conv_write_json(path, cfg, err);
     json_decref(cfg);
     return rc;
 }
@@ -794,7 +789,7 @@ static int set_config_dtype(cctx *c, mp_error *err) {
     }
     int rc = 0;
     if (conv_config_set_dtype(cfg, name)) {
-        rc = write_json_file(path, cfg, err);
+        rc = conv_write_json(path, cfg, err);
         if (rc == 0) say(c, "info", "config.json: torch_dtype and dtype set to %s", name);
     }
     json_decref(cfg);
@@ -810,8 +805,8 @@ static bool is_ours(const char *dir) {
 
 /* Moves tmp_dir to out_dir. An existing empty directory or one an earlier
  * convert made is replaced; anything else is left alone. */
-static int publish(cctx *c, mp_error *err) {
-    const char *out = c->o->out_dir;
+int conv_publish(const char *tmp_dir, const char *out, bool *old_left, mp_error *err) {
+    *old_left = false;
     struct stat st;
     char old[PATH_MAX] = "";
     if (lstat(out, &st) == 0) {
@@ -820,20 +815,20 @@ static int publish(cctx *c, mp_error *err) {
         if (rmdir(out) != 0) {
             if (!is_ours(out))
                 return mp_err(err, "output_exists",
-                              "%s exists and was not made by convert; remove it or pick another "
+                              "%s exists and was not made by modelprep; remove it or pick another "
                               "output",
                               out);
-            snprintf(old, sizeof old, "%s.old-%ld", c->tmp_dir, (long)getpid());
+            snprintf(old, sizeof old, "%s.old-%ld", tmp_dir, (long)getpid());
             if (rename(out, old) != 0)
                 return mp_err(err, "io_error", "rename %s: %s", out, strerror(errno));
         }
     }
-    if (rename(c->tmp_dir, out) != 0) {
+    if (rename(tmp_dir, out) != 0) {
         int e = errno;
         if (old[0]) rename(old, out);
-        return mp_err(err, "io_error", "rename %s -> %s: %s", c->tmp_dir, out, strerror(e));
+        return mp_err(err, "io_error", "rename %s -> %s: %s", tmp_dir, out, strerror(e));
     }
-    if (old[0] && rm_flat_dir(old) != 0) say(c, "warn", "could not remove the old %s", old);
+    if (old[0] && conv_rm_flat_dir(old) != 0) *old_left = true;
     char parent[PATH_MAX];
     snprintf(parent, sizeof parent, "%s", out);
     char *slash = strrchr(parent, '/');
@@ -843,31 +838,32 @@ static int publish(cctx *c, mp_error *err) {
         slash[1] = 0;
     else
         *slash = 0;
-    return sync_path(parent, err);
+    return conv_sync_path(parent, err);
 }
 
-static int make_tmp_dir(cctx *c, mp_error *err) {
-    const char *out = c->o->out_dir;
+int conv_make_tmp_dir(const char *out, const char *tag_in, const char *what, char **tmp,
+                      mp_error *err) {
+    *tmp = NULL;
     const char *slash = strrchr(out, '/');
     const char *base = slash ? slash + 1 : out;
     if (!base[0] || strcmp(base, ".") == 0 || strcmp(base, "..") == 0)
         return mp_err(err, "bad_output", "output %s has no name", out);
     char tag[64];
-    if (c->o->tag)
-        snprintf(tag, sizeof tag, "%s", c->o->tag);
+    if (tag_in)
+        snprintf(tag, sizeof tag, "%s", tag_in);
     else
         snprintf(tag, sizeof tag, "%ld", (long)getpid());
     /* Next to the target, so that publishing is a rename in one directory. */
     int plen = slash ? (int)(slash - out) : 1;
-    if (asprintf(&c->tmp_dir, "%.*s/.%s.convert-%s", plen, slash ? out : ".", base, tag) < 0) {
-        c->tmp_dir = NULL;
+    if (asprintf(tmp, "%.*s/.%s.%s-%s", plen, slash ? out : ".", base, what, tag) < 0) {
+        *tmp = NULL;
         return mp_err(err, "no_memory", "out of memory");
     }
-    rm_flat_dir(c->tmp_dir); /* a leftover of a crashed run with the same tag */
-    if (mkdir(c->tmp_dir, 0755) != 0) {
+    conv_rm_flat_dir(*tmp); /* a leftover of a crashed run with the same tag */
+    if (mkdir(*tmp, 0755) != 0) {
         int e = errno;
-        free(c->tmp_dir);
-        c->tmp_dir = NULL;
+        free(*tmp);
+        *tmp = NULL;
         return mp_err(err, "io_error", "cannot create a temp folder next to %s: %s", out,
                       strerror(e));
     }
@@ -937,17 +933,22 @@ static int run(cctx *c, const char *src_dir, json_t *files, mp_error *err) {
                                             "size", (json_int_t)st.st_size));
     }
     if (c->gguf && gguf_config(c, err) != 0) return -1;
-    if (src_dir && copy_aux(c, src_dir, err) != 0) return -1;
+    /* c->buf is free during this phase; a GGUF's config.json is derived from it */
+    if (src_dir && conv_copy_aux(src_dir, c->tmp_dir, c->gguf, c->buf, CONV_CHUNK, err) != 0)
+        return -1;
     if (set_config_dtype(c, err) != 0) return -1;
     json_t *marker = json_pack("{s:s,s:s,s:s}", "created_by", "modelprep convert", "source",
                                c->o->src, "dtype", dtype_param(c->o->dtype));
     snprintf(path, sizeof path, "%s/%s", c->tmp_dir, CONV_MARKER);
-    int rc = marker ? write_json_file(path, marker, err) : mp_err(err, "no_memory", "no memory");
+    int rc = marker ? conv_write_json(path, marker, err) : mp_err(err, "no_memory", "no memory");
     json_decref(marker);
     if (rc != 0) return -1;
-    if (sync_path(c->tmp_dir, err) != 0) return -1;
+    if (conv_sync_path(c->tmp_dir, err) != 0) return -1;
     if (cancelled(c)) return mp_err(err, "cancelled", "cancelled");
-    return publish(c, err);
+    bool old_left = false;
+    int rc2 = conv_publish(c->tmp_dir, c->o->out_dir, &old_left, err);
+    if (old_left) say(c, "warn", "could not remove the old output next to %s", c->o->out_dir);
+    return rc2;
 }
 
 int conv_run(const conv_opts *o, json_t **result, mp_error *err) {
@@ -992,11 +993,11 @@ int conv_run(const conv_opts *o, json_t **result, mp_error *err) {
     if (rc == 0) {
         say(&c, "info", "%zu tensors (%zu tied duplicates dropped) into %zu shard(s)", c.nitems,
             c.ndedup, c.nshards);
-        rc = make_tmp_dir(&c, err);
+        rc = conv_make_tmp_dir(o->out_dir, o->tag, "convert", &c.tmp_dir, err);
     }
     json_t *files = json_array();
     if (rc == 0) rc = run(&c, src_dir, files, err);
-    if (rc != 0 && c.tmp_dir) rm_flat_dir(c.tmp_dir);
+    if (rc != 0 && c.tmp_dir) conv_rm_flat_dir(c.tmp_dir);
     if (rc == 0) {
         uint64_t bytes = c.total / 2;
         *result = json_pack("{s:s,s:O,s:I,s:I,s:I,s:O,s:s,s:s,s:b,s:f}", "output_path", o->out_dir,

@@ -110,4 +110,25 @@ bool conv_default_name(const char *model, const char *revision, bool is_hub, cha
 int conv_confine_output(const char *path, const char *const *roots, const char *forbid,
                         const char *model_dir, char **out, mp_error *err);
 
+/* ---- the output folder (convert.c; quantize writes its output the same way) ---- */
+
+/* Creates "<parent>/.<name>.<what>-<tag>" next to `out` (tag NULL: the pid),
+ * removing a leftover of a crashed run first. *tmp is malloc'd. */
+int conv_make_tmp_dir(const char *out, const char *tag, const char *what, char **tmp,
+                      mp_error *err);
+/* Renames tmp_dir to out and fsyncs the parent. An existing empty folder or
+ * one holding CONV_MARKER (made by modelprep) is replaced; anything else is
+ * "output_exists". *old_left: the replaced folder could not be removed. */
+int conv_publish(const char *tmp_dir, const char *out, bool *old_left, mp_error *err);
+/* Copies the regular, non-weight, non-hidden files of src_dir into tmp_dir,
+ * fsynced, config.json left out when skip_config; buf is scratch space. */
+int conv_copy_aux(const char *src_dir, const char *tmp_dir, bool skip_config, char *buf,
+                  size_t bufsz, mp_error *err);
+/* A JSON file written to "<path>.tmp", fsynced and renamed (indent 2, sorted
+ * keys, trailing newline). */
+int conv_write_json(const char *path, json_t *doc, mp_error *err);
+/* fsync of a file or folder by path; removal of a flat folder we made. */
+int conv_sync_path(const char *path, mp_error *err);
+int conv_rm_flat_dir(const char *dir);
+
 #endif

@@ -56,17 +56,7 @@ static int convert_validate(const mp_task_info *in, mp_error *err) {
     if (ms && json_integer_value(ms) < 1)
         return mp_err_field(err, "params.max_shard_bytes", "out_of_range",
                             "params.max_shard_bytes must be positive");
-    if (json_object_get(in->params, "output")) {
-        char *out = NULL;
-        /* Only the explicit output is checked here: the default one is made
-         * (and its parent created) when the job runs. */
-        if (resolve_output(in, false, &out, err) != 0) {
-            if (!err->field[0]) snprintf(err->field, sizeof err->field, "params.output");
-            return -1;
-        }
-        free(out);
-    }
-    return 0;
+    return job_output_check(in, resolve_output, err);
 }
 
 /* ---- encryption_key_file (added by the warm_load issue; loader/formats/safetensors/safetensors.h)
@@ -119,10 +109,7 @@ static int convert_run(mp_task *t) {
         return task_fail(t, err.code, "%s", err.message);
     char *out = NULL;
     int lock = -1;
-    if (resolve_output(in, true, &out, &err) != 0 || job_output_lock(out, &lock, &err) != 0 ||
-        job_output_fresh(out, json_is_true(json_object_get(in->params, "overwrite")), &err) != 0) {
-        job_output_unlock(lock);
-        free(out);
+    if (job_output_claim(in, resolve_output, &out, &lock, &err) != 0) {
         memset(key, 0, sizeof key);
         return task_fail(t, err.code, "%s", err.message);
     }

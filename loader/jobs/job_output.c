@@ -110,3 +110,31 @@ int job_output_fresh(const char *out, bool overwrite, mp_error *err) {
                   "choose another params.output",
                   out);
 }
+
+int job_output_claim(const mp_task_info *in, job_output_resolver resolve, char **out, int *lock,
+                     mp_error *err) {
+    *out = NULL;
+    *lock = -1;
+    bool overwrite = json_is_true(json_object_get(in->params, "overwrite"));
+    if (resolve(in, true, out, err) == 0 && job_output_lock(*out, lock, err) == 0 &&
+        job_output_fresh(*out, overwrite, err) == 0)
+        return 0;
+    job_output_unlock(*lock);
+    *lock = -1;
+    free(*out);
+    *out = NULL;
+    return -1;
+}
+
+int job_output_check(const mp_task_info *in, job_output_resolver resolve, mp_error *err) {
+    if (!json_object_get(in->params, "output")) return 0;
+    char *out = NULL;
+    /* Only an explicit output is checked at submit time: the default one is
+     * made (and its parent created) when the job runs. */
+    if (resolve(in, false, &out, err) != 0) {
+        if (!err->field[0]) snprintf(err->field, sizeof err->field, "params.output");
+        return -1;
+    }
+    free(out);
+    return 0;
+}

@@ -103,13 +103,8 @@ static int shard_job_run(mp_task *t) {
     if (!in->model_path) return task_fail(t, "not_found", "%s is not available locally", in->model);
     char *out = NULL;
     int lock = -1;
-    bool overwrite = json_is_true(json_object_get(in->params, "overwrite"));
-    if (resolve_output(in, true, &out, &err) != 0 || job_output_lock(out, &lock, &err) != 0 ||
-        job_output_fresh(out, overwrite, &err) != 0) {
-        job_output_unlock(lock);
-        free(out);
+    if (job_output_claim(in, resolve_output, &out, &lock, &err) != 0)
         return task_fail(t, err.code, "%s", err.message);
-    }
     const char *naming = json_string_value(json_object_get(in->params, "naming"));
     json_t *mp = json_object_get(in->params, "max_part_bytes");
     shard_opts o = {
@@ -118,7 +113,7 @@ static int shard_job_run(mp_task *t) {
         .tp = tp_param(in),
         .max_part_bytes = mp ? (uint64_t)json_integer_value(mp) : 0,
         .naming = naming && strcmp(naming, "hf") == 0 ? TP_NAMING_HF : TP_NAMING_SGLANG,
-        .overwrite = overwrite,
+        .overwrite = json_is_true(json_object_get(in->params, "overwrite")),
         .source_model = in->model,
         .source_revision = in->is_hub_model ? in->revision : NULL,
         .tmp_tag = in->id,

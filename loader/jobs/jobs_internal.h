@@ -33,6 +33,16 @@ int job_output_fresh(const char *out, bool overwrite, mp_error *err);
 int job_output_default(const mp_task_info *in, const char *sub, const char *suffix, bool make,
                        char **out, mp_error *err);
 
+/* A job's output resolver: params.output confined, or its default folder
+ * (make: create the default's parent; run time only). */
+typedef int (*job_output_resolver)(const mp_task_info *in, bool make, char **out, mp_error *err);
+/* Run time: resolve (make), lock, and refuse an existing folder unless
+ * params.overwrite. On failure nothing is held (*out NULL, *lock -1). */
+int job_output_claim(const mp_task_info *in, job_output_resolver resolve, char **out, int *lock,
+                     mp_error *err);
+/* Submit time: params.output, when given, must resolve; errors name it. */
+int job_output_check(const mp_task_info *in, job_output_resolver resolve, mp_error *err);
+
 /* The download job for an s3://bucket/prefix model (job_download_s3.c). */
 int job_s3_download_validate(const mp_task_info *info, mp_error *err);
 int job_s3_download_run(mp_task *t);

@@ -13,11 +13,11 @@ extern const mp_job_type mp_job_warm_load;
 extern const mp_job_type mp_job_shard;
 extern const mp_job_type mp_job_prepare;
 extern const mp_job_type mp_job_publish;
+extern const mp_job_type mp_job_quantize;
 
 static const mp_job_type *const TYPES[] = {
-    &mp_job_download, &mp_job_verify,    &mp_job_convert,
-    &mp_job_inspect,  &mp_job_warm_load, &mp_job_shard,
-    &mp_job_prepare,  &mp_job_publish,   NULL,
+    &mp_job_download, &mp_job_verify,  &mp_job_convert, &mp_job_inspect,  &mp_job_warm_load,
+    &mp_job_shard,    &mp_job_prepare, &mp_job_publish, &mp_job_quantize, NULL,
 };
 
 const mp_job_type *const *job_types_all(void) {

@@ -56,6 +56,12 @@ typedef struct qz_params {
     qz_method method;
     uint32_t block_n, block_k; /* fp8-block (default 128, 128) */
     bool double_quant;         /* nf4 (default true) */
+    /* Threads one qz_quantize call may use, the caller's included (default
+     * 1). The bytes are the same for any count. */
+    int threads;
+    /* NF4 double quant: the torch thread count whose absmax.mean() the
+     * nested offset reproduces (see qz_mean_f32; default 1). */
+    int torch_threads;
 } qz_params;
 
 /* One output tensor of a quantized source tensor. */
@@ -79,6 +85,10 @@ int qz_method_parse(const char *s, qz_method *out);
 const char *qz_method_name(qz_method m);
 /* The defaults above for one method. */
 void qz_params_default(qz_params *p, qz_method m);
+/* torch's default intra-op thread count on this machine, as bitsandbytes'
+ * callers get it: OMP_NUM_THREADS, else MKL_NUM_THREADS, else the number of
+ * physical cores (what torch's cpuinfo counts). */
+int qz_torch_default_threads(void);
 /* Refuses block sizes of 0 or over 65536 ("bad_params"). */
 int qz_params_check(const qz_params *p, mp_error *err);
 
@@ -111,6 +121,50 @@ int qz_quantize(const qz_params *p, const qz_plan *plan, mp_dtype src_dtype, con
  * bnb_4bit_compute_dtype. New reference. */
 json_t *qz_quant_config(const qz_params *p, json_t *ignored, const char *compute_dtype);
 
+/* ---- which tensors are quantized (qz_names.c) ---- */
+
+/* A candidate: a 2-D F32/F16/BF16 tensor whose name ends in ".weight". */
+bool qz_candidate(const char *name, mp_dtype dt, int ndim);
+/* The default ignore patterns, NULL-terminated: embeddings, lm_head, norms,
+ * MoE routers/gates (not gate_proj). Matched like user patterns. */
+const char *const *qz_default_ignore(void);
+/* Index of the first of pats[0..n) that matches `module` (fnmatch, `*`
+ * crossing dots; a module is the tensor name without ".weight"), or -1. */
+int qz_ignore_match(const char *module, const char *const *pats, size_t n);
+
+/* ---- the offline job body (qz_run.c) ---- */
+
+#define QZ_MAX_IGNORE 256
+
+typedef struct qz_opts {
+    const char *src;     /* a model folder of safetensors shards */
+    const char *out_dir; /* final output folder (its parent must exist) */
+    qz_params params;
+    const char *const *ignore; /* user patterns (added to the defaults) */
+    size_t nignore;
+    bool no_default_ignore;   /* true: only the user's patterns */
+    uint64_t max_shard_bytes; /* 0: CONV_DEFAULT_MAX_SHARD */
+    const char *tag;          /* names the temp folder (job id), may be NULL */
+    void *cb;                 /* reporting, as conv_opts; each may be NULL */
+    void (*progress)(void *cb, uint64_t done, uint64_t total, const char *msg);
+    bool (*cancelled)(void *cb);
+    void (*log)(void *cb, const char *level, const char *msg);
+} qz_opts;
+
+/* Quantizes a checkpoint into a complete one: safetensors shards (split as
+ * convert splits) with the quantized weights and their scales, the other
+ * tensors as they were, config.json with quantization_config, the other
+ * files copied. Streams tensor by tensor: peak memory is about the largest
+ * tensor (source and parts), not the model. Built in a temp folder next to
+ * out_dir, every shard fsynced and re-read (names, dtypes, shapes), then
+ * renamed into place; a failure leaves nothing. *result = {"output_path",
+ * "method", "files", "quantized", "copied", "ignored" (modules),
+ * "unmatched_ignore" (user patterns that matched nothing), "warnings",
+ * "bytes_in", "bytes_out", "seconds", ...}. Errors: "unsupported_format"
+ * (not safetensors: convert first), "already_quantized", "non_finite_weight",
+ * "nothing_to_quantize", "cancelled", "output_exists", "io_error". */
+int qz_run(const qz_opts *o, json_t **result, mp_error *err);
+
 /* ---- kernels, exposed for unit tests and warm_load ---- */
 
 /* f32 -> e4m3fn, round to nearest even; |x| must be <= 448 or NaN. */
@@ -122,11 +176,14 @@ const float *qz_dynamic_code(void);
  * absmax[ceil(n/blocksize)]. A zero block gives codes 0 and absmax 0. */
 int qz_quantize_blockwise(const float *a, size_t n, size_t blocksize, uint8_t *out, float *absmax,
                           mp_error *err);
-/* The nested offset: torch's absmax.mean() on CPU, reproduced (its cascade
- * sum from SumKernel.cpp with its vector width on this CPU, then / n). For
- * 32768 or more elements torch splits the sum between its threads, and its
- * result then depends on their number: this is its single-thread result
- * (torch.set_num_threads(1)), the one below that size whatever the count. */
+/* The nested offset: torch's absmax.mean() on CPU, reproduced: its cascade
+ * sum (SumKernel.cpp) with its vector width on this CPU, split as its
+ * two-pass reduction splits it between `torch_threads` threads when there
+ * are 32768 elements or more (below that, or with 1 thread, one pass), then
+ * divided by n. torch's result depends on its thread count; bitsandbytes'
+ * therefore does too. */
+float qz_mean_f32_threads(const float *a, size_t n, int torch_threads);
+/* Single-thread torch (torch.set_num_threads(1)). */
 float qz_mean_f32(const float *a, size_t n);
 
 #endif

@@ -23,9 +23,17 @@
  * the installed package.
  */
 #include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "loader/quantize/qz_internal.h"
+
+/* The element loops are written to vectorize (see qz_fp8.c). */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("O3")
+#endif
 
 static const float NF4_CODE[16] = {
     -0x1.0p+0f,      -0x1.647362p-1f, -0x1.0cd66p-1f,  -0x1.94654p-2f,
@@ -114,54 +122,80 @@ static uint8_t nf4_code_of(const float *bounds, float v) {
     return c;
 }
 
+/* torch.clamp(v, -1, 1) for a finite v, on the magnitude's bits (sign and
+ * -0 kept) so that the loops using it have no float branches. */
 static float clamp1(float v) {
-    return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+    uint32_t u = scalar_f32_bits(v), a = u & 0x7fffffffu;
+    return scalar_bits_f32((u & 0x80000000u) | (a < 0x3f800000u ? a : 0x3f800000u));
 }
 
-/* One 64-block [i0, i1): its absmax (as bitsandbytes stores it) and codes. */
-static int nf4_block(const qz_plan *plan, mp_dtype dt, const void *src, size_t i0, size_t i1,
-                     bool tail, const float *bounds, uint8_t *codes, float *absmax, mp_error *err) {
-    float m = 0.0f;
-    for (size_t i = i0; i < i1; i++) {
-        float v = fabsf(qz_load(dt, src, i));
-        if (!(v <= 3.4028235e38f))
-            return qz_err_non_finite(err, plan->parts[0].name, i, plan->cols, qz_load(dt, src, i));
-        m = v > m ? v : m;
+typedef struct nf4_job {
+    const qz_plan *plan;
+    mp_dtype dt;
+    const void *src;
+    uint8_t *packed;
+    float *absmax;
+    size_t n, full; /* elements; blocks before the tail */
+    float bounds[15];
+} nf4_job;
+
+/* Codes of one block of len (<= 64) floats already scaled into [-1, 1]:
+ * the bucketize written as 15 compares per value, which vectorizes. */
+static void nf4_codes(const float *bounds, const float *v, size_t len, uint8_t *codes) {
+    for (size_t i = 0; i < len; i++)
+        codes[i] = 0;
+    for (int j = 0; j < 15; j++) {
+        float b = bounds[j];
+        for (size_t i = 0; i < len; i++)
+            codes[i] = (uint8_t)(codes[i] + (b < v[i]));
     }
-    float am = m > 1e-38f ? m : 1e-38f;
-    if (tail) {
-        *absmax = am;
-        for (size_t i = i0; i < i1; i++)
-            codes[i - i0] = nf4_code_of(bounds, clamp1(qz_load(dt, src, i) / am));
-        return 0;
+}
+
+/* Blocks [b0, b1): absmax as bitsandbytes stores it, packed codes. */
+static int nf4_units(void *arg, size_t b0, size_t b1, mp_error *err) {
+    const nf4_job *j = arg;
+    float v[QZ_NF4_BLOCKSIZE];
+    uint8_t codes[QZ_NF4_BLOCKSIZE + 1];
+    for (size_t b = b0; b < b1; b++) {
+        size_t i0 = b * QZ_NF4_BLOCKSIZE;
+        size_t len = j->n - i0 < QZ_NF4_BLOCKSIZE ? j->n - i0 : QZ_NF4_BLOCKSIZE;
+        uint32_t mb = qz_absmax_bits(j->dt, j->src, i0, len);
+        if (mb >= 0x7f800000u) {
+            size_t i = qz_first_non_finite(j->dt, j->src, i0, len);
+            return qz_err_non_finite(err, j->plan->parts[0].name, i, (size_t)j->plan->cols,
+                                     qz_load(j->dt, j->src, i));
+        }
+        float m = scalar_bits_f32(mb);
+        float am = m > 1e-38f ? m : 1e-38f;
+        qz_load_run(j->dt, j->src, i0, len, v);
+        if (b >= j->full) { /* the tail block divides and stores the clamped absmax */
+            j->absmax[b] = am;
+            for (size_t i = 0; i < len; i++)
+                v[i] = clamp1(v[i] / am);
+        } else {
+            j->absmax[b] = m;
+            float inv = 1.0f / am;
+            for (size_t i = 0; i < len; i++)
+                v[i] = clamp1(v[i] * inv);
+        }
+        nf4_codes(j->bounds, v, len, codes);
+        codes[len] = nf4_code_of(j->bounds, 0.0f); /* the pad of an odd count */
+        for (size_t i = 0; i < len; i += 2)
+            j->packed[(i0 + i) / 2] = (uint8_t)(codes[i] << 4 | codes[i + 1]);
     }
-    *absmax = m;
-    float inv = 1.0f / am;
-    for (size_t i = i0; i < i1; i++)
-        codes[i - i0] = nf4_code_of(bounds, clamp1(qz_load(dt, src, i) * inv));
     return 0;
 }
 
 /* quantize_4bit: packed nibbles and the float absmax of every block. */
-static int nf4_quantize(const qz_plan *plan, mp_dtype dt, const void *src, uint8_t *packed,
-                        float *absmax, mp_error *err) {
-    float bounds[15];
-    for (int j = 0; j < 15; j++)
-        bounds[j] = (NF4_CODE[j] + NF4_CODE[j + 1]) / 2.0f;
-    size_t n = (size_t)(plan->rows * plan->cols), bs = QZ_NF4_BLOCKSIZE;
-    size_t full = n / bs, nblocks = (n + bs - 1) / bs;
-    uint8_t codes[QZ_NF4_BLOCKSIZE];
-    for (size_t b = 0; b < nblocks; b++) {
-        size_t i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
-        if (nf4_block(plan, dt, src, i0, i1, b >= full, bounds, codes, &absmax[b], err) != 0)
-            return -1;
-        /* Blocks are even-sized, so a pair never straddles two of them. */
-        for (size_t i = i0; i < i1; i += 2) {
-            uint8_t lo = i + 1 < i1 ? codes[i + 1 - i0] : nf4_code_of(bounds, 0.0f);
-            packed[i / 2] = (uint8_t)(codes[i - i0] << 4 | lo);
-        }
-    }
-    return 0;
+static int nf4_quantize(const qz_params *p, const qz_plan *plan, mp_dtype dt, const void *src,
+                        uint8_t *packed, float *absmax, mp_error *err) {
+    nf4_job j = {.plan = plan, .dt = dt, .src = src, .packed = packed, .absmax = absmax};
+    for (int k = 0; k < 15; k++)
+        j.bounds[k] = (NF4_CODE[k] + NF4_CODE[k + 1]) / 2.0f;
+    j.n = (size_t)(plan->rows * plan->cols);
+    j.full = j.n / QZ_NF4_BLOCKSIZE;
+    size_t nblocks = (j.n + QZ_NF4_BLOCKSIZE - 1) / QZ_NF4_BLOCKSIZE;
+    return qz_parallel(p->threads, nblocks, nf4_units, &j, err);
 }
 
 /* ---- quantize_blockwise (dynamic map, C++ CPU kernel) ---- */
@@ -270,23 +304,88 @@ static int torch_float_lanes(void) {
     return 8;
 }
 
-float qz_mean_f32(const float *a, size_t n) {
-    if (n == 0) return 0.0f;
-    int lanes = torch_float_lanes();
+/* One serial pass of torch's sum over a[0..n): the contiguous inner
+ * reduction, vectorized when n holds a vector, else scalar. */
+static float torch_sum_pass(const float *a, size_t n, int lanes) {
     float part[QZ_MAX_LANES], sum = 0.0f;
     if (n < (size_t)lanes) {
         torch_row_sum(a, n, 1, part); /* scalar_inner_sum */
-        sum = part[0];
-    } else {
-        size_t nvec = n / (size_t)lanes;
-        torch_row_sum(a, nvec, lanes, part); /* vectorized_inner_sum */
-        for (size_t k = nvec * (size_t)lanes; k < n; k++)
-            sum += a[k];
-        for (int l = 0; l < lanes; l++)
-            sum += part[l];
+        return part[0];
     }
-    /* The output, filled with 0, accumulates the sum; mean divides by n. */
-    return (0.0f + sum) / (float)n;
+    size_t nvec = n / (size_t)lanes;
+    torch_row_sum(a, nvec, lanes, part); /* vectorized_inner_sum */
+    for (size_t k = nvec * (size_t)lanes; k < n; k++)
+        sum += a[k];
+    for (int l = 0; l < lanes; l++)
+        sum += part[l];
+    return sum;
+}
+
+#define QZ_TORCH_GRAIN 32768 /* at::internal::GRAIN_SIZE */
+
+float qz_mean_f32_threads(const float *a, size_t n, int threads) {
+    if (n == 0) return 0.0f;
+    int lanes = torch_float_lanes();
+    if (threads > QZ_MAX_THREADS) threads = QZ_MAX_THREADS;
+    /* The output, filled with 0, accumulates (+=) what the loop sums. */
+    if (threads <= 1 || n < QZ_TORCH_GRAIN) return (0.0f + torch_sum_pass(a, n, lanes)) / (float)n;
+    /* two_pass_reduction: a buffer of `threads` zeros; parallel_for splits
+     * [0, n) into ceil(n / chunk) ranges of chunk = ceil(n / T), T = min(
+     * threads, ceil(n / GRAIN)); range t adds into buffer[t]; then the
+     * buffer is summed into the output by the same loop. */
+    size_t t_used = (n + QZ_TORCH_GRAIN - 1) / QZ_TORCH_GRAIN;
+    if (t_used > (size_t)threads) t_used = (size_t)threads;
+    size_t chunk = (n + t_used - 1) / t_used;
+    float buf[QZ_MAX_THREADS] = {0};
+    for (size_t t = 0; t < t_used && t * chunk < n; t++) {
+        size_t len = n - t * chunk < chunk ? n - t * chunk : chunk;
+        buf[t] = 0.0f + torch_sum_pass(a + t * chunk, len, lanes);
+    }
+    return (0.0f + torch_sum_pass(buf, (size_t)threads, lanes)) / (float)n;
+}
+
+float qz_mean_f32(const float *a, size_t n) {
+    return qz_mean_f32_threads(a, n, 1);
+}
+
+int qz_torch_default_threads(void) {
+    const char *names[] = {"OMP_NUM_THREADS", "MKL_NUM_THREADS"};
+    for (int i = 0; i < 2; i++) {
+        const char *v = getenv(names[i]);
+        long k = v ? strtol(v, NULL, 10) : 0;
+        if (k > 0) return k > QZ_MAX_THREADS ? QZ_MAX_THREADS : (int)k;
+    }
+    /* Physical cores: distinct (package, core) pairs of the online CPUs. */
+    long ids[1024];
+    int n = 0;
+    for (int cpu = 0; cpu < 1024; cpu++) {
+        char path[128];
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/core_id", cpu);
+        FILE *f = fopen(path, "r");
+        if (!f) {
+            if (cpu > 0) break;
+            continue;
+        }
+        long core = -1, pkg = 0;
+        if (fscanf(f, "%ld", &core) != 1) core = cpu;
+        fclose(f);
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/physical_package_id",
+                 cpu);
+        if ((f = fopen(path, "r"))) {
+            if (fscanf(f, "%ld", &pkg) != 1) pkg = 0;
+            fclose(f);
+        }
+        long id = pkg * 65536 + core;
+        bool seen = false;
+        for (int k = 0; k < n && !seen; k++)
+            seen = ids[k] == id;
+        if (!seen) ids[n++] = id;
+    }
+    if (n < 1) {
+        long c = sysconf(_SC_NPROCESSORS_ONLN);
+        n = c > 0 ? (int)c : 1;
+    }
+    return n > QZ_MAX_THREADS ? QZ_MAX_THREADS : n;
 }
 
 /* Parts: weight, absmax, quant_map, [nested_absmax, nested_quant_map,] state. */
@@ -297,11 +396,11 @@ int qz_nf4_run(const qz_params *p, const qz_plan *plan, mp_dtype dt, const void 
     if (!absmax)
         return mp_err(err, "out_of_memory", "%s: no memory for %zu block scales",
                       plan->parts[0].name, nblocks);
-    int rc = nf4_quantize(plan, dt, src, out[0], absmax, err);
+    int rc = nf4_quantize(p, plan, dt, src, out[0], absmax, err);
     memcpy(out[2], NF4_CODE, sizeof NF4_CODE);
     float offset = 0.0f;
     if (rc == 0 && p->double_quant) {
-        offset = qz_mean_f32(absmax, nblocks);
+        offset = qz_mean_f32_threads(absmax, nblocks, p->torch_threads);
         for (size_t b = 0; b < nblocks; b++)
             absmax[b] -= offset;
         rc = qz_quantize_blockwise(absmax, nblocks, QZ_NESTED_BLOCKSIZE, out[1], out[3], err);

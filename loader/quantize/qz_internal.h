@@ -23,6 +23,21 @@ static inline float qz_load(mp_dtype dt, const void *src, size_t i) {
     return f;
 }
 
+/* Work on units [u0, u1) of a kernel; 0, or -1 with err set. */
+typedef int (*qz_unit_fn)(void *arg, size_t u0, size_t u1, mp_error *err);
+#define QZ_MAX_THREADS 64
+/* Runs fn over [0, n) split between up to `threads` threads (qz_par.c). */
+int qz_parallel(int threads, size_t n, qz_unit_fn fn, void *arg, mp_error *err);
+
+/* Row i0..i0+n of a source as floats into dst (exact widening). */
+void qz_load_run(mp_dtype dt, const void *src, size_t i0, size_t n, float *dst);
+/* max |x| over n source elements as float bits (an integer max: for finite
+ * floats the order of |x|'s bits is the order of |x|); a result at or above
+ * 0x7f800000 means a NaN or an Inf is among them. */
+uint32_t qz_absmax_bits(mp_dtype dt, const void *src, size_t i0, size_t n);
+/* The index of the first NaN/Inf among n source elements from i0. */
+size_t qz_first_non_finite(mp_dtype dt, const void *src, size_t i0, size_t n);
+
 /* Sets "non_finite_weight" for element i of tensor `name` ([rows, cols]). */
 int qz_err_non_finite(mp_error *err, const char *name, size_t i, size_t cols, float v);
 

@@ -12,11 +12,47 @@
  *   nf4, int8: quant_method "bitsandbytes" as BitsAndBytesConfig.to_dict()
  *     writes it, llm_int8_skip_modules listing what stayed unquantized.
  */
+#include <fnmatch.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "loader/quantize/qz_internal.h"
+
+/* Module names, matched anywhere in the name where they start with `*`:
+ * what vLLM, SGLang and llm-compressor leave unquantized by default. */
+static const char *const DEFAULT_IGNORE[] = {
+    "*embed*",
+    "*wte",
+    "*wpe",
+    "*word_embeddings*",
+    "lm_head",
+    "*.lm_head",
+    "*norm*",
+    "*ln_*",
+    "*.ln_f",
+    "*mlp.gate",
+    "*router*",
+    "*block_sparse_moe.gate",
+    "*shared_expert_gate",
+    NULL,
+};
+
+const char *const *qz_default_ignore(void) {
+    return DEFAULT_IGNORE;
+}
+
+bool qz_candidate(const char *name, mp_dtype dt, int ndim) {
+    size_t n = strlen(name);
+    return ndim == 2 && (dt == MP_DT_F32 || dt == MP_DT_F16 || dt == MP_DT_BF16) && n > 7 &&
+           strcmp(name + n - 7, ".weight") == 0;
+}
+
+int qz_ignore_match(const char *module, const char *const *pats, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (pats[i] && fnmatch(pats[i], module, 0) == 0) return (int)i;
+    return -1;
+}
 
 static json_t *fp8_config(const qz_params *p, json_t *ignored) {
     json_t *c = json_pack("{s:s, s:s, s:s}", "quant_method", "fp8", "fmt", "e4m3",

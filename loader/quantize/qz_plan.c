@@ -31,6 +31,8 @@ void qz_params_default(qz_params *p, qz_method m) {
     p->block_n = 128;
     p->block_k = 128;
     p->double_quant = true;
+    p->threads = 1;
+    p->torch_threads = 1;
 }
 
 int qz_params_check(const qz_params *p, mp_error *err) {

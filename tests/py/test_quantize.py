@@ -181,3 +181,330 @@ def test_non_finite_refused(tmp_path):
         out = run_kernel(tmp_path, method, x)
         assert isinstance(out, str) and out.startswith("ERROR non_finite_weight"), out
         assert "m.weight" in out and "[2, 69]" in out
+
+
+# ---------------------------------------------------------------------------
+# The job, through the real server.
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+
+def start(make_server, root):
+    return make_server(args=["--model-root", str(root)])
+
+
+def quantize(s, model, **params):
+    return s.run_job({"type": "quantize", "model": str(model), "params": params})
+
+
+def read_out(path):
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), framework="pt") as g:
+                assert g.metadata() == {"format": "pt"}
+                for k in g.keys():
+                    assert k not in out
+                    out[k] = g.get_tensor(k)
+    return out
+
+
+def toy_model(root, name="toy", dtype=torch.bfloat16, config=True, nan=False):
+    """A hand-made checkpoint (torch + safetensors save_file) with what the
+    default ignore rules must leave alone, shapes that are not block multiples
+    and two shards with an index."""
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
+
+    a = {"model.embed_tokens.weight": r(96, 64),
+         "model.layers.0.self_attn.q_proj.weight": r(300, 64),
+         "model.layers.0.self_attn.q_proj.bias": r(300),
+         "model.layers.0.mlp.gate_proj.weight": r(130, 64),
+         "model.layers.0.input_layernorm.weight": r(64)}
+    b = {"model.layers.0.mlp.gate.weight": r(8, 64),
+         "model.layers.0.mlp.down_proj.weight": r(64, 130),
+         "lm_head.weight": r(96, 64)}
+    if nan:
+        b["model.layers.0.mlp.down_proj.weight"][3, 5] = float("nan")
+    d = root / name
+    d.mkdir()
+    save_file(a, str(d / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(b, str(d / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    wm = {k: "model-00001-of-00002.safetensors" for k in a}
+    wm.update({k: "model-00002-of-00002.safetensors" for k in b})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    if config:
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
+    (d / "tokenizer.json").write_text("{}")
+    return d, dict(a, **b)
+
+
+QUANTIZED = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj",
+             "model.layers.0.mlp.down_proj"]
+IGNORED = ["lm_head", "model.embed_tokens", "model.layers.0.mlp.gate"]
+
+
+@pytest.mark.parametrize("method", ["fp8", "fp8-channel", "fp8-block"])
+def test_job_fp8_tensor_by_tensor(make_server, model_root, method):
+    d, src = toy_model(model_root)
+    s = start(make_server, model_root)
+    job = quantize(s, d, method=method, max_shard_bytes=60000)
+    assert job["state"] == "succeeded", job
+    res = job["result"]
+    out_dir = res["output_path"]
+    assert out_dir.endswith("/converted/toy-" + method)
+    assert res["quantized"] == 3 and sorted(res["ignored"]) == IGNORED
+    assert res["unmatched_ignore"] == [] and res["warnings"] == []
+    names = sorted(os.listdir(out_dir))
+    assert "model.safetensors.index.json" in names and "tokenizer.json" in names
+    out = read_out(out_dir)
+    index = json.load(open(os.path.join(out_dir, "model.safetensors.index.json")))
+    assert sorted(index["weight_map"]) == sorted(out)
+    scale_name = "weight_scale_inv" if method == "fp8-block" else "weight_scale"
+    for m in QUANTIZED:
+        ref_q, ref_s = fp8_reference(src[m + ".weight"], method)
+        assert out[m + ".weight"].dtype == torch.float8_e4m3fn
+        assert raw(out[m + ".weight"]) == raw(ref_q), m
+        sc = out[m + "." + scale_name]
+        assert sc.dtype == torch.float32 and raw(sc) == raw(ref_s), m
+        # What SGLang's / vLLM's Fp8LinearMethod (and compressed-tensors'
+        # W8A8Fp8 for channels) register: scalar (per-tensor), [N, 1], or
+        # [ceil(N/128), ceil(K/128)]; they multiply the fp8 values.
+        n, k = src[m + ".weight"].shape
+        want = {"fp8": (), "fp8-channel": (n, 1), "fp8-block": ((n + 127) // 128, (k + 127) // 128)}
+        assert tuple(sc.shape) == want[method]
+        q = out[m + ".weight"].float()
+        if method == "fp8-block":
+            sc = sc.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+        deq = q * sc
+        assert torch.allclose(deq, src[m + ".weight"].float(), rtol=0.07, atol=1e-4)
+    for k in src:
+        if not any(k == m + ".weight" for m in QUANTIZED):
+            assert raw(out[k]) == raw(src[k]), k  # copied as they were
+    cfg = json.load(open(os.path.join(out_dir, "config.json")))
+    qc = cfg["quantization_config"]
+    assert cfg["torch_dtype"] == "bfloat16"
+    if method == "fp8-channel":
+        assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "float-quantized"
+        w = qc["config_groups"]["group_0"]["weights"]
+        assert (w["strategy"], w["type"], w["num_bits"], w["dynamic"]) == ("channel", "float", 8, False)
+        assert qc["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
+        assert sorted(qc["ignore"]) == IGNORED
+    else:
+        assert (qc["quant_method"], qc["fmt"], qc["activation_scheme"]) == ("fp8", "e4m3", "dynamic")
+        assert qc.get("weight_block_size") == ([128, 128] if method == "fp8-block" else None)
+        assert sorted(qc["ignored_layers"]) == IGNORED
+    # inspect reports what was asked
+    ins = s.run_job({"type": "inspect", "model": out_dir})
+    assert ins["state"] == "succeeded", ins
+    q = ins["result"]["quantization"]
+    assert q["method"] == ("compressed-tensors" if method == "fp8-channel" else "fp8"), q
+    assert q["weight_block_size"] == ([128, 128] if method == "fp8-block" else None)
+    if method == "fp8-channel":
+        assert (q["strategy"], q["weight_type"], q["bits"]) == ("channel", "float", 8)
+    assert sorted(q["ignored_layers"]) == IGNORED
+
+
+@pytest.mark.parametrize("dq", [True, False])
+def test_job_nf4_equals_bitsandbytes(make_server, model_root, dq):
+    torch.set_num_threads(1)
+    d, src = toy_model(model_root)
+    s = start(make_server, model_root)
+    job = quantize(s, d, method="nf4", double_quant=dq, output=str(model_root / "out"))
+    assert job["state"] == "succeeded", job
+    out = read_out(str(model_root / "out"))
+    for m in QUANTIZED:
+        ref, st = bnbf.quantize_4bit(src[m + ".weight"], blocksize=64, quant_type="nf4",
+                                     compress_statistics=dq)
+        assert raw(out[m + ".weight"]) == raw(ref), m
+        assert raw(out[m + ".weight.absmax"]) == raw(st.absmax)
+        if dq:
+            assert raw(out[m + ".weight.nested_absmax"]) == raw(st.state2.absmax)
+        # Read back as transformers does (Params4bit.from_prequantized builds
+        # this QuantState from the serialized parts), then dequantized.
+        parts = {k[len(m) + 8:]: v for k, v in out.items() if k.startswith(m + ".weight.")}
+        qs = bnbf.QuantState.from_dict(parts, device=torch.device("cpu"))
+        deq = bnbf.dequantize_4bit(out[m + ".weight"], qs)
+        want = bnbf.dequantize_4bit(ref, st)
+        assert torch.equal(deq, want)
+    cfg = json.load(open(model_root / "out" / "config.json"))["quantization_config"]
+    assert cfg["quant_method"] == "bitsandbytes" and cfg["load_in_4bit"] is True
+    assert cfg["bnb_4bit_quant_type"] == "nf4" and cfg["bnb_4bit_use_double_quant"] is dq
+    assert sorted(cfg["llm_int8_skip_modules"]) == IGNORED
+    ins = s.run_job({"type": "inspect", "model": str(model_root / "out")})
+    q = ins["result"]["quantization"]
+    assert q["method"] == "bitsandbytes" and q.get("bits") == 4, q
+    assert (q["quant_type"], q["group_size"], q["double_quant"]) == ("nf4", 64, dq)
+
+
+def test_job_int8_equals_bitsandbytes(make_server, model_root):
+    d, src = toy_model(model_root)
+    s = start(make_server, model_root)
+    job = quantize(s, d, method="int8", output=str(model_root / "out"))
+    assert job["state"] == "succeeded", job
+    out = read_out(str(model_root / "out"))
+    for m in QUANTIZED:
+        cb, scb, _ = bnbf.int8_vectorwise_quant(src[m + ".weight"].to(torch.float16))
+        assert raw(out[m + ".weight"]) == raw(cb) and raw(out[m + ".SCB"]) == raw(scb), m
+        assert out[m + ".weight_format"].item() == 0
+    cfg = json.load(open(model_root / "out" / "config.json"))["quantization_config"]
+    assert cfg["load_in_8bit"] is True and cfg["load_in_4bit"] is False
+    ins = s.run_job({"type": "inspect", "model": str(model_root / "out")})
+    q = ins["result"]["quantization"]
+    assert q["method"] == "bitsandbytes" and q.get("bits") == 8, q
+
+
+def tiny_llama(root, inter=256):
+    tr = pytest.importorskip("transformers")
+    cfg = tr.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=inter, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    m = tr.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    m.save_pretrained(str(root / "tiny"))
+    return root / "tiny", m
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8", "fp8-block"])
+def test_job_output_loads_in_transformers(make_server, model_root, method):
+    """transformers loads the output on CPU: bitsandbytes' Linear4bit /
+    Linear8bitLt for nf4 / int8 (its CPU backend), FineGrainedFP8's CPU
+    dequantization for fp8-block (which needs block multiples, hence 256)."""
+    tr = pytest.importorskip("transformers")
+    d, ref = tiny_llama(model_root)
+    s = start(make_server, model_root)
+    out = model_root / ("out-" + method)
+    job = quantize(s, d, method=method, output=str(out))
+    assert job["state"] == "succeeded", job
+    m = tr.AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
+    lin = m.model.layers[0].self_attn.q_proj
+    want = {"nf4": "Linear4bit", "int8": "Linear8bitLt", "fp8-block": "Linear"}[method]
+    assert type(lin).__name__ == want
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        got = m(x).logits.float()
+        exp = ref(x).logits.float()
+    # Quantization noise, not garbage: the logits stay close to the original.
+    err = (got - exp).abs().max().item()
+    assert err < 0.25 * exp.abs().max().item(), err
+
+
+def test_job_refusals(make_server, model_root):
+    d, _ = toy_model(model_root)
+    nan_d, _ = toy_model(model_root, "withnan", nan=True)
+    s = start(make_server, model_root)
+    # bad params: 400 problem+json naming the field
+    for params, field, code in [({}, "params.method", None), ({"method": "int4"}, "params.method", None),
+                                ({"method": "nf4", "block_size": [64, 64]}, "params.block_size", "param_conflict"),
+                                ({"method": "fp8", "double_quant": False}, "params.double_quant", "param_conflict"),
+                                ({"method": "fp8-block", "block_size": [0, 128]}, "params.block_size", None),
+                                ({"method": "fp8-block", "block_size": [128]}, "params.block_size", None)]:
+        st, doc = s.post("/v1/jobs", {"type": "quantize", "model": str(d), "params": params})
+        assert st == 400, (params, st, doc)
+        assert doc["errors"][0]["field"] == field, doc
+        if code:
+            assert doc["errors"][0]["code"] == code
+    # NaN in a weight: a clear error naming the tensor, nothing written
+    job = quantize(s, nan_d, method="fp8", output=str(model_root / "nan-out"))
+    assert job["state"] == "failed" and job["error"]["code"] == "non_finite_weight", job
+    assert "model.layers.0.mlp.down_proj.weight" in job["error"]["message"]
+    assert "[3, 5]" in job["error"]["message"]
+    assert not (model_root / "nan-out").exists()
+    assert [n for n in os.listdir(model_root) if "quantize-" in n] == []
+    # a quantized source: refused, by its config and by its tensors alone
+    job = quantize(s, d, method="fp8-block")
+    assert job["state"] == "succeeded", job
+    out = job["result"]["output_path"]
+    for m in ("nf4", "fp8"):
+        again = quantize(s, out, method=m, output=str(model_root / ("again-" + m)))
+        assert again["state"] == "failed" and again["error"]["code"] == "already_quantized", again
+    os.unlink(os.path.join(out, "config.json"))
+    again = quantize(s, out, method="int8", output=str(model_root / "again2"))
+    assert again["error"]["code"] == "already_quantized", again
+    # the output exists: refused unless overwrite
+    job2 = quantize(s, d, method="fp8-block")
+    assert job2["state"] == "failed" and job2["error"]["code"] == "output_exists", job2
+    job3 = quantize(s, d, method="fp8-block", overwrite=True)
+    assert job3["state"] == "succeeded", job3
+    # not safetensors: convert first
+    pt = model_root / "ptmodel"
+    pt.mkdir()
+    torch.save({"a.weight": torch.randn(4, 4)}, str(pt / "pytorch_model.bin"))
+    job = quantize(s, pt, method="fp8")
+    assert job["state"] == "failed" and job["error"]["code"] == "unsupported_format", job
+    assert "convert" in job["error"]["message"]
+
+
+def test_job_ignore_patterns(make_server, model_root):
+    d, src = toy_model(model_root, config=False)
+    s = start(make_server, model_root)
+    # User patterns add to the defaults; one that matches nothing is a warning.
+    job = quantize(s, d, method="fp8", ignore=["*.down_proj", "*no_such_module*"],
+                   output=str(model_root / "o1"))
+    assert job["state"] == "succeeded", job
+    res = job["result"]
+    assert sorted(res["ignored"]) == sorted(IGNORED + ["model.layers.0.mlp.down_proj"])
+    assert res["unmatched_ignore"] == ["*no_such_module*"]
+    assert any("no_such_module" in w for w in res["warnings"])
+    assert any("config.json" in w for w in res["warnings"])  # none in the source
+    out = read_out(str(model_root / "o1"))
+    assert out["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    # Without the defaults only the user's patterns count: lm_head and the
+    # embeddings are quantized too (the router as well).
+    job = quantize(s, d, method="fp8", ignore=["*norm*"], ignore_defaults=False,
+                   output=str(model_root / "o2"))
+    assert job["state"] == "succeeded", job
+    assert job["result"]["quantized"] == 6 and job["result"]["ignored"] == []
+    assert job["result"]["unmatched_ignore"] == ["*norm*"]  # the norm is 1-D, never a candidate
+    # Everything ignored: nothing to quantize is an error, not an empty copy.
+    job = quantize(s, d, method="fp8", ignore=["*"], output=str(model_root / "o3"))
+    assert job["state"] == "failed" and job["error"]["code"] == "nothing_to_quantize", job
+
+
+def test_cli_quantize(make_server, model_root):
+    """The client's `quantize` verb: params from flags, followed to the end."""
+    from test_cli import cli_env, js  # noqa: E402
+    d, _ = toy_model(model_root)
+    s = start(make_server, model_root)
+    p = subprocess.run([tool("modelprep"), "quantize", str(d), "--method", "fp8-block", "--block-size",
+                        "[64, 128]", "--json"], capture_output=True, text=True, env=cli_env(s),
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    job = js(p)
+    assert job["type"] == "quantize" and job["params"] == {"method": "fp8-block", "block_size": [64, 128]}
+    assert job["state"] == "succeeded" and job["result"]["block_size"] == [64, 128]
+    p = subprocess.run([tool("modelprep"), "quantize", str(d), "--method", "int4"], capture_output=True,
+                       text=True, env=cli_env(s), timeout=120)
+    assert p.returncode == 2 and "params.method" in p.stderr, p.stderr  # a 400 is a usage error
+
+
+def test_job_nf4_nested_mean_as_torch_default(make_server, model_root):
+    """Over 32768 blocks torch sums absmax.mean() in parallel, so its result
+    (and bitsandbytes') depends on its thread count: the job reproduces torch's
+    default on this machine, and says which it used."""
+    d = model_root / "big"
+    d.mkdir()
+    x = (torch.randn(1031, 2049, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    save_file({"model.layers.0.mlp.up_proj.weight": x}, str(d / "model.safetensors"))
+    s = start(make_server, model_root)
+    job = quantize(s, d, method="nf4", output=str(model_root / "out"))
+    assert job["state"] == "succeeded", job
+    threads = job["result"]["torch_threads"]
+    default = subprocess.run([os.sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, env=dict(os.environ))
+    assert int(default.stdout) == threads
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref, st = bnbf.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    finally:
+        torch.set_num_threads(old)
+    out = read_out(str(model_root / "out"))
+    m = "model.layers.0.mlp.up_proj.weight"
+    assert raw(out[m]) == raw(ref)
+    assert raw(out[m + ".absmax"]) == raw(st.absmax)
+    assert raw(out[m + ".nested_absmax"]) == raw(st.state2.absmax)
+    state = json.loads(bytes(out[m + ".quant_state.bitsandbytes__nf4"].numpy()))
+    assert state["nested_offset"] == st.offset.item()

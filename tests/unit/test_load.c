@@ -563,6 +563,8 @@ static void test_read_at_batches_neighbours(void **state) {
         done(&src, &plan, arenas);
         gpu_set_close(g);
     }
+}
+
 /* Finite bf16 values (tensor i's), and the same with one NaN. */
 static void fill_bf16(size_t i, unsigned char *buf, uint64_t bytes) {
     for (uint64_t j = 0; j + 1 < bytes; j += 2) {

@@ -327,6 +327,42 @@ static void test_names_and_refusals(void **state) {
     assert_string_equal(err.field, "block_size");
 }
 
+/* Any thread count gives the same bytes, and the same (first) error. */
+static void test_threads_same_bytes(void **state) {
+    (void)state;
+    enum { R = 300, C = 200 };
+    float *x = malloc(R * C * sizeof *x);
+    assert_non_null(x);
+    uint32_t seed = 12345;
+    for (int i = 0; i < R * C; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        x[i] = ((float)(seed >> 8) / 16777216.0f - 0.5f) * (float)(1 + i % 7);
+    }
+    qz_method methods[] = {QZ_FP8, QZ_FP8_CHANNEL, QZ_FP8_BLOCK, QZ_NF4, QZ_INT8};
+    for (size_t m = 0; m < sizeof methods / sizeof methods[0]; m++) {
+        qz_params p;
+        qz_plan plan;
+        void *one[QZ_MAX_PARTS], *many[QZ_MAX_PARTS];
+        mp_error err;
+        qz_params_default(&p, methods[m]);
+        assert_int_equal(run(&p, x, R, C, &plan, one, &err), 0);
+        p.threads = 3;
+        assert_int_equal(run(&p, x, R, C, &plan, many, &err), 0);
+        for (int i = 0; i < plan.n; i++)
+            assert_memory_equal(one[i], many[i], (size_t)plan.parts[i].nbytes);
+        free_parts(&plan, one);
+        free_parts(&plan, many);
+        x[250 * C + 3] = NAN; /* in the last thread's range, and a later one */
+        x[290 * C + 1] = INFINITY;
+        assert_int_equal(run(&p, x, R, C, &plan, many, &err), -1);
+        assert_non_null(strstr(err.message, "[250, 3]"));
+        free_parts(&plan, many);
+        x[250 * C + 3] = 0.5f;
+        x[290 * C + 1] = 0.5f;
+    }
+    free(x);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_e4m3_every_code_and_ties),
@@ -339,6 +375,7 @@ int main(void) {
         cmocka_unit_test(test_int8_rounding_and_zero_rows),
         cmocka_unit_test(test_mean_and_config),
         cmocka_unit_test(test_names_and_refusals),
+        cmocka_unit_test(test_threads_same_bytes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

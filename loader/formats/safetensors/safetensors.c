@@ -417,6 +417,7 @@ struct st_writer {
     int fd;
     size_t n;
     size_t *order;
+    uint64_t *offs; /* input tensor i's data: [offs[2i], offs[2i+1]) (st_writer_pwrite) */
     uint64_t header_len, data_bytes, written;
 };
 
@@ -441,6 +442,7 @@ static void writer_free(st_writer *w) {
     free(w->path);
     free(w->tmp);
     free(w->order);
+    free(w->offs);
     free(w);
 }
 
@@ -506,7 +508,8 @@ int st_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_
         free(names);
     }
     w->order = malloc((n ? n : 1) * sizeof *w->order);
-    if (!w->order) {
+    w->offs = malloc((n ? n : 1) * 2 * sizeof *w->offs);
+    if (!w->order || !w->offs) {
         mp_err(err, "io_error", "out of memory");
         goto fail;
     }
@@ -545,6 +548,7 @@ int st_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_
         uint64_t nb = 0;
         mp_tensor_bytes(t->dtype, t->shape, t->ndim, &nb);
         w->order[i] = ws[i].idx;
+        w->offs[2 * ws[i].idx] = off;
         if (!first) sb_append(&hb, ",", 1);
         first = false;
         sb_jstr(&hb, t->name);
@@ -564,6 +568,7 @@ int st_writer_open(const char *path, const st_wtensor *ts, size_t n, const json_
         }
         sb_printf(&hb, "%llu", (unsigned long long)(off));
         sb_puts(&hb, "]}");
+        w->offs[2 * ws[i].idx + 1] = off;
         if (hb.len > ST_MAX_HEADER) break;
     }
     sb_append(&hb, "}", 1);
@@ -628,6 +633,26 @@ int st_writer_write(st_writer *w, const void *buf, size_t len, mp_error *err) {
     return 0;
 }
 
+int st_writer_pwrite(st_writer *w, size_t i, uint64_t off, const void *buf, size_t len,
+                     mp_error *err) {
+    if (i >= w->n) return mp_err(err, "bad_request", "no tensor %zu in this file", i);
+    uint64_t start = w->offs[2 * i], size = w->offs[2 * i + 1] - start;
+    if (off > size || len > size - off)
+        return mp_err(err, "bad_request", "more data than tensor %zu's size", i);
+    uint64_t at = 8 + w->header_len + start + off;
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t k = pwrite(w->fd, p, len, (off_t)at);
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0) return mp_err(err, "io_error", "write %s: %s", w->tmp, strerror(errno));
+        p += k;
+        at += (uint64_t)k;
+        len -= (size_t)k;
+        w->written += (uint64_t)k;
+    }
+    return 0;
+}
+
 int st_writer_finish(st_writer *w, mp_error *err) {
     int rc = 0;
     if (w->written != w->data_bytes)
@@ -645,6 +670,15 @@ int st_writer_finish(st_writer *w, mp_error *err) {
         rc = fsync_parent(w->path, err);
     writer_free(w);
     return rc;
+}
+
+int st_writer_end(st_writer *w, int rc, mp_error *err) {
+    if (!w) return rc;
+    if (rc != 0) {
+        st_writer_abort(w);
+        return rc;
+    }
+    return st_writer_finish(w, err);
 }
 
 void st_writer_abort(st_writer *w) {

@@ -62,8 +62,17 @@ uint64_t st_writer_data_bytes(const st_writer *w);
 uint64_t st_writer_header_len(const st_writer *w);
 /* Data bytes in file order, any chunking. */
 int st_writer_write(st_writer *w, const void *buf, size_t len, mp_error *err);
+/* Or, instead of st_writer_write: len bytes of input tensor i (the index
+ * into ts of st_writer_open) at byte off of its data, in any order, so that
+ * a producer of several tensors at once (quantize) needs no buffering. The
+ * writer counts the bytes; writing one range twice is the caller's bug. */
+int st_writer_pwrite(st_writer *w, size_t i, uint64_t off, const void *buf, size_t len,
+                     mp_error *err);
 int st_writer_finish(st_writer *w, mp_error *err);
 void st_writer_abort(st_writer *w);
+/* The end of a writer whatever happened: finish when rc is 0, else abort
+ * (w may be NULL); returns finish's result or rc. */
+int st_writer_end(st_writer *w, int rc, mp_error *err);
 
 /* --- sharded index -------------------------------------------------------- */
 typedef struct st_index {
