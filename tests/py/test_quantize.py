@@ -391,6 +391,83 @@ def test_job_output_loads_in_transformers(make_server, model_root, method):
     assert err < 0.25 * exp.abs().max().item(), err
 
 
+
+def quantized_linears(model, parts):
+    """The Linear modules of `model` whose weight the job quantized."""
+    return [(n, mod) for n, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and n + ".weight_scale" in parts]
+
+
+def rewrite_tensor(out_dir, name, value):
+    """Replace one tensor of a written checkpoint, in the shard that holds it."""
+    index = json.load(open(os.path.join(out_dir, "model.safetensors.index.json")))
+    path = os.path.join(out_dir, index["weight_map"][name])
+    with safe_open(path, framework="pt") as g:
+        tensors = {k: g.get_tensor(k) for k in g.keys()}
+    tensors[name] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_job_fp8_channel_loads_in_compressed_tensors(make_server, model_root):
+    """fp8-channel through transformers + compressed-tensors on CPU, the
+    loading code of llm-compressor's FP8_DYNAMIC checkpoints: by default the
+    Linears keep our fp8 weights and [N, 1] scales as parameters and
+    decompress them on the first forward; with dequantize=True the weights
+    are decompressed while loading, so they must equal fp8(q) * scale row by
+    row, and a scale changed on disk must change exactly its row."""
+    tr = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    d, ref = tiny_llama(model_root, inter=200)  # 200: not a multiple of anything
+    s = start(make_server, model_root)
+    out = model_root / "out-ch"
+    job = quantize(s, d, method="fp8-channel", output=str(out), max_shard_bytes=200000)
+    assert job["state"] == "succeeded", job
+    parts = read_out(str(out))
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        exp = ref(x).logits.float()
+
+    def close_logits(m):
+        with torch.no_grad():
+            got = m(x).logits.float()
+        err = (got - exp).abs().max().item()
+        assert err < 0.25 * exp.abs().max().item(), err
+
+    def dequant(name):
+        return (parts[name + ".weight"].float() * parts[name + ".weight_scale"]).to(torch.bfloat16)
+
+    # As stored: compressed-tensors' own parameters hold our bytes.
+    m = tr.AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
+    lins = quantized_linears(m, parts)
+    assert len(lins) == 14  # 7 Linears a layer, lm_head ignored
+    for n, lin in lins:
+        assert lin.quantization_scheme.weights.strategy == "channel", n
+        assert lin.weight.dtype == torch.float8_e4m3fn and raw(lin.weight) == raw(parts[n + ".weight"]), n
+        sc = parts[n + ".weight_scale"]
+        assert lin.weight_scale.shape == sc.shape and torch.equal(lin.weight_scale, sc.to(lin.weight_scale.dtype)), n
+    close_logits(m)
+    for n, lin in lins:  # decompressed by the forward: bf16 weights from bf16 scales
+        assert lin.weight.dtype == torch.bfloat16, n
+        assert torch.allclose(lin.weight.float(), dequant(n).float(), rtol=2 ** -7, atol=0), n
+    # Decompressed while loading, with our float32 scales: exact.
+    cfg = tr.CompressedTensorsConfig(dequantize=True)
+    m = tr.AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", quantization_config=cfg)
+    for n, lin in quantized_linears(m, parts):
+        assert torch.equal(lin.weight, dequant(n)), n
+    assert torch.equal(m.lm_head.weight, ref.lm_head.weight)  # ignored: as it was
+    close_logits(m)
+    # A wrong scale on disk shows in exactly its row.
+    q = "model.layers.1.mlp.down_proj"
+    bad = parts[q + ".weight_scale"].clone()
+    bad[5, 0] *= 3
+    rewrite_tensor(str(out), q + ".weight_scale", bad)
+    m = tr.AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", quantization_config=cfg)
+    got = m.model.layers[1].mlp.down_proj.weight
+    want = dequant(q)
+    assert not torch.equal(got[5], want[5])
+    assert torch.equal(got[5], (parts[q + ".weight"][5].float() * bad[5]).to(torch.bfloat16))
+    assert torch.equal(torch.cat([got[:5], got[6:]]), torch.cat([want[:5], want[6:]]))
+
 def test_job_refusals(make_server, model_root):
     d, _ = toy_model(model_root)
     nan_d, _ = toy_model(model_root, "withnan", nan=True)
