@@ -468,6 +468,68 @@ def test_job_fp8_channel_loads_in_compressed_tensors(make_server, model_root):
     assert torch.equal(got[5], (parts[q + ".weight"][5].float() * bad[5]).to(torch.bfloat16))
     assert torch.equal(torch.cat([got[:5], got[6:]]), torch.cat([want[:5], want[6:]]))
 
+
+def test_job_fp8_tensor_loads_in_sglang(make_server, model_root):
+    """Per-tensor fp8 through SGLang's own loading code on CPU: its Fp8Config
+    reads our config, its Fp8LinearMethod registers the parameters of the
+    fused qkv / gate_up and the row-parallel o / down Linears, and their
+    weight loaders take our tensors, each scalar scale into its shard's slot;
+    SGLang's per_tensor_dequantize of what they hold must give the source.
+    (transformers cannot: its FP8Linear reads a per-tensor scale only as
+    `weight_scale_inv`, vLLM and SGLang only as `weight_scale`.) Opt-in:
+    SGLang 0.5 pins torch 2.14 / transformers 5.19, so it is not in
+    scripts/requirements.txt; with it installed (--no-deps, plus the pure
+    Python modules it imports) this runs. process_weights_after_loading is
+    left out: requantizing the fused shards to one scale is a CUDA/XPU kernel,
+    and SGLang's CPU engine needs AMX and sgl-kernel's CPU build."""
+    sgl_fp8 = pytest.importorskip("sglang.srt.layers.quantization.fp8")
+    from sglang.srt.layers import linear as sgl_linear
+    from sglang.srt.layers.quantization.utils import per_tensor_dequantize
+    d, ref = tiny_llama(model_root, inter=200)
+    s = start(make_server, model_root)
+    out = model_root / "out-pt"
+    job = quantize(s, d, method="fp8", output=str(out))
+    assert job["state"] == "succeeded", job
+    parts = read_out(str(out))
+    qc = sgl_fp8.Fp8Config.from_config(json.load(open(out / "config.json"))["quantization_config"])
+    assert qc.is_checkpoint_fp8_serialized and qc.weight_block_size is None
+    head = sgl_linear.ReplicatedLinear(128, 256, bias=False, quant_config=qc, prefix="lm_head")
+    kw = dict(bias=False, params_dtype=torch.bfloat16, quant_config=qc, parallel_group="replicated")
+    assert type(head.quant_method).__name__ == "UnquantizedLinearMethod"  # ignored_layers read
+    checked = 0
+    for i, layer in enumerate(ref.model.layers):
+        p = "model.layers.%d." % i
+        attn, mlp = p + "self_attn.", p + "mlp."
+        fused = [(sgl_linear.QKVParallelLinear(128, 32, 4, 2, prefix=attn + "qkv_proj", **kw),
+                  [(attn + "q_proj", "q"), (attn + "k_proj", "k"), (attn + "v_proj", "v")]),
+                 (sgl_linear.MergedColumnParallelLinear(128, [200, 200], prefix=mlp + "gate_up_proj", **kw),
+                  [(mlp + "gate_proj", 0), (mlp + "up_proj", 1)]),
+                 (sgl_linear.RowParallelLinear(128, 128, prefix=attn + "o_proj", **kw), [(attn + "o_proj", None)]),
+                 (sgl_linear.RowParallelLinear(200, 128, prefix=mlp + "down_proj", **kw),
+                  [(mlp + "down_proj", None)])]
+        for lin, shards in fused:
+            assert type(lin.quant_method).__name__ == "Fp8LinearMethod"
+            assert lin.weight.dtype == torch.float8_e4m3fn and lin.weight_scale.shape == (len(shards),)
+            for name, sid in shards:
+                for pn in ("weight", "weight_scale"):
+                    prm = getattr(lin, pn)
+                    args = (prm, parts[name + "." + pn]) + (() if sid is None else (sid,))
+                    prm.weight_loader(*args)
+            assert raw(lin.weight) == raw(torch.cat([parts[n + ".weight"] for n, _ in shards]))
+            assert torch.equal(lin.weight_scale.data, torch.stack([parts[n + ".weight_scale"] for n, _ in shards]))
+            start_row = 0
+            for j, (name, _) in enumerate(shards):
+                rows = lin.weight[start_row:start_row + lin.logical_widths[j]]
+                deq = per_tensor_dequantize(rows, lin.weight_scale[j]).float()
+                src = ref.get_parameter(name + ".weight").float()
+                sc = parts[name + ".weight_scale"].item()
+                # e4m3: half a step is 2^-4 of the value (2^-10 of the scale
+                # for subnormals); fp16 (per_tensor_dequantize's) rounds too.
+                assert ((deq - src).abs() <= src.abs() * (2 ** -4 + 2 ** -10) + sc * 2 ** -10 + 1e-7).all(), name
+                start_row += lin.logical_widths[j]
+                checked += 1
+    assert checked == 14
+
 def test_job_refusals(make_server, model_root):
     d, _ = toy_model(model_root)
     nan_d, _ = toy_model(model_root, "withnan", nan=True)
