@@ -391,6 +391,145 @@ def test_job_output_loads_in_transformers(make_server, model_root, method):
     assert err < 0.25 * exp.abs().max().item(), err
 
 
+
+def quantized_linears(model, parts):
+    """The Linear modules of `model` whose weight the job quantized."""
+    return [(n, mod) for n, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and n + ".weight_scale" in parts]
+
+
+def rewrite_tensor(out_dir, name, value):
+    """Replace one tensor of a written checkpoint, in the shard that holds it."""
+    index = json.load(open(os.path.join(out_dir, "model.safetensors.index.json")))
+    path = os.path.join(out_dir, index["weight_map"][name])
+    with safe_open(path, framework="pt") as g:
+        tensors = {k: g.get_tensor(k) for k in g.keys()}
+    tensors[name] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_job_fp8_channel_loads_in_compressed_tensors(make_server, model_root):
+    """fp8-channel through transformers + compressed-tensors on CPU, the
+    loading code of llm-compressor's FP8_DYNAMIC checkpoints: by default the
+    Linears keep our fp8 weights and [N, 1] scales as parameters and
+    decompress them on the first forward; with dequantize=True the weights
+    are decompressed while loading, so they must equal fp8(q) * scale row by
+    row, and a scale changed on disk must change exactly its row."""
+    tr = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    d, ref = tiny_llama(model_root, inter=200)  # 200: not a multiple of anything
+    s = start(make_server, model_root)
+    out = model_root / "out-ch"
+    job = quantize(s, d, method="fp8-channel", output=str(out), max_shard_bytes=200000)
+    assert job["state"] == "succeeded", job
+    parts = read_out(str(out))
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        exp = ref(x).logits.float()
+
+    def close_logits(m):
+        with torch.no_grad():
+            got = m(x).logits.float()
+        err = (got - exp).abs().max().item()
+        assert err < 0.25 * exp.abs().max().item(), err
+
+    def dequant(name):
+        return (parts[name + ".weight"].float() * parts[name + ".weight_scale"]).to(torch.bfloat16)
+
+    # As stored: compressed-tensors' own parameters hold our bytes.
+    m = tr.AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
+    lins = quantized_linears(m, parts)
+    assert len(lins) == 14  # 7 Linears a layer, lm_head ignored
+    for n, lin in lins:
+        assert lin.quantization_scheme.weights.strategy == "channel", n
+        assert lin.weight.dtype == torch.float8_e4m3fn and raw(lin.weight) == raw(parts[n + ".weight"]), n
+        sc = parts[n + ".weight_scale"]
+        assert lin.weight_scale.shape == sc.shape and torch.equal(lin.weight_scale, sc.to(lin.weight_scale.dtype)), n
+    close_logits(m)
+    for n, lin in lins:  # decompressed by the forward: bf16 weights from bf16 scales
+        assert lin.weight.dtype == torch.bfloat16, n
+        assert torch.allclose(lin.weight.float(), dequant(n).float(), rtol=2 ** -7, atol=0), n
+    # Decompressed while loading, with our float32 scales: exact.
+    cfg = tr.CompressedTensorsConfig(dequantize=True)
+    m = tr.AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", quantization_config=cfg)
+    for n, lin in quantized_linears(m, parts):
+        assert torch.equal(lin.weight, dequant(n)), n
+    assert torch.equal(m.lm_head.weight, ref.lm_head.weight)  # ignored: as it was
+    close_logits(m)
+    # A wrong scale on disk shows in exactly its row.
+    q = "model.layers.1.mlp.down_proj"
+    bad = parts[q + ".weight_scale"].clone()
+    bad[5, 0] *= 3
+    rewrite_tensor(str(out), q + ".weight_scale", bad)
+    m = tr.AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", quantization_config=cfg)
+    got = m.model.layers[1].mlp.down_proj.weight
+    want = dequant(q)
+    assert not torch.equal(got[5], want[5])
+    assert torch.equal(got[5], (parts[q + ".weight"][5].float() * bad[5]).to(torch.bfloat16))
+    assert torch.equal(torch.cat([got[:5], got[6:]]), torch.cat([want[:5], want[6:]]))
+
+
+def test_job_fp8_tensor_loads_in_sglang(make_server, model_root):
+    """Per-tensor fp8 through SGLang's own loading code on CPU: its Fp8Config
+    reads our config, its Fp8LinearMethod registers the parameters of the
+    fused qkv / gate_up and the row-parallel o / down Linears, and their
+    weight loaders take our tensors, each scalar scale into its shard's slot;
+    SGLang's per_tensor_dequantize of what they hold must give the source.
+    (transformers cannot: its FP8Linear reads a per-tensor scale only as
+    `weight_scale_inv`, vLLM and SGLang only as `weight_scale`.) Opt-in:
+    SGLang 0.5 pins torch 2.14 / transformers 5.19, so it is not in
+    scripts/requirements.txt; with it installed (--no-deps, plus the pure
+    Python modules it imports) this runs. process_weights_after_loading is
+    left out: requantizing the fused shards to one scale is a CUDA/XPU kernel,
+    and SGLang's CPU engine needs AMX and sgl-kernel's CPU build."""
+    sgl_fp8 = pytest.importorskip("sglang.srt.layers.quantization.fp8")
+    from sglang.srt.layers import linear as sgl_linear
+    from sglang.srt.layers.quantization.utils import per_tensor_dequantize
+    d, ref = tiny_llama(model_root, inter=200)
+    s = start(make_server, model_root)
+    out = model_root / "out-pt"
+    job = quantize(s, d, method="fp8", output=str(out))
+    assert job["state"] == "succeeded", job
+    parts = read_out(str(out))
+    qc = sgl_fp8.Fp8Config.from_config(json.load(open(out / "config.json"))["quantization_config"])
+    assert qc.is_checkpoint_fp8_serialized and qc.weight_block_size is None
+    head = sgl_linear.ReplicatedLinear(128, 256, bias=False, quant_config=qc, prefix="lm_head")
+    kw = dict(bias=False, params_dtype=torch.bfloat16, quant_config=qc, parallel_group="replicated")
+    assert type(head.quant_method).__name__ == "UnquantizedLinearMethod"  # ignored_layers read
+    checked = 0
+    for i, layer in enumerate(ref.model.layers):
+        p = "model.layers.%d." % i
+        attn, mlp = p + "self_attn.", p + "mlp."
+        fused = [(sgl_linear.QKVParallelLinear(128, 32, 4, 2, prefix=attn + "qkv_proj", **kw),
+                  [(attn + "q_proj", "q"), (attn + "k_proj", "k"), (attn + "v_proj", "v")]),
+                 (sgl_linear.MergedColumnParallelLinear(128, [200, 200], prefix=mlp + "gate_up_proj", **kw),
+                  [(mlp + "gate_proj", 0), (mlp + "up_proj", 1)]),
+                 (sgl_linear.RowParallelLinear(128, 128, prefix=attn + "o_proj", **kw), [(attn + "o_proj", None)]),
+                 (sgl_linear.RowParallelLinear(200, 128, prefix=mlp + "down_proj", **kw),
+                  [(mlp + "down_proj", None)])]
+        for lin, shards in fused:
+            assert type(lin.quant_method).__name__ == "Fp8LinearMethod"
+            assert lin.weight.dtype == torch.float8_e4m3fn and lin.weight_scale.shape == (len(shards),)
+            for name, sid in shards:
+                for pn in ("weight", "weight_scale"):
+                    prm = getattr(lin, pn)
+                    args = (prm, parts[name + "." + pn]) + (() if sid is None else (sid,))
+                    prm.weight_loader(*args)
+            assert raw(lin.weight) == raw(torch.cat([parts[n + ".weight"] for n, _ in shards]))
+            assert torch.equal(lin.weight_scale.data, torch.stack([parts[n + ".weight_scale"] for n, _ in shards]))
+            start_row = 0
+            for j, (name, _) in enumerate(shards):
+                rows = lin.weight[start_row:start_row + lin.logical_widths[j]]
+                deq = per_tensor_dequantize(rows, lin.weight_scale[j]).float()
+                src = ref.get_parameter(name + ".weight").float()
+                sc = parts[name + ".weight_scale"].item()
+                # e4m3: half a step is 2^-4 of the value (2^-10 of the scale
+                # for subnormals); fp16 (per_tensor_dequantize's) rounds too.
+                assert ((deq - src).abs() <= src.abs() * (2 ** -4 + 2 ** -10) + sc * 2 ** -10 + 1e-7).all(), name
+                start_row += lin.logical_widths[j]
+                checked += 1
+    assert checked == 14
+
 def test_job_refusals(make_server, model_root):
     d, _ = toy_model(model_root)
     nan_d, _ = toy_model(model_root, "withnan", nan=True)
