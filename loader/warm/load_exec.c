@@ -294,8 +294,8 @@ static int fetch(reader *r, const load_item *it, uint64_t off, void *dst, uint64
 
 /* ---- converting ---- */
 
-/* The plan only asks for casts tensor_cast does (castable_from and
- * is_target in load_plan.c). */
+/* The plan only asks for casts tensor_cast does (load_plan.c asks
+ * tensor_cast_supported). */
 static void convert(mp_dtype from, const unsigned char *in, mp_dtype to, unsigned char *out,
                     uint64_t count) {
     (void)tensor_cast(from, in, to, out, (size_t)count);

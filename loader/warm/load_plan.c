@@ -10,22 +10,7 @@
 #include "loader/inspect/inspect.h"
 #include "loader/warm/warm.h"
 #include "loader/tp_rules/tp_rules.h"
-
-static bool castable_from(mp_dtype d) {
-    switch (d) {
-    case MP_DT_F32:
-    case MP_DT_F16:
-    case MP_DT_BF16:
-    case MP_DT_F8_E4M3:
-    case MP_DT_F8_E5M2:
-    case MP_DT_F8_E4M3FNUZ:
-    case MP_DT_F8_E5M2FNUZ:
-    case MP_DT_F8_E8M0:
-        return true;
-    default:
-        return false;
-    }
-}
+#include "util/tensor/cast.h"
 
 static bool is_target(mp_dtype d) {
     return d == MP_DT_F32 || d == MP_DT_F16 || d == MP_DT_BF16;
@@ -175,7 +160,7 @@ static void item_kind(const load_plan_opts *o, const mp_tensor *t, load_item *it
             it->kind = o->dummy ? LOAD_K_ZERO : LOAD_K_FILE;
         }
     } else {
-        if (want && castable_from(t->dtype)) it->out_dtype = o->dtype;
+        if (want && tensor_cast_supported(t->dtype, o->dtype)) it->out_dtype = o->dtype;
         if (o->dummy)
             it->kind = is_target(it->out_dtype) ? LOAD_K_DUMMY : LOAD_K_ZERO;
         else

@@ -100,15 +100,21 @@ static void narrow(mp_dtype d, const float *f, size_t k, unsigned char *o) {
     }
 }
 
+bool tensor_cast_supported(mp_dtype from, mp_dtype to) {
+    if (from == to) {
+        unsigned fb = mp_dtype_bits(from);
+        return fb != 0 && fb % 8 == 0;
+    }
+    return cast_source(from) && (to == MP_DT_F32 || to == MP_DT_F16 || to == MP_DT_BF16);
+}
+
 bool tensor_cast(mp_dtype from, const void *src, mp_dtype to, void *dst, size_t n) {
+    if (!tensor_cast_supported(from, to)) return false;
     unsigned fb = mp_dtype_bits(from), tb = mp_dtype_bits(to);
     if (from == to) {
-        if (fb == 0 || fb % 8) return false;
         if (dst != src && n) memmove(dst, src, n * (fb / 8));
         return true;
     }
-    if (!cast_source(from) || (to != MP_DT_F32 && to != MP_DT_F16 && to != MP_DT_BF16))
-        return false;
     const unsigned char *s = src;
     unsigned char *d = dst;
     size_t fs = fb / 8, ts = tb / 8;

@@ -25,5 +25,8 @@
  * element sizes are equal, and must not overlap otherwise. Returns false,
  * writing nothing, for a pair it does not do. */
 bool tensor_cast(mp_dtype from, const void *src, mp_dtype to, void *dst, size_t n);
+/* Whether tensor_cast does the pair: the one answer planners ask, so that a
+ * plan never holds a cast the CPU path cannot do. */
+bool tensor_cast_supported(mp_dtype from, mp_dtype to);
 
 #endif
