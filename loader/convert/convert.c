@@ -695,19 +695,13 @@ static int write_index(cctx *c, mp_error *err) {
         conv_shard_name(s, c->nshards, nm, sizeof nm);
         if (!(idx.files[s] = strdup(nm))) rc = mp_err(err, "no_memory", "out of memory");
     }
-    citem **by = rc == 0 ? malloc(c->nitems * sizeof *by) : NULL;
-    if (rc == 0 && !by) rc = mp_err(err, "no_memory", "out of memory");
     uint64_t total = 0;
     for (size_t i = 0; rc == 0 && i < c->nitems; i++) {
-        by[i] = &c->items[i];
+        if (!(idx.names[i] = strdup(c->items[i].name)))
+            rc = mp_err(err, "no_memory", "out of memory");
+        idx.file_of[i] = c->items[i].shard;
         total += c->items[i].out_bytes;
     }
-    if (rc == 0) qsort(by, c->nitems, sizeof *by, cmp_item_name);
-    for (size_t i = 0; rc == 0 && i < c->nitems; i++) {
-        if (!(idx.names[i] = strdup(by[i]->name))) rc = mp_err(err, "no_memory", "out of memory");
-        idx.file_of[i] = by[i]->shard;
-    }
-    free(by);
     idx.total_size = total;
     idx.has_total_size = true;
     char path[PATH_MAX];

@@ -358,15 +358,6 @@ static int check_shard(qctx *c, size_t s, const char *path, mp_error *err) {
     return rc;
 }
 
-typedef struct name_file {
-    char *name;
-    uint32_t file;
-} name_file;
-
-static int cmp_name_file(const void *a, const void *b) {
-    return strcmp(((const name_file *)a)->name, ((const name_file *)b)->name);
-}
-
 static int write_index(qctx *c, mp_error *err) {
     st_index idx = {0};
     size_t nn = 0, *wt_of = calloc(c->nitems ? c->nitems : 1, sizeof *wt_of);
@@ -393,17 +384,6 @@ static int write_index(qctx *c, mp_error *err) {
         free(ts);
     }
     free(wt_of);
-    /* st_index_write wants the names sorted, the file of each alongside. */
-    name_file *nf = rc == 0 ? malloc((nn ? nn : 1) * sizeof *nf) : NULL;
-    if (rc == 0 && !nf) rc = mp_err(err, "out_of_memory", "out of memory");
-    for (size_t i = 0; rc == 0 && i < nn; i++)
-        nf[i] = (name_file){idx.names[i], idx.file_of[i]};
-    if (rc == 0) qsort(nf, nn, sizeof *nf, cmp_name_file);
-    for (size_t i = 0; rc == 0 && i < nn; i++) {
-        idx.names[i] = nf[i].name;
-        idx.file_of[i] = nf[i].file;
-    }
-    free(nf);
     idx.total_size = c->bytes_out;
     idx.has_total_size = true;
     char path[PATH_MAX];

@@ -78,7 +78,7 @@ int st_writer_end(st_writer *w, int rc, mp_error *err);
 typedef struct st_index {
     char **files; /* distinct shard file names, in sorted order */
     size_t nfiles;
-    char **names;      /* weight_map keys, sorted */
+    char **names;      /* weight_map keys (sorted when read; any order to write) */
     uint32_t *file_of; /* names[i] lives in files[file_of[i]] */
     size_t nnames;
     uint64_t total_size; /* metadata.total_size, 0 when absent */
@@ -90,7 +90,7 @@ typedef struct st_index {
  * name with a directory part / "..", non-string values), "too_large". */
 int st_index_read(const char *path, st_index *idx, mp_error *err);
 /* Writes {"metadata": {"total_size": N}, "weight_map": {...}} the way
- * huggingface_hub does (indent 2, keys sorted, trailing newline), to a temp
+ * huggingface_hub does (indent 2, keys sorted whatever idx's order, trailing newline), to a temp
  * name then renamed. idx->metadata, when set, is written instead of the
  * total_size-only object (total_size is still set from idx). */
 int st_index_write(const char *path, const st_index *idx, mp_error *err);
