@@ -92,15 +92,29 @@ int qz_torch_default_threads(void);
 /* Refuses block sizes of 0 or over 65536 ("bad_params"). */
 int qz_params_check(const qz_params *p, mp_error *err);
 
-/* ---- which tensors warm_load quantizes (qz_select.c) ---- */
+/* ---- what a quantizer takes (qz_select.c) ---- */
 
-/* Whether tensor `name` (dtype dt, ndim dimensions) is quantized: a 2-D
- * F32/F16/BF16 tensor named "<module>.weight" whose module matches neither
- * the default ignore patterns (the offline job's: embeddings, lm_head,
- * norms, MoE routers/gates) nor one of ignore[0..nignore) (fnmatch, `*`
- * crossing dots). */
-bool qz_select_weight(const char *name, mp_dtype dt, int ndim, const char *const *ignore,
-                      size_t nignore);
+typedef enum qz_selection {
+    QZ_SEL_NOT_CANDIDATE = 0, /* not a 2-D F32/F16/BF16 "<module>.weight" */
+    QZ_SEL_IGNORED,           /* a candidate whose module an ignore pattern matches */
+    QZ_SEL_QUANTIZE,
+} qz_selection;
+
+/* What becomes of tensor `name` (dtype dt, ndim dimensions): the module
+ * (the name without ".weight") is matched against ignore[0..nignore)
+ * (fnmatch, `*` crossing dots) and, when `defaults`, the default ignore
+ * patterns (embeddings, lm_head, norms, MoE routers/gates). *user_match
+ * (may be NULL) gets the index of the user pattern that matched, or -1. */
+qz_selection qz_select(const char *name, mp_dtype dt, int ndim, const char *const *ignore,
+                       size_t nignore, bool defaults, int *user_match);
+
+/* Refuses ("already_quantized") a source that is quantized already: a
+ * quantization_config or compression_config in cfg or its text_config (cfg
+ * may be NULL), tensors inspect recognizes as quantized (scales beside the
+ * weights), or tensors in a quantized dtype (F8, I8, F4). `instead` ends
+ * the message: what the user should do. */
+int qz_check_source(const json_t *cfg, const mp_tensor *ts, size_t n, const char *instead,
+                    mp_error *err);
 
 /* The parts that `name` (a `<module>.weight`, 2-D, F32/F16/BF16, shape
  * [rows, cols], both > 0) becomes. Errors: "bad_params" (not 2-D, a dtype

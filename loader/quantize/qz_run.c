@@ -83,61 +83,19 @@ static json_t *load_config(const char *dir) {
     return cfg;
 }
 
-/* Quantizing twice multiplies the error and the loaders would not know the
- * result: a declared method or quantized tensors are refused. */
-static int check_not_quantized(qctx *c, const json_t *cfg, mp_error *err) {
-    const json_t *tc = json_object_get(cfg, "text_config");
-    const char *keys[] = {"quantization_config", "compression_config"};
-    for (int i = 0; i < 2; i++) {
-        const json_t *q = json_object_get(cfg, keys[i]);
-        if (!q) q = json_object_get(tc, keys[i]);
-        if (q) {
-            const char *m = json_string_value(json_object_get(q, "quant_method"));
-            return mp_err(err, "already_quantized",
-                          "the model is already quantized (config.json %s, quant_method %s); "
-                          "quantize its unquantized original instead",
-                          keys[i], m ? m : "?");
-        }
-    }
-    json_t *q = insp_quant_from_tensors(c->w->tensors, c->w->ntensors);
-    if (q) {
-        const char *m = json_string_value(json_object_get(q, "method"));
-        mp_err(err, "already_quantized",
-               "the model's tensors are already quantized (%s, recognized from their names and "
-               "dtypes); quantize its unquantized original instead",
-               m ? m : "?");
-        json_decref(q); /* m points into q */
-        return -1;
-    }
-    for (size_t i = 0; i < c->w->ntensors; i++) {
-        const mp_tensor *t = &c->w->tensors[i];
-        if (t->dtype == MP_DT_F8_E4M3 || t->dtype == MP_DT_F8_E5M2 || t->dtype == MP_DT_I8 ||
-            t->dtype == MP_DT_F4 || t->dtype == MP_DT_F8_E4M3FNUZ || t->dtype == MP_DT_F8_E5M2FNUZ)
-            return mp_err(err, "already_quantized",
-                          "tensor %s is %s: the model is already quantized; quantize its "
-                          "unquantized original instead",
-                          t->name, mp_dtype_name(t->dtype));
-    }
-    return 0;
-}
-
 /* ---- planning ---- */
 
 /* Whether tensor t is quantized; records ignored modules and which user
  * patterns matched. */
 static bool wanted(qctx *c, const mp_tensor *t, bool *user_hit) {
-    if (!qz_candidate(t->name, t->dtype, t->ndim)) return false;
-    char module[QZ_NAME_MAX];
-    snprintf(module, sizeof module, "%.*s", (int)(strlen(t->name) - 7), t->name);
-    int u = qz_ignore_match(module, c->o->ignore, c->o->nignore);
+    int u;
+    qz_selection sel = qz_select(t->name, t->dtype, t->ndim, c->o->ignore, c->o->nignore,
+                                 !c->o->no_default_ignore, &u);
     if (u >= 0) user_hit[u] = true;
-    const char *const *d = qz_default_ignore();
-    size_t nd = 0;
-    while (d[nd])
-        nd++;
-    bool skip = u >= 0 || (!c->o->no_default_ignore && qz_ignore_match(module, d, nd) >= 0);
-    if (skip) json_array_append_new(c->ignored, json_string(module));
-    return !skip;
+    if (sel == QZ_SEL_IGNORED)
+        json_array_append_new(c->ignored,
+                              json_sprintf("%.*s", (int)(strlen(t->name) - 7), t->name));
+    return sel == QZ_SEL_QUANTIZE;
 }
 
 static int plan(qctx *c, mp_error *err) {
@@ -539,7 +497,8 @@ int qz_run(const qz_opts *o, json_t **result, mp_error *err) {
                     "first (a convert job), then quantize the converted folder");
     if (rc == 0) {
         cfg = load_config(o->src);
-        rc = check_not_quantized(&c, cfg, err);
+        rc = qz_check_source(cfg, c.w->tensors, c.w->ntensors,
+                             "quantize its unquantized original instead", err);
     }
     if (rc == 0) rc = plan(&c, err);
     if (rc == 0) {

@@ -7,7 +7,6 @@
 #include <string.h>
 
 #include "loader/formats/gguf/gguf.h"
-#include "loader/inspect/inspect.h"
 #include "loader/warm/warm.h"
 #include "loader/tp_rules/tp_rules.h"
 #include "util/tensor/cast.h"
@@ -230,8 +229,8 @@ static int plan_quant_parts(const plan_ctx *pc, const load_item *planned, mp_err
 /* Whether the load quantizes this (sliced) item. */
 static bool item_quantized(const load_plan_opts *o, const load_item *it) {
     return o->quant && it->kind != LOAD_K_DEQUANT &&
-           qz_select_weight(it->src->name, it->src->dtype, it->src->ndim, o->quant_ignore,
-                            o->quant_nignore) &&
+           qz_select(it->src->name, it->src->dtype, it->src->ndim, o->quant_ignore,
+                     o->quant_nignore, true, NULL) == QZ_SEL_QUANTIZE &&
            it->shape[0] > 0 && it->shape[1] > 0;
 }
 
@@ -297,31 +296,12 @@ static int quant_source_check(const load_source *src, const load_plan_opts *o, m
         return mp_err_field(err, "params.quantize", "param_conflict",
                             "quantize cannot be combined with dtype or a dummy load");
     if (qz_params_check(o->quant, err) != 0) return -1;
-    const json_t *tc = src->config ? json_object_get(src->config, "text_config") : NULL;
-    const char *keys[] = {"quantization_config", "compression_config"};
-    for (int i = 0; src->config && i < 2; i++) {
-        const json_t *q = json_object_get(src->config, keys[i]);
-        if (!q && tc) q = json_object_get(tc, keys[i]);
-        if (q) {
-            const char *m = json_string_value(json_object_get(q, "quant_method"));
-            return mp_err(err, "already_quantized",
-                          "the model is already quantized (config.json %s, quant_method %s): "
-                          "load it without quantize, or quantize its unquantized original",
-                          keys[i], m ? m : "?");
-        }
-    }
+    const char *instead = "load it without quantize, or quantize its unquantized original";
     for (size_t f = 0; f < src->nfiles; f++) {
         const mp_weights *w = src->files[f].w;
-        json_t *q = insp_quant_from_tensors(w->tensors, w->ntensors);
-        if (q) {
-            const char *m = json_string_value(json_object_get(q, "method"));
-            mp_err(err, "already_quantized",
-                   "the model's tensors are already quantized (%s, recognized from their names "
-                   "and dtypes): load it without quantize",
-                   m ? m : "?");
-            json_decref(q);
+        if (qz_check_source(f == 0 ? src->config : NULL, w->tensors, w->ntensors, instead, err) !=
+            0)
             return -1;
-        }
         for (size_t i = 0; i < w->ntensors; i++) {
             mp_dtype d = w->tensors[i].dtype;
             if (d == MP_DT_GGML)
@@ -329,12 +309,6 @@ static int quant_source_check(const load_source *src, const load_plan_opts *o, m
                               "tensor %s is GGUF blocks: quantize loads safetensors or PyTorch "
                               "checkpoints in F32/F16/BF16",
                               w->tensors[i].name);
-            if (d == MP_DT_F8_E4M3 || d == MP_DT_F8_E5M2 || d == MP_DT_I8 || d == MP_DT_F4 ||
-                d == MP_DT_F8_E4M3FNUZ || d == MP_DT_F8_E5M2FNUZ)
-                return mp_err(err, "already_quantized",
-                              "tensor %s is %s: the model is already quantized; load it without "
-                              "quantize",
-                              w->tensors[i].name, mp_dtype_name(d));
         }
     }
     return 0;

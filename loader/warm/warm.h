@@ -151,7 +151,7 @@ typedef struct load_plan_opts {
     const int *devices; /* rank -> device index (tp_size entries) */
     mp_dtype dtype;     /* MP_DT_INVALID keeps each tensor's dtype */
     bool dummy;         /* fill instead of reading */
-    /* Quantize on the fly (NULL: no): the tensors qz_select_weight picks
+    /* Quantize on the fly (NULL: no): the tensors qz_select picks
      * (with the extra ignore patterns), each rank's piece after its
      * tensor-parallel slice, as SGLang's BitsAndBytesModelLoader does. */
     const qz_params *quant;
