@@ -18,15 +18,8 @@ REPS=${BENCH_REPS:-2}
 CONN=${BENCH_CONN:-8}
 CHUNK=${BENCH_CHUNK:-33554432}
 PY=${PY:-.venv/bin/python}
-work=$(mktemp -d "${BENCH_DIR:-/tmp}/download.XXXXXX")
-hub_pid=
-cleanup() {
-  [ -n "$hub_pid" ] && kill "$hub_pid" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
 . bench/hub_bench_lib.sh
+hub_bench_workdir download
 hub_bench_build "$work"
 total=$(hub_bench_repo "$work" "$GB")
 hub_bench_start "$work"

@@ -15,15 +15,8 @@ CAP=${BENCH_CAP_MBPS:-40}
 CONN=${BENCH_CONN:-16}
 CHUNK=${BENCH_CHUNK:-16777216}
 PY=${PY:-.venv/bin/python}
-work=$(mktemp -d "${BENCH_DIR:-/tmp}/download_capped.XXXXXX")
-hub_pid=
-cleanup() {
-  [ -n "$hub_pid" ] && kill "$hub_pid" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
 . bench/hub_bench_lib.sh
+hub_bench_workdir download_capped
 hub_bench_build "$work"
 total=$(hub_bench_repo "$work" "$GB")
 hub_bench_start "$work" --slow $(( CAP * 1000000 ))

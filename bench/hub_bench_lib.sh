@@ -1,9 +1,17 @@
 # hub_bench_lib.sh - what the download benches share (sourced, not run):
 # building the C test hub and our fetcher from sources, making a repo of 4
 # incompressible safetensors files, and starting the hub.
+#   hub_bench_workdir NAME        a fresh $BENCH_DIR/NAME.XXXXXX as $work, removed
+#                                 (and the hub stopped) when the bench exits
 #   hub_bench_build WORK          -> WORK/testhub, WORK/hub_fetch
 #   hub_bench_repo WORK GB        -> WORK/repos/bench/model, prints total bytes
 #   hub_bench_start WORK [ARGS]   -> sets hub_pid and url (ARGS: testhub flags)
+
+hub_bench_workdir() {
+  work=$(mktemp -d "${BENCH_DIR:-/tmp}/$1.XXXXXX")
+  hub_pid=
+  trap 'if [ -n "$hub_pid" ]; then kill "$hub_pid" 2>/dev/null; fi; rm -rf "$work"' EXIT
+}
 
 hub_bench_build() {
   local work=$1 pkgs="libmicrohttpd jansson libcurl openssl" cf libs
