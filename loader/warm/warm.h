@@ -15,8 +15,8 @@
  *
  * Every transformation a tensor needs happens in the reader on its way into
  * a slot: a tensor-parallel slice (runs gathered from the source rows), a
- * dtype cast (F32/F16/BF16/F8 -> F32/F16/BF16), a GGUF dequantization, the
- * decryption of an encrypted safetensors file (chunks verified before use).
+ * dtype cast (F32/F16/BF16/F64/F8 -> F32/F16/BF16: tensor_cast's), a GGUF
+ * dequantization, the decryption of an encrypted safetensors file (chunks verified before use).
  * Only a strided PyTorch view is materialized whole in host memory first,
  * and a tensor quantized on the fly (load_plan_opts.quant): its rank's piece
  * is gathered, quantized (loader/quantize) and its parts streamed through
